@@ -1,0 +1,407 @@
+"""``SelfishSparsityCallback``: Selfish-RNN's dynamic sparse training as a Lightning callback.
+
+The hooks only decide *when*: masks are created at ``on_fit_start``, enforced after every optimizer step through a
+step post-hook, and updated (magnitude removal, random growth, cell-gate redistribution) at the end of every
+training epoch, after validation. *What* happens lives in :mod:`lightning_selfish.engine` and
+:mod:`lightning_selfish.topology`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lightning_selfish import topology
+from lightning_selfish.engine import SparseEngine, UpdateStats
+from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
+
+log = logging.getLogger(__name__)
+
+_INITS = ("uniform", "er")
+
+
+class SelfishSparsityCallback(Callback):
+    r"""Train the chosen weights of any LightningModule sparse from scratch at a fixed parameter count.
+
+    Every sparsified tensor starts with a random mask at sparsity ``sparsity`` (exact counts). After every optimizer
+    step the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. Once per epoch
+    (after validation) each tensor loses the fraction ``p`` of its active weights with the smallest magnitude and
+    regrows as many at random positions, starting at zero; ``p`` starts at ``prune_rate`` and follows a cosine
+    down to ``min_prune_rate`` over the run. Recurrent weights stacked per gate are ranked jointly across their
+    gates (cell-gate redistribution), so gates with larger weights keep more of them.
+
+    Args:
+        sparsity: fraction of each sparsified tensor that is zero, in [0, 1).
+        prune_rate: initial fraction of active weights replaced at an update, in [0, 1]; 0 is a static mask.
+        init: ``"uniform"`` (every tensor at ``sparsity``) or ``"er"`` (Erdős–Rényi, same total count).
+        removal: ``"magnitude"`` (smallest |w|) or ``"set"`` (smallest positive and largest negative).
+        growth: ``"random"``, ``"gradient"`` (RigL, largest dense |grad|) or ``"momentum"`` (SNFS).
+        gate_redistribution: rank and grow jointly over all gates of a stacked tensor (the method); ``False`` keeps
+            every gate at its own count (the paper's ablation).
+        include: fnmatch patterns of parameter names to sparsify, chosen among parameters with 2 or more
+            dimensions (weight matrices, embeddings); default all of them. Biases, norm layers and other 1-d
+            tensors always stay dense.
+        exclude: fnmatch patterns of parameter names to keep dense (e.g. ``["*prior*"]`` for the MoS prior).
+        gate_layouts: ``{param_name: [(gate, rows), ...]}`` for stacked weights that are not detected; see
+            :mod:`lightning_selfish.gates`.
+        update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps.
+        seed: seed of the masks' random generator; ``None`` draws one on rank 0 and shares it with every rank.
+        mask_gradients: also zero the gradients of inactive weights in ``on_before_optimizer_step``, i.e. before
+            gradient clipping. ``False`` (default) clips the dense gradient, as the authors' code does (clipping
+            over the masked gradient makes every clipped step about 1/sqrt(density) times larger).
+        min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005).
+        verbose: log a per-tensor, per-gate text summary at every update.
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        prune_rate: float = 0.5,
+        init: str = "uniform",
+        removal: str = "magnitude",
+        growth: str = "random",
+        gate_redistribution: bool = True,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        gate_layouts: Mapping[str, GateLayoutSpec] | None = None,
+        update_every: str | int = "epoch",
+        seed: int | None = None,
+        mask_gradients: bool = False,
+        min_prune_rate: float = 0.005,
+        verbose: bool = False,
+    ) -> None:
+        _check_number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
+        _check_number("prune_rate", prune_rate, 0.0, 1.0, "[0, 1]")
+        _check_number("min_prune_rate", min_prune_rate, 0.0, 1.0, "[0, 1]")
+        _check_choice("init", init, _INITS)
+        _check_choice("removal", removal, tuple(topology.REMOVAL_STRATEGIES))
+        _check_choice("growth", growth, tuple(topology.GROWTH_STRATEGIES))
+        if growth == "gradient" and mask_gradients:
+            raise ValueError(
+                "growth='gradient' ranks inactive positions by their dense gradient, which mask_gradients=True "
+                "zeroes before the update: use mask_gradients=False with gradient growth"
+            )
+        if not (update_every == "epoch" or (isinstance(update_every, int) and not isinstance(update_every, bool)
+                                            and update_every > 0)):
+            raise ValueError(f"update_every must be 'epoch' or a positive number of steps, got {update_every!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        for arg, patterns in (("include", include), ("exclude", exclude)):
+            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+                raise TypeError(f"{arg} must be a list of name patterns (str), got {patterns!r}")
+        if gate_layouts is not None and not isinstance(gate_layouts, Mapping):
+            raise TypeError(f"gate_layouts must be a mapping of parameter name to layout, got {gate_layouts!r}")
+        self.sparsity = float(sparsity)
+        self.prune_rate = float(prune_rate)
+        self.init = init
+        self.removal = removal
+        self.growth = growth
+        self.gate_redistribution = gate_redistribution
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else []
+        self.gate_layouts = dict(gate_layouts or {})
+        self.update_every = update_every
+        self.seed = seed
+        self.mask_gradients = mask_gradients
+        self.min_prune_rate = float(min_prune_rate)
+        self.verbose = verbose
+
+        self.engine: SparseEngine | None = None
+        self._generator = torch.Generator()
+        self._total_steps = 0
+        self._num_updates = 0
+        self._last_update_step = -1
+        self._skip_next_update = False
+        self._loaded_state: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # public surface
+    # ----------------------------------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        # One sparsity callback per Trainer, and its state must be found again even if an argument changed:
+        # otherwise a resumed run would silently draw fresh random masks over trained weights.
+        return type(self).__qualname__
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Parameter name (as in ``named_parameters()``) to live bool mask, True = active."""
+        if self.engine is None:
+            raise RuntimeError("masks exist once fitting has started (SelfishSparsityCallback.on_fit_start)")
+        return self.engine.masks
+
+    def current_prune_rate(self, step: int) -> float:
+        """The cosine-annealed prune rate at optimizer step ``step`` of this run."""
+        return topology.cosine_prune_rate(step, self._total_steps, self.prune_rate, self.min_prune_rate)
+
+    def skip_next_update(self) -> None:
+        """Skip the next scheduled topology update.
+
+        The authors' code does not update the topology in the epoch where NT-ASGD switches to averaging;
+        ``NonMonotonicTrigger`` calls this when it fires.
+        """
+        self._skip_next_update = True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # hooks: only delegate
+    # ----------------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_strategy(trainer)
+        if sum(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks) > 1:
+            raise ValueError("a Trainer takes one SelfishSparsityCallback; found several in callbacks")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self._select_parameters(pl_module)
+        layouts = detect_gate_layouts(pl_module, self.gate_layouts)
+        layouts = {name: layout for name, layout in layouts.items() if name in params}
+        self._total_steps = self._run_length(trainer)
+        if self._loaded_state is not None:
+            self.engine = self._restore_engine(params, layouts)
+        else:
+            if trainer.ckpt_path is not None:
+                raise ValueError(
+                    f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
+                    "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
+                )
+            self._generator.manual_seed(self._shared_seed(trainer))
+            self.engine = SparseEngine.initialize(
+                params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
+            )
+        for optimizer in trainer.optimizers:
+            self.engine.attach(optimizer)
+        self._log_sparsity(trainer, extra={})
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.mask_gradients and self.engine is not None:
+            self.engine.mask_gradients_()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        due = isinstance(self.update_every, int) and step > 0 and step % self.update_every == 0
+        if due and step != self._last_update_step:  # with accumulation, several batches end at the same step
+            self._update(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.update_every != "epoch":
+            return
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last_epoch or trainer.should_stop:
+            return  # nothing would train the regrown weights; the final model keeps the trained topology
+        self._update(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # checkpointing
+    # ----------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {}
+        return {
+            "masks": {name: mask.detach().cpu().clone() for name, mask in self.engine.masks.items()},
+            "generator": self._generator.get_state(),
+            "num_updates": self._num_updates,
+            "last_update_step": self._last_update_step,
+            "skip_next_update": self._skip_next_update,
+            "total_steps": self._total_steps,
+            "sparsity": self.sparsity,
+            "gate_redistribution": self.gate_redistribution,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if "masks" not in state_dict or "generator" not in state_dict:
+            raise ValueError(
+                f"not a SelfishSparsityCallback state: expected keys 'masks' and 'generator', got {sorted(state_dict)}"
+            )
+        self._loaded_state = state_dict
+
+    # ----------------------------------------------------------------------------------------------------------
+    # internals
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _select_parameters(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        candidates = {name: p for name, p in pl_module.named_parameters() if p.dim() >= 2}
+        for arg, patterns in (("include", self.include or []), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+                    raise ValueError(
+                        f"{arg} pattern {pattern!r} matches no parameter with 2 or more dimensions; "
+                        f"these are: {sorted(candidates)}"
+                    )
+        chosen = {
+            name: p
+            for name, p in candidates.items()
+            if (self.include is None or any(fnmatch.fnmatchcase(name, pat) for pat in self.include))
+            and not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+        }
+        if not chosen:
+            raise ValueError(
+                f"no parameter left to sparsify (include={self.include}, exclude={self.exclude}); "
+                f"parameters with 2 or more dimensions: {sorted(candidates)}"
+            )
+        return chosen
+
+    def _restore_engine(self, params: dict[str, Tensor], layouts: dict) -> SparseEngine:
+        state, self._loaded_state = self._loaded_state, None
+        assert state is not None
+        masks: dict[str, Tensor] = state["masks"]
+        if set(masks) != set(params):
+            raise ValueError(
+                "the checkpoint's sparsity masks do not match the parameters chosen for sparsification: "
+                f"only in the checkpoint: {sorted(set(masks) - set(params))}; "
+                f"only in the model: {sorted(set(params) - set(masks))}"
+            )
+        for name, mask in masks.items():
+            if mask.shape != params[name].shape:
+                raise ValueError(
+                    f"the checkpoint's mask for {name!r} has shape {tuple(mask.shape)}, the parameter has "
+                    f"{tuple(params[name].shape)}"
+                )
+        if state.get("sparsity", self.sparsity) != self.sparsity:
+            raise ValueError(
+                f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
+                f"sparsity={self.sparsity}: resume with the same sparsity"
+            )
+        self._generator.set_state(state["generator"])
+        self._num_updates = state["num_updates"]
+        self._last_update_step = state["last_update_step"]
+        self._skip_next_update = state["skip_next_update"]
+        engine = SparseEngine(params, masks, layouts, self.gate_redistribution)
+        engine.apply_masks_()
+        return engine
+
+    def _update(self, trainer: pl.Trainer) -> None:
+        assert self.engine is not None
+        self._last_update_step = trainer.global_step
+        if self._skip_next_update:
+            self._skip_next_update = False
+            rank_zero_info(f"SelfishSparsityCallback: topology update skipped at step {trainer.global_step}")
+            return
+        prune_rate = self.current_prune_rate(trainer.global_step)
+        stats = self.engine.update(
+            prune_rate,
+            self._generator,
+            self.removal,
+            self.growth,
+            trainer.optimizers,
+            synchronize=_rank_zero_broadcast(trainer),
+        )
+        self._num_updates += 1
+        self._log_sparsity(trainer, extra=_stats_metrics(stats))
+        if self.verbose:
+            rank_zero_info(self._summary(stats))
+
+    def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        assert self.engine is not None
+        metrics = {f"sparsity/{key}": value for key, value in self.engine.sparsity_report().items()}
+        metrics.update(extra)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _summary(self, stats: UpdateStats) -> str:
+        assert self.engine is not None
+        report = self.engine.sparsity_report()
+        lines = [
+            f"topology update {self._num_updates}: prune rate {stats.prune_rate:.4f}, "
+            f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
+        ]
+        for name, record in self.engine.tensors.items():
+            gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.3f}" for gate, _ in record.gates or [])
+            lines.append(
+                f"  {name}: sparsity {report[name]:.4f}, changed {stats.changed_fraction[name]:.3f}"
+                + (f" | gates: {gates}" if gates else "")
+            )
+        return "\n".join(lines)
+
+    @staticmethod
+    def _run_length(trainer: pl.Trainer) -> int:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length: "
+                f"set Trainer(max_epochs=...) or Trainer(max_steps=...) (estimated_stepping_batches={total})"
+            )
+        return int(total)
+
+    def _shared_seed(self, trainer: pl.Trainer) -> int:
+        if self.seed is not None:
+            return self.seed
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if trainer.is_global_zero else 0
+        return int(trainer.strategy.broadcast(seed, src=0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in {allowed}, got {type(value).__name__} {value!r}")
+    if not (low <= value < high if upper_open else low <= value <= high):
+        raise ValueError(f"{name} must be in {allowed}, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    strategy = trainer.strategy
+    sharded = type(strategy).__name__ in ("DeepSpeedStrategy",)
+    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
+            f"'ddp_spawn', ...), got {type(strategy).__name__}: strategies that shard parameters (FSDP, DeepSpeed) "
+            "would give each rank a different slice of every mask"
+        )
+
+
+def _rank_zero_broadcast(trainer: pl.Trainer):
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+
+    def synchronize(code: Tensor) -> None:
+        torch.distributed.broadcast(code, src=0)
+
+    return synchronize
+
+
+def _stats_metrics(stats: UpdateStats) -> dict[str, float]:
+    metrics = {
+        "topology/prune_rate": stats.prune_rate,
+        "topology/removed": float(stats.total_removed),
+        "topology/grown": float(stats.total_grown),
+        "topology/changed_fraction": stats.total_changed_fraction,
+    }
+    for name, fraction in stats.changed_fraction.items():
+        metrics[f"topology/changed_fraction/{name}"] = fraction
+    return metrics

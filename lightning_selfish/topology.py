@@ -1,0 +1,214 @@
+"""The Selfish-RNN method as small pure functions on tensors: masks in, masks out.
+
+Nothing here knows about Lightning, optimizers or parameter names. Every function takes a weight-shaped tensor (or a
+row block of one) and returns a new bool mask (True = active) with an exact, known number of active entries, so the
+engine can compose them per tensor or per gate and a new method is a new function, not a new branch.
+
+Counts are exact everywhere: initial masks pick exactly ``round(density * numel)`` positions (not a Bernoulli draw,
+which only meets the count on average), removal drops exactly ``n`` and growth adds exactly ``n``.
+
+Randomness comes from an explicit CPU ``torch.Generator`` so that masks are identical on every DDP rank, identical
+on CPU and GPU for the same weights, and restorable from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GROWTH_STRATEGIES",
+    "REMOVAL_STRATEGIES",
+    "cosine_prune_rate",
+    "erdos_renyi_counts",
+    "gradient_growth",
+    "magnitude_removal",
+    "momentum_growth",
+    "random_growth",
+    "random_mask",
+    "removal_count",
+    "set_removal",
+    "split_count",
+    "uniform_count",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Initial masks and per-tensor budgets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def uniform_count(numel: int, density: float) -> int:
+    """Active weights of a tensor at the uniform density: ``round(density * numel)``, exactly."""
+    return int(round(density * numel))
+
+
+def random_mask(shape: torch.Size | Sequence[int], count: int, generator: torch.Generator) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``count`` active positions, uniformly at random (on the CPU)."""
+    numel = math.prod(shape)
+    if not 0 <= count <= numel:
+        raise ValueError(f"count must be in [0, {numel}] for a tensor of shape {tuple(shape)}, got {count}")
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=generator)[:count]] = True
+    return mask.view(*shape)
+
+
+def erdos_renyi_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Erdős–Rényi budgets: density of a tensor ∝ sum(shape) / prod(shape), total equal to the uniform total.
+
+    The total is ``sum(round(density * numel))`` over all tensors, the same as uniform initialisation, so the two
+    inits compare at the same parameter count. A tensor whose share would exceed density 1 is made dense and the
+    rest is rescaled (repeated until none overflows). Fractional counts are rounded by the largest-remainder rule so
+    the total is met exactly.
+    """
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    target = sum(uniform_count(n, density) for n in numels.values())
+    raw = {name: sum(shape) / numels[name] for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = target - sum(numels[name] for name in dense)
+        free = [name for name in numels if name not in dense]
+        weight = sum(raw[name] * numels[name] for name in free)
+        scale = budget / weight if weight > 0 else 0.0
+        overflow = {name for name in free if scale * raw[name] > 1.0}
+        if not overflow:
+            break
+        dense |= overflow
+    exact = {name: (numels[name] if name in dense else scale * raw[name] * numels[name]) for name in numels}
+    counts = {name: min(numels[name], int(math.floor(value))) for name, value in exact.items()}
+    leftover = target - sum(counts.values())
+    by_remainder = sorted(
+        (name for name in numels if counts[name] < numels[name]),
+        key=lambda name: exact[name] - counts[name],
+        reverse=True,
+    )
+    for name in by_remainder[:leftover]:
+        counts[name] += 1
+    return counts
+
+
+def split_count(count: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``count`` over blocks of the given sizes in proportion to size, exactly (largest remainder)."""
+    total = sum(sizes)
+    exact = [count * size / total for size in sizes]
+    parts = [int(math.floor(value)) for value in exact]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - parts[i], reverse=True)
+    for i in order[: count - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Removal: weight and mask in, mask with exactly n fewer active positions out
+# --------------------------------------------------------------------------------------------------------------
+
+
+def removal_count(active: int, prune_rate: float) -> int:
+    """Weights to remove: ``ceil(prune_rate * active)``, as the authors' code does (MODELS.md 8.4)."""
+    return min(active, int(math.ceil(prune_rate * active - 1e-9)))
+
+
+def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Deactivate the ``n`` active positions with the lowest score."""
+    kept = mask.clone()
+    if n <= 0:
+        return kept
+    candidates = score.masked_fill(~mask, math.inf).flatten()
+    kept.view(-1)[torch.topk(candidates, n, largest=False, sorted=False).indices] = False
+    return kept
+
+
+def magnitude_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Remove the ``n`` active weights of smallest magnitude (Eq. 2)."""
+    return _drop_lowest(weight.detach().abs(), mask, n)
+
+
+def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+    """SET removal: half of ``n`` from the smallest non-negative weights, half from the largest negative ones.
+
+    When one sign has too few active weights the other side makes up the difference, so exactly ``n`` go.
+    """
+    w = weight.detach()
+    positive = mask & (w >= 0)
+    n_positive = int(positive.sum())
+    n_negative = int(mask.sum()) - n_positive
+    take_positive = min(n_positive, max(n - n_negative, (n + 1) // 2))
+    kept = _drop_lowest(w, positive, take_positive) | (mask & ~positive)
+    return _drop_lowest(-w, kept & (w < 0), n - take_positive) | (kept & (w >= 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Growth: mask in, mask with exactly n more active positions out
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+    grown = mask.clone()
+    if n <= 0:
+        return grown
+    candidates = score.masked_fill(mask, -math.inf).flatten()
+    grown.view(-1)[torch.topk(candidates, n, sorted=False).indices] = True
+    return grown
+
+
+def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Activate ``n`` inactive positions uniformly at random (Eq. 3).
+
+    The draw is a CPU ``randperm`` over the inactive positions, so it depends only on the generator state and the
+    mask: the same on every rank and every device.
+    """
+    grown = mask.clone()
+    if n <= 0:
+        return grown
+    inactive = (~mask).flatten().nonzero().squeeze(1)
+    if n > inactive.numel():
+        raise ValueError(f"cannot grow {n} weights: only {inactive.numel()} positions are inactive")
+    pick = torch.randperm(inactive.numel(), generator=generator)[:n].to(inactive.device)
+    grown.view(-1)[inactive[pick]] = True
+    return grown
+
+
+def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
+    """RigL growth: activate the ``n`` inactive positions with the largest dense-gradient magnitude."""
+    return _grow_highest(grad.detach().abs(), mask, n)
+
+
+def momentum_growth(mask: Tensor, n: int, momentum: Tensor) -> Tensor:
+    """SNFS growth: activate the ``n`` inactive positions with the largest momentum magnitude."""
+    return _grow_highest(momentum.detach().abs(), mask, n)
+
+
+#: Removal strategies by name: ``fn(weight, mask, n) -> kept_mask``.
+REMOVAL_STRATEGIES: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "magnitude": magnitude_removal,
+    "set": set_removal,
+}
+
+#: Growth strategies by name; each needs one extra input, named by the value (see ``SparseEngine``).
+GROWTH_STRATEGIES: dict[str, str] = {
+    "random": "generator",
+    "gradient": "grad",
+    "momentum": "momentum",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prune-rate schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cosine_prune_rate(step: int, total_steps: int, initial: float, final: float = 0.005) -> float:
+    """Cosine annealing of the prune rate from ``initial`` at step 0 to ``final`` at ``total_steps``.
+
+    This is ``CosineAnnealingLR(eta_min=0.005)`` stepped once per optimizer step, as in the authors' code. Past
+    ``total_steps`` the rate stays at ``final`` (the authors' schedule would start rising again, MODELS.md 8.3). A
+    ``final`` above ``initial`` is clamped to ``initial`` so that ``prune_rate=0`` means a static mask.
+    """
+    final = min(final, initial)
+    if total_steps <= 0:
+        return initial
+    progress = min(max(step, 0), total_steps) / total_steps
+    return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny LSTM language model and random token windows, small enough for many Trainer runs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, EMB, HIDDEN, STEPS, BATCH, WINDOWS = 40, 12, 16, 6, 4, 8
+
+
+class TinyLM(pl.LightningModule):
+    """Embedding -> 2-layer nn.LSTM -> Linear, one window per batch, hidden state carried across windows."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 1.0, manual: bool = False, rnn: str = "lstm") -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, EMB)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[rnn](EMB, HIDDEN, num_layers=2)
+        self.decoder = nn.Linear(HIDDEN, VOCAB)
+        self.optimizer_name, self.lr = optimizer, lr
+        self.automatic_optimization = not manual
+        self.hidden = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, self.hidden = self.rnn(self.encoder(x), self.hidden)
+        return self.decoder(out)
+
+    def on_train_epoch_start(self) -> None:
+        self.hidden = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0].t(), batch[1].t()  # (T, B)
+        if self.hidden is not None:
+            self.hidden = tuple(h.detach() for h in self.hidden) if isinstance(self.hidden, tuple) else self.hidden.detach()
+        loss = nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=0.25, gradient_clip_algorithm="norm")
+            opt.step()
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.hidden = None
+        x, y = batch[0].t(), batch[1].t()
+        loss = nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+        self.log("val_loss", loss)
+        self.hidden = None
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        if self.optimizer_name == "momentum":
+            return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=1.2e-6)
+
+
+def token_loader(seed: int = 0, windows: int = WINDOWS) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (windows * BATCH, STEPS + 1), generator=g)
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH, shuffle=False)
+
+
+def make_trainer(callbacks, max_epochs: int = 3, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=0.25,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
