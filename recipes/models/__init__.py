@@ -1,0 +1,47 @@
+"""The four language models of Selfish-RNN (ICML 2021) as plain ``torch.nn.Module``\\ s.
+
+Every model takes ``(T, B)`` token ids and a hidden state from ``init_hidden(B)`` and returns an
+:class:`LMOutput` ``(log_probs (T*B, V), hidden, ar, tar)``. See ``docs/models.md``.
+"""
+
+from recipes.models.awd_lstm_mos import AWDLSTMMoS
+from recipes.models.common import (
+    GateLayout,
+    LinearDropConnect,
+    LMOutput,
+    LockedDropout,
+    WeightDrop,
+    embedded_dropout,
+    stacked_gate_layout,
+)
+from recipes.models.on_lstm import ONLSTM, ONLSTMCell, ONLSTMStack, cumsoftmax, onlstm_gate_layout
+from recipes.models.rhn import RHN, HighwayBlock
+from recipes.models.stacked_lstm import StackedLSTM
+
+MODELS: dict[str, type] = {
+    "lstm": StackedLSTM,
+    "rhn": RHN,
+    "onlstm": ONLSTM,
+    "mos": AWDLSTMMoS,
+}
+"""Short names -> model classes, for configs and command lines."""
+
+__all__ = [
+    "AWDLSTMMoS",
+    "GateLayout",
+    "HighwayBlock",
+    "LMOutput",
+    "LinearDropConnect",
+    "LockedDropout",
+    "MODELS",
+    "ONLSTM",
+    "ONLSTMCell",
+    "ONLSTMStack",
+    "RHN",
+    "StackedLSTM",
+    "WeightDrop",
+    "cumsoftmax",
+    "embedded_dropout",
+    "onlstm_gate_layout",
+    "stacked_gate_layout",
+]
