@@ -60,6 +60,9 @@ class SelfishSparsityCallback(Callback):
             gradient clipping. ``False`` (default) clips the dense gradient, as the authors' code does (clipping
             over the masked gradient makes every clipped step about 1/sqrt(density) times larger).
         min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005).
+        total_steps: length of the prune-rate schedule in optimizer steps; default the trainer's
+            ``estimated_stepping_batches``. Give it when that is unknown (an iterable without a length, such as
+            variable-length BPTT: the authors use ``epochs * train_rows // bptt``).
         verbose: log a per-tensor, per-gate text summary at every update.
     """
 
@@ -78,6 +81,7 @@ class SelfishSparsityCallback(Callback):
         seed: int | None = None,
         mask_gradients: bool = False,
         min_prune_rate: float = 0.005,
+        total_steps: int | None = None,
         verbose: bool = False,
     ) -> None:
         _check_number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
@@ -86,14 +90,15 @@ class SelfishSparsityCallback(Callback):
         _check_choice("init", init, _INITS)
         _check_choice("removal", removal, tuple(topology.REMOVAL_STRATEGIES))
         _check_choice("growth", growth, tuple(topology.GROWTH_STRATEGIES))
-        if growth == "gradient" and mask_gradients:
-            raise ValueError(
-                "growth='gradient' ranks inactive positions by their dense gradient, which mask_gradients=True "
-                "zeroes before the update: use mask_gradients=False with gradient growth"
-            )
-        if not (update_every == "epoch" or (isinstance(update_every, int) and not isinstance(update_every, bool)
-                                            and update_every > 0)):
+        if not (
+            update_every == "epoch"
+            or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every > 0)
+        ):
             raise ValueError(f"update_every must be 'epoch' or a positive number of steps, got {update_every!r}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         for arg, patterns in (("include", include), ("exclude", exclude)):
@@ -114,6 +119,7 @@ class SelfishSparsityCallback(Callback):
         self.seed = seed
         self.mask_gradients = mask_gradients
         self.min_prune_rate = float(min_prune_rate)
+        self.total_steps = total_steps
         self.verbose = verbose
 
         self.engine: SparseEngine | None = None
@@ -121,7 +127,10 @@ class SelfishSparsityCallback(Callback):
         self._total_steps = 0
         self._num_updates = 0
         self._last_update_step = -1
+        self._last_updated_epoch = -1
         self._skip_next_update = False
+        self._batch_idx = -1
+        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for growth="gradient"
         self._loaded_state: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -160,9 +169,7 @@ class SelfishSparsityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _check_strategy(trainer)
-        if sum(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks) > 1:
-            raise ValueError("a Trainer takes one SelfishSparsityCallback; found several in callbacks")
+        _check_strategy(trainer)  # (Lightning itself refuses two callbacks with the same state_key)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = self._select_parameters(pl_module)
@@ -182,13 +189,21 @@ class SelfishSparsityCallback(Callback):
                 params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
             )
         for optimizer in trainer.optimizers:
-            self.engine.attach(optimizer)
+            self.engine.attach(optimizer, mask_state=self.growth != "momentum")
         self._log_sparsity(trainer, extra={})
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.mask_gradients and self.engine is not None:
+        # Lightning calls this before clipping: the gradients are the dense, unclipped ones.
+        if self.growth == "gradient" and self._update_follows_this_step(trainer):
+            self._gradients = self.engine.dense_gradients()
+        if self.mask_gradients:
             self.engine.mask_gradients_()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -197,13 +212,14 @@ class SelfishSparsityCallback(Callback):
         if due and step != self._last_update_step:  # with accumulation, several batches end at the same step
             self._update(trainer)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.update_every != "epoch":
-            return
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if last_epoch or trainer.should_stop:
-            return  # nothing would train the regrown weights; the final model keeps the trained topology
-        self._update(trainer)
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The per-epoch update belongs after the previous epoch's validation *and* checkpointing (MODELS.md 8.4):
+        # a checkpoint then holds the weights that were validated, and resuming from it replays the update. No
+        # step happens in between, so this is the same point in training as the end of the previous epoch.
+        finished = trainer.current_epoch - 1
+        if self.update_every == "epoch" and finished > self._last_updated_epoch:
+            self._last_updated_epoch = finished
+            self._update(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
@@ -225,6 +241,8 @@ class SelfishSparsityCallback(Callback):
             "generator": self._generator.get_state(),
             "num_updates": self._num_updates,
             "last_update_step": self._last_update_step,
+            "last_updated_epoch": self._last_updated_epoch,
+            "gradients": self._gradients,
             "skip_next_update": self._skip_next_update,
             "total_steps": self._total_steps,
             "sparsity": self.sparsity,
@@ -290,6 +308,8 @@ class SelfishSparsityCallback(Callback):
         self._generator.set_state(state["generator"])
         self._num_updates = state["num_updates"]
         self._last_update_step = state["last_update_step"]
+        self._last_updated_epoch = state["last_updated_epoch"]
+        self._gradients = state.get("gradients")
         self._skip_next_update = state["skip_next_update"]
         engine = SparseEngine(params, masks, layouts, self.gate_redistribution)
         engine.apply_masks_()
@@ -310,7 +330,9 @@ class SelfishSparsityCallback(Callback):
             self.growth,
             trainer.optimizers,
             synchronize=_rank_zero_broadcast(trainer),
+            gradients=self._gradients,
         )
+        self._gradients = None
         self._num_updates += 1
         self._log_sparsity(trainer, extra=_stats_metrics(stats))
         if self.verbose:
@@ -340,13 +362,20 @@ class SelfishSparsityCallback(Callback):
             )
         return "\n".join(lines)
 
-    @staticmethod
-    def _run_length(trainer: pl.Trainer) -> int:
+    def _update_follows_this_step(self, trainer: pl.Trainer) -> bool:
+        if isinstance(self.update_every, int):
+            return (trainer.global_step + 1) % self.update_every == 0
+        return self._batch_idx + 1 >= trainer.num_training_batches
+
+    def _run_length(self, trainer: pl.Trainer) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length: "
-                f"set Trainer(max_epochs=...) or Trainer(max_steps=...) (estimated_stepping_batches={total})"
+                "set Trainer(max_epochs=...) or Trainer(max_steps=...) with a sized train dataloader, or give "
+                f"SelfishSparsityCallback(total_steps=...) (estimated_stepping_batches={total})"
             )
         return int(total)
 

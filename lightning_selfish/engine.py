@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -174,13 +175,20 @@ class SparseEngine:
             torch._foreach_mul_(list(grads), list(masks))
 
     @torch.no_grad()
-    def enforce_after_step_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-zero the weights this optimizer holds, and every state tensor shaped like them."""
+    def dense_gradients(self) -> dict[str, Tensor]:
+        """A copy of the current (dense) gradients, for gradient growth at a later update."""
+        return {name: t.param.grad.detach().clone() for name, t in self.tensors.items() if t.param.grad is not None}
+
+    @torch.no_grad()
+    def enforce_after_step_(self, optimizer: torch.optim.Optimizer, mask_state: bool = True) -> None:
+        """Re-zero the weights this optimizer holds, and (``mask_state``) every state tensor shaped like them."""
         tensors: list[Tensor] = []
         masks: list[Tensor] = []
         for record in self._records_of(optimizer):
             tensors.append(record.param)
             masks.append(record.mask_as_param)
+            if not mask_state:
+                continue
             for value in optimizer.state.get(record.param, {}).values():
                 if isinstance(value, Tensor) and value.shape == record.param.shape:
                     if value.dtype == record.mask_as_param.dtype:
@@ -191,14 +199,20 @@ class SparseEngine:
         if tensors:
             torch._foreach_mul_(tensors, masks)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, mask_state: bool = True) -> None:
         """Re-zero after every real step of ``optimizer`` and tell it the masks (``on_mask_update``).
 
         A step post-hook fires once per actual ``optimizer.step()``: after clipping of the dense gradient and the
         update, never for a step that mixed precision skipped, and once per accumulated batch group.
+        ``mask_state=False`` leaves the optimizer state dense between updates (momentum growth ranks inactive
+        positions by their momentum, which must keep accumulating there); weights are re-zeroed either way.
         """
         self._records.pop(id(optimizer), None)
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce_after_step_(opt)))
+
+        def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.enforce_after_step_(opt, mask_state)
+
+        self._handles.append(optimizer.register_step_post_hook(after_step))
         for record in self._records_of(optimizer):
             reset_optimizer_state([optimizer], record.param, MaskUpdate(None, record.mask.clone(), record.mask))
 
@@ -230,19 +244,21 @@ class SparseEngine:
         growth: str = "random",
         optimizers: Iterable[torch.optim.Optimizer] = (),
         synchronize: Callable[[Tensor], None] | None = None,
+        gradients: Mapping[str, Tensor] | None = None,
     ) -> UpdateStats:
         """Remove ``ceil(prune_rate * active)`` weights per block and regrow as many; counts stay exact.
 
         Grown weights start at zero, also one removed and regrown in the same update. ``synchronize`` (DDP) gets
         each tensor's outcome encoded as ``kept + 2 * new`` in a uint8 tensor and must overwrite it in place with
-        rank 0's, so every rank ends with identical masks whatever its floating-point history.
+        rank 0's, so every rank ends with identical masks whatever its floating-point history. ``gradients``
+        (from :meth:`dense_gradients`) are used by ``growth="gradient"`` instead of the parameters' ``.grad``.
         """
         remove = topology.REMOVAL_STRATEGIES[removal]
         optimizers = list(optimizers)
         removed, grown, newly_active, active = {}, {}, {}, {}
         for name, record in self.tensors.items():
             param, mask = record.param, record.mask
-            growth_input = self._growth_input(record, growth, generator, optimizers)
+            growth_input = self._growth_input(record, growth, generator, optimizers, gradients)
             kept = mask.clone()
             new = mask.clone()
             for rows in record.groups:
@@ -267,11 +283,17 @@ class SparseEngine:
 
     @staticmethod
     def _growth_input(
-        record: SparseTensor, growth: str, generator: torch.Generator, optimizers: list[torch.optim.Optimizer]
+        record: SparseTensor,
+        growth: str,
+        generator: torch.Generator,
+        optimizers: list[torch.optim.Optimizer],
+        gradients: Mapping[str, Tensor] | None,
     ) -> Tensor | torch.Generator:
         if growth == "random":
             return generator
         if growth == "gradient":
+            if gradients is not None and record.name in gradients:
+                return gradients[record.name].to(record.param.device)
             if record.param.grad is None:
                 raise ValueError(
                     f"growth='gradient' needs the dense gradient of {record.name!r}, but it has none at the "

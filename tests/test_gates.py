@@ -1,0 +1,91 @@
+"""Gate layouts: detection, declaration, overrides and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_selfish.gates import detect_gate_layouts, normalize_layout
+
+
+def test_pytorch_rnns_are_detected():
+    model = nn.ModuleDict(
+        {
+            "lstm": nn.LSTM(3, 5, num_layers=2, bidirectional=True),
+            "gru": nn.GRU(3, 4),
+            "rnn": nn.RNN(3, 2),
+            "cell": nn.LSTMCell(3, 6),
+            "gcell": nn.GRUCell(3, 7),
+        }
+    )
+    layouts = detect_gate_layouts(model)
+    assert layouts["lstm.weight_hh_l1_reverse"] == [
+        ("i", slice(0, 5)),
+        ("f", slice(5, 10)),
+        ("g", slice(10, 15)),
+        ("o", slice(15, 20)),
+    ]
+    assert [g for g, _ in layouts["gru.weight_ih_l0"]] == ["r", "z", "n"]
+    assert layouts["rnn.weight_hh_l0"] == [("h", slice(0, 2))]
+    assert layouts["cell.weight_ih"][1] == ("f", slice(6, 12))
+    assert layouts["gcell.weight_hh"][2] == ("n", slice(14, 21))
+    assert not any("bias" in name for name in layouts)
+
+
+def test_projected_lstm_keeps_weight_hr_ungated():
+    layouts = detect_gate_layouts(nn.LSTM(3, 8, proj_size=2))
+    assert "weight_hr_l0" not in layouts and layouts["weight_hh_l0"][3] == ("o", slice(24, 32))
+
+
+class Highway(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.R = nn.Linear(4, 8)
+        self.gate_layouts = {"R.weight": [("H", slice(0, 4)), ("T", (4, 8))]}
+
+
+def test_declared_layouts_and_overrides():
+    model = nn.Sequential(Highway(), nn.Linear(8, 6))
+    layouts = detect_gate_layouts(model)
+    assert layouts == {"0.R.weight": [("H", slice(0, 4)), ("T", slice(4, 8))]}
+    layouts = detect_gate_layouts(model, {"1.weight": ["a", "b", "c"], "0.R.weight": [("T", (2, 8)), ("H", (0, 2))]})
+    assert layouts["1.weight"] == [("a", slice(0, 2)), ("b", slice(2, 4)), ("c", slice(4, 6))]
+    assert layouts["0.R.weight"] == [("H", slice(0, 2)), ("T", slice(2, 8))]  # sorted by row
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ([("a", slice(0, 3)), ("b", slice(4, 10))], "does not tile"),
+        ([("a", slice(0, 6)), ("b", slice(5, 10))], "does not tile"),
+        ([("a", slice(0, 4)), ("b", slice(4, 8))], r"cover rows \[0, 8\)"),
+        (["a", "b", "c"], "does not divide"),
+        ([("a", slice(0, 5)), ("a", slice(5, 10))], "twice"),
+        ("ifgo", "non-empty list"),
+        ([("a", "rows")], "slice or"),
+    ],
+)
+def test_bad_layouts_are_rejected(spec, match):
+    with pytest.raises(ValueError, match=match):
+        normalize_layout(spec, 10, "w")
+
+
+def test_override_for_unknown_parameter_names_the_candidates():
+    with pytest.raises(ValueError, match=r"'nope'.*weight_hh_l0"):
+        detect_gate_layouts(nn.LSTM(2, 3), {"nope": ["a"]})
+
+
+def test_layout_rows_line_up_with_lstm_gate_order():
+    """Zero the forget-gate rows of weight_hh and bias: the cell state is then never carried over."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(2, 3)
+    rows = dict(detect_gate_layouts(lstm)["weight_hh_l0"])["f"]
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0"):
+            getattr(lstm, name)[rows] = 0
+        lstm.bias_ih_l0[rows] = -100.0  # sigmoid(f) = 0
+    x = torch.randn(2, 1, 2)
+    _, (_, c_two_steps) = lstm(x)
+    _, (_, c_last_only) = lstm(x[1:], (lstm(x[:1])[1][0], torch.zeros(1, 1, 3)))
+    assert torch.allclose(c_two_steps, c_last_only, atol=1e-6)
