@@ -1,0 +1,475 @@
+"""SNTASGD in plain PyTorch: against SGD, ASGD and a naive per-element reference of Eq. 5; state, swaps, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.sntasgd import SNTASGD, sntasgd
+
+SHAPES = {"w1": (6, 5), "w2": (4, 6), "b": (4,)}
+MASKED = ("w1", "w2")
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: nn.Parameter(torch.randn(shape, generator=g, dtype=dtype)) for name, shape in SHAPES.items()}
+
+
+def quadratic_grads(params: dict[str, nn.Parameter], target: dict[str, torch.Tensor]) -> None:
+    """Weight-dependent gradients, so that trajectories are comparable only if the updates are."""
+    for name, p in params.items():
+        p.grad = (p.detach() - target[name]) * 0.7 + torch.sin(p.detach()) * 0.1
+
+
+def enforce(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    """What the sparsity engine does after every step: weights and every state tensor shaped like them times M."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            p = params[name]
+            p.mul_(mask.to(p.dtype))
+            for value in opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.mul_(mask.to(value.dtype))
+
+
+def topology_update(opt, params, masks, g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Engine-style update: remove ~40% of live weights, regrow as many at random (removed ones may regrow)."""
+    out = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            p = params[name]
+            old = mask.clone()
+            kept = old & (torch.rand(mask.shape, generator=g) > 0.4)
+            free = ~kept
+            grow = free & (torch.rand(mask.shape, generator=g) < (old.sum() - kept.sum()) / free.sum().clamp(min=1))
+            new = kept | grow
+            p.mul_(kept.to(p.dtype))
+            mask.copy_(new)
+            reset_optimizer_state([opt], p, MaskUpdate(old, kept, mask))
+            out[name] = (kept, mask.clone())
+    return out
+
+
+class NaiveReference:
+    """Eq. 5 by definition: per element, the Python list of its weights since max(trigger, growth); plain mean."""
+
+    def __init__(self, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+        self.params, self.masks = params, masks
+        self.averaging = False
+        self.history: dict[str, list[list[float]]] = {n: [[] for _ in range(p.numel())] for n, p in params.items()}
+
+    def restart(self) -> None:
+        self.averaging = True
+        for lists in self.history.values():
+            for values in lists:
+                values.clear()
+
+    def topology(self, changes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (kept, new) in changes.items():
+            for e, (k, n) in enumerate(zip(kept.flatten().tolist(), new.flatten().tolist())):
+                if not k:  # removed, grown, or never alive: a new (or no) life
+                    self.history[name][e].clear()
+
+    def after_step(self) -> None:
+        if not self.averaging:
+            return
+        for name, p in self.params.items():
+            alive = self.masks[name].flatten().tolist() if name in self.masks else [True] * p.numel()
+            for e, (value, a) in enumerate(zip(p.detach().flatten().tolist(), alive)):
+                if a:
+                    self.history[name][e].append(value)
+
+    def averages(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.params.items():
+            alive = self.masks[name].flatten().tolist() if name in self.masks else [True] * p.numel()
+            values = [
+                sum(h) / len(h) if (a and h) else (p.detach().flatten()[e].item() if a else 0.0)
+                for e, (h, a) in enumerate(zip(self.history[name], alive))
+            ]
+            out[name] = torch.tensor(values, dtype=torch.float64).reshape(p.shape)
+        return out
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_against_naive_reference(seed: int, foreach: bool) -> None:
+    g = torch.Generator().manual_seed(100 + seed)
+    params = make_params(seed)
+    masks = {n: torch.rand(SHAPES[n], generator=g) < 0.4 for n in MASKED}
+    opt = SNTASGD(params.values(), lr=0.3, weight_decay=0.01, foreach=foreach)
+    with torch.no_grad():
+        for name, mask in masks.items():  # attach as the engine does
+            params[name].mul_(mask)
+            reset_optimizer_state([opt], params[name], MaskUpdate(None, mask.clone(), mask))
+    ref = NaiveReference(params, masks)
+    trigger_at, steps = 6 + seed, 40
+    checked = 0
+    for t in range(steps):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        enforce(opt, params, masks)
+        ref.after_step()
+        if t == trigger_at:
+            opt.start_averaging()
+            ref.restart()
+        if t == 31:
+            opt.restart_averaging()
+            ref.restart()
+        if t % 5 == 4 or t == trigger_at:  # topology updates, including right after the trigger
+            ref.topology(topology_update(opt, params, masks, g))
+        if t >= trigger_at:
+            averaged = dict(zip(params, opt.averaged_parameters()))
+            for name, expected in ref.averages().items():
+                torch.testing.assert_close(averaged[name].double(), expected, rtol=0, atol=1e-6)
+                if name in masks:
+                    assert (averaged[name][~masks[name]] == 0).all()
+            checked += 1
+    assert checked > 20
+
+
+def test_first_averaged_step_equals_weight() -> None:
+    params = make_params()
+    masks = {n: torch.ones(SHAPES[n], dtype=torch.bool) for n in MASKED}
+    opt = SNTASGD(params.values(), lr=0.1)
+    opt.set_masks({params[n]: m for n, m in masks.items()})
+    opt.start_averaging()
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p, avg in zip(params.values(), opt.averaged_parameters()):
+        assert torch.equal(avg, p.detach())
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sgd_phase_is_exactly_sgd(foreach: bool) -> None:
+    target = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    ours, theirs = make_params(), make_params()
+    opt = SNTASGD(ours.values(), lr=0.37, weight_decay=1.2e-2, foreach=foreach)
+    sgd = torch.optim.SGD(theirs.values(), lr=0.37, weight_decay=1.2e-2)
+    for _ in range(15):
+        quadratic_grads(ours, target)
+        quadratic_grads(theirs, target)
+        opt.step()
+        sgd.step()
+    for name in SHAPES:
+        assert torch.equal(ours[name], theirs[name])
+    assert all(len(s) == 0 for s in opt.state.values())  # nothing beyond SGD before the trigger
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_dense_path_equals_asgd(foreach: bool) -> None:
+    """torch.optim.ASGD(t0=0, lambd=0) drops the first iterate: its ax after k steps is the mean of iterates 2..k.
+
+    So ASGD from step 1 must equal SNTASGD whose averaging starts after step 1 (Eq. 5: the mean of every iterate
+    of the window), and SNTASGD's own average must be the mean of all iterates since its trigger.
+    """
+    target = {n: torch.full(s, 0.5) for n, s in SHAPES.items()}
+    ours, theirs = make_params(3), make_params(3)
+    lr, wd = 0.25, 0.0625  # exactly representable: ASGD keeps its eta in float32
+    opt = SNTASGD(ours.values(), lr=lr, weight_decay=wd, foreach=foreach)
+    asgd = torch.optim.ASGD(theirs.values(), lr=lr, t0=0, lambd=0, weight_decay=wd)
+    iterates = []
+    for k in range(1, 13):
+        quadratic_grads(ours, target)
+        quadratic_grads(theirs, target)
+        opt.step()
+        asgd.step()
+        iterates.append({n: p.detach().clone() for n, p in ours.items()})
+        if k == 1:
+            opt.start_averaging()
+        for name in SHAPES:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
+        if k >= 2:
+            for name, avg in zip(SHAPES, opt.averaged_parameters()):
+                torch.testing.assert_close(avg, asgd.state[theirs[name]]["ax"], rtol=0, atol=1e-6)
+                mean = torch.stack([it[name] for it in iterates[1:]]).mean(0)
+                torch.testing.assert_close(avg, mean, rtol=0, atol=1e-6)
+
+
+def test_swap_is_bitwise_and_guards() -> None:
+    params = make_params()
+    opt = SNTASGD(params.values(), lr=0.2)
+    opt.set_masks({params["w1"]: torch.rand(SHAPES["w1"]) < 0.5})
+    opt.start_averaging()
+    for _ in range(3):
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    raw = {n: p.detach().clone() for n, p in params.items()}
+    averages = [a.clone() for a in opt.averaged_parameters()]
+    with opt.swap_averaged():
+        assert opt.swapped
+        for p, avg in zip(params.values(), averages):
+            assert torch.equal(p.detach(), avg)
+        assert all(torch.equal(a, b) for a, b in zip(opt.averaged_parameters(), averages))
+        saved = opt.state_dict()  # while swapped, the state dict still holds the averages
+        assert torch.equal(saved["state"][0]["ax"], averages[0])
+        with pytest.raises(RuntimeError, match="swap_averaged"):
+            opt.step()
+        with pytest.raises(RuntimeError, match="nested"), opt.swap_averaged():
+            pass
+    assert not opt.swapped
+    for name, p in params.items():
+        assert torch.equal(p.detach(), raw[name])
+    with pytest.raises(ValueError), opt.swap_averaged():  # restored even when the block raises
+        raise ValueError
+    assert all(torch.equal(p.detach(), raw[n]) for n, p in params.items())
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("reattach", [True, False])
+def test_state_dict_roundtrip_resumes_exactly(reattach: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    params = make_params(1)
+    masks = {n: torch.rand(SHAPES[n], generator=g) < 0.5 for n in MASKED}
+    opt = SNTASGD(params.values(), lr=0.3, weight_decay=1e-3)
+    opt.set_masks({params[n]: m for n, m in masks.items()})
+
+    def run(opt, params, masks, steps, g):
+        for t in range(steps):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            enforce(opt, params, masks)
+            if t % 4 == 3:
+                topology_update(opt, params, masks, g)
+
+    run(opt, params, masks, 5, g)
+    opt.start_averaging()
+    run(opt, params, masks, 6, g)
+    checkpoint = _roundtrip(
+        {
+            "opt": opt.state_dict(),
+            "params": {n: p.detach() for n, p in params.items()},
+            "masks": masks,
+            "rng": g.get_state(),
+        }
+    )
+    assert checkpoint["opt"]["param_groups"][0]["averaging"] is True
+    assert checkpoint["opt"]["state"][0]["age"].dtype == torch.float32
+    run(opt, params, masks, 9, g)
+
+    params2 = {n: nn.Parameter(t.clone()) for n, t in checkpoint["params"].items()}
+    masks2 = {n: m.clone() for n, m in checkpoint["masks"].items()}
+    opt2 = SNTASGD(params2.values(), lr=0.3, weight_decay=1e-3)
+    if reattach:  # as the sparsity callback does at the start of a resumed fit
+        opt2.set_masks({params2[n]: m for n, m in masks2.items()})
+    opt2.load_state_dict(checkpoint["opt"])
+    g2 = torch.Generator()
+    g2.set_state(checkpoint["rng"])
+    run(opt2, params2, masks2, 9, g2)
+    for name in SHAPES:
+        assert torch.equal(params[name], params2[name])
+    for a, b in zip(opt.averaged_parameters(), opt2.averaged_parameters()):
+        assert torch.equal(a, b)
+    for p, p2 in zip(params.values(), params2.values()):
+        for key, value in opt.state[p].items():
+            other = opt2.state[p2][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_restart_averaging_starts_from_current_weights() -> None:
+    params = make_params()
+    opt = SNTASGD(params.values(), lr=0.2)
+    opt.set_masks({params["w1"]: torch.rand(SHAPES["w1"]) < 0.5})
+    opt.start_averaging()
+    for _ in range(4):
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        enforce(opt, params, {"w1": opt._masks[params["w1"]]})
+    opt.restart_averaging()
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    enforce(opt, params, {"w1": opt._masks[params["w1"]]})
+    for p, avg in zip(params.values(), opt.averaged_parameters()):
+        assert torch.equal(avg, p.detach())
+
+
+def test_state_is_small_and_counters_float32() -> None:
+    params = make_params(dtype=torch.bfloat16)
+    opt = SNTASGD(params.values(), lr=0.25)
+    opt.set_masks({params["w1"]: torch.rand(SHAPES["w1"]) < 0.5})
+    opt.start_averaging()
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    w1, b = params["w1"], params["b"]
+    assert set(opt.state[w1]) == {"ax", "age"} and opt.state[w1]["age"].dtype == torch.float32
+    assert opt.state[w1]["ax"].dtype == torch.bfloat16
+    assert set(opt.state[b]) == {"ax", "n"} and opt.state[b]["n"] == 1
+    opt2 = SNTASGD(make_params(dtype=torch.bfloat16).values(), lr=0.25)
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    assert opt2.state[opt2.param_groups[0]["params"][0]]["age"].dtype == torch.float32  # not cast to bf16
+
+
+def test_masks_attached_mid_averaging_keep_the_window() -> None:
+    """A densely averaged parameter that gets a mask: live elements keep their average, dead ones become 0."""
+    params = make_params()
+    opt = SNTASGD(params.values(), lr=0.2)
+    opt.start_averaging()
+    history = []
+    for _ in range(3):
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        history.append(params["w1"].detach().clone())
+    mask = torch.rand(SHAPES["w1"]) < 0.5
+    opt.set_masks({params["w1"]: mask})
+    with torch.no_grad():
+        params["w1"].mul_(mask)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    enforce(opt, params, {"w1": mask})
+    history.append(params["w1"].detach().clone())
+    expected = torch.stack(history).mean(0) * mask
+    torch.testing.assert_close(opt.averaged_parameters()[0], expected, rtol=0, atol=1e-6)
+
+
+@contextmanager
+def no_host_reads():
+    """Fail on anything that reads a tensor value back to the host (what would synchronise with a GPU)."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside step()")
+
+        return method
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_step_reads_nothing_back(foreach: bool) -> None:
+    params = make_params()
+    opt = SNTASGD(params.values(), lr=0.2, weight_decay=1e-4, foreach=foreach)
+    opt.set_masks({params[n]: torch.rand(SHAPES[n]) < 0.5 for n in MASKED})
+    for phase in range(2):
+        for _ in range(3):
+            for p in params.values():
+                p.grad = torch.randn_like(p)
+            with no_host_reads():
+                opt.step()
+        if phase == 0:
+            opt.start_averaging()
+    assert opt.state[params["w1"]]["age"].max() == 4
+
+
+def test_functional_form_matches_the_class() -> None:
+    params, params2 = make_params(), make_params()
+    masks = {params["w1"]: torch.rand(SHAPES["w1"]) < 0.5}
+    opt = SNTASGD(params.values(), lr=0.2, weight_decay=1e-3)
+    opt.set_masks(masks)
+    opt.start_averaging()
+    mask2 = next(iter(masks.values()))
+    axs = [torch.zeros_like(p) for p in params2.values()]
+    ages = [mask2.float(), None, None]
+    for k in range(1, 5):
+        for p, p2 in zip(params.values(), params2.values()):
+            p.grad = torch.randn_like(p)
+            p2.grad = p.grad.clone()
+        opt.step()
+        with torch.no_grad():
+            sntasgd(list(params2.values()), [p.grad for p in params2.values()], axs, ages, [0, k, k], lr=0.2,
+                    weight_decay=1e-3)
+    for a, b in zip(opt.averaged_parameters(), axs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="axs, ages and ns"):
+        sntasgd(list(params2.values()), [p.grad for p in params2.values()], axs, None, None, lr=0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, "lr must be a finite number >= 0, got -1.0"),
+        ({"lr": float("nan")}, "lr must be a finite number >= 0"),
+        ({"lr": True}, "lr must be a real number"),
+        ({"lr": 1.0, "weight_decay": -1e-6}, "weight_decay must be a finite number >= 0, got -1e-06"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        SNTASGD(make_params().values(), **kwargs)
+
+
+def test_bad_param_group() -> None:
+    opt = SNTASGD([make_params()["w1"]], lr=0.1)
+    with pytest.raises(ValueError, match="parameter group 1: lr must be"):
+        opt.add_param_group({"params": [make_params()["b"]], "lr": -0.5})
+    assert len(opt.param_groups) == 1
+
+
+def test_load_from_a_different_layout() -> None:
+    params = make_params()
+    opt = SNTASGD(params.values(), lr=0.1)
+    opt.start_averaging()
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    swapped_shapes = {"w2": nn.Parameter(torch.zeros(4, 6)), "w1": nn.Parameter(torch.zeros(6, 5)), "b": params["b"]}
+    other = SNTASGD(swapped_shapes.values(), lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter 0 \(group 0\) has shape \(4, 6\) but its saved 'ax' has shape"):
+        other.load_state_dict(saved)
+    assert len(other.state) == 0  # nothing loaded
+    with pytest.raises(ValueError, match="group 0 has 2 parameters here and 3"):
+        SNTASGD([params["w1"], params["w2"]], lr=0.1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="2 parameter groups, this optimizer has 1"):
+        SNTASGD(params.values(), lr=0.1).load_state_dict(
+            {"state": {}, "param_groups": saved["param_groups"] * 2}
+        )
+
+
+def test_mask_errors() -> None:
+    params = make_params()
+    opt = SNTASGD([params["w1"]], lr=0.1)
+    with pytest.raises(ValueError, match=r"must be a bool tensor of shape \(6, 5\), got torch.float32 \(6, 5\)"):
+        opt.set_masks({params["w1"]: torch.ones(6, 5)})
+    with pytest.raises(ValueError, match=r"not a parameter of this optimizer"):
+        opt.set_masks({params["w2"]: torch.ones(4, 6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"update.new for parameter 0 must be a bool tensor of shape \(6, 5\)"):
+        m = torch.ones(6, 5, dtype=torch.bool)
+        opt.on_mask_update(params["w1"], MaskUpdate(None, m, torch.ones(5, 6, dtype=torch.bool)))
+
+
+def test_loading_a_plain_sgd_state_dict() -> None:
+    params = make_params()
+    sgd = torch.optim.SGD(params.values(), lr=0.1)
+    opt = SNTASGD(params.values(), lr=0.1)
+    opt.load_state_dict(sgd.state_dict())
+    assert opt.param_groups[0]["averaging"] is False
+    opt.start_averaging()
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.averaging
