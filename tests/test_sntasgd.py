@@ -72,8 +72,8 @@ class NaiveReference:
                 values.clear()
 
     def topology(self, changes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for name, (kept, new) in changes.items():
-            for e, (k, n) in enumerate(zip(kept.flatten().tolist(), new.flatten().tolist())):
+        for name, (kept, _new) in changes.items():
+            for e, k in enumerate(kept.flatten().tolist()):
                 if not k:  # removed, grown, or never alive: a new (or no) life
                     self.history[name][e].clear()
 
@@ -395,8 +395,15 @@ def test_functional_form_matches_the_class() -> None:
             p2.grad = p.grad.clone()
         opt.step()
         with torch.no_grad():
-            sntasgd(list(params2.values()), [p.grad for p in params2.values()], axs, ages, [0, k, k], lr=0.2,
-                    weight_decay=1e-3)
+            sntasgd(
+                list(params2.values()),
+                [p.grad for p in params2.values()],
+                axs,
+                ages,
+                [0, k, k],
+                lr=0.2,
+                weight_decay=1e-3,
+            )
     for a, b in zip(opt.averaged_parameters(), axs):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="axs, ages and ns"):
@@ -445,9 +452,7 @@ def test_load_from_a_different_layout() -> None:
     with pytest.raises(ValueError, match="group 0 has 2 parameters here and 3"):
         SNTASGD([params["w1"], params["w2"]], lr=0.1).load_state_dict(saved)
     with pytest.raises(ValueError, match="2 parameter groups, this optimizer has 1"):
-        SNTASGD(params.values(), lr=0.1).load_state_dict(
-            {"state": {}, "param_groups": saved["param_groups"] * 2}
-        )
+        SNTASGD(params.values(), lr=0.1).load_state_dict({"state": {}, "param_groups": saved["param_groups"] * 2})
 
 
 def test_mask_errors() -> None:
