@@ -43,6 +43,15 @@ NO_DROPOUT = {
 T, B = 7, 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box each op waits on the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, **kw) -> nn.Module:
     torch.manual_seed(seed)
     return TINY[kind](**kw).to(dtype)
