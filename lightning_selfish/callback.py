@@ -18,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_selfish import topology
@@ -320,7 +319,8 @@ class SelfishSparsityCallback(Callback):
         self._last_update_step = trainer.global_step
         if self._skip_next_update:
             self._skip_next_update = False
-            rank_zero_info(f"SelfishSparsityCallback: topology update skipped at step {trainer.global_step}")
+            if trainer.is_global_zero:
+                log.info("topology update skipped at step %d", trainer.global_step)
             return
         prune_rate = self.current_prune_rate(trainer.global_step)
         stats = self.engine.update(
@@ -335,8 +335,8 @@ class SelfishSparsityCallback(Callback):
         self._gradients = None
         self._num_updates += 1
         self._log_sparsity(trainer, extra=_stats_metrics(stats))
-        if self.verbose:
-            rank_zero_info(self._summary(stats))
+        if self.verbose and trainer.is_global_zero:
+            log.info("%s", self._summary(stats))
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
