@@ -62,9 +62,7 @@ def state_tensors_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Itera
             yield value
 
 
-def reset_optimizer_state(
-    optimizers: Iterable[torch.optim.Optimizer], param: Tensor, update: MaskUpdate
-) -> None:
+def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Tensor, update: MaskUpdate) -> None:
     """Zero state at removed and grown positions, then notify mask-aware optimizers that hold ``param``."""
     for optimizer in optimizers:
         if not any(p is param for group in optimizer.param_groups for p in group["params"]):

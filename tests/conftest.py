@@ -36,7 +36,9 @@ class TinyLM(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch[0].t(), batch[1].t()  # (T, B)
         if self.hidden is not None:
-            self.hidden = tuple(h.detach() for h in self.hidden) if isinstance(self.hidden, tuple) else self.hidden.detach()
+            self.hidden = (
+                tuple(h.detach() for h in self.hidden) if isinstance(self.hidden, tuple) else self.hidden.detach()
+            )
         loss = nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
         if not self.automatic_optimization:
             opt = self.optimizers()
