@@ -336,3 +336,35 @@ def test_infinite_run_and_sharded_strategy_are_rejected():
         make_trainer([SelfishSparsityCallback(sparsity=0.5), SelfishSparsityCallback(sparsity=0.4)]).fit(
             TinyLM(), token_loader()
         )
+
+
+class TiedLM(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(12, 12)
+        self.encoder = torch.nn.Embedding(40, 12)
+        self.decoder = torch.nn.Linear(12, 40)
+        self.decoder.weight = self.encoder.weight
+
+
+def test_tied_weights_are_one_tensor():
+    cb = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    model, _, _ = fit(cb, model=TiedLM(), max_epochs=2)
+    assert "encoder.weight" in cb.masks and "decoder.weight" not in cb.masks
+    assert model.decoder.weight is model.encoder.weight
+    assert int(cb.masks["encoder.weight"].sum()) == 240
+
+
+def test_skip_next_update():
+    cb = SelfishSparsityCallback(sparsity=0.5, seed=0)
+
+    class SkipAfterFirstEpoch(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                cb.skip_next_update()
+
+    _, checker, _ = fit(cb, max_epochs=3, extra=[SkipAfterFirstEpoch()])
+    masks = checker.epoch_masks
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])  # skipped at the start of epoch 1
+    assert not torch.equal(masks[1]["rnn.weight_hh_l0"], masks[2]["rnn.weight_hh_l0"])
+    assert cb._num_updates == 1
