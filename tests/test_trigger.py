@@ -1,0 +1,429 @@
+"""NonMonotonicTrigger in real Lightning runs: the rule, averaged validation, checkpoints, resume, DDP, sparsity."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import VOCAB, TinyLM, make_trainer
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
+
+try:
+    from lightning_selfish.callback import SelfishSparsityCallback
+except ImportError:  # pragma: no cover - the core callback is developed alongside
+    SelfishSparsityCallback = None
+
+needs_sparsity = pytest.mark.skipif(SelfishSparsityCallback is None, reason="lightning_selfish.callback not there")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only oversubscribe (10x slower runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pattern_loader(seed: int, windows: int = 4, steps: int = 6, batch: int = 4) -> DataLoader:
+    """Learnable token windows (next = current + 3 mod V), so that validation improves during averaging."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, VOCAB, (windows * batch, 1), generator=g)
+    tokens = (starts + 3 * torch.arange(steps + 1)) % VOCAB
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch, shuffle=False)
+
+
+class AvgLM(TinyLM):
+    """TinyLM trained by SNTASGD; ``scripted`` values are logged as ``val_score`` (-100 during the sanity check)."""
+
+    def __init__(self, lr: float = 1.0, scripted: list[float] | None = None, optimizer: str = "sntasgd") -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.scripted = scripted
+
+    def on_validation_epoch_end(self) -> None:
+        if self.scripted is not None:
+            self.log("val_score", -100.0 if self.trainer.sanity_checking else self.scripted[self.current_epoch])
+
+    def test_step(self, batch, batch_idx):
+        self.hidden = None
+        x, y = batch[0].t(), batch[1].t()
+        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+        self.log("test_loss", loss)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sntasgd":
+            return SNTASGD(self.parameters(), lr=self.lr, weight_decay=1.2e-6)
+        return super().configure_optimizers()
+
+
+def seeded(**kwargs) -> AvgLM:
+    pl.seed_everything(0, verbose=False)
+    return AvgLM(**kwargs)
+
+
+def run(model, callbacks, max_epochs, seed=0, ckpt_path=None, **kwargs) -> pl.Trainer:
+    pl.seed_everything(seed, verbose=False)
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2), ckpt_path=ckpt_path)
+    return trainer
+
+
+class SkipSpy(Callback):
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.trainer = trainer
+
+    def skip_next_update(self) -> None:
+        self.calls.append(self.trainer.current_epoch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the rule
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scripted", "fires_at"),
+    [
+        ([5, 4, 3, 2, 1, 3.5, 0], 5),  # 3.5 > min(5, 4, 3): the two latest values are left out
+        ([5, 4, 3, 2, 1, 2.5, 0], None),  # 2.5 < 3
+        ([1, 2, 2, 2, 2], 3),  # the earliest possible switch: epoch nonmono + 2, counting from 1
+        ([1, 1, 1, 1, 1, 1], None),  # equal is not worse
+        ([3, 2, 1, 1, 1, 1, 1.5], 6),
+    ],
+)
+def test_fires_at_the_right_epoch(scripted, fires_at) -> None:
+    """With a sanity check that logs -100: it would fire everything early if it entered the history."""
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=2)
+    spy = SkipSpy()
+    model = AvgLM(scripted=[float(v) for v in scripted])
+    trainer = run(model, [trigger, spy], len(scripted), num_sanity_val_steps=1, limit_train_batches=1)
+    opt = trainer.optimizers[0]
+    assert trigger.averaging_started_epoch == fires_at
+    assert opt.averaging == (fires_at is not None)
+    assert spy.calls == ([] if fires_at is None else [fires_at])
+    expected_history = scripted if fires_at is None else scripted[: fires_at + 1]  # frozen once averaging
+    assert trigger.history == pytest.approx(expected_history)
+
+
+def test_start_epoch_is_logged(tmp_path: Path) -> None:
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    logger = CSVLogger(tmp_path, name="", version="")
+    run(AvgLM(scripted=[2, 3, 4, 1]), [trigger], 4, logger=logger, limit_train_batches=1)
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["nt_asgd/averaging_started_epoch"]) for r in rows if r.get("nt_asgd/averaging_started_epoch")]
+    assert logged == [2.0] and trigger.averaging_started_epoch == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# averaged validation, checkpoints, resume
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Recorder(Callback):
+    """Weights seen by validation, and raw weights around it (put before the trigger in the callback list)."""
+
+    def __init__(self) -> None:
+        self.validated: list[tuple[bool, list[torch.Tensor], list[torch.Tensor], float]] = []
+        self.raw_before: list[torch.Tensor] = []
+        self.raw_restored = 0
+
+    def on_validation_start(self, trainer, pl_module):
+        self.raw_before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        weights = [p.detach().clone() for p in pl_module.parameters()]
+        averages = [a.clone() for a in opt.averaged_parameters()]
+        self.validated.append((opt.swapped, weights, averages, pl_module.current_epoch))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        after = [p.detach() for p in pl_module.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(self.raw_before, after)), "raw weights not restored"
+        self.raw_restored += 1
+
+
+def validation_loss(model: AvgLM, loader: DataLoader) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for x, y in loader:
+            model.hidden = None
+            logits = model(x.t())
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.t().reshape(-1)))
+    model.hidden = None
+    return float(torch.stack(losses).mean())
+
+
+def test_validation_and_best_checkpoint_use_the_averages(tmp_path: Path) -> None:
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    recorder = Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1, filename="{epoch}")
+    model = AvgLM(lr=10.0, scripted=[2, 3, 4, 4, 4, 4, 4])
+    trainer = run(model, [recorder, trigger, ckpt], 7, enable_checkpointing=True)
+    assert trigger.averaging_started_epoch == 2
+    assert recorder.raw_restored == 7
+    for swapped, weights, averages, epoch in recorder.validated:
+        assert swapped == (epoch > 2)
+        if swapped:  # validation saw exactly the averages, which differ from the raw weights
+            assert all(torch.equal(w, a) for w, a in zip(weights, averages))
+    raw = [p.detach().clone() for p in model.parameters()]
+    averages = [a.clone() for a in trainer.optimizers[0].averaged_parameters()]
+    assert not all(torch.equal(r, a) for r, a in zip(raw, averages))
+
+    # the logged val_loss of the last epoch is the averaged model's loss
+    with trainer.optimizers[0].swap_averaged():
+        averaged_loss = validation_loss(model, pattern_loader(1, windows=2))
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(averaged_loss, abs=1e-6)
+    assert validation_loss(model, pattern_loader(1, windows=2)) != pytest.approx(averaged_loss, abs=1e-4)
+
+    best = torch.load(ckpt.best_model_path, weights_only=False)
+    assert best["epoch"] > 2, "the averaged model should be the best one on this learnable task"
+    assert RAW_STATE_DICT_KEY in best and set(best[RAW_STATE_DICT_KEY]) == set(best["state_dict"])
+    result = trainer.test(model, pattern_loader(1, windows=2), ckpt_path="best", verbose=False)
+    assert result[0]["test_loss"] == pytest.approx(float(ckpt.best_model_score), abs=1e-6)
+
+
+class Kill(Callback):
+    def __init__(self, after_epoch: int) -> None:
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch == self.after_epoch
+
+
+def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
+    opt = trainer.optimizers[0]
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+def assert_same_state(a, b) -> None:
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert a[1]["param_groups"][0]["averaging"] == b[1]["param_groups"][0]["averaging"]
+    assert a[1]["state"].keys() == b[1]["state"].keys()
+    for index, state in a[1]["state"].items():
+        for key, value in state.items():
+            other = b[1]["state"][index][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
+
+
+@pytest.mark.parametrize("sparse", [False, pytest.param(True, marks=needs_sparsity)])
+def test_resume_mid_averaging_is_exact(tmp_path: Path, sparse: bool) -> None:
+    scripted = [2, 3, 4, 4, 4, 4]
+
+    def callbacks():
+        cbs = [NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[5])]
+        if sparse:
+            cbs.insert(0, SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=1))
+        return cbs
+
+    full_model = seeded(lr=2.0, scripted=scripted)
+    full_cbs = callbacks()
+    full = final_state(full_model, run(full_model, full_cbs, 6))
+    assert full_cbs[-1].restarted_at_epochs == [5]
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first = seeded(lr=2.0, scripted=scripted)
+    run(first, [*callbacks(), Kill(3), ckpt], 6, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "epoch=3.ckpt", weights_only=False)
+    assert RAW_STATE_DICT_KEY in saved  # averaging since epoch 2: the state_dict holds the averages
+    assert not all(torch.equal(saved["state_dict"][k], saved[RAW_STATE_DICT_KEY][k]) for k in saved["state_dict"])
+
+    resumed_model = seeded(lr=7.0, scripted=scripted)  # weights and hyperparameters come from the checkpoint
+    resumed_cbs = callbacks()
+    resumed = final_state(resumed_model, run(resumed_model, resumed_cbs, 6, ckpt_path=tmp_path / "epoch=3.ckpt"))
+    assert resumed_cbs[-1].averaging_started_epoch == 2 and resumed_cbs[-1].restarted_at_epochs == [5]
+    assert_same_state(full, resumed)
+
+
+def test_restart_at_epochs_restarts_the_averages() -> None:
+    class Check(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # after the trigger's hook (list order)
+            if trainer.current_epoch == 4:
+                opt = trainer.optimizers[0]
+                for p, avg in zip(pl_module.parameters(), opt.averaged_parameters()):
+                    assert torch.equal(p.detach(), avg)
+                    assert opt.state[p]["n"] == 0
+
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[4, 100])
+    run(AvgLM(scripted=[2, 3, 4, 4, 4, 4]), [trigger, Check()], 6, limit_train_batches=2)
+    assert trigger.averaging_started_epoch == 2
+    assert trigger.restarted_at_epochs == [4] and trigger.history == []  # cleared by the restart
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_needs_sntasgd() -> None:
+    with pytest.raises(TypeError, match="needs an SNTASGD optimizer .* found: SGD"):
+        run(AvgLM(optimizer="sgd"), [NonMonotonicTrigger()], 1)
+
+
+def test_monitored_metric_must_be_logged() -> None:
+    with pytest.raises(ValueError, match=r"'val_los' was not logged in validation; logged metrics: \[.*'val_loss'"):
+        run(AvgLM(), [NonMonotonicTrigger(monitor="val_los")], 1, num_sanity_val_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"nonmono": 0}, "nonmono must be an int >= 1, got 0"),
+        ({"nonmono": 2.5}, "nonmono must be an int >= 1, got 2.5"),
+        ({"restart_at_epochs": [0]}, "restart_at_epochs must be a list of epoch numbers >= 1"),
+        ({"monitor": ""}, "monitor must be a metric name"),
+    ],
+)
+def test_bad_arguments(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        NonMonotonicTrigger(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# with the sparsity callback
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LifetimeReference(Callback):
+    """Eq. 5 by definition in a real run: per-step weights, and the grown positions the optimizer was told about."""
+
+    def __init__(self, sparsity_cb) -> None:
+        self.cb = sparsity_cb
+        self.history: dict[int, list[list[float]]] = {}
+        self.params: list[torch.Tensor] = []
+        self.averaging_steps = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.params = list(pl_module.parameters())
+        self.history = {i: [[] for _ in range(p.numel())] for i, p in enumerate(self.params)}
+        original = opt.on_mask_update
+
+        def spy(param, update):
+            original(param, update)
+            index = next(i for i, p in enumerate(self.params) if p is param)
+            for e, kept in enumerate(update.kept.flatten().tolist()):
+                if not kept:
+                    self.history[index][e].clear()
+
+        opt.on_mask_update = spy
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        opt = trainer.optimizers[0]
+        if not opt.averaging:  # nothing recorded before the trigger: every window starts at the first averaged step
+            return
+        self.averaging_steps += 1
+        masks = {id(p): m for p, m in opt._masks.items()}
+        for i, p in enumerate(self.params):
+            mask = masks.get(id(p))
+            alive = mask.flatten().tolist() if mask is not None else [True] * p.numel()
+            for e, (value, a) in enumerate(zip(p.detach().flatten().tolist(), alive)):
+                if a:
+                    self.history[i][e].append(value)
+
+    def expected(self, i: int, mask: torch.Tensor | None) -> torch.Tensor:
+        p = self.params[i]
+        alive = mask.flatten().tolist() if mask is not None else [True] * p.numel()
+        values = [sum(h) / len(h) if a and h else 0.0 for h, a in zip(self.history[i], alive)]
+        return torch.tensor(values).reshape(p.shape)
+
+
+@needs_sparsity
+def test_lifetime_averages_with_the_sparsity_callback() -> None:
+    sparsity = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=2)
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    reference = LifetimeReference(sparsity)
+    model = AvgLM(lr=2.0, scripted=[2, 3, 4, 4, 4])
+    trainer = run(model, [sparsity, trigger, reference], 5, limit_train_batches=3)
+    opt = trainer.optimizers[0]
+    assert trigger.averaging_started_epoch == 2 and reference.averaging_steps == 6
+    masks = {id(p): m for p, m in opt._masks.items()}
+    assert len(masks) == 6  # every weight matrix of the model is sparsified
+    for i, (p, avg) in enumerate(zip(reference.params, opt.averaged_parameters())):
+        mask = masks.get(id(p))
+        torch.testing.assert_close(avg, reference.expected(i, mask), rtol=0, atol=1e-6)
+        if mask is not None:
+            assert (avg[~mask] == 0).all()
+            assert (opt.state[p]["age"][~mask] == 0).all()
+    with opt.swap_averaged():  # the averaged model has exactly the current topology
+        for name, mask in sparsity.masks.items():
+            assert (dict(model.named_parameters())[name][~mask] == 0).all()
+
+
+@needs_sparsity
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_sparsity_callback_with_adam_and_momentum_sgd(optimizer) -> None:
+    """The paper's other optimizer rows: no trigger; grown weights start with a zero optimizer state."""
+
+    class Model(AvgLM):
+        def configure_optimizers(self):
+            if optimizer == "adam":
+                return torch.optim.Adam(self.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-9)
+            return torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.9)
+
+    sparsity = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0)
+
+    class GrownStateIsZero(Callback):
+        checked = 0
+
+        def on_train_epoch_start(self, trainer, pl_module):  # after the sparsity callback's update (list order)
+            if trainer.current_epoch == 0:
+                self.before = {n: m.clone() for n, m in sparsity.masks.items()}
+                return
+            params = dict(pl_module.named_parameters())
+            opt = trainer.optimizers[0]
+            for name, mask in sparsity.masks.items():
+                inactive_or_new = ~(self.before[name] & mask)
+                for value in opt.state[params[name]].values():
+                    if torch.is_tensor(value) and value.shape == mask.shape:
+                        assert (value[inactive_or_new] == 0).all()
+                        self.checked += 1
+                assert (params[name][~mask] == 0).all()
+            self.before = {n: m.clone() for n, m in sparsity.masks.items()}
+
+    check = GrownStateIsZero()
+    run(Model(optimizer="sgd"), [sparsity, check], 3, limit_train_batches=2)
+    assert check.checked == (24 if optimizer == "adam" else 12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDP
+# --------------------------------------------------------------------------------------------------------------
+
+
+@needs_sparsity
+def test_ddp_two_processes_keep_identical_averages(tmp_path: Path) -> None:
+    script = Path(__file__).parent / "ddp_scripts" / "sntasgd_ddp.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["averaging_started_epoch"] == ranks[1]["averaging_started_epoch"] == 2
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert len(ranks[0]["averages"]) == len(ranks[0]["params"]) > 0
+    for key in ("params", "averages", "ages", "masks"):
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b), key
+    assert any(not torch.equal(a, p) for a, p in zip(ranks[0]["averages"], ranks[0]["params"]))
