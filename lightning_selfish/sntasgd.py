@@ -100,12 +100,14 @@ class SNTASGD(Optimizer):
             group.setdefault("averaging", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, checking its hyperparameters before anything changes."""
+        """Add a group, checking its hyperparameters before anything changes; it joins the current phase."""
         _check_hyperparameters(
             param_group.get("lr", self.defaults["lr"]),
             param_group.get("weight_decay", self.defaults["weight_decay"]),
             where=f" parameter group {len(self.param_groups)}",
         )
+        if self.param_groups:
+            param_group.setdefault("averaging", self.averaging)
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -467,6 +467,19 @@ def test_mask_errors() -> None:
         opt.on_mask_update(params["w1"], MaskUpdate(None, m, torch.ones(5, 6, dtype=torch.bool)))
 
 
+def test_added_group_joins_the_phase_and_deepcopy() -> None:
+    params = make_params()
+    opt = SNTASGD([params["w1"]], lr=0.1)
+    opt.start_averaging()
+    opt.add_param_group({"params": [params["b"]]})
+    assert opt.param_groups[1]["averaging"] is True
+    clone = copy.deepcopy(opt)
+    assert clone.averaging and not clone.swapped
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    clone.step()
+
+
 def test_loading_a_plain_sgd_state_dict() -> None:
     params = make_params()
     sgd = torch.optim.SGD(params.values(), lr=0.1)
