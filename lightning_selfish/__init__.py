@@ -4,13 +4,18 @@ from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.engine import SparseEngine, UpdateStats
 from lightning_selfish.gates import detect_gate_layouts
 from lightning_selfish.optim_state import MaskAwareOptimizer, MaskUpdate
+from lightning_selfish.sntasgd import SNTASGD, sntasgd
+from lightning_selfish.trigger import NonMonotonicTrigger
 
 __all__ = [
+    "SNTASGD",
     "MaskAwareOptimizer",
     "MaskUpdate",
+    "NonMonotonicTrigger",
     "SelfishSparsityCallback",
     "SparseEngine",
     "UpdateStats",
     "detect_gate_layouts",
+    "sntasgd",
 ]
 __version__ = "0.1.0"

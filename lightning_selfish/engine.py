@@ -208,6 +208,7 @@ class SparseEngine:
         positions by their momentum, which must keep accumulating there); weights are re-zeroed either way.
         """
         self._records.pop(id(optimizer), None)
+        mask_state = mask_state and not getattr(optimizer, "keeps_inactive_state_zero", False)
 
         def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.enforce_after_step_(opt, mask_state)

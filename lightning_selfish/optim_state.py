@@ -8,7 +8,10 @@ After every topology update (and once when masks are first attached) the sparsit
 2. then, if the optimizer defines ``on_mask_update(param, update)``, calls it with a :class:`MaskUpdate`, so an
    optimizer that needs the topology itself (``SNTASGD`` averages each weight over its own lifetime) can react.
 
-That method is the whole protocol; it is optional and any ``torch.optim.Optimizer`` works without it.
+That method is the whole protocol; it is optional and any ``torch.optim.Optimizer`` works without it. An optimizer
+whose own step already leaves its state zero at inactive positions (``SNTASGD``) may also set the class attribute
+``keeps_inactive_state_zero = True``: the engine then skips re-zeroing its state after every step (weights are
+still re-zeroed), which saves two passes over each sparse tensor per step.
 """
 
 from __future__ import annotations

@@ -69,6 +69,10 @@ class SNTASGD(Optimizer):
             a CUDA device.
     """
 
+    #: ``step()`` never changes ``ax`` where an element does not exist and ``age`` is 0 there, so the sparsity
+    #: engine need not re-zero this state after every step (see :mod:`lightning_selfish.optim_state`).
+    keeps_inactive_state_zero = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

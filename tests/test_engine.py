@@ -181,3 +181,19 @@ def test_gradient_growth_needs_a_gradient():
         engine.update(
             0.5, torch.Generator(), growth="momentum", optimizers=[torch.optim.SGD([engine.tensors["w"].param], lr=1)]
         )
+
+
+def test_optimizer_that_keeps_its_state_sparse_is_not_re_zeroed_per_step():
+    class SelfMasking(torch.optim.SGD):
+        keeps_inactive_state_zero = True
+
+    for cls, expect_dense_state in ((torch.optim.SGD, False), (SelfMasking, True)):
+        engine = make(torch.randn(16, 10), 0.5, redistribution=True)
+        record = engine.tensors["w"]
+        opt = cls([record.param], lr=0.1, momentum=0.9)
+        engine.attach(opt)
+        record.param.grad = torch.ones(16, 10)
+        opt.step()
+        buf = opt.state[record.param]["momentum_buffer"]
+        assert bool((buf[~record.mask] != 0).all()) == expect_dense_state
+        assert (record.param[~record.mask] == 0).all()  # weights are re-zeroed either way
