@@ -1,0 +1,281 @@
+"""The ``selfish-rnn`` command and its configs: every config instantiates, each model runs, overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_selfish.callback import SelfishSparsityCallback
+from recipes.cli import CONFIG_DIR, build_cli, main, resolve_checkpoint
+from recipes.data import LanguageModelingDataModule
+from recipes.lm import LanguageModel, MaskBlindNTASGD
+from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
+VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
+
+# The paper's models (MODELS.md, [verified] parameter counts) and their small dense counterparts.
+PARAMETERS = {StackedLSTM: 66_034_000, RHN: 23_484_060, ONLSTM: 25_232_180, AWDLSTMMoS: 34_909_528}
+SMALL_DENSE = {"stacked_lstm_ptb": 21_861_200, "rhn_ptb": 11_104_524, "onlstm_ptb": 11_433_668}
+# Table 4: (class, sparsity, prune rate, lr, epochs, seed, batch, eval batch, test batch, bptt, variable).
+TABLE4 = {
+    "stacked_lstm_ptb": (StackedLSTM, 0.67, 0.7, 40, 100, 1111, 20, 20, 20, 35, False),
+    "rhn_ptb": (RHN, 0.528, 0.5, 15, 500, 42, 20, 20, 20, 35, False),
+    "onlstm_ptb": (ONLSTM, 0.55, 0.5, 30, 1000, 141, 20, 10, 1, 70, True),
+    "awd_lstm_mos_wt2": (AWDLSTMMoS, 0.55, 0.5, 15, 1000, 1882, 15, 10, 1, 70, True),
+}
+TINY = {
+    "stacked_lstm_ptb": ["--model.network.init_args.ninp=8", "--model.network.init_args.nhid=8"],
+    "rhn_ptb": [
+        "--model.network.init_args.ninp=8",
+        "--model.network.init_args.nhid=8",
+        "--model.network.init_args.depth=2",
+    ],
+    "onlstm_ptb": [
+        "--model.network.init_args.ninp=10",
+        "--model.network.init_args.nhid=10",
+        "--model.network.init_args.chunk_size=5",
+    ],
+    "awd_lstm_mos_wt2": [
+        "--model.network.init_args.ninp=8",
+        "--model.network.init_args.nhid=8",
+        "--model.network.init_args.nhidlast=8",
+        "--model.network.init_args.n_experts=2",
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def known_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip tokenising PTB / WikiText-2 (seconds each) where only the vocabulary size is needed."""
+    monkeypatch.setattr(
+        LanguageModelingDataModule, "vocab_size", property(lambda self: VOCAB[self.corpus_name]), raising=True
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(1)
+    for split, lines in (("train", 80), ("valid", 20), ("test", 20)):
+        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 15, (7,), generator=g)) for _ in range(lines)]
+        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
+    return directory
+
+
+def tiny_data(corpus_dir: Path) -> list[str]:
+    return ["--data.corpus=tiny", f"--data.data_dir={corpus_dir}", "--data.batch_size=4"]
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+
+def test_the_recipes_are_all_there() -> None:
+    names = {p.stem for p in CONFIGS}
+    for model in MODELS:
+        for suffix in ("", "_dense", "_adam", "_no_redistribution", "_standard_ntasgd", "_static"):
+            assert f"{model}{suffix}" in names
+    assert {"quickstart", "stacked_lstm_ptb_momentum", "stacked_lstm_ptb_small_dense"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_parses_and_instantiates(config: Path, known_vocab: None) -> None:
+    with torch.device("meta"):  # the paper's sizes, without allocating 66M parameters 29 times
+        cli = build_cli(args=["--config", str(config)], run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert isinstance(model, LanguageModel) and isinstance(data, LanguageModelingDataModule)
+    assert model.network.ntoken == VOCAB[data.corpus_name], "the vocabulary is linked to the network"
+    assert model.bptt == data.bptt, "data.bptt is linked to the model"
+    assert trainer.num_sanity_val_steps == 0
+    assert isinstance(trainer.logger, TensorBoardLogger)
+    assert model.weight_decay == 1.2e-6 and model.clip == 0.25 and model.nonmono == 5
+
+    name = config.stem
+    base = next((m for m in MODELS if name.startswith(m)), None)
+    if base is None:  # quickstart
+        assert name == "quickstart" and model.sparsity is not None and trainer.max_epochs == 1
+        return
+    variant = name[len(base) :].lstrip("_")
+    cls, sparsity, prune_rate, lr, epochs, seed, batch, eval_batch, test_batch, bptt, variable = TABLE4[base]
+    assert type(model.network) is cls
+    n_params = sum(p.numel() for p in model.network.parameters())
+    assert n_params == (SMALL_DENSE[base] if variant == "small_dense" else PARAMETERS[cls])
+    assert trainer.max_epochs == epochs and cli.config.seed_everything == seed and data.seed == seed
+    assert (data.batch_size, data.eval_batch_size, data.test_batch_size, data.bptt, data.variable_bptt) == (
+        batch,
+        eval_batch,
+        test_batch,
+        bptt,
+        variable,
+    )
+    assert data.max_seq_len_delta == (20 if base == "awd_lstm_mos_wt2" else None)
+    assert model.restart_at_epochs == ([500] if base == "onlstm_ptb" and model.optimizer_name != "adam" else [])
+    expected_optimizer = {
+        "dense": "ntasgd",
+        "small_dense": "ntasgd",
+        "standard_ntasgd": "ntasgd",
+        "adam": "adam",
+        "momentum": "momentum",
+    }.get(variant, "sntasgd")
+    assert model.optimizer_name == expected_optimizer
+    assert model.lr == {"adam": 1e-3, "momentum": 2.0}.get(variant, lr)
+    if variant in ("dense", "small_dense"):
+        assert model.sparsity is None
+        return
+    assert model.sparsity == sparsity
+    assert model.prune_rate == (0.0 if variant == "static" else prune_rate)
+    assert model.gate_redistribution is (variant != "no_redistribution")
+    assert model.sparse_init == "uniform" and model.update_every == "epoch"
+    assert model.sparsity_exclude == (["prior.weight"] if cls is AWDLSTMMoS else [])
+
+
+def test_command_line_overrides(known_vocab: None) -> None:
+    config = CONFIG_DIR / "stacked_lstm_ptb.yaml"
+    args = [
+        "--config",
+        str(config),
+        "--trainer.max_epochs",
+        "3",
+        "--model.sparsity",
+        "0.62",
+        "--model.network.init_args.nhid",
+        "16",
+        "--model.network.init_args.ninp",
+        "16",
+        "--data.bptt",
+        "20",
+    ]
+    cli = build_cli(args=args, run=False)
+    assert cli.trainer.max_epochs == 3 and cli.model.sparsity == 0.62
+    assert cli.model.network.nhid == 16 and cli.model.bptt == 20
+    sparse = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
+    assert sparse.sparsity == 0.62 and sparse.prune_rate == 0.7
+
+
+def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for argument in ("--model.sparsity", "--model.optimizer", "--model.prune_rate", "--data.bptt", "--ckpt_path"):
+        assert argument in text
+    assert "gate_redistribution" in text and "SNT-ASGD" in text
+
+
+# ----------------------------------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run_of_each_model_at_tiny_size(
+    model: str, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(CONFIG_DIR / f"{model}.yaml"),
+        "--trainer.fast_dev_run=true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *TINY[model],
+        *tiny_data(corpus_dir),
+    ]
+    cli = build_cli(args=args)
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["val_ppl"])
+    callback = cli.model._sparsity_callback
+    assert callback is not None
+    report = callback.engine.sparsity_report()
+    assert report["overall"] == pytest.approx(TABLE4[model][1], abs=0.02)
+
+
+def test_fit_then_test_the_best_checkpoint_in_another_process(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--config",
+        str(CONFIG_DIR / "stacked_lstm_ptb.yaml"),
+        *TINY["stacked_lstm_ptb"],
+        *tiny_data(corpus_dir),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    fit = build_cli(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"])
+    best = Path(fit.trainer.checkpoint_callback.best_model_path)
+    assert best.is_file() and best.parent.parent.parent.name == "stacked_lstm_ptb"
+    assert (tmp_path / "lightning_logs" / "stacked_lstm_ptb" / "version_0" / "config.yaml").is_file()
+
+    test = build_cli(args=["test", *common, "--ckpt_path", "best"])  # a fresh CLI, as a new process would be
+    assert Path(test.trainer.ckpt_path).resolve() == best.resolve()
+    metrics = test.trainer.callback_metrics
+    assert torch.exp(metrics["test_loss"]) == pytest.approx(float(metrics["test_ppl"]), rel=1e-5)
+    assert resolve_checkpoint(test.trainer, "last").name == "last.ckpt"
+
+
+def test_best_without_an_earlier_run_is_a_clear_error(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no earlier run"):
+        build_cli(
+            args=[
+                "test",
+                "--config",
+                str(CONFIG_DIR / "rhn_ptb.yaml"),
+                *TINY["rhn_ptb"],
+                *tiny_data(corpus_dir),
+                "--ckpt_path",
+                "best",
+            ]
+        )
+
+
+class LossLog(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, *args) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_quickstart_lowers_the_training_loss() -> None:
+    args = [
+        "--config",
+        str(CONFIG_DIR / "quickstart.yaml"),
+        "--trainer.max_steps=30",
+        "--trainer.limit_val_batches=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--model.checkpoint=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    cli = build_cli(args=args, run=False)
+    assert isinstance(cli.model.configure_optimizers(), torch.optim.Optimizer)
+    log = LossLog()
+    cli.trainer.callbacks.append(log)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(log.losses) == 30
+    assert log.losses[0] == pytest.approx(9.21, abs=0.1), "an untrained model predicts about uniformly over 10k words"
+    assert sum(log.losses[-5:]) / 5 < log.losses[0] - 1.0
+
+
+def test_standard_ntasgd_config_uses_the_mask_blind_optimizer(known_vocab: None) -> None:
+    with torch.device("meta"):
+        cli = build_cli(args=["--config", str(CONFIG_DIR / "rhn_ptb_standard_ntasgd.yaml")], run=False)
+    assert type(cli.model.configure_optimizers()) is MaskBlindNTASGD

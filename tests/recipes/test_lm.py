@@ -1,0 +1,400 @@
+"""LanguageModel: hidden state, loss, perplexity, lr scaling, clipping, optimizers and the callbacks it brings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.trigger import NonMonotonicTrigger
+from recipes.data import BPTTBatch, LanguageModelingDataModule
+from recipes.lm import LanguageModel, MaskBlindNTASGD, detach_hidden
+from recipes.models import ONLSTM, LMOutput, StackedLSTM
+
+V = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: intra-op threads only add synchronisation, and they oversubscribe a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny corpus of V-2 word types with a strong bigram structure (learnable in a few steps)."""
+    directory = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    for split, lines in (("train", 60), ("valid", 12), ("test", 12)):
+        text = []
+        for _ in range(lines):
+            w = int(torch.randint(0, V - 2, (1,), generator=g))
+            words = []
+            for _ in range(int(torch.randint(4, 9, (1,), generator=g))):
+                words.append(f"w{w}")
+                w = (3 * w + 1) % (V - 2)
+            text.append(" ".join(words))
+        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
+    return directory
+
+
+def datamodule(corpus_dir: Path, **kwargs) -> LanguageModelingDataModule:
+    defaults = dict(batch_size=4, eval_batch_size=3, test_batch_size=2, bptt=6)
+    defaults.update(kwargs)
+    return LanguageModelingDataModule("tiny", data_dir=str(corpus_dir), **defaults)
+
+
+def tiny_lstm(ntoken: int = V, **kwargs) -> StackedLSTM:
+    return StackedLSTM(ntoken=ntoken, ninp=8, nhid=8, nlayers=2, **{"dropout": 0.0, **kwargs})
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+class Recorder(nn.Module):
+    """Wraps a network and records, per call, the mode and the hidden state it was given."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.inner = network
+        self.calls: list[tuple[bool, list[Tensor], list[Tensor]]] = []
+
+    def init_hidden(self, batch_size: int):
+        return self.inner.init_hidden(batch_size)
+
+    def forward(self, input: Tensor, hidden) -> LMOutput:
+        out = self.inner(input, hidden)
+        self.calls.append((self.training, _flat(hidden), [t.detach().clone() for t in _flat(out.hidden)]))
+        return out
+
+
+def _flat(hidden) -> list[Tensor]:
+    if isinstance(hidden, Tensor):
+        return [hidden]
+    return [t for h in hidden for t in _flat(h)]
+
+
+# --------------------------------------------------------------------------------------------- hidden state
+
+
+def test_hidden_state_is_carried_detached_and_reset(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    net = Recorder(tiny_lstm(dm.vocab_size))
+    lm = LanguageModel(net, lr=1.0, bptt=6, optimizer="sgd", checkpoint=False)
+    trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2).fit(lm, datamodule=dm)
+
+    train = [c for c in net.calls if c[0]]
+    evals = [c for c in net.calls if not c[0]]
+    assert len(train) == 6 and len(evals) == 4
+    for epoch in range(2):
+        first, *rest = train[3 * epoch : 3 * epoch + 3]
+        assert all(not t.any() for t in first[1]), "each training epoch starts from a zero state"
+        previous = first
+        for call in rest:
+            for given, returned in zip(call[1], previous[2]):
+                assert not given.requires_grad, "the carried state is detached (truncated BPTT)"
+                assert torch.equal(given, returned), "the state is carried from the previous window"
+            previous = call
+    for k in (0, 2):  # each validation pass starts from zeros at its own batch size and carries within the pass
+        assert all(not t.any() for t in evals[k][1]) and evals[k][1][0].size(1) == 3
+        assert all(torch.equal(g, r) for g, r in zip(evals[k + 1][1], evals[k][2]))
+
+
+def test_validation_in_the_middle_of_an_epoch_keeps_the_training_state(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    net = Recorder(tiny_lstm(dm.vocab_size))
+    lm = LanguageModel(net, lr=1.0, bptt=6, optimizer="sgd", checkpoint=False)
+    trainer(limit_train_batches=4, limit_val_batches=1, val_check_interval=2).fit(lm, datamodule=dm)
+    modes = [c[0] for c in net.calls]
+    assert modes == [True, True, False, True, True, False]
+    third, second = net.calls[3], net.calls[1]
+    assert all(torch.equal(g, r) for g, r in zip(third[1], second[2]))
+
+
+def test_detach_hidden_nested() -> None:
+    x = torch.ones(2, requires_grad=True) * 2
+    out = detach_hidden([(x, x), x])
+    assert isinstance(out, list) and isinstance(out[0], tuple)
+    assert not any(t.requires_grad for t in _flat(out))
+
+
+# ------------------------------------------------------------------------------------------- loss and metrics
+
+
+class FixedLogProbs(nn.Module):
+    """A 'network' whose prediction for every token is the same known distribution."""
+
+    def __init__(self, probs: Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(probs.log())
+        self.alpha = self.beta = 0.0
+
+    def init_hidden(self, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size)
+
+    def forward(self, input: Tensor, hidden: Tensor) -> LMOutput:
+        log_probs = F.log_softmax(self.logits, -1).expand(input.numel(), -1)
+        return LMOutput(log_probs, hidden, None, None)
+
+
+def test_perplexity_is_exp_of_the_token_weighted_mean_over_the_split() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    lm = LanguageModel(FixedLogProbs(probs), lr=1.0, optimizer="sgd", checkpoint=False)
+    # Windows of 3, 3 and 1 steps over 2 columns: the short last window must weigh 1/7, not 1/3.
+    targets = [torch.tensor([0, 0, 0, 0, 0, 0]), torch.tensor([1, 1, 1, 1, 1, 1]), torch.tensor([3, 3])]
+    batches = [BPTTBatch(torch.zeros(len(t) // 2, 2, dtype=torch.long), t, len(t) // 2) for t in targets]
+    loader = DataLoader(batches, batch_size=None)
+    metrics = trainer().validate(lm, dataloaders=loader, verbose=False)[0]
+    nll = -torch.log(probs)
+    expected = (6 * nll[0] + 6 * nll[1] + 2 * nll[3]) / 14
+    window_mean = (nll[0] + nll[1] + nll[3]) / 3
+    assert metrics["val_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(expected), rel=1e-6)
+    assert abs(metrics["val_loss"] - float(window_mean)) > 0.1
+    test_metrics = trainer().test(lm, dataloaders=loader, verbose=False)[0]
+    assert test_metrics["test_ppl"] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+def test_training_loss_adds_ar_and_tar_with_the_networks_coefficients() -> None:
+    torch.manual_seed(0)
+    net = ONLSTM(ntoken=V, ninp=10, nhid=10, nlayers=2, chunk_size=5, alpha=2.0, beta=1.0)
+    lm = LanguageModel(net, lr=1.0, optimizer="sgd")
+    net.eval()  # no dropout: the same forward twice
+    input, target = torch.randint(0, V, (5, 3)), torch.randint(0, V, (15,))
+    loss = lm.training_step(BPTTBatch(input, target, 5), 0)
+    out = net(input, net.init_hidden(3))
+    expected = (
+        F.nll_loss(out.log_probs, target)
+        + 2.0 * out.ar.pow(2).mean()
+        + 1.0 * (out.tar[1:] - out.tar[:-1]).pow(2).mean()
+    )
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert lm.regularization(None, None) is None
+    assert LanguageModel(tiny_lstm(), lr=1.0).regularization(out.ar, out.tar) is None  # alpha = beta = 0
+
+
+# ---------------------------------------------------------------------------------------- the optimizer step
+
+
+class StepLog(Callback):
+    """Records, at every optimizer step, the lr the step ran with and the lr left afterwards."""
+
+    def __init__(self) -> None:
+        self.during: list[float] = []
+        self.after: list[float] = []
+        self.seq_lens: list[int] = []
+        self.grad_norms: list[float] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+
+        def hook(opt, args, kwargs) -> None:  # after the step: gradients are still there
+            self.during.append(opt.param_groups[0]["lr"])
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        optimizer.register_step_post_hook(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seq_lens.append(batch.seq_len)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_variable_bptt_scales_the_lr_for_one_step_and_restores_it(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir, bptt=6, variable_bptt=True, seed=3)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=2.0, bptt=6, optimizer="sntasgd", checkpoint=False)
+    log = StepLog()
+    trainer(max_steps=12, callbacks=[log]).fit(lm, datamodule=dm)
+    assert len(log.during) == 12
+    assert len(set(log.seq_lens)) > 1, "the draws should give several window lengths"
+    assert log.during == pytest.approx([2.0 * s / 6 for s in log.seq_lens])
+    assert log.after == [2.0] * 12
+
+
+def test_the_dense_gradient_is_clipped_before_the_step(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, clip=0.01, sparsity=0.5, checkpoint=False)
+    log = StepLog()
+    trainer(max_steps=5, callbacks=[log]).fit(lm, datamodule=dm)
+    # The global norm over all gradients, masked positions included, is at the clip value at the step.
+    assert log.grad_norms == pytest.approx([0.01] * 5, rel=1e-4)
+    masks = lm._sparsity_callback.masks
+    weight = lm.network.rnn.weight_hh_l0
+    assert (weight.grad[~masks["network.rnn.weight_hh_l0"]] != 0).any(), "masked positions keep their gradient"
+    assert (weight[~masks["network.rnn.weight_hh_l0"]] == 0).all(), "and are re-zeroed after the step"
+
+
+def test_trainer_gradient_clip_val_takes_precedence(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, clip=0.01, checkpoint=False)
+    log = StepLog()
+    trainer(max_steps=3, callbacks=[log], gradient_clip_val=0.02).fit(lm, datamodule=dm)
+    assert log.grad_norms == pytest.approx([0.02] * 3, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------- optimizers and callbacks
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [("sntasgd", SNTASGD), ("ntasgd", MaskBlindNTASGD), ("sgd", torch.optim.SGD), ("momentum", torch.optim.SGD)],
+)
+def test_configure_optimizers(name: str, cls: type) -> None:
+    lm = LanguageModel(tiny_lstm(), lr=3.0, optimizer=name)
+    config = lm.configure_optimizers()
+    optimizer = config["optimizer"] if isinstance(config, dict) else config
+    assert type(optimizer) is cls
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 3.0 and group["weight_decay"] == 1.2e-6
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in lm.network.parameters())
+    if name == "momentum":
+        assert group["momentum"] == 0.9
+        scheduler = config["lr_scheduler"]["scheduler"]
+        assert scheduler.factor == pytest.approx(1 / 1.33) and scheduler.patience == 1
+        assert config["lr_scheduler"]["monitor"] == "val_loss"
+
+
+def test_adam_follows_the_awd_code_and_table_4() -> None:
+    config = LanguageModel(tiny_lstm(), lr=1e-3, optimizer="adam").configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.0, 0.999) and group["eps"] == 1e-9 and group["lr"] == 1e-3
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.factor, scheduler.patience, scheduler.threshold, scheduler.mode) == (0.5, 2, 0.0, "min")
+
+
+def test_plateau_drop_happens_on_val_loss(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size), lr=5.0, bptt=6, optimizer="momentum", plateau_patience=0, checkpoint=False
+    )
+    # lr 5 with momentum diverges on purpose: validation gets worse and the lr is divided by 1.33 each epoch.
+    t = trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=2)
+    t.fit(lm, datamodule=dm)
+    assert t.optimizers[0].param_groups[0]["lr"] < 5.0
+
+
+def test_callbacks_follow_the_arguments() -> None:
+    net = tiny_lstm()
+    net.sparsity_exclude = ["decoder.weight"]
+    lm = LanguageModel(
+        net,
+        lr=1.0,
+        sparsity=0.6,
+        prune_rate=0.3,
+        gate_redistribution=False,
+        sparse_init="er",
+        nonmono=3,
+        restart_at_epochs=[4],
+        sparsity_seed=7,
+    )
+    callbacks = {type(cb): cb for cb in lm.configure_callbacks()}
+    sparse = callbacks[SelfishSparsityCallback]
+    assert (sparse.sparsity, sparse.prune_rate, sparse.gate_redistribution, sparse.init, sparse.seed) == (
+        0.6,
+        0.3,
+        False,
+        "er",
+        7,
+    )
+    assert sparse.exclude == ["network.decoder.weight"]  # the network's names, seen from the LightningModule
+    trigger = callbacks[NonMonotonicTrigger]
+    assert (trigger.monitor, trigger.nonmono, trigger.restart_at_epochs) == ("val_loss", 3, [4])
+    checkpoint = callbacks[ModelCheckpoint]
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val_loss", "min", True)
+
+    static = LanguageModel(tiny_lstm(), lr=1.0, sparsity=0.5, prune_rate=0.7, static=True)
+    assert next(cb for cb in static.configure_callbacks() if isinstance(cb, SelfishSparsityCallback)).prune_rate == 0
+    dense = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False)
+    assert dense.configure_callbacks() == []
+
+
+def test_prune_schedule_length_for_variable_bptt(corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir, bptt=6, variable_bptt=True)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5, checkpoint=False)
+    trainer(max_epochs=2, limit_val_batches=1).fit(lm, datamodule=dm)
+    # The authors' T_max = epochs * train_rows // bptt, as the run's length is not known in advance.
+    assert lm._sparsity_callback._total_steps == 2 * dm.split_rows("train") // 6
+
+
+def test_standard_ntasgd_ignores_lifetimes() -> None:
+    # One weight grown after the trigger: SNT-ASGD starts its average at its value, NT-ASGD averages it with
+    # the zeros of its earlier non-existence.
+    results = {}
+    for cls in (SNTASGD, MaskBlindNTASGD):
+        w = nn.Parameter(torch.tensor([1.0, 0.0]))
+        mask = torch.tensor([True, False])
+        opt = cls([w], lr=0.1)
+        opt.set_masks({w: mask})
+        opt.start_averaging()
+        for _ in range(3):
+            w.grad = torch.tensor([-1.0, 0.0])
+            opt.step()
+            with torch.no_grad():
+                w.mul_(mask)
+        kept = mask.clone()
+        mask[1] = True
+        opt.on_mask_update(w, MaskUpdate(kept, kept, mask))
+        w.grad = torch.tensor([-1.0, -10.0])
+        opt.step()
+        results[cls] = opt.averaged_parameters()[0][1].item()
+    assert results[SNTASGD] == pytest.approx(1.0)  # its first averaged iterate: w = 0 + 0.1 * 10
+    assert results[MaskBlindNTASGD] == pytest.approx(0.25)  # (0 + 0 + 0 + 1) / 4
+
+
+def test_checkpoint_keeps_the_best_validation_model(corpus_dir: Path, tmp_path: Path) -> None:
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5)
+    t = trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+    )
+    t.fit(lm, datamodule=dm)
+    assert Path(t.checkpoint_callback.best_model_path).is_file()
+    assert (Path(t.checkpoint_callback.dirpath) / "last.ckpt").is_file()
+    best = torch.load(t.checkpoint_callback.best_model_path, weights_only=False)
+    assert "network" not in best["hyper_parameters"], "the module is in the state dict, not pickled in hparams"
+    result = t.test(lm, datamodule=dm, ckpt_path="best", verbose=False)[0]
+    assert result["test_ppl"] == pytest.approx(math.exp(result["test_loss"]), rel=1e-5)
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        LanguageModel(tiny_lstm(), lr=1.0, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="sparsity"):
+        LanguageModel(tiny_lstm(), lr=1.0, sparsity=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        LanguageModel(tiny_lstm(), lr=0)
+    with pytest.raises(TypeError, match="init_hidden"):
+        LanguageModel(nn.Linear(2, 2), lr=1.0)
