@@ -87,6 +87,15 @@ def make_trainer(callbacks, max_epochs: int = 3, **kwargs) -> pl.Trainer:
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is fastest, and immune to a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_lightning():
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
