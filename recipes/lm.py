@@ -57,6 +57,9 @@ class MaskBlindNTASGD(SNTASGD):
     identical to :class:`~lightning_selfish.sntasgd.SNTASGD`.
     """
 
+    #: Unlike SNT-ASGD, the step does write averages at inactive positions: the engine re-zeroes them.
+    keeps_inactive_state_zero = False
+
     def on_mask_update(self, param: Tensor, update: MaskUpdate) -> None:
         """Ignore topology changes: the average of every tensor is the dense running mean since the trigger."""
 

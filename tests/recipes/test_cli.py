@@ -226,6 +226,11 @@ def test_fit_then_test_the_best_checkpoint_in_another_process(
     assert torch.exp(metrics["test_loss"]) == pytest.approx(float(metrics["test_ppl"]), rel=1e-5)
     assert resolve_checkpoint(test.trainer, "last").name == "last.ckpt"
 
+    resumed = build_cli(
+        args=["fit", *common, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--ckpt_path", "last"]
+    )
+    assert resumed.trainer.current_epoch == 3 and resumed.trainer.global_step == 9
+
 
 def test_best_without_an_earlier_run_is_a_clear_error(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -253,7 +258,8 @@ class LossLog(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_quickstart_lowers_the_training_loss() -> None:
+def test_quickstart_lowers_the_training_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the CLI saves its config.yaml in the working directory when nothing is logged
     args = [
         "--config",
         str(CONFIG_DIR / "quickstart.yaml"),
@@ -266,7 +272,6 @@ def test_quickstart_lowers_the_training_loss() -> None:
         "--trainer.enable_model_summary=false",
     ]
     cli = build_cli(args=args, run=False)
-    assert isinstance(cli.model.configure_optimizers(), torch.optim.Optimizer)
     log = LossLog()
     cli.trainer.callbacks.append(log)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -370,6 +370,27 @@ def test_standard_ntasgd_ignores_lifetimes() -> None:
     assert results[MaskBlindNTASGD] == pytest.approx(0.25)  # (0 + 0 + 0 + 1) / 4
 
 
+class StartAveraging(Callback):
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            trainer.optimizers[0].start_averaging()
+
+
+@pytest.mark.parametrize("optimizer", ["sntasgd", "ntasgd"])
+def test_averages_of_a_sparse_model_have_its_topology(optimizer: str, corpus_dir: Path) -> None:
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5, optimizer=optimizer, checkpoint=False)
+    trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, callbacks=[StartAveraging()]).fit(
+        lm, datamodule=dm
+    )
+    opt = lm.trainer.optimizers[0]
+    assert opt.averaging
+    params = dict(lm.named_parameters())
+    for name, mask in lm._sparsity_callback.masks.items():
+        ax = opt.state[params[name]]["ax"]
+        assert (ax[~mask] == 0).all() and (ax[mask] != 0).any()
+
+
 def test_checkpoint_keeps_the_best_validation_model(corpus_dir: Path, tmp_path: Path) -> None:
     dm = datamodule(corpus_dir)
     lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5)
