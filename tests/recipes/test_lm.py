@@ -391,6 +391,26 @@ def test_averages_of_a_sparse_model_have_its_topology(optimizer: str, corpus_dir
         assert (ax[~mask] == 0).all() and (ax[mask] != 0).any()
 
 
+def test_snt_asgd_validates_and_checkpoints_the_averaged_sparse_model(corpus_dir: Path, tmp_path: Path) -> None:
+    dm = datamodule(corpus_dir)
+    pl.seed_everything(0, verbose=False)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=5.0, bptt=6, sparsity=0.5, nonmono=1)
+    t = trainer(max_epochs=5, limit_train_batches=4, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    t.fit(lm, datamodule=dm)
+    trigger = next(cb for cb in t.callbacks if isinstance(cb, NonMonotonicTrigger))
+    assert trigger.averaging_started_epoch is not None, "lr 5 on this corpus stops improving within 5 epochs"
+    final_val = float(t.callback_metrics["val_loss"])
+    last = Path(t.checkpoint_callback.dirpath) / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    masks = lm._sparsity_callback.masks
+    for name, mask in masks.items():
+        assert (checkpoint["state_dict"][name][~mask] == 0).all(), "the averaged model is exactly sparse"
+        assert not torch.equal(checkpoint["state_dict"][name], checkpoint["raw_state_dict"][name])
+    # The last validation ran on the averages: validating the checkpoint again gives the same loss.
+    again = trainer().validate(lm, datamodule=dm, ckpt_path=str(last), verbose=False)[0]
+    assert again["val_loss"] == pytest.approx(final_val, rel=1e-6)
+
+
 def test_checkpoint_keeps_the_best_validation_model(corpus_dir: Path, tmp_path: Path) -> None:
     dm = datamodule(corpus_dir)
     lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5)
