@@ -21,7 +21,6 @@ averaged-SGD optimizers, and a ``ModelCheckpoint`` that keeps the best validatio
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Literal
 
@@ -36,8 +35,6 @@ from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
-
-log = logging.getLogger(__name__)
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
