@@ -191,6 +191,15 @@ class SelfishSparsityCallback(Callback):
             self.engine.attach(optimizer, mask_state=self.growth != "momentum")
         self._log_sparsity(trainer, extra={})
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning frees the gradients before validation, so gradient growth keeps a copy of the dense gradient
+        # of the last step before each update; with epoch updates that needs the epoch's length.
+        if self.growth == "gradient" and self.update_every == "epoch" and math.isinf(trainer.num_training_batches):
+            raise ValueError(
+                "growth='gradient' with update_every='epoch' needs to know the last step of each epoch, but the "
+                "train dataloader has no length: give update_every=<number of steps>, or a sized dataloader"
+            )
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

@@ -368,3 +368,17 @@ def test_skip_next_update():
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])  # skipped at the start of epoch 1
     assert not torch.equal(masks[1]["rnn.weight_hh_l0"], masks[2]["rnn.weight_hh_l0"])
     assert cb._num_updates == 1
+
+
+def test_gradient_growth_with_an_unsized_loader_needs_step_updates():
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from token_loader().dataset
+
+    loader = torch.utils.data.DataLoader(Unsized(), batch_size=4)
+    cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=10)
+    with pytest.raises(ValueError, match="growth='gradient' with update_every='epoch'.*no length"):
+        make_trainer([cb], max_epochs=2).fit(TinyLM(), loader)
+    cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=10, update_every=3, seed=0)
+    model, checker, _ = fit(cb, max_epochs=1)
+    assert cb._num_updates == 2  # steps 3 and 6 of 8
