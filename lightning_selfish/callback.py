@@ -184,6 +184,8 @@ class SelfishSparsityCallback(Callback):
                     "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
                 )
             self._generator.manual_seed(self._shared_seed(trainer))
+            self._num_updates, self._last_update_step, self._last_updated_epoch = 0, -1, -1
+            self._skip_next_update, self._gradients = False, None
             self.engine = SparseEngine.initialize(
                 params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
             )
