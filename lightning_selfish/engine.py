@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_selfish import topology
 from lightning_selfish.gates import GateLayout
-from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state, state_tensors_like
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,12 @@ class SparseEngine:
             masks.append(record.mask_as_param)
             if not mask_state:
                 continue
-            for value in optimizer.state.get(record.param, {}).values():
-                if isinstance(value, Tensor) and value.shape == record.param.shape:
-                    if value.dtype == record.mask_as_param.dtype:
-                        tensors.append(value)
-                        masks.append(record.mask_as_param)
-                    else:  # integer counters and the like: rare, not worth a second cached mask
-                        value.mul_(record.mask)
+            for value in state_tensors_like(optimizer, record.param):
+                if value.dtype == record.mask_as_param.dtype:
+                    tensors.append(value)
+                    masks.append(record.mask_as_param)
+                else:  # integer counters and the like: rare, not worth a second cached mask
+                    value.mul_(record.mask)
         if tensors:
             torch._foreach_mul_(tensors, masks)
 
@@ -266,7 +265,8 @@ class SparseEngine:
                 block = mask[rows]
                 n = topology.removal_count(int(block.sum()), prune_rate)
                 kept[rows] = remove(param[rows], block, n)
-                new[rows] = self._grow(kept[rows], n, growth, growth_input, rows)
+                source = growth_input if isinstance(growth_input, torch.Generator) else growth_input[rows]
+                new[rows] = topology.GROWTH_STRATEGIES[growth](kept[rows], n, source)
             if synchronize is not None:
                 code = kept.to(torch.uint8) + 2 * new.to(torch.uint8)
                 synchronize(code)
@@ -312,14 +312,6 @@ class SparseEngine:
                 f"in the optimizer state), found none: use SGD with momentum or Adam, or another growth strategy"
             )
         raise ValueError(f"growth must be one of {sorted(topology.GROWTH_STRATEGIES)}, got {growth!r}")
-
-    @staticmethod
-    def _grow(kept: Tensor, n: int, growth: str, source: Tensor | torch.Generator, rows: slice) -> Tensor:
-        if isinstance(source, torch.Generator):
-            return topology.random_growth(kept, n, source)
-        if growth == "gradient":
-            return topology.gradient_growth(kept, n, source[rows])
-        return topology.momentum_growth(kept, n, source[rows])
 
     # ----------------------------------------------------------------------------------------------------------
     # monitoring

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -187,11 +188,12 @@ REMOVAL_STRATEGIES: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
     "set": set_removal,
 }
 
-#: Growth strategies by name; each needs one extra input, named by the value (see ``SparseEngine``).
-GROWTH_STRATEGIES: dict[str, str] = {
-    "random": "generator",
-    "gradient": "grad",
-    "momentum": "momentum",
+#: Growth strategies by name: ``fn(mask, n, source) -> grown_mask``, where ``source`` is the random generator
+#: (``random``), the dense gradient (``gradient``) or the momentum (``momentum``) of the same block.
+GROWTH_STRATEGIES: dict[str, Callable[[Tensor, int, Any], Tensor]] = {
+    "random": random_growth,
+    "gradient": gradient_growth,
+    "momentum": momentum_growth,
 }
 
 
