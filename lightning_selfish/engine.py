@@ -64,7 +64,7 @@ class SparseTensor:
 
     @property
     def active(self) -> int:
-        return int(self.mask.sum())
+        return int(self.mask.count_nonzero())
 
 
 @dataclass(frozen=True)
@@ -317,18 +317,22 @@ class SparseEngine:
             raise ValueError(f"removal={removal!r} needs the current threshold (threshold=...)")
         old = {name: record.mask.clone() for name, record in self.tensors.items()}
 
-        # 1. removal
+        # 1. removal (count-based removal knows its counts; the others read them back, once per block)
         kept: dict[str, Tensor] = {}
+        block_removed: dict[str, list[int]] = {}
         expected_removed = 0
         for name, record in self.tensors.items():
             if removal == "none":
-                kept[name] = record.mask.clone()
-            elif threshold_removal is not None:
-                kept[name] = threshold_removal(record.param, record.mask, threshold)
-                expected_removed += topology.removal_count(record.active, prune_rate)
-            else:
-                kept[name] = self._remove_blocks(record, prune_rate, target_density, removal)
-        removed = {name: int((old[name] & ~kept[name]).sum()) for name in self.tensors}
+                kept[name], block_removed[name] = record.mask.clone(), [0] * len(record.groups)
+                continue
+            if threshold_removal is None:
+                kept[name], block_removed[name] = self._remove_blocks(record, prune_rate, target_density, removal)
+                continue
+            kept[name] = threshold_removal(record.param, record.mask, threshold)
+            gone = old[name] & ~kept[name]
+            block_removed[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
+            expected_removed += topology.removal_count(record.active, prune_rate)
+        removed = {name: sum(blocks) for name, blocks in block_removed.items()}
 
         # 2. regrowth per tensor
         if growth == "none" or target_density is not None:
@@ -339,15 +343,16 @@ class SparseEngine:
             budgets = self._layer_budgets(redistribution, old, kept, removed, optimizers, gradients)
 
         # 3-4. regrowth per block, growth, synchronisation, application
-        removed_total = 0
-        stats_removed, grown, newly_active, active = {}, {}, {}, {}
+        counts: dict[str, Tensor] = {}  # per tensor: removed, grown, newly active, active, removed by the rule
         for name, record in self.tensors.items():
             param, mask = record.param, record.mask
             kept_mask = kept[name]
             new = kept_mask.clone()
             if budgets[name] > 0:
                 source = self._growth_input(record, growth, generator, optimizers, gradients)
-                blocks = self._block_budgets(record, budgets[name], old[name], kept_mask, gradients)
+                blocks = self._block_budgets(
+                    record, budgets[name], block_removed[name], old[name], kept_mask, gradients
+                )
                 for rows, n in zip(record.groups, blocks):
                     block_source = source if isinstance(source, torch.Generator) else source[rows]
                     new[rows] = topology.GROWTH_STRATEGIES[growth](kept_mask[rows], n, block_source)
@@ -355,31 +360,42 @@ class SparseEngine:
                 code = kept_mask.to(torch.uint8) + 2 * new.to(torch.uint8)
                 synchronize(code)
                 kept_mask, new = (code & 1).bool(), (code >= 2)
-            removed_total += int((old[name] & ~kept_mask).sum())
+            by_rule = (old[name] & ~kept_mask).count_nonzero()
             if removed_and_regrown == "keep":
                 kept_mask = kept_mask | (old[name] & new)
             param.mul_(kept_mask.to(param.dtype))
             mask.copy_(new)
             record.mask_as_param.copy_(new)
             reset_optimizer_state(optimizers, param, MaskUpdate(old[name], kept_mask, mask))
-            stats_removed[name] = int((old[name] & ~kept_mask).sum())
-            grown[name] = int((new & ~kept_mask).sum())
-            newly_active[name] = int((new & ~old[name]).sum())
-            active[name] = int(new.sum())
+            counts[name] = torch.stack(
+                [
+                    (old[name] & ~kept_mask).count_nonzero(),
+                    (new & ~kept_mask).count_nonzero(),
+                    (new & ~old[name]).count_nonzero(),
+                    new.count_nonzero(),
+                    by_rule,
+                ]
+            )
         if synchronize is not None and self.tensors:
             self._synchronize_generator(generator, synchronize, next(iter(self.tensors.values())).param.device)
+        table = dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
+        stats_removed, grown, newly_active, active, by_rule_removed = (
+            {name: row[k] for name, row in table.items()} for k in range(5)
+        )
         next_threshold = threshold
         if threshold_removal is not None:
-            next_threshold = topology.adapt_threshold(threshold, removed_total, expected_removed, threshold_tolerance)
+            next_threshold = topology.adapt_threshold(
+                threshold, sum(by_rule_removed.values()), expected_removed, threshold_tolerance
+            )
         return UpdateStats(prune_rate, stats_removed, grown, newly_active, active, next_threshold)
 
     def _remove_blocks(
         self, record: SparseTensor, prune_rate: float, target_density: float | None, removal: str
-    ) -> Tensor:
+    ) -> tuple[Tensor, list[int]]:
         """Count-based removal per block: ``ceil(prune_rate * active)``, or down to ``target_density``."""
         remove = topology.REMOVAL_STRATEGIES[removal]
         mask = record.mask
-        block_active = [int(mask[rows].sum()) for rows in record.groups]
+        block_active = [int(mask[rows].count_nonzero()) for rows in record.groups]
         if target_density is None:
             counts = [topology.removal_count(n, prune_rate) for n in block_active]
         else:
@@ -388,7 +404,7 @@ class SparseEngine:
         kept = mask.clone()
         for rows, n in zip(record.groups, counts):
             kept[rows] = remove(record.param[rows], mask[rows], n)
-        return kept
+        return kept, counts
 
     def _layer_budgets(
         self,
@@ -411,22 +427,27 @@ class SparseEngine:
                 gradient = self._gradient_of(record, gradients, None)
                 signal = momentum_of(optimizers, record.param, gradient, name, "redistribution='momentum'")
             scores.append(LAYER_SCORES[redistribution](old[name], kept[name], signal))
-        caps = [kept[name].numel() - int(kept[name].sum()) for name in names]
+        caps = [kept[name].numel() - int(kept[name].count_nonzero()) for name in names]
         return dict(zip(names, allocate_counts(sum(removed.values()), scores, caps)))
 
     def _block_budgets(
-        self, record: SparseTensor, budget: int, old: Tensor, kept: Tensor, gradients: Mapping[str, Tensor] | None
+        self,
+        record: SparseTensor,
+        budget: int,
+        removed: list[int],
+        old: Tensor,
+        kept: Tensor,
+        gradients: Mapping[str, Tensor] | None,
     ) -> list[int]:
         """A tensor's regrowth split over its blocks (one block when gates are ranked jointly)."""
         if len(record.groups) == 1:
             return [budget]
-        removed = [int((old[rows] & ~kept[rows]).sum()) for rows in record.groups]
-        caps = [kept[rows].numel() - int(kept[rows].sum()) for rows in record.groups]
         mode = self.gate_redistribution
-        if mode == "none":
-            if budget == sum(removed):
-                return removed  # each gate keeps its own count
-            return allocate_counts(budget, removed, caps)  # across-layer redistribution changed the tensor's count
+        if mode == "none" and budget == sum(removed):
+            return removed  # each gate keeps its own count
+        caps = [kept[rows].numel() - int(kept[rows].count_nonzero()) for rows in record.groups]
+        if mode == "none":  # across-layer redistribution changed the tensor's count: share it as the removals
+            return allocate_counts(budget, removed, caps)
         signal = None
         if GATE_SIGNALS[mode] == "gradient":
             signal = self._gradient_of(record, gradients, "gate_redistribution='gradient'")
@@ -484,13 +505,13 @@ class SparseEngine:
         report: dict[str, float] = {}
         active_total = numel_total = 0
         for name, record in self.tensors.items():
-            active = int(record.mask.sum())
+            active = int(record.mask.count_nonzero())
             active_total += active
             numel_total += record.mask.numel()
             report[name] = 1.0 - active / record.mask.numel()
             for gate, rows in record.gates or []:
                 block = record.mask[rows]
-                report[f"{name}/{gate}"] = 1.0 - int(block.sum()) / block.numel()
+                report[f"{name}/{gate}"] = 1.0 - int(block.count_nonzero()) / block.numel()
         report["overall"] = 1.0 - active_total / numel_total if numel_total else 0.0
         return report
 

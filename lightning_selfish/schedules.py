@@ -96,7 +96,7 @@ def never(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | N
 
 
 #: Schedules by name: ``fn(step, total_steps, config) -> UpdateAmount | None``.
-SCHEDULES: dict[str, Callable[[int, int, "MethodConfig"], UpdateAmount | None]] = {
+SCHEDULES: dict[str, Callable[[int, int, MethodConfig], UpdateAmount | None]] = {
     "cosine": cosine_schedule,
     "gmp": gmp_schedule,
     "never": never,
