@@ -296,11 +296,12 @@ def test_removed_and_regrown_keeps_value_and_averaging_window_only_when_asked():
 @given(
     method=st.sampled_from(SPARSE_TO_SPARSE),
     gate=st.sampled_from(["joint", "none", "magnitude", "gradient"]),
+    regrown=st.sampled_from(["restart", "keep"]),
     sparsity=st.floats(0.2, 0.95),
     rates=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5),
     seed=st.integers(0, 1000),
 )
-def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, sparsity, rates, seed):
+def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, regrown, sparsity, rates, seed):
     config = resolve(method, sparsity, gate_redistribution=gate)
     torch.manual_seed(seed)
     lstm = nn.LSTM(5, 4, num_layers=2)
@@ -318,7 +319,7 @@ def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, sparsity,
         opt.step()
         stats = engine.update(
             rate, g, config.removal, config.growth, [opt], redistribution=config.redistribution,
-            threshold=threshold, gradients={n: p.grad for n, p in params.items()},
+            threshold=threshold, gradients={n: p.grad for n, p in params.items()}, removed_and_regrown=regrown,
         )  # fmt: skip
         threshold = stats.threshold
         assert sum(engine.active_counts().values()) == total
