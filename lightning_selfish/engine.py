@@ -1,8 +1,10 @@
 """The sparse engine: masks of named parameters, their enforcement at every step, and topology updates.
 
 Plain PyTorch, no Lightning: :class:`SparseEngine` holds one live bool mask per sparsified parameter and composes
-the pure functions of :mod:`lightning_selfish.topology` per tensor (cell-gate redistribution: one ranking over the
-whole stacked tensor) or per gate (the ablation). The Lightning callback only decides *when* things happen.
+the pure functions of :mod:`lightning_selfish.topology` (removal, growth) and :mod:`lightning_selfish.redistribution`
+(how many each tensor and each gate regrows) per tensor (cell-gate redistribution: one ranking over the whole
+stacked tensor) or per gate. Every method of :mod:`lightning_selfish.methods` is one combination of their names.
+The Lightning callback only decides *when* things happen.
 
 Hot path (every optimizer step): one ``torch._foreach_mul_`` of the parameters, and of the optimizer state tensors
 shaped like them, by masks kept in the parameters' dtype on their device. No host sync, no boolean indexing, and the
