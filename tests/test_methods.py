@@ -564,3 +564,26 @@ def test_running_gradient_copy_resumes_exactly(tmp_path):
     full_params = dict(full_model.named_parameters())
     for name, param in model.named_parameters():
         assert torch.equal(param, full_params[name]), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    gate=st.sampled_from(["joint", "none"]),
+    removal=st.sampled_from(["magnitude", "set"]),
+    densities=st.lists(st.floats(0.05, 1.0), min_size=1, max_size=6),
+    seed=st.integers(0, 1000),
+)
+def test_pruning_to_a_density_is_exact_and_masks_only_shrink(gate, removal, densities, seed):
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(5, 4, num_layers=2)
+    params = {n: p for n, p in lstm.named_parameters() if p.dim() == 2}
+    engine = SparseEngine.initialize(params, 0.0, torch.Generator(), "dense", detect_gate_layouts(lstm), gate)
+    target = 1.0
+    for density in densities:
+        target = min(target, density)  # GMP's schedule only goes down
+        before = {n: t.mask.clone() for n, t in engine.tensors.items()}
+        stats = engine.update(0.0, torch.Generator(), removal, "none", target_density=target)
+        assert stats.total_grown == 0
+        for name, t in engine.tensors.items():
+            assert int(t.mask.sum()) == topology.uniform_count(t.mask.numel(), target)
+            assert not (t.mask & ~before[name]).any() and (t.param[~t.mask] == 0).all()
