@@ -27,8 +27,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GROWTH_SOURCES",
     "GROWTH_STRATEGIES",
+    "INIT_BUDGETS",
     "REMOVAL_STRATEGIES",
+    "THRESHOLD_REMOVALS",
+    "adapt_threshold",
+    "dense_counts",
     "cosine_prune_rate",
     "erdos_renyi_counts",
     "gradient_growth",
@@ -40,7 +45,9 @@ __all__ = [
     "removal_count",
     "set_removal",
     "split_count",
+    "threshold_removal",
     "uniform_count",
+    "uniform_counts",
 ]
 
 
@@ -298,6 +305,10 @@ GROWTH_STRATEGIES: dict[str, Callable[[Tensor, int, Any], Tensor]] = {
     "momentum": momentum_growth,
 }
 
+#: What each growth strategy reads: the random ``generator``, the dense ``gradient`` of the last step, or the
+#: optimizer's ``momentum`` (SNFS; the gradient under SNT-ASGD, which has none).
+GROWTH_SOURCES: dict[str, str] = {"random": "generator", "gradient": "gradient", "momentum": "momentum"}
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Prune-rate schedule
@@ -316,3 +327,48 @@ def cosine_prune_rate(step: int, total_steps: int, initial: float, final: float 
         return initial
     progress = min(max(step, 0), total_steps) / total_steps
     return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-tensor budgets by name (initial masks), and DSR's global adaptive threshold
+# --------------------------------------------------------------------------------------------------------------
+
+
+def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor at the same density: ``round(density * numel)`` each (Selfish-RNN, DSR, SNFS)."""
+    return {name: uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+
+def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor fully active, whatever ``density`` (dense-to-sparse methods such as GMP start here)."""
+    return {name: math.prod(shape) for name, shape in shapes.items()}
+
+
+#: Initial per-tensor budgets by name: ``fn(shapes, density) -> {name: active count}``. ``"er"`` (SET) and
+#: ``"erk"`` (RigL) are one formula, density ∝ sum(shape) / prod(shape): Erdős–Rényi-Kernel reduces to Erdős–Rényi
+#: on matrices, which all weights of the recurrent language models are.
+INIT_BUDGETS: dict[str, Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]] = {
+    "uniform": uniform_counts,
+    "er": erdos_renyi_counts,
+    "erk": erdos_renyi_counts,
+    "dense": dense_counts,
+}
+
+
+def threshold_removal(weight: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DSR removal: deactivate every active weight with ``|w| < threshold`` (one threshold for all tensors)."""
+    return mask & (weight.detach().abs() >= threshold)
+
+
+def adapt_threshold(threshold: float, removed: int, expected: int, tolerance: float) -> float:
+    """DSR's threshold rule: double it when fewer than ``(1 - tolerance) * expected`` weights fell below it, halve it
+    when more than ``(1 + tolerance) * expected`` did, keep it otherwise (Mostafa & Wang 2019, Algorithm 1)."""
+    if removed < (1.0 - tolerance) * expected:
+        return threshold * 2.0
+    if removed > (1.0 + tolerance) * expected:
+        return threshold * 0.5
+    return threshold
+
+
+#: Removal by one global threshold instead of a count: ``fn(weight, mask, threshold) -> kept_mask``.
+THRESHOLD_REMOVALS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {"threshold": threshold_removal}
