@@ -49,9 +49,9 @@ class FlopsCallback(Callback):
     """Count the training FLOPs of the run and the inference FLOPs of the current masks, relative to dense.
 
     Works with or without a :class:`~lightning_selfish.SelfishSparsityCallback` in the trainer (without one the
-    model is dense and both ratios are 1). The sparsity callback's ``growth`` decides the dense-gradient cost:
-    ``"momentum"`` (SNFS) computes the weight gradient densely on every step, ``"gradient"`` (RigL) on the step
-    before each update.
+    model is dense and both ratios are 1). The sparsity callback's ``dense_gradient_every`` decides the
+    dense-gradient cost: ``1`` (SNFS's momentum) computes the weight gradient densely on every step, an update
+    cadence (RigL's gradient growth) on the step before each update, ``None`` never.
 
     Args:
         tokens_per_batch: the number of tokens (samples) in a batch; default :func:`tokens_in_batch`. Only the
@@ -145,14 +145,14 @@ class FlopsCallback(Callback):
         if not force and version == self._version:
             return
         self._book()
-        growth = getattr(sparsity, "growth", None)
+        every = _dense_gradient_every(sparsity)
         previous = self._version
-        if growth == "gradient" and previous is not None and previous[0] == version[0] and version[1] > previous[1]:
+        if every not in (None, 1) and previous is not None and previous[0] == version[0] and version[1] > previous[1]:
             # RigL: the step before each update computed the dense weight gradient (Table 10's extra f_D - f_S).
             extra = training_flops_per_token(self.costs, self._active, dense_gradient=True) - self._step_cost
             self.train_flops += (version[1] - previous[1]) * self._last_tokens * extra
         self._active = engine.active_counts() if engine is not None else None
-        self._step_cost = training_flops_per_token(self.costs, self._active, dense_gradient=growth == "momentum")
+        self._step_cost = training_flops_per_token(self.costs, self._active, dense_gradient=every == 1)
         self._version = version
 
     def _log(self, trainer: pl.Trainer) -> None:
@@ -168,6 +168,16 @@ def _find_sparsity_callback(trainer: pl.Trainer) -> Any:
 
     found = [cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback)]
     return found[0] if found else None
+
+
+def _dense_gradient_every(sparsity: Any) -> int | str | None:
+    """1: a dense weight gradient every step (SNFS); a cadence: on update steps (RigL); None: never."""
+    if sparsity is None:
+        return None
+    if hasattr(sparsity, "dense_gradient_every"):
+        return sparsity.dense_gradient_every
+    growth = getattr(sparsity, "growth", None)  # a callback without method presets
+    return 1 if growth == "momentum" else (sparsity.update_every if growth == "gradient" else None)
 
 
 def _update_count(sparsity: Any) -> int:
