@@ -3,8 +3,8 @@
 Composed configs (``--config <model>.yaml --config methods/rigl.yaml --config optimizers/adam.yaml``) keep the model
 config's logger name. ``selfish-rnn`` therefore logs a run under ``<save_dir>/<name>/<label>/version_N``, where the
 label spells out what distinguishes it: the method (or ``dense``), the optimizer, the sparsity and prune rate, every
-method part given explicitly, the number of epochs and the seed, e.g.
-``rigl-adam-s0.67-p0.7-every_epoch-e100-seed1111``. Then
+method part given explicitly, the averaging restarts and the seed, e.g. ``rigl-adam-s0.67-p0.7-every_epoch-seed1111``.
+The number of epochs is not part of it: a shortened run and the ``test`` of its checkpoint need not repeat it. Then
 ``--ckpt_path best``/``last`` find the run of the same composition, and ``selfish-rnn results`` can group runs.
 A logger name that already contains ``/`` is left as it is.
 """
@@ -25,7 +25,7 @@ _OVERRIDES = (
 )
 
 
-def run_label(model: Mapping[str, Any] | Any, max_epochs: int | None = None, seed: int | None = None) -> str:
+def run_label(model: Mapping[str, Any] | Any, seed: int | None = None) -> str:
     """The label of a run from its ``model`` config section (a mapping or a jsonargparse Namespace)."""
     get = _getter(model)
     parts: list[str] = []
@@ -47,8 +47,9 @@ def run_label(model: Mapping[str, Any] | Any, max_epochs: int | None = None, see
         options = get("sparsity_options") or {}
         for key in sorted(options):
             parts.append(f"{key}{_number(options[key])}")
-    if max_epochs is not None and max_epochs > 0:
-        parts.append(f"e{max_epochs}")
+    restarts = get("restart_at_epochs") or []
+    if restarts:
+        parts.append("restart" + "_".join(str(epoch) for epoch in restarts))
     if seed is not None and not isinstance(seed, bool):
         parts.append(f"seed{seed}")
     return "-".join(parts).replace("/", "_").replace(" ", "")
@@ -66,7 +67,7 @@ def label_run_logger(config: Any) -> str | None:
     if not isinstance(name, str) or not name or "/" in name:
         return None
     seed = getattr(config, "seed_everything", None)
-    init_args.name = f"{name}/{run_label(config.model, getattr(trainer, 'max_epochs', None), seed)}"
+    init_args.name = f"{name}/{run_label(config.model, seed)}"
     return init_args.name
 
 

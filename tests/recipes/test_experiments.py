@@ -76,7 +76,7 @@ def test_every_row_command_trains_what_its_row_says(command: str, run_directorie
     # the run directory of this composition (recipes.runs) is its own: --ckpt_path best/last find this run only
     directory = (
         cli.config.trainer.logger.init_args.name,
-        run_label(cli.config.model, cli.config.trainer.max_epochs, cli.config.seed_everything),
+        run_label(cli.config.model, cli.config.seed_everything),
     )
     signature = signature_of_config(config)
     assert run_directories.setdefault(directory, signature) == signature, f"two rows share {directory}"
