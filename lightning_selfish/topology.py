@@ -7,8 +7,14 @@ engine can compose them per tensor or per gate and a new method is a new functio
 Counts are exact everywhere: initial masks pick exactly ``round(density * numel)`` positions (not a Bernoulli draw,
 which only meets the count on average), removal drops exactly ``n`` and growth adds exactly ``n``.
 
-Randomness comes from an explicit CPU ``torch.Generator`` so that masks are identical on every DDP rank, identical
-on CPU and GPU for the same weights, and restorable from a checkpoint.
+Every selection is "the ``n`` candidate positions with the lowest score" (:func:`lowest_positions`): magnitude
+removal scores by ``|w|``, gradient and momentum growth by ``-|g|``, random growth and random masks by uniform
+random scores drawn on the device from an explicit ``torch.Generator`` (the lowest ``n`` of i.i.d. uniform scores
+are a uniformly random ``n``-subset). Nothing passes over every element on the host: on a GPU a selection is one
+``topk``; on the CPU, where ``topk`` with a large ``k`` is slow, it is a ``kthvalue`` over the candidates' scores
+and a threshold. Masks are restorable from the generator's state and identical on every DDP rank (the callback
+also broadcasts rank 0's outcome); the same seed gives different masks on a CPU and on a GPU, whose generators
+differ.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GROWTH_SOURCES",
     "GROWTH_STRATEGIES",
+    "INIT_BUDGETS",
     "REMOVAL_STRATEGIES",
+    "THRESHOLD_REMOVALS",
+    "adapt_threshold",
+    "dense_counts",
     "cosine_prune_rate",
     "erdos_renyi_counts",
     "gradient_growth",
+    "lowest_positions",
     "magnitude_removal",
     "momentum_growth",
     "random_growth",
@@ -33,7 +45,9 @@ __all__ = [
     "removal_count",
     "set_removal",
     "split_count",
+    "threshold_removal",
     "uniform_count",
+    "uniform_counts",
 ]
 
 
@@ -47,14 +61,22 @@ def uniform_count(numel: int, density: float) -> int:
     return int(round(density * numel))
 
 
-def random_mask(shape: torch.Size | Sequence[int], count: int, generator: torch.Generator) -> Tensor:
-    """A bool mask of ``shape`` with exactly ``count`` active positions, uniformly at random (on the CPU)."""
+def random_mask(
+    shape: torch.Size | Sequence[int],
+    count: int,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``count`` active positions, uniformly at random.
+
+    The random scores are drawn on the generator's device; the mask is returned on ``device`` (default: there).
+    """
     numel = math.prod(shape)
     if not 0 <= count <= numel:
         raise ValueError(f"count must be in [0, {numel}] for a tensor of shape {tuple(shape)}, got {count}")
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[torch.randperm(numel, generator=generator)[:count]] = True
-    return mask.view(*shape)
+    everywhere = torch.ones(tuple(shape), dtype=torch.bool, device=generator.device)
+    mask = _random_subset(everywhere, numel, count, generator)
+    return mask if device is None else mask.to(device)
 
 
 def erdos_renyi_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
@@ -112,14 +134,44 @@ def removal_count(active: int, prune_rate: float) -> int:
     return min(active, int(math.ceil(prune_rate * active - 1e-9)))
 
 
+def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
+    """Bool mask of exactly ``n`` of the ``candidates`` positions: those with the lowest ``score``.
+
+    Ties at the ``n``-th lowest value are broken by position (lowest flat index first) on the CPU and by ``topk``'s
+    order on a GPU; NaN scores count as the highest. GPU: one ``topk`` over the masked scores, no host sync. CPU
+    (``topk`` with ``k`` in the millions is slow there): the ``n``-th lowest candidate score by ``kthvalue``, then
+    a threshold over the tensor, which is about three times faster on the paper's tensors.
+    """
+    chosen = torch.zeros_like(candidates)
+    if n <= 0:
+        return chosen
+    if score.device.type == "cpu":
+        values = score.masked_select(candidates)
+        if n > values.numel():
+            raise ValueError(f"cannot choose {n} positions among {values.numel()} candidates")
+        if n == values.numel():
+            return candidates.clone()
+        kth = torch.kthvalue(values, n).values
+        torch.logical_and(candidates, score < kth, out=chosen)
+        missing = n - int(chosen.count_nonzero())  # >= 1: the n-th lowest value itself
+        ties = candidates & (score == kth)
+        if int(ties.count_nonzero()) == missing:  # the usual case: no other candidate shares the n-th value
+            chosen |= ties
+            return chosen
+        if int(ties.count_nonzero()) > missing:
+            chosen.view(-1)[ties.view(-1).nonzero().squeeze(1)[:missing]] = True
+            return chosen
+        chosen.zero_()  # NaN scores (diverged weights): the general path below orders them last
+    flat = score.detach().flatten().nan_to_num(nan=math.inf).masked_fill(~candidates.flatten(), math.inf)
+    chosen.view(-1)[torch.topk(flat, n, largest=False, sorted=False).indices] = True
+    return chosen
+
+
 def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
     """Deactivate the ``n`` active positions with the lowest score."""
-    kept = mask.clone()
     if n <= 0:
-        return kept
-    candidates = score.masked_fill(~mask, math.inf).flatten()
-    kept.view(-1)[torch.topk(candidates, n, largest=False, sorted=False).indices] = False
-    return kept
+        return mask.clone()
+    return mask & ~lowest_positions(score, mask, n)
 
 
 def magnitude_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -134,8 +186,8 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
     """
     w = weight.detach()
     positive = mask & (w >= 0)
-    n_positive = int(positive.sum())
-    n_negative = int(mask.sum()) - n_positive
+    n_positive = int(positive.count_nonzero())
+    n_negative = int(mask.count_nonzero()) - n_positive
     take_positive = min(n_positive, max(n - n_negative, (n + 1) // 2))
     kept = _drop_lowest(w, positive, take_positive) | (mask & ~positive)
     return _drop_lowest(-w, kept & (w < 0), n - take_positive) | (kept & (w >= 0))
@@ -147,29 +199,50 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 
 
 def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    grown = mask.clone()
+    """Activate the ``n`` inactive positions with the highest score."""
     if n <= 0:
-        return grown
-    candidates = score.masked_fill(mask, -math.inf).flatten()
-    grown.view(-1)[torch.topk(candidates, n, sorted=False).indices] = True
-    return grown
+        return mask.clone()
+    inactive = ~mask
+    available = int(inactive.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
+    return mask | lowest_positions(score.detach().neg(), inactive, n)
+
+
+def _random_subset(candidates: Tensor, available: int, n: int, generator: torch.Generator) -> Tensor:
+    """Exactly ``n`` of the ``available`` candidate positions, uniformly at random: the ``n`` lowest of i.i.d.
+    uniform scores drawn on the generator's device (every ``n``-subset is equally likely).
+
+    On the CPU only the candidates below a score threshold that holds at least ``n`` of them with overwhelming
+    probability (``n`` plus eight standard deviations) are ranked; when fewer fall below it, all are. Either way the
+    outcome is the same function of the scores.
+    """
+    if n <= 0:
+        return torch.zeros_like(candidates)
+    score = torch.rand(candidates.shape, generator=generator, device=generator.device).to(candidates.device)
+    if score.device.type == "cpu" and n < available:
+        spread = math.sqrt(n * (1.0 - n / available))
+        threshold = (n + 8.0 * spread + 16.0) / available
+        if threshold < 1.0:
+            below = candidates & (score < threshold)
+            if int(below.count_nonzero()) >= n:
+                candidates = below
+    return lowest_positions(score, candidates, n)
 
 
 def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """Activate ``n`` inactive positions uniformly at random (Eq. 3).
 
-    The draw is a CPU ``randperm`` over the inactive positions, so it depends only on the generator state and the
-    mask: the same on every rank and every device.
+    The random scores come from ``generator`` on its own device (keep it on the parameters' device: a GPU draws
+    them where the mask lives), so the outcome depends only on the generator's state and the mask.
     """
-    grown = mask.clone()
     if n <= 0:
-        return grown
-    inactive = (~mask).flatten().nonzero().squeeze(1)
-    if n > inactive.numel():
-        raise ValueError(f"cannot grow {n} weights: only {inactive.numel()} positions are inactive")
-    pick = torch.randperm(inactive.numel(), generator=generator)[:n].to(inactive.device)
-    grown.view(-1)[inactive[pick]] = True
-    return grown
+        return mask.clone()
+    inactive = ~mask
+    available = int(inactive.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
+    return mask | _random_subset(inactive, available, n, generator)
 
 
 def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
@@ -196,6 +269,10 @@ GROWTH_STRATEGIES: dict[str, Callable[[Tensor, int, Any], Tensor]] = {
     "momentum": momentum_growth,
 }
 
+#: What each growth strategy reads: the random ``generator``, the dense ``gradient`` of the last step, or the
+#: optimizer's ``momentum`` (SNFS; the gradient under SNT-ASGD, which has none).
+GROWTH_SOURCES: dict[str, str] = {"random": "generator", "gradient": "gradient", "momentum": "momentum"}
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Prune-rate schedule
@@ -214,3 +291,48 @@ def cosine_prune_rate(step: int, total_steps: int, initial: float, final: float 
         return initial
     progress = min(max(step, 0), total_steps) / total_steps
     return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-tensor budgets by name (initial masks), and DSR's global adaptive threshold
+# --------------------------------------------------------------------------------------------------------------
+
+
+def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor at the same density: ``round(density * numel)`` each (Selfish-RNN, DSR, SNFS)."""
+    return {name: uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+
+def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor fully active, whatever ``density`` (dense-to-sparse methods such as GMP start here)."""
+    return {name: math.prod(shape) for name, shape in shapes.items()}
+
+
+#: Initial per-tensor budgets by name: ``fn(shapes, density) -> {name: active count}``. ``"er"`` (SET) and
+#: ``"erk"`` (RigL) are one formula, density ∝ sum(shape) / prod(shape): Erdős–Rényi-Kernel reduces to Erdős–Rényi
+#: on matrices, which all weights of the recurrent language models are.
+INIT_BUDGETS: dict[str, Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]] = {
+    "uniform": uniform_counts,
+    "er": erdos_renyi_counts,
+    "erk": erdos_renyi_counts,
+    "dense": dense_counts,
+}
+
+
+def threshold_removal(weight: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DSR removal: deactivate every active weight with ``|w| < threshold`` (one threshold for all tensors)."""
+    return mask & (weight.detach().abs() >= threshold)
+
+
+def adapt_threshold(threshold: float, removed: int, expected: int, tolerance: float) -> float:
+    """DSR's threshold rule: double it when fewer than ``(1 - tolerance) * expected`` weights fell below it, halve it
+    when more than ``(1 + tolerance) * expected`` did, keep it otherwise (Mostafa & Wang 2019, Algorithm 1)."""
+    if removed < (1.0 - tolerance) * expected:
+        return threshold * 2.0
+    if removed > (1.0 + tolerance) * expected:
+        return threshold * 0.5
+    return threshold
+
+
+#: Removal by one global threshold instead of a count: ``fn(weight, mask, threshold) -> kept_mask``.
+THRESHOLD_REMOVALS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {"threshold": threshold_removal}
