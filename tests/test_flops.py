@@ -291,3 +291,37 @@ def test_tokens_in_batch() -> None:
     assert tokens_in_batch((x, x, 7)) == 21 and tokens_in_batch({"input": x}) == 21
     with pytest.raises(TypeError, match="tokens_per_batch"):
         tokens_in_batch(3)
+
+
+class NaiveFlops(FlopsCallback):
+    """The reference: recompute the cost from the live masks at every step (a host sync per step, test only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reference = 0.0
+        self.reference_dense = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        sparsity = self._sparsity
+        active = sparsity.engine.active_counts()
+        dense_gradient = sparsity.dense_gradient_every == 1
+        tokens = tokens_in_batch(batch)
+        self.reference += tokens * training_flops_per_token(self.costs, active, dense_gradient)
+        self.reference_dense += tokens * training_flops_per_token(self.costs)
+
+
+@pytest.mark.parametrize("method", ["gmp", "dsr", "snfs", "set", "static", "selfish"])
+def test_every_method_costs_what_its_masks_cost_step_by_step(method: str) -> None:
+    options = {"update_every": 3} if method == "gmp" else {}
+    sparsity = SelfishSparsityCallback(sparsity=0.6, method=method, seed=0, **options)
+    flops = NaiveFlops()
+    trainer, logger = fit([sparsity, flops], epochs=3, optimizer="momentum")
+    assert logger.last("flops/train_vs_dense") == pytest.approx(flops.reference / flops.reference_dense, rel=1e-9)
+    final = sparsity.engine.active_counts()
+    assert logger.last("flops/inference_vs_dense") == pytest.approx(
+        inference_flops_per_token(flops.costs, final) / inference_flops_per_token(flops.costs)
+    )
+    if method == "gmp":  # dense to sparse: more than the final masks' cost, less than dense
+        assert 0.4 < logger.last("flops/train_vs_dense") < 1.0
+        assert logger.last("flops/inference_vs_dense") == pytest.approx(0.4, abs=0.02)
