@@ -75,7 +75,7 @@ def random_mask(
     if not 0 <= count <= numel:
         raise ValueError(f"count must be in [0, {numel}] for a tensor of shape {tuple(shape)}, got {count}")
     everywhere = torch.ones(tuple(shape), dtype=torch.bool, device=generator.device)
-    mask = _random_subset(everywhere, numel, count, generator)
+    mask = _random_subset(everywhere, count, generator)
     return mask if device is None else mask.to(device)
 
 
@@ -138,33 +138,69 @@ def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
     """Bool mask of exactly ``n`` of the ``candidates`` positions: those with the lowest ``score``.
 
     Ties at the ``n``-th lowest value are broken by position (lowest flat index first) on the CPU and by ``topk``'s
-    order on a GPU; NaN scores count as the highest. GPU: one ``topk`` over the masked scores, no host sync. CPU
-    (``topk`` with ``k`` in the millions is slow there): the ``n``-th lowest candidate score by ``kthvalue``, then
-    a threshold over the tensor, which is about three times faster on the paper's tensors.
+    order on a GPU; NaN scores count as the highest. On a GPU this is one ``topk`` over the masked scores, without a
+    host sync. On the CPU, where ``topk`` with ``k`` in the millions is slow, the ``n``-th lowest candidate score is
+    found by selection in a narrow band (:func:`_kth_lowest`) and the positions by a threshold over the tensor.
     """
     chosen = torch.zeros_like(candidates)
     if n <= 0:
         return chosen
+    available = int(candidates.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot choose {n} positions among {available} candidates")
+    if n == available:
+        return candidates.clone()
     if score.device.type == "cpu":
-        values = score.masked_select(candidates)
-        if n > values.numel():
-            raise ValueError(f"cannot choose {n} positions among {values.numel()} candidates")
-        if n == values.numel():
-            return candidates.clone()
-        kth = torch.kthvalue(values, n).values
-        torch.logical_and(candidates, score < kth, out=chosen)
-        missing = n - int(chosen.count_nonzero())  # >= 1: the n-th lowest value itself
-        ties = candidates & (score == kth)
-        if int(ties.count_nonzero()) == missing:  # the usual case: no other candidate shares the n-th value
-            chosen |= ties
-            return chosen
-        if int(ties.count_nonzero()) > missing:
-            chosen.view(-1)[ties.view(-1).nonzero().squeeze(1)[:missing]] = True
-            return chosen
-        chosen.zero_()  # NaN scores (diverged weights): the general path below orders them last
-    flat = score.detach().flatten().nan_to_num(nan=math.inf).masked_fill(~candidates.flatten(), math.inf)
+        kth = _kth_lowest(score.reshape(-1), candidates.reshape(-1), n, available)
+        if kth is not None:
+            torch.logical_and(candidates, score < kth, out=chosen)
+            missing = n - int(chosen.count_nonzero())  # >= 1: the n-th lowest value itself
+            ties = candidates & (score == kth)
+            tied = int(ties.count_nonzero())
+            if tied == missing:  # the usual case: no other candidate shares the n-th value
+                return chosen.logical_or_(ties)
+            if tied > missing:
+                chosen.view(-1)[ties.view(-1).nonzero().squeeze(1)[:missing]] = True
+                return chosen
+            chosen.zero_()  # NaN scores (diverged weights): the general path below orders them last
+    # topk orders NaN after every number: non-candidates become NaN, candidates' own NaN become +inf.
+    score = score.detach().flatten()
+    flat = torch.where(score.isnan(), math.inf, score).masked_fill_(~candidates.flatten(), math.nan)
     chosen.view(-1)[torch.topk(flat, n, largest=False, sorted=False).indices] = True
     return chosen
+
+
+_SAMPLE = 1 << 16  # scores sampled to bracket the n-th lowest one (CPU)
+
+
+def _kth_lowest(score: Tensor, candidates: Tensor, n: int, available: int) -> Tensor | None:
+    """The ``n``-th lowest score among the candidates of a flat tensor, on the CPU (None: NaN scores in the way).
+
+    Selection in the style of Floyd and Rivest: the quantile ``n / available`` of a random sample of the candidates'
+    scores brackets the answer in a band ``[low, high)`` that holds about 1 % of the candidates; counting below the
+    band and a ``kthvalue`` inside it give the exact value. A sample that misses (rare: the band is eight standard
+    deviations wide) falls back to a ``kthvalue`` over all candidates. Each pass over the tensor is a comparison,
+    so this costs a few elementwise passes instead of a copy and a partial sort of every candidate.
+    """
+    if score.numel() > 4 * _SAMPLE:
+        picks = torch.randint(score.numel(), (_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        sample = score[picks][candidates[picks]].sort().values
+        m = sample.numel()
+        if m >= _SAMPLE // 64:
+            fraction = n / available
+            margin = 8.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
+            low_rank, high_rank = int(fraction * m - margin), int(math.ceil(fraction * m + margin))
+            below = candidates & (score < sample[low_rank]) if low_rank >= 0 else None
+            under = int(below.count_nonzero()) if below is not None else 0
+            band = candidates & (score < sample[high_rank]) if high_rank < m else candidates.clone()
+            if below is not None:
+                band.logical_and_(~below)
+            values = score[band]
+            if under < n <= under + values.numel():
+                return torch.kthvalue(values, n - under).values
+    values = score[candidates]
+    kth = torch.kthvalue(values, n).values
+    return None if torch.isnan(kth) else kth
 
 
 def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -209,24 +245,12 @@ def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
     return mask | lowest_positions(score.detach().neg(), inactive, n)
 
 
-def _random_subset(candidates: Tensor, available: int, n: int, generator: torch.Generator) -> Tensor:
-    """Exactly ``n`` of the ``available`` candidate positions, uniformly at random: the ``n`` lowest of i.i.d.
-    uniform scores drawn on the generator's device (every ``n``-subset is equally likely).
-
-    On the CPU only the candidates below a score threshold that holds at least ``n`` of them with overwhelming
-    probability (``n`` plus eight standard deviations) are ranked; when fewer fall below it, all are. Either way the
-    outcome is the same function of the scores.
-    """
+def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Exactly ``n`` of the candidate positions, uniformly at random: those with the ``n`` lowest of i.i.d. uniform
+    scores drawn on the generator's device (so every ``n``-subset of the candidates is equally likely)."""
     if n <= 0:
         return torch.zeros_like(candidates)
     score = torch.rand(candidates.shape, generator=generator, device=generator.device).to(candidates.device)
-    if score.device.type == "cpu" and n < available:
-        spread = math.sqrt(n * (1.0 - n / available))
-        threshold = (n + 8.0 * spread + 16.0) / available
-        if threshold < 1.0:
-            below = candidates & (score < threshold)
-            if int(below.count_nonzero()) >= n:
-                candidates = below
     return lowest_positions(score, candidates, n)
 
 
@@ -242,7 +266,7 @@ def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     available = int(inactive.count_nonzero())
     if n > available:
         raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
-    return mask | _random_subset(inactive, available, n, generator)
+    return mask | _random_subset(inactive, n, generator)
 
 
 def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
