@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
+from lightning_selfish.methods import METHODS
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
@@ -93,7 +94,8 @@ class LanguageModel(pl.LightningModule):
         prune_rate: initial fraction of active weights replaced at each epoch's topology update (cosine-annealed).
         static: keep the initial random masks for the whole run (static sparse training; ``prune_rate`` ignored).
         gate_redistribution: rank removal jointly over the gates of a stacked recurrent tensor (the method);
-            False keeps each gate at its own count (the ablation).
+            False keeps each gate at its own count (the ablation); ``"magnitude"``/``"gradient"`` share a tensor's
+            regrowth over its gates by the mean magnitude / gradient of their active weights (Table 6).
         sparse_init: ``"uniform"`` (the same sparsity in every tensor) or ``"er"`` (Erdős–Rényi).
         removal: ``"magnitude"`` (Selfish-RNN) or ``"set"``; growth: ``"random"`` (Selfish-RNN), ``"gradient"``
             (RigL) or ``"momentum"`` (SNFS), for the paper's comparisons.
@@ -136,7 +138,7 @@ class LanguageModel(pl.LightningModule):
         method: str | None = None,
         prune_rate: float | None = None,
         static: bool = False,
-        gate_redistribution: bool | None = None,
+        gate_redistribution: bool | Literal["joint", "none", "magnitude", "gradient"] | None = None,
         sparse_init: Literal["uniform", "er"] | None = None,
         removal: Literal["magnitude", "set"] | None = None,
         growth: Literal["random", "gradient", "momentum"] | None = None,
@@ -185,8 +187,8 @@ class LanguageModel(pl.LightningModule):
         self.plateau_patience = int(plateau_patience) if plateau_patience is not None else patience
         self.clip = clip
         self.bptt = bptt
-        if method is not None and not isinstance(method, str):
-            raise TypeError(f"method must be a method name (str) or None, got {method!r}")
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)} or None (Selfish-RNN), got {method!r}")
         if small_batch_size is not None and (
             isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1
         ):

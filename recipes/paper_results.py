@@ -133,7 +133,7 @@ def signature_of_config(config: dict[str, Any]) -> tuple[Any, ...] | None:
         method = "small_dense" if "small_dense" in _logger_name(config) else "dense"
     elif method == "static" and model.get("sparse_init") == "er":
         method = "static_er"
-    elif method == "selfish" and model.get("gate_redistribution") is False:
+    elif method == "selfish" and model.get("gate_redistribution") in (False, "none"):
         method = "no_redistribution"
     optimizer = str(model.get("optimizer") or "sntasgd")
     restarts = tuple(int(epoch) for epoch in model.get("restart_at_epochs") or ())

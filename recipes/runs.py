@@ -42,8 +42,11 @@ def run_label(model: Mapping[str, Any] | Any, seed: int | None = None) -> str:
             value = get(key)
             if value is not None:
                 parts.append(f"{prefix}{value}")
-        if get("gate_redistribution") is False:
+        gates = get("gate_redistribution")
+        if gates is False or gates == "none":
             parts.append("no_redistribution")
+        elif isinstance(gates, str) and gates != "joint":
+            parts.append(f"gates_{gates}")
         options = get("sparsity_options") or {}
         for key in sorted(options):
             parts.append(f"{key}{_number(options[key])}")

@@ -192,6 +192,15 @@ def test_command_line_overrides(known_vocab: None) -> None:
     sparse = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert sparse.sparsity == 0.62 and sparse.prune_rate == 0.7
 
+    # --model.method picks a preset; the model config's prune rate and explicit parts override it
+    args += ["--model.method", "rigl", "--model.gate_redistribution", "magnitude"]
+    cli = build_cli(args=args, run=False)
+    rigl = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
+    assert (rigl.method, rigl.growth, rigl.init, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
+    assert rigl.gate_redistribution == "magnitude" and rigl.update_every == 100
+    with pytest.raises(ValueError, match=r"method must be one of \['selfish', .*got 'pruning'"):
+        build_cli(args=[*args, "--model.method", "pruning"], run=False)
+
 
 def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
