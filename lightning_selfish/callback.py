@@ -23,7 +23,7 @@ from torch import Tensor
 from lightning_selfish import methods, topology
 from lightning_selfish.engine import SparseEngine, UpdateStats
 from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
-from lightning_selfish.schedules import SCHEDULES, UpdateAmount, step_of
+from lightning_selfish.schedules import SCHEDULES, UpdateAmount, check_run
 from lightning_selfish.sntasgd import SNTASGD
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class SelfishSparsityCallback(Callback):
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
         self._total_steps = self._run_length(trainer)
-        self._check_schedule_fits()
+        check_run(self._total_steps, self.config)
         # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
         self._generator = torch.Generator(device=next(iter(params.values())).device)
         if self._loaded_state is not None:
@@ -512,18 +512,6 @@ class SelfishSparsityCallback(Callback):
         if isinstance(self.update_every, int):
             return self.update_at(trainer.global_step + 1) is not None
         return self._batch_idx + 1 >= trainer.num_training_batches
-
-    def _check_schedule_fits(self) -> None:
-        if self.schedule != "gmp":
-            return
-        start = step_of(self.pruning_start, self._total_steps)
-        end = step_of(self.pruning_end, self._total_steps)
-        if not 0 <= start <= end <= self._total_steps:
-            raise ValueError(
-                f"GMP prunes from pruning_start to pruning_end, which must satisfy 0 <= start <= end <= the run's "
-                f"{self._total_steps} steps; got pruning_start={self.pruning_start!r} (step {start}), "
-                f"pruning_end={self.pruning_end!r} (step {end})"
-            )
 
     def _run_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:

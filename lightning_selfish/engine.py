@@ -204,7 +204,10 @@ class SparseEngine:
         without a length): one pass over the sparsified weights' gradients per step, no allocation after the first.
         """
         pairs = [(name, t.param.grad) for name, t in self.tensors.items() if t.param.grad is not None]
-        if into is None or any(name not in into for name, _ in pairs):
+        if into is None or any(
+            name not in into or into[name].shape != grad.shape or into[name].device != grad.device
+            for name, grad in pairs
+        ):  # first call, or buffers restored from a checkpoint onto another device
             return self.dense_gradients()
         if pairs:
             torch._foreach_copy_([into[name] for name, _ in pairs], [grad for _, grad in pairs])

@@ -103,14 +103,7 @@ SCHEDULES: dict[str, Callable[[int, int, MethodConfig], UpdateAmount | None]] = 
 }
 
 
-def scheduled_sparsity(step: int, total_steps: int, config: MethodConfig) -> float:
-    """The overall target sparsity in force after optimizer step ``step`` (for FLOPs accounting).
-
-    GMP: the sparsity of the last pruning step at or before ``step`` (exact with a step cadence; with epoch updates
-    the cubic's value at ``step``). Every other method: ``config.sparsity`` throughout.
-    """
-    if config.schedule != "gmp":
-        return config.sparsity
+def _gmp_sparsity_in_force(step: int, total_steps: int, config: MethodConfig) -> float:
     if config.update_every == "epoch":
         return gmp_sparsity(step, total_steps, config)
     start = step_of(config.pruning_start, total_steps)
@@ -119,3 +112,38 @@ def scheduled_sparsity(step: int, total_steps: int, config: MethodConfig) -> flo
         return 0.0
     last = end if step >= end else start + (step - start) // config.update_every * config.update_every
     return gmp_sparsity(last, total_steps, config)
+
+
+def _check_gmp_window(total_steps: int, config: MethodConfig) -> None:
+    start = step_of(config.pruning_start, total_steps)
+    end = step_of(config.pruning_end, total_steps)
+    if not 0 <= start <= end <= total_steps:
+        raise ValueError(
+            f"GMP prunes from pruning_start to pruning_end, which must satisfy 0 <= start <= end <= the run's "
+            f"{total_steps} steps; got pruning_start={config.pruning_start!r} (step {start}), "
+            f"pruning_end={config.pruning_end!r} (step {end})"
+        )
+
+
+#: Schedules whose sparsity changes over the run: ``fn(step, total_steps, config) -> sparsity in force``.
+SPARSITY_IN_FORCE: dict[str, Callable[[int, int, MethodConfig], float]] = {"gmp": _gmp_sparsity_in_force}
+
+#: Checks of a schedule against the run's length, at fit start: ``fn(total_steps, config)`` raises if it cannot run.
+RUN_CHECKS: dict[str, Callable[[int, MethodConfig], None]] = {"gmp": _check_gmp_window}
+
+
+def scheduled_sparsity(step: int, total_steps: int, config: MethodConfig) -> float:
+    """The overall target sparsity in force after optimizer step ``step`` (for FLOPs accounting).
+
+    GMP: the sparsity of the last pruning step at or before ``step`` (exact with a step cadence; with epoch updates
+    the cubic's value at ``step``). Every other method: ``config.sparsity`` throughout.
+    """
+    in_force = SPARSITY_IN_FORCE.get(config.schedule)
+    return config.sparsity if in_force is None else in_force(step, total_steps, config)
+
+
+def check_run(total_steps: int, config: MethodConfig) -> None:
+    """Refuse, before any step, a schedule that cannot run in ``total_steps`` steps (e.g. a GMP window past the end)."""
+    check = RUN_CHECKS.get(config.schedule)
+    if check is not None:
+        check(total_steps, config)

@@ -296,11 +296,12 @@ def test_removed_and_regrown_keeps_value_and_averaging_window_only_when_asked():
 @given(
     method=st.sampled_from(SPARSE_TO_SPARSE),
     gate=st.sampled_from(["joint", "none", "magnitude", "gradient"]),
+    regrown=st.sampled_from(["restart", "keep"]),
     sparsity=st.floats(0.2, 0.95),
     rates=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5),
     seed=st.integers(0, 1000),
 )
-def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, sparsity, rates, seed):
+def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, regrown, sparsity, rates, seed):
     config = resolve(method, sparsity, gate_redistribution=gate)
     torch.manual_seed(seed)
     lstm = nn.LSTM(5, 4, num_layers=2)
@@ -318,7 +319,7 @@ def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, sparsity,
         opt.step()
         stats = engine.update(
             rate, g, config.removal, config.growth, [opt], redistribution=config.redistribution,
-            threshold=threshold, gradients={n: p.grad for n, p in params.items()},
+            threshold=threshold, gradients={n: p.grad for n, p in params.items()}, removed_and_regrown=regrown,
         )  # fmt: skip
         threshold = stats.threshold
         assert sum(engine.active_counts().values()) == total
@@ -526,3 +527,40 @@ def test_tensorboard_has_per_tensor_and_per_gate_sparsity(method, tmp_path):
         overall = [e.value for e in events.Scalars("sparsity/overall")]
         assert overall[0] == 0.0 and overall[-1] == pytest.approx(0.6, abs=1e-3)
         assert overall == sorted(overall) and "topology/target_sparsity" in tags
+
+
+def test_running_gradient_copy_resumes_exactly(tmp_path):
+    """Epoch updates over an unsized loader: the last step's gradient copy travels in the checkpoint."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from token_loader().dataset
+
+    def loader():
+        return torch.utils.data.DataLoader(Unsized(), batch_size=4)
+
+    def callback():
+        return SelfishSparsityCallback(sparsity=0.6, method="rigl", update_every="epoch", total_steps=32, seed=1)
+
+    class Kill(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    pl.seed_everything(0, verbose=False)
+    full, full_model = callback(), TinyLM()
+    make_trainer([full], max_epochs=4).fit(full_model, loader())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    pl.seed_everything(0, verbose=False)
+    make_trainer([callback(), Kill(), ckpt], max_epochs=4, enable_checkpointing=True).fit(TinyLM(), loader())
+    state = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)["callbacks"]["SelfishSparsityCallback"]
+    assert set(state["gradients"]) == set(full.masks)  # the running copy is in the checkpoint
+    pl.seed_everything(0, verbose=False)
+    resumed, model = callback(), TinyLM()
+    make_trainer([resumed], max_epochs=4).fit(model, loader(), ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert resumed.num_updates == full.num_updates == 2  # steps 8 and 16; step 24 is past 75 % of 32
+    for name in full.masks:
+        assert torch.equal(full.masks[name], resumed.masks[name]), name
+    full_params = dict(full_model.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param, full_params[name]), name

@@ -322,7 +322,7 @@ def test_callbacks_follow_the_arguments() -> None:
     assert (sparse.sparsity, sparse.prune_rate, sparse.gate_redistribution, sparse.init, sparse.seed) == (
         0.6,
         0.3,
-        "none",  # the resolved name of gate_redistribution=False
+        "none",  # gate_redistribution=False resolves to "none" (per-gate counts)
         "er",
         7,
     )
