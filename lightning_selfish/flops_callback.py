@@ -124,8 +124,11 @@ class FlopsCallback(Callback):
         return {"train_flops": self.train_flops, "dense_train_flops": self.dense_train_flops}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train_flops = float(state_dict.get("train_flops", 0.0))
-        self.dense_train_flops = float(state_dict.get("dense_train_flops", 0.0))
+        missing = {"train_flops", "dense_train_flops"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a FlopsCallback state: missing {sorted(missing)} in {sorted(state_dict)}")
+        self.train_flops = float(state_dict["train_flops"])
+        self.dense_train_flops = float(state_dict["dense_train_flops"])
         self._pending_tokens = 0
 
     # ----------------------------------------------------------------------------------------------------------

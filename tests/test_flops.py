@@ -325,3 +325,26 @@ def test_every_method_costs_what_its_masks_cost_step_by_step(method: str) -> Non
     if method == "gmp":  # dense to sparse: more than the final masks' cost, less than dense
         assert 0.4 < logger.last("flops/train_vs_dense") < 1.0
         assert logger.last("flops/inference_vs_dense") == pytest.approx(0.4, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["rigl", "gmp"])
+def test_a_resumed_run_counts_what_an_uninterrupted_one_counts(method: str, tmp_path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def run(epochs: int, directory, ckpt_path=None):
+        options = {"update_every": 4} if method == "gmp" else {"update_every": 5}
+        sparsity = SelfishSparsityCallback(sparsity=0.6, method=method, seed=0, total_steps=3 * WINDOWS, **options)
+        flops = FlopsCallback()
+        checkpoint = ModelCheckpoint(dirpath=directory, save_last=True)
+        trainer = make_trainer([sparsity, flops, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+        torch.manual_seed(0)
+        trainer.fit(TinyLM(), train_dataloaders=token_loader(), ckpt_path=ckpt_path)
+        return flops.metrics()
+
+    straight = run(3, tmp_path / "straight")
+    run(2, tmp_path / "interrupted")
+    resumed = run(3, tmp_path / "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    for key in ("flops/train_vs_dense", "flops/train_total", "flops/inference_vs_dense"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-12), key
+    with pytest.raises(ValueError, match="not a FlopsCallback state"):
+        FlopsCallback().load_state_dict({"train_flops": 1.0})
