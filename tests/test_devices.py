@@ -186,3 +186,47 @@ def test_torch_compile_trains_with_the_callback_and_keeps_the_masks(device: str)
     assert callback._num_updates == 1
     assert_inactive_weights_are_zero(model, callback)
     assert all(0 < int(mask.sum()) < mask.numel() for mask in callback.masks.values())
+
+
+class PoisonedLM(SNTASGDLM):
+    """SNT-ASGD from the first step; the loss of batch ``poison_batch`` is made infinite (its gradient overflows)."""
+
+    poison_batch = 2
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == self.poison_batch else loss
+
+
+class AgeLog(pl.Callback):
+    """The SNT-ASGD age of every sparsified tensor after each training batch."""
+
+    def __init__(self) -> None:
+        self.ages: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        optimizer = trainer.optimizers[0]
+        self.ages.append(
+            {n: optimizer.state[p]["age"].clone() for n, p in pl_module.named_parameters() if p.dim() >= 2}
+        )
+
+
+@pytest.mark.parametrize("device", [CUDA])  # on the CPU, Lightning runs "16-mixed" as bf16 and oneDNN has no fp16 LSTM
+def test_fp16_mixed_in_lightning_a_skipped_step_is_not_enforced_nor_averaged(device: str, monkeypatch) -> None:
+    """``precision="16-mixed"``: the grad scaler skips the overflowing step; the callback and SNT-ASGD skip it too.
+
+    (The same on the CPU, without Lightning, is ``test_a_step_skipped_by_the_grad_scaler_neither_rezeroes_nor_counts``.)
+    """
+    counter = EnforcementCounter(monkeypatch)
+    model = PoisonedLM()
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    ages = AgeLog()
+    make_trainer(
+        [callback, ages], max_epochs=1, limit_train_batches=5, precision="16-mixed", **accelerator(device)
+    ).fit(model, token_loader())
+    assert counter.calls == 4  # 5 batches, one skipped
+    # the skipped batch left every age as it was; the others add one where the weight is active
+    assert all(torch.equal(ages.ages[2][n], ages.ages[1][n]) for n in ages.ages[1])
+    for name, mask in callback.masks.items():
+        assert torch.equal(ages.ages[3][name], ages.ages[2][name] + mask.float())
+    assert_inactive_weights_are_zero(model, callback)
