@@ -185,8 +185,10 @@ def _lowest_on_cpu(score: Tensor, candidates: Tensor, n: int, available: int) ->
             if low_rank >= 0:
                 torch.lt(score, sample[low_rank], out=chosen).logical_and_(candidates)
             under = int(chosen.count_nonzero())
-            if high_rank < m:
-                band = torch.lt(score, sample[high_rank]).logical_and_(candidates).logical_xor_(chosen)
+            if high_rank < m:  # (NaN sorts last: a NaN bound means no bound but the NaN scores' exclusion)
+                high = sample[high_rank]
+                high = high.new_tensor(math.inf) if high.isnan() else high
+                band = torch.lt(score, high).logical_and_(candidates).logical_xor_(chosen)  # chosen lies inside
             else:
                 band = candidates ^ chosen
             positions = band.nonzero().squeeze(1)
