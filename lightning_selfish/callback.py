@@ -192,6 +192,7 @@ class SelfishSparsityCallback(Callback):
         for optimizer in trainer.optimizers:
             self.engine.attach(optimizer, mask_state=self.growth != "momentum")
         self._log_sparsity(trainer, extra={})
+        _notify_topology_update(trainer, pl_module, self.engine, None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning frees the gradients before validation, so gradient growth keeps a copy of the dense gradient
@@ -348,6 +349,7 @@ class SelfishSparsityCallback(Callback):
         self._log_sparsity(trainer, extra=_stats_metrics(stats))
         if self.verbose and trainer.is_global_zero:
             log.info("%s", self._summary(stats))
+        _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -433,6 +435,17 @@ def _rank_zero_broadcast(trainer: pl.Trainer):
         torch.distributed.broadcast(code, src=0)
 
     return synchronize
+
+
+def _notify_topology_update(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
+) -> None:
+    """Tell every callback with an ``on_topology_update(trainer, pl_module, engine, stats)`` method (monitors) that
+    the masks are set: at fit start (``stats=None``: initial or restored masks) and after every topology update."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_topology_update", None)
+        if callable(hook):
+            hook(trainer, pl_module, engine, stats)
 
 
 def _stats_metrics(stats: UpdateStats) -> dict[str, float]:
