@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +28,14 @@ __all__ = ["MaskHistory", "MaskSnapshot", "load_mask_history", "load_mask_snapsh
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
-class MaskSnapshot(dict):
-    """One saved topology: ``masks`` (name -> bool tensor), ``gates`` (name -> [(gate, slice)]), ``epoch``, ``step``."""
+@dataclass(frozen=True)
+class MaskSnapshot:
+    """One saved topology: the masks, the gate layouts of the stacked tensors, and when it was taken."""
 
-    @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        return self["masks"]
-
-    @property
-    def gates(self) -> dict[str, list[tuple[str, slice]]]:
-        return self["gates"]
-
-    @property
-    def epoch(self) -> int | None:
-        return self["epoch"]
+    masks: dict[str, torch.Tensor]
+    gates: dict[str, list[tuple[str, slice]]]
+    epoch: int | None  # None: the masks at the start of the run
+    step: int
 
 
 class MaskHistory(Callback):

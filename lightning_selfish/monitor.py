@@ -203,7 +203,9 @@ class TopologyMonitor(Callback):
                 writers.append(add_image)
             elif type(logger).__name__ not in self._skipped_loggers:
                 self._skipped_loggers.add(type(logger).__name__)
-                log.info("TopologyMonitor: %s cannot take images; mask pictures are skipped for it", type(logger).__name__)
+                log.info(
+                    "TopologyMonitor: %s cannot take images; mask pictures are skipped for it", type(logger).__name__
+                )
         return writers
 
     def _log_mask_images(self, trainer: pl.Trainer) -> None:
@@ -224,7 +226,9 @@ class TopologyMonitor(Callback):
         if not writers or not table:
             return
         if not plots.matplotlib_available():
-            log.info('TopologyMonitor: the gate-sparsity chart needs matplotlib (pip install "lightning-selfish[analysis]")')
+            log.info(
+                'TopologyMonitor: the gate-sparsity chart needs matplotlib (pip install "lightning-selfish[analysis]")'
+            )
             return
         image = plots.figure_to_array(plots.gate_sparsity_figure(table))
         for add_image in writers:
