@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,26 @@ def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
     )
 
 
-def main(args: ArgsType = None) -> None:
+def _analyze(argv: list[str]) -> int:
+    from recipes.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
+
+    return analyze_main(argv)
+
+
+#: Subcommands that are tools rather than LightningCLI subcommands: name -> function(remaining argv) -> exit code.
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "analyze": _analyze,
+}
+
+
+def main(args: ArgsType = None) -> int | None:
     """Entry point of the ``selfish-rnn`` console script."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] in TOOL_COMMANDS:
+        return TOOL_COMMANDS[argv[0]](list(argv[1:]))
     configure_logging()
     build_cli(args)
+    return None
 
 
-__all__ = ["CONFIG_DIR", "SelfishRNNCLI", "build_cli", "configure_logging", "main"]
+__all__ = ["CONFIG_DIR", "TOOL_COMMANDS", "SelfishRNNCLI", "build_cli", "configure_logging", "main"]
