@@ -7,7 +7,10 @@ layers, 6000 x 1500 each) and random activations of the 1500 units of each layer
 * ``correlation_s``: the unit-by-unit correlation of the three unit groups over ``--samples`` activations and the
   semi-matching in both directions (the activations themselves come from a forward pass, not timed here);
 * ``aligned_distance_s``: the aligned distance of all four tensors given those matchings;
-* ``pairwise_s``: the all-pairs unit edit distance of one tensor by one matrix product (the data-free alignment).
+* ``pairwise_s``: the all-pairs unit edit distance of one tensor by one matrix product (the data-free alignment);
+* ``monitor_update_s``: what ``TopologyMonitor`` adds to one topology update of the whole 66M-parameter model
+  (embedding and decoder 10000 x 1500 too): the ever-active union, the exploration/drift report, the count of
+  weights above 0.1 and the four mask pictures.
 
     python benchmarks/bench_analysis.py                      # CPU
     python benchmarks/bench_analysis.py --device cuda
@@ -22,8 +25,7 @@ import time
 
 import torch
 
-from lightning_selfish import analysis
-
+from lightning_selfish import analysis, plots
 
 
 def timed(fn, device: str) -> float:
@@ -86,9 +88,25 @@ def main() -> None:
 
     aligned_s = timed(aligned, device)
     pairwise_s = timed(
-        lambda: analysis.pairwise_edit_distance(analysis.unit_view(a["hh0"], gates), analysis.unit_view(b["hh0"], gates)),
+        lambda: analysis.pairwise_edit_distance(
+            analysis.unit_view(a["hh0"], gates), analysis.unit_view(b["hh0"], gates)
+        ),
         device,
     )
+    full = {**a, "encoder": torch.rand(10_000, h, generator=g).to(device) >= args.sparsity}
+    full["decoder"] = torch.rand(10_000, h, generator=g).to(device) >= args.sparsity
+    ever = {name: mask.clone() for name, mask in full.items()}
+    weights = {name: torch.randn(mask.shape, generator=g).to(device) * 0.1 for name, mask in full.items()}
+
+    def monitor_update():
+        for name, mask in full.items():
+            ever[name] |= mask
+        analysis.exploration_report(ever, full, full, {n: gates for n in a})
+        analysis.magnitude_above(weights, 0.1)
+        for name in a:
+            plots.mask_density_image(full[name], gates)
+
+    monitor_s = timed(monitor_update, device)
     print(
         json.dumps(
             {
@@ -101,6 +119,7 @@ def main() -> None:
                 "correlation_s": round(corr_s, 3),
                 "aligned_distance_s": round(aligned_s, 3),
                 "pairwise_s": round(pairwise_s, 3),
+                "monitor_update_s": round(monitor_s, 3),
             }
         )
     )

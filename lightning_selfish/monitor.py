@@ -59,7 +59,7 @@ class TopologyMonitor(Callback):
         magnitude_threshold: float | None = 0.1,
         mask_images: bool = True,
         images_every_n_updates: int = 1,
-        image_resolution: int = 96,
+        image_resolution: int = 64,
         gate_chart: bool = True,
     ) -> None:
         if magnitude_threshold is not None and (

@@ -74,7 +74,7 @@ def _colormap(density: Tensor) -> Tensor:
 
 @torch.no_grad()
 def mask_density_image(
-    mask: Tensor, gates: GateLayout | None = None, resolution: int = 96, min_height: int = 192
+    mask: Tensor, gates: GateLayout | None = None, resolution: int = 64, min_height: int = 256
 ) -> Tensor:
     """An ``(H, W, 3)`` uint8 picture of the density of ``mask`` over a grid of row and column blocks.
 
@@ -176,7 +176,7 @@ def gate_sparsity_figure(table: Mapping[str, Mapping[str, float]], title: str = 
     ax.set_xticks(range(len(names)), [short_name(n) for n in names])
     ax.set_ylabel("sparsity")
     ax.set_title(title)
-    ax.legend(ncols=min(len(gates), 6), fontsize="small", loc="lower right")
+    ax.legend(title="gate", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
 
@@ -203,13 +203,16 @@ def magnitude_figure(
         if compare and compare.get(name):
             cx, cy = zip(*compare[name])
             ax.plot(cx, cy, color=color, linestyle="dashed")
+    positive = [y for points in [*series.values(), *(compare or {}).values()] for _, y in points if y > 0]
+    if positive and max(positive) > 50 * min(positive):  # tensors of very different sizes: keep all readable
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"weights with |w| > {threshold:g}")
     title = "Weights above the magnitude threshold"
     if compare:
         title += f" (solid: {labels[0]}, dashed: {labels[1]})"
     ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="small", ncols=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure
 
 
