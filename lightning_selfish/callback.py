@@ -63,6 +63,10 @@ class SelfishSparsityCallback(Callback):
             ``estimated_stepping_batches``. Give it when that is unknown (an iterable without a length, such as
             variable-length BPTT: the authors use ``epochs * train_rows // bptt``).
         verbose: log a per-tensor, per-gate text summary at every update.
+
+    Monitors (:class:`~lightning_selfish.monitor.TopologyMonitor`, :class:`~lightning_selfish.history.MaskHistory`)
+    hear about the masks through ``on_topology_update(trainer, pl_module, engine, stats)``, called on every callback
+    that defines it at fit start (``stats=None``) and after every topology update.
     """
 
     def __init__(

@@ -163,3 +163,17 @@ def test_replayed_lstm_layers_are_the_modules_own_activations():
     assert acts["rnn.input"].shape == (42, 6) and acts["rnn.l0"].shape == (42, 5)
     assert groups["rnn.weight_ih_l1"] == ("rnn.l1", "rnn.l0") and groups["rnn.weight_hh_l2"] == ("rnn.l2", "rnn.l2")
     assert groups["rnn.weight_ih_l0"] == ("rnn.l0", "rnn.input")
+
+
+def test_sparse_recipes_monitor_and_save_masks_by_default():
+    from lightning_selfish import MaskHistory, TopologyMonitor
+    from recipes.lm import LanguageModel
+    from recipes.models import StackedLSTM
+
+    def kinds(**kwargs):
+        model = LanguageModel(StackedLSTM(ntoken=10, ninp=4, nhid=4, dropout=0.0), lr=1.0, **kwargs)
+        return {type(cb) for cb in model.configure_callbacks()}
+
+    assert {TopologyMonitor, MaskHistory} <= kinds(sparsity=0.5)
+    assert not {TopologyMonitor, MaskHistory} & kinds(sparsity=0.5, topology_monitor=False, mask_history=False)
+    assert not {TopologyMonitor, MaskHistory} & kinds()  # dense: nothing to watch
