@@ -269,8 +269,10 @@ class CorrelationAccumulator:
         cov = self._sxy - torch.outer(self._sx, self._sy) / n
         var_x = (self._sxx - self._sx**2 / n).clamp(min=0)
         var_y = (self._syy - self._sy**2 / n).clamp(min=0)
+        # A unit whose spread is at the level of rounding error of its raw sums is constant.
+        varies = torch.outer(var_x > 1e-9 * self._sxx, var_y > 1e-9 * self._syy)
         scale = torch.outer(var_x.sqrt(), var_y.sqrt())
-        return torch.where(scale > 1e-12 * n, cov / scale.clamp(min=1e-300), 0.0)
+        return torch.where(varies, cov / scale.clamp(min=1e-300), 0.0)
 
 
 def semi_matching(similarity: Tensor) -> Tensor:
