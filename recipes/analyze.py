@@ -188,7 +188,7 @@ def analyze(
 # topologies: from the mask history (units by position) or from checkpoints (units aligned by activations)
 # ----------------------------------------------------------------------------------------------------------------
 
-DistanceRow = tuple[str, str, float, bool]  # tensor, part ("all" or a gate), distance, aligned
+DistanceRow = tuple[str, str, float, bool, float]  # tensor, part ("all" or a gate), distance, aligned, chance
 
 
 class TopologySource:
@@ -224,8 +224,10 @@ def _mask_rows(a: MaskSnapshot, b: MaskSnapshot) -> list[DistanceRow]:
         raise AnalyzeError(f"the runs sparsify different tensors: {sorted(a.masks)} and {sorted(b.masks)}")
     rows = []
     for name, mask in a.masks.items():
-        for part, value in analysis.mask_distance(mask, b.masks[name], a.gates.get(name)).items():
-            rows.append((name, part, value, False))
+        gates = a.gates.get(name)
+        chance = analysis.chance_distance(mask, b.masks[name], gates)
+        for part, value in analysis.mask_distance(mask, b.masks[name], gates).items():
+            rows.append((name, part, value, False, chance[part]))
     return rows
 
 
@@ -396,7 +398,8 @@ def _aligned_rows(first: tuple, second: tuple) -> list[DistanceRow]:
             aligned = True
         else:
             distance, aligned = analysis.mask_distance(mask, masks_b[name], layout), False
-        rows += [(name, part, value, aligned) for part, value in distance.items()]
+        chance = analysis.chance_distance(mask, masks_b[name], layout)
+        rows += [(name, part, value, aligned, chance[part]) for part, value in distance.items()]
     return rows
 
 
@@ -413,17 +416,22 @@ def _reference_epoch(epochs: list[int], requested: int | None) -> int:
     return requested
 
 
-def _write_distances(stem: Path, rows: list[tuple[int, str, str, float, bool]], title: str) -> list[Path]:
+def _write_distances(stem: Path, rows: list[tuple[int, str, str, float, bool, float]], title: str) -> list[Path]:
     csv_path = stem.with_suffix(".csv")
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "tensor", "part", "distance", "aligned"])
-        for epoch, tensor, part, value, aligned in rows:
-            writer.writerow([epoch, tensor, part, f"{value:.6f}", int(aligned)])
+        writer.writerow(["epoch", "tensor", "part", "distance", "aligned", "chance"])
+        for epoch, tensor, part, value, aligned, chance in rows:
+            writer.writerow([epoch, tensor, part, f"{value:.6f}", int(aligned), f"{chance:.6f}"])
     epochs = sorted({row[0] for row in rows})
     tensors = list(dict.fromkeys(row[1] for row in rows))
     values = {(row[0], row[1]): row[3] for row in rows if row[2] == "all"}
     matrix = [[values[(epoch, tensor)] for epoch in epochs] for tensor in tensors]
+    chances = [row[5] for row in rows if row[2] == "all"]
+    if chances:  # the level of two unrelated random topologies of the same densities
+        title += f"; chance level {min(chances):.2f}" + (
+            f"-{max(chances):.2f}" if max(chances) - min(chances) > 0.005 else ""
+        )
     figure = plots.distance_heatmap(matrix, [plots.short_name(t) for t in tensors], epochs, title)
     return [csv_path, plots.save_figure(figure, stem.with_suffix(".png"))]
 

@@ -243,3 +243,12 @@ def test_bit_packing_round_trips(shape, seed):
     packed = analysis.pack_mask(mask)
     assert packed["bits"].dtype == torch.uint8 and packed["bits"].numel() == math.ceil(mask.numel() / 8)
     assert torch.equal(analysis.unpack_mask(packed), mask)
+
+
+@pytest.mark.parametrize(("p", "q"), [(0.33, 0.33), (0.5, 0.5), (0.2, 0.6)])
+def test_chance_distance_is_the_distance_of_unrelated_random_topologies(p, q):
+    a, b = random_mask((64, 4000), p, 11), random_mask((64, 4000), q, 12)
+    measured = analysis.mask_distance(a, b)["all"]
+    assert analysis.chance_distance(a, b)["all"] == pytest.approx(measured, abs=0.005)
+    if p == q == 0.33:
+        assert measured == pytest.approx(0.80, abs=0.01)  # the paper's "very high value 0.8" at sparsity 0.67

@@ -96,6 +96,7 @@ def test_analyze_writes_every_figure_and_table_it_promises(runs: tuple[Path, Pat
     assert hh[0] == 0.0 < hh[1] < hh[2] <= 1.0  # the topology moves away from where it started
     assert {r["part"] for r in within if r["tensor"] == "network.rnn.weight_hh_l0"} == {"all", "i", "f", "g", "o"}
     assert {r["aligned"] for r in within} == {"0"}
+    assert all(0.79 < float(r["chance"]) < 0.81 for r in within if r["part"] == "all")  # 2(1-d)/(2-d), d = 0.33
     between = read_csv(out / "distance_between.csv")
     first = [float(r["distance"]) for r in between if r["epoch"] == "0"]
     last = [float(r["distance"]) for r in between if r["epoch"] == "2" and r["part"] == "all"]
