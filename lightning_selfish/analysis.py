@@ -311,6 +311,7 @@ def semi_matching(similarity: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def exploration_report(
     ever_active: Mapping[str, Tensor],
     current: Mapping[str, Tensor],
@@ -322,24 +323,29 @@ def exploration_report(
     * ``exploration/<name>[/<gate>]``, ``exploration/overall``: fraction of positions active at least once.
     * ``drift/<name>[/<gate>]``, ``drift/overall``: fraction of the currently active positions that were inactive in
       the initial mask (0 when nothing is active; 0 throughout for a mask that starts dense).
+
+    Counts use ``count_nonzero`` (far faster than a bool ``sum`` on the CPU) and come back in one host sync.
     """
     gates = gates or {}
+    blocks: list[tuple[str, str, slice]] = []  # (report key, tensor name, rows)
+    counts: list[Tensor] = []
+    numels: list[int] = []
+    for name, ever in ever_active.items():
+        now = current[name]
+        new = now & ~initial[name]
+        for key, rows in [(name, slice(None)), *((f"{name}/{gate}", rows) for gate, rows in gates.get(name, ()))]:
+            blocks.append((key, name, rows))
+            counts += [torch.count_nonzero(ever[rows]), torch.count_nonzero(now[rows]), torch.count_nonzero(new[rows])]
+            numels.append(ever[rows].numel())
+    values = torch.stack(counts).view(-1, 3).tolist() if counts else []
     report: dict[str, float] = {}
     ever_total = numel_total = new_total = active_total = 0
-    for name, ever in ever_active.items():
-        now, start = current[name], initial[name]
-        new = now & ~start
-        blocks = [(name, slice(None))] + [(f"{name}/{gate}", rows) for gate, rows in gates.get(name, ())]
-        for key, rows in blocks:
-            ever_count = int(ever[rows].sum())
-            active = int(now[rows].sum())
-            report[f"exploration/{key}"] = ever_count / max(ever[rows].numel(), 1)
-            report[f"drift/{key}"] = int(new[rows].sum()) / active if active else 0.0
-            if key == name:
-                ever_total += ever_count
-                numel_total += ever.numel()
-                new_total += int(new.sum())
-                active_total += active
+    for (key, name, _), (ever_count, active, new_count), numel in zip(blocks, values, numels):
+        report[f"exploration/{key}"] = ever_count / max(numel, 1)
+        report[f"drift/{key}"] = new_count / active if active else 0.0
+        if key == name:
+            ever_total, numel_total = ever_total + ever_count, numel_total + numel
+            new_total, active_total = new_total + new_count, active_total + active
     report["exploration/overall"] = ever_total / numel_total if numel_total else 0.0
     report["drift/overall"] = new_total / active_total if active_total else 0.0
     return report
@@ -354,7 +360,7 @@ def magnitude_above(params: Mapping[str, Tensor], threshold: float) -> dict[str,
     names = list(params)
     if not names:
         return {"overall": 0}
-    counts = torch.stack([(params[name].detach().abs() > threshold).sum() for name in names]).tolist()
+    counts = torch.stack([torch.count_nonzero(params[name].detach().abs() > threshold) for name in names]).tolist()
     result = dict(zip(names, (int(c) for c in counts)))
     result["overall"] = sum(result.values())
     return result

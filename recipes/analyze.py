@@ -160,7 +160,7 @@ def analyze(
             magnitude,
             other_magnitude or None,
             threshold=threshold,
-            labels=(run.name, Path(compare).name if compare else ""),
+            labels=(_label(run), _label(Path(compare)) if compare else ""),
             xlabel="optimizer step",
         )
         written.append(plots.save_figure(figure, out / "magnitude.png"))
@@ -434,6 +434,11 @@ def _write_distances(stem: Path, rows: list[tuple[int, str, str, float, bool, fl
         )
     figure = plots.distance_heatmap(matrix, [plots.short_name(t) for t in tensors], epochs, title)
     return [csv_path, plots.save_figure(figure, stem.with_suffix(".png"))]
+
+
+def _label(run: Path) -> str:
+    """``name/version_0`` for a logger's version directory, else the directory's name."""
+    return f"{run.parent.name}/{run.name}" if run.name.startswith("version_") else run.name
 
 
 def _read_scalars(run: Path) -> dict[str, list[tuple[float, float]]]:
