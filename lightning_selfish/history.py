@@ -53,12 +53,14 @@ class MaskHistory(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_epochs = every_n_epochs
         self.engine: SparseEngine | None = None
+        self._directory: Path | None = None
 
     @property
     def state_key(self) -> str:
         return type(self).__qualname__
 
     def directory(self, trainer: pl.Trainer) -> Path:
+        """Where the files go; call it on every rank (``trainer.log_dir`` broadcasts under DDP)."""
         if self.dirpath is not None:
             return self.dirpath
         return Path(trainer.log_dir or trainer.default_root_dir) / "masks"
@@ -67,9 +69,10 @@ class MaskHistory(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
     ) -> None:
         self.engine = engine
-        if stats is None and trainer.is_global_zero:
-            path = self.directory(trainer) / "init.pt"
-            if not path.exists():  # a resumed run keeps the file of its real start
+        if stats is None:
+            self._directory = self.directory(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+            path = self._directory / "init.pt"
+            if trainer.is_global_zero and not path.exists():  # a resumed run keeps the file of its real start
                 self._save(trainer, path, epoch=None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,8 +84,8 @@ class MaskHistory(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero:
-            self._save(trainer, self.directory(trainer) / f"epoch_{epoch:04d}.pt", epoch=epoch)
+        if (epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero and self._directory is not None:
+            self._save(trainer, self._directory / f"epoch_{epoch:04d}.pt", epoch=epoch)
 
     def _save(self, trainer: pl.Trainer, path: Path, epoch: int | None) -> None:
         assert self.engine is not None
