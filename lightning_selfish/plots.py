@@ -210,7 +210,7 @@ def magnitude_figure(
     ax.set_ylabel(f"weights with |w| > {threshold:g}")
     title = "Weights above the magnitude threshold"
     if compare:
-        title += f" (solid: {labels[0]}, dashed: {labels[1]})"
+        title += f"\nsolid: {labels[0]}, dashed: {labels[1]}"
     ax.set_title(title, fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return figure

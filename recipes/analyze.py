@@ -74,10 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair units by position (none) or by activation correlation on the test split (needs checkpoints)",
     )
     parser.add_argument(
-        "--max-batches", type=int, default=50, help="test windows used for activations (--align activations)"
+        "--max-batches", type=_positive_int, default=50, help="test windows used for activations (--align activations)"
     )
     parser.add_argument("--threshold", type=float, default=0.1, help="the magnitude threshold, for Figure 3's label")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str]) -> int:
