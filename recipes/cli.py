@@ -32,6 +32,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
+from recipes.runs import label_run_logger
+from recipes.runtime import keep_freed_memory_for_reuse
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The bundled recipes (``recipes/configs/*.yaml``)."""
@@ -51,6 +53,11 @@ class SelfishRNNCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.network.init_args.ntoken", apply_on="instantiate")
         # One window length for the data and for the learning-rate scaling of variable BPTT.
         parser.link_arguments("data.bptt", "model.bptt")
+
+    def before_instantiate_classes(self) -> None:
+        # Composed configs share the model config's logger name: give each composition its own run directory.
+        if self.subcommand is not None:
+            label_run_logger(self.config[self.subcommand])
 
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -144,20 +151,24 @@ def _analyze(argv: list[str]) -> int:
     return analyze_main(argv)
 
 
-#: Subcommands that are tools rather than LightningCLI subcommands: name -> function(remaining argv) -> exit code.
-TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "analyze": _analyze,
-}
+def _results(argv: list[str]) -> int:
+    from recipes.results import main as results_main
+
+    return results_main(argv)
 
 
-def main(args: ArgsType = None) -> int | None:
+#: Subcommands that are tools, not LightningCLI subcommands: name -> function(remaining argv) -> exit code.
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"results": _results, "analyze": _analyze}
+
+
+def main(args: ArgsType = None) -> None:
     """Entry point of the ``selfish-rnn`` console script."""
-    argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, (list, tuple)) and argv and argv[0] in TOOL_COMMANDS:
-        return TOOL_COMMANDS[argv[0]](list(argv[1:]))
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and isinstance(argv[0], str) and argv[0] in TOOL_COMMANDS:
+        raise SystemExit(TOOL_COMMANDS[argv[0]](argv[1:]))
     configure_logging()
+    keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
     build_cli(args)
-    return None
 
 
 __all__ = ["CONFIG_DIR", "TOOL_COMMANDS", "SelfishRNNCLI", "build_cli", "configure_logging", "main"]

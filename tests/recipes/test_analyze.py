@@ -71,6 +71,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def analyze(*args: str) -> int:
+    """``selfish-rnn analyze ARGS`` through the console script's entry point; returns the exit code."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", *args])
+    return exit_info.value.code
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -86,7 +93,7 @@ def test_analyze_writes_every_figure_and_table_it_promises(runs: tuple[Path, Pat
     ]
     assert "analyze" in TOOL_COMMANDS
     out = tmp_path / "out"
-    assert main(["analyze", str(run), "--compare", str(other), "--out", str(out)]) == 0
+    assert analyze(str(run), "--compare", str(other), "--out", str(out)) == 0
     for name in ("distance_within", "distance_between", "magnitude", "gate_sparsity"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG, name
     within = read_csv(out / "distance_within.csv")
@@ -110,20 +117,7 @@ def test_analyze_writes_every_figure_and_table_it_promises(runs: tuple[Path, Pat
 def test_analyze_aligns_units_by_activations_from_checkpoints(runs: tuple[Path, Path], tmp_path: Path):
     run, other = runs
     out = tmp_path / "aligned"
-    code = main(
-        [
-            "analyze",
-            str(run),
-            "--compare",
-            str(other),
-            "--align",
-            "activations",
-            "--max-batches",
-            "5",
-            "--out",
-            str(out),
-        ]
-    )
+    code = analyze(str(run), "--compare", str(other), "--align", "activations", "--max-batches", "5", "--out", str(out))
     assert code == 0
     within = read_csv(out / "distance_within.csv")
     recurrent = [r for r in within if ".rnn.weight_" in r["tensor"]]
@@ -137,13 +131,13 @@ def test_analyze_aligns_units_by_activations_from_checkpoints(runs: tuple[Path, 
 
 def test_analyze_errors_name_what_is_missing(runs: tuple[Path, Path], tmp_path: Path, capsys):
     run, _ = runs
-    assert main(["analyze", str(tmp_path / "nowhere")]) == 2
+    assert analyze(str(tmp_path / "nowhere")) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["analyze", str(run), "--reference-epoch", "7", "--out", str(tmp_path / "x")]) == 2
+    assert analyze(str(run), "--reference-epoch", "7", "--out", str(tmp_path / "x")) == 2
     assert "saved epochs: [0, 1, 2]" in capsys.readouterr().err
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    assert main(["analyze", str(empty), "--align", "activations"]) == 2
+    assert analyze(str(empty), "--align", "activations") == 2
     assert "ModelCheckpoint(every_n_epochs=1, save_top_k=-1)" in capsys.readouterr().err
 
 
