@@ -180,3 +180,25 @@ def test_monitor_without_a_sparsity_callback_and_bad_arguments():
         TopologyMonitor(images_every_n_updates=0)
     with pytest.raises(ValueError, match="every_n_epochs"):
         MaskHistory(every_n_epochs=0)
+
+
+@pytest.mark.parametrize("method", ["gmp", "dsr", "rigl"])
+def test_other_methods_dense_start_and_moving_counts(method: str, tmp_path: Path):
+    pl.seed_everything(0, verbose=False)
+    kwargs = {"gmp": dict(update_every=2), "dsr": {}, "rigl": dict(update_every=4)}[method]
+    sparse = SelfishSparsityCallback(sparsity=0.6, method=method, seed=1, **kwargs)
+    monitor, recorder = TopologyMonitor(), MaskRecorder()
+    logger = TensorBoardLogger(tmp_path, name=method)
+    optimizer = "momentum" if method == "dsr" else "sgd"
+    trainer = make_trainer([sparse, monitor, recorder], max_epochs=3, logger=logger)
+    trainer.fit(TinyLM(optimizer=optimizer), token_loader(), token_loader(1, 2))
+    assert monitor.num_updates == sparse.num_updates == len(recorder.sequence) - 1 > 0
+    ever = {n: torch.zeros_like(m) for n, m in recorder.sequence[0].items()}
+    for masks in recorder.sequence:
+        ever = {n: ever[n] | m for n, m in masks.items()}
+    assert all(torch.equal(ever[n], monitor.ever_active[n]) for n in ever)
+    logged = [e.value for e in events(logger.log_dir).Scalars("exploration/overall")]
+    assert logged == sorted(logged)
+    if method == "gmp":  # masks start full: everything was active from the start, nothing is new since
+        assert set(logged) == {1.0}
+        assert {e.value for e in events(logger.log_dir).Scalars("drift/overall")} == {0.0}
