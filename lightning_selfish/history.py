@@ -41,6 +41,8 @@ class MaskSnapshot:
 class MaskHistory(Callback):
     """Save the sparsity masks at the end of every ``every_n_epochs``-th training epoch, bit-packed (rank zero).
 
+    Nothing is written under ``fast_dev_run``, as with checkpoints.
+
     Args:
         dirpath: where the files go; default ``<trainer.log_dir>/masks`` (beside the run's logs, e.g.
             ``lightning_logs/<name>/version_0/masks``).
@@ -70,6 +72,9 @@ class MaskHistory(Callback):
     ) -> None:
         self.engine = engine
         if stats is None:
+            if trainer.fast_dev_run:  # like checkpointing: a smoke test leaves no files behind
+                self._directory = None
+                return
             self._directory = self.directory(trainer)  # on every rank: trainer.log_dir is a collective under DDP
             path = self._directory / "init.pt"
             if trainer.is_global_zero and not path.exists():  # a resumed run keeps the file of its real start

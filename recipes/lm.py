@@ -122,8 +122,8 @@ class LanguageModel(pl.LightningModule):
             trainer already has a ``ModelCheckpoint`` with a monitor.
         topology_monitor: when sparse, add a :class:`~lightning_selfish.monitor.TopologyMonitor` (exploration,
             weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
-        mask_history: when sparse, save every epoch's masks bit-packed in ``<log_dir>/masks`` for
-            ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
+        mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
+            ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
     """
 
     def __init__(
@@ -492,7 +492,7 @@ class LanguageModel(pl.LightningModule):
             callbacks.append(self._sparsity_callback)
             if self.topology_monitor:
                 callbacks.append(TopologyMonitor())
-            if self.mask_history:
+            if self.mask_history and self._trainer_has_logger():  # the masks go beside the run's logs
                 callbacks.append(MaskHistory())
         if self.flops:
             callbacks.append(FlopsCallback())
@@ -533,6 +533,10 @@ class LanguageModel(pl.LightningModule):
         )
         arguments.update(self.sparsity_options)
         return arguments
+
+    def _trainer_has_logger(self) -> bool:
+        trainer = self._trainer
+        return trainer is None or bool(trainer.loggers)
 
     def _trainer_has_monitored_checkpoint(self) -> bool:
         trainer = self._trainer

@@ -202,3 +202,10 @@ def test_other_methods_dense_start_and_moving_counts(method: str, tmp_path: Path
     if method == "gmp":  # masks start full: everything was active from the start, nothing is new since
         assert set(logged) == {1.0}
         assert {e.value for e in events(logger.log_dir).Scalars("drift/overall")} == {0.0}
+
+
+def test_mask_history_writes_nothing_under_fast_dev_run(tmp_path: Path):
+    history = MaskHistory(tmp_path / "masks")
+    trainer = make_trainer([SelfishSparsityCallback(sparsity=0.5, seed=0), history], fast_dev_run=True)
+    trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
+    assert not (tmp_path / "masks").exists()

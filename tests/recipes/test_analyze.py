@@ -172,3 +172,24 @@ def test_sparse_recipes_monitor_and_save_masks_by_default():
     assert {TopologyMonitor, MaskHistory} <= kinds(sparsity=0.5)
     assert not {TopologyMonitor, MaskHistory} & kinds(sparsity=0.5, topology_monitor=False, mask_history=False)
     assert not {TopologyMonitor, MaskHistory} & kinds()  # dense: nothing to watch
+
+
+def test_recipes_save_masks_only_beside_a_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import pytorch_lightning as pl
+
+    from recipes.data import LanguageModelingDataModule
+    from recipes.lm import LanguageModel
+    from recipes.models import StackedLSTM
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.txt").write_text("a b c d e f\nb c d e f a\n" * 4)
+    data = LanguageModelingDataModule("tiny", data_dir=str(corpus), batch_size=2, eval_batch_size=2, bptt=4)
+    model = LanguageModel(StackedLSTM(ntoken=8, ninp=4, nhid=4, dropout=0.0), lr=1.0, sparsity=0.5, checkpoint=False)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, data)
+    assert list(tmp_path.iterdir()) == [corpus]  # no masks/ in the working directory
