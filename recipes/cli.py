@@ -19,6 +19,7 @@ checkpoint callback state records which checkpoint was best.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
@@ -58,6 +60,16 @@ class SelfishRNNCLI(LightningCLI):
         # Composed configs share the model config's logger name: give each composition its own run directory.
         if self.subcommand is not None:
             label_run_logger(self.config[self.subcommand])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches, unless the config brings its own or disables it.
+        section = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = section.get("trainer", {})
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer["callbacks"] = [*callbacks, progress_bar()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -123,6 +135,21 @@ def configure_logging() -> None:
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.propagate = False
+
+
+#: Batches between two redraws of the progress bar.
+PROGRESS_BAR_REFRESH_RATE = 10
+
+
+def progress_bar(refresh_rate: int = PROGRESS_BAR_REFRESH_RATE) -> ProgressBar:
+    """Lightning's own choice of progress bar (Rich when installed, else tqdm), redrawn every ``refresh_rate`` batches.
+
+    Lightning redraws its default bar synchronously after every batch: about 2 ms of CPU with Rich, 7 % of a
+    validation pass of the 2 x 200 LSTM on the CPU and a quarter of an 8 ms GPU step (docs/performance.md).
+    """
+    if importlib.util.find_spec("rich") is not None:
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return TQDMProgressBar(refresh_rate=refresh_rate)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
