@@ -85,6 +85,10 @@ class SelfishSparsityCallback(Callback):
             averaging window (the authors' code).
         threshold, threshold_tolerance: DSR's initial global threshold and the relative miss of the expected
             removal count beyond which it is doubled or halved.
+
+    Monitors (:class:`~lightning_selfish.monitor.TopologyMonitor`, :class:`~lightning_selfish.history.MaskHistory`)
+    hear about the masks through ``on_topology_update(trainer, pl_module, engine, stats)``, called on every callback
+    that defines it at fit start (``stats=None``) and after every topology update.
     """
 
     def __init__(
@@ -282,6 +286,7 @@ class SelfishSparsityCallback(Callback):
         )
         self._needs_gradient = methods.needs_gradient(self.config) or momentum_is_gradient
         self._log_sparsity(trainer, extra={})
+        _notify_topology_update(trainer, pl_module, self.engine, None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning frees the gradients before validation, so an update that reads the gradient uses a copy of the
@@ -483,6 +488,7 @@ class SelfishSparsityCallback(Callback):
         self._log_sparsity(trainer, extra=extra)
         if self.verbose and trainer.is_global_zero:
             log.info("%s", self._summary(stats))
+        _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -563,6 +569,17 @@ def _rank_zero_broadcast(trainer: pl.Trainer):
         torch.distributed.broadcast(code, src=0)
 
     return synchronize
+
+
+def _notify_topology_update(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
+) -> None:
+    """Tell every callback with an ``on_topology_update(trainer, pl_module, engine, stats)`` method (monitors) that
+    the masks are set: at fit start (``stats=None``: initial or restored masks) and after every topology update."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_topology_update", None)
+        if callable(hook):
+            hook(trainer, pl_module, engine, stats)
 
 
 def _stats_metrics(stats: UpdateStats) -> dict[str, float]:

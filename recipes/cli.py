@@ -172,6 +172,12 @@ def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
     )
 
 
+def _analyze(argv: list[str]) -> int:
+    from recipes.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
+
+    return analyze_main(argv)
+
+
 def _results(argv: list[str]) -> int:
     from recipes.results import main as results_main
 
@@ -179,7 +185,7 @@ def _results(argv: list[str]) -> int:
 
 
 #: Subcommands that are tools, not LightningCLI subcommands: name -> function(remaining argv) -> exit code.
-TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"results": _results}
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"results": _results, "analyze": _analyze}
 
 
 def main(args: ArgsType = None) -> None:

@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
+from lightning_selfish.history import MaskHistory
 from lightning_selfish.methods import METHODS
+from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
@@ -118,6 +120,10 @@ class LanguageModel(pl.LightningModule):
             ``[500, 1000]`` for its 1300-epoch run).
         checkpoint: add a ``ModelCheckpoint`` that keeps the best ``val_loss`` model and the last one, unless the
             trainer already has a ``ModelCheckpoint`` with a monitor.
+        topology_monitor: when sparse, add a :class:`~lightning_selfish.monitor.TopologyMonitor` (exploration,
+            weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
+        mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
+            ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class LanguageModel(pl.LightningModule):
         nonmono: int = 5,
         restart_at_epochs: list[int] | None = None,
         checkpoint: bool = True,
+        topology_monitor: bool = True,
+        mask_history: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
@@ -214,6 +222,8 @@ class LanguageModel(pl.LightningModule):
         self.nonmono = nonmono
         self.restart_at_epochs = list(restart_at_epochs or [])
         self.checkpoint = checkpoint
+        self.topology_monitor = topology_monitor
+        self.mask_history = mask_history
 
         self.alpha = float(getattr(network, "alpha", 0.0) or 0.0)
         self.beta = float(getattr(network, "beta", 0.0) or 0.0)
@@ -480,6 +490,10 @@ class LanguageModel(pl.LightningModule):
         if self.sparsity is not None:
             self._sparsity_callback = SelfishSparsityCallback(**self.sparsity_arguments())
             callbacks.append(self._sparsity_callback)
+            if self.topology_monitor:
+                callbacks.append(TopologyMonitor())
+            if self.mask_history and self._trainer_has_logger():  # the masks go beside the run's logs
+                callbacks.append(MaskHistory())
         if self.flops:
             callbacks.append(FlopsCallback())
         if self.optimizer_name in AVERAGING_OPTIMIZERS:
@@ -519,6 +533,10 @@ class LanguageModel(pl.LightningModule):
         )
         arguments.update(self.sparsity_options)
         return arguments
+
+    def _trainer_has_logger(self) -> bool:
+        trainer = self._trainer
+        return trainer is None or bool(trainer.loggers)
 
     def _trainer_has_monitored_checkpoint(self) -> bool:
         trainer = self._trainer
