@@ -47,6 +47,7 @@ def test_lowest_positions_equals_a_stable_sort(numel: int, fraction: float) -> N
 
 @settings(max_examples=40, deadline=None)
 @example(big=True, levels=2, density=0.125, fraction=0.875, nans=True, seed=0)  # the band's upper bound was NaN
+@example(big=True, levels=3, density=1.0, fraction=0.90625, nans=True, seed=0)
 @given(
     big=st.booleans(),
     levels=st.integers(1, 6),
