@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -174,7 +175,6 @@ class SelfishSparsityCallback(Callback):
         params = self._select_parameters(pl_module)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
-        self._total_steps = self._run_length(trainer)
         if self._loaded_state is not None:
             self.engine = self._restore_engine(params, layouts)
         else:
@@ -194,6 +194,9 @@ class SelfishSparsityCallback(Callback):
         self._log_sparsity(trainer, extra={})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run's length is read here, once the train dataloader is loaded (reading it in on_fit_start would
+        # make Lightning load the dataloader early, with a log line), and still before the first step.
+        self._total_steps = self._run_length(trainer)
         # Lightning frees the gradients before validation, so gradient growth keeps a copy of the dense gradient
         # of the last step before each update; with epoch updates that needs the epoch's length.
         if self.growth == "gradient" and self.update_every == "epoch" and math.isinf(trainer.num_training_batches):
@@ -382,11 +385,21 @@ class SelfishSparsityCallback(Callback):
         if self.total_steps is not None:
             return self.total_steps
         total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
+        # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.
+        if not (math.isfinite(total) and total >= 1):
+            unsized = math.isinf(trainer.num_training_batches)
+            cause = (
+                "the train dataloader has no length (an IterableDataset without __len__), so Lightning cannot count "
+                "the steps of an epoch"
+                if unsized and trainer.max_steps in (None, -1)
+                else "Lightning estimates no positive, finite number of optimizer steps for this run"
+            )
             raise ValueError(
-                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length: "
-                "set Trainer(max_epochs=...) or Trainer(max_steps=...) with a sized train dataloader, or give "
-                f"SelfishSparsityCallback(total_steps=...) (estimated_stepping_batches={total})"
+                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length in "
+                f"optimizer steps: {cause} (estimated_stepping_batches={total}, max_epochs={trainer.max_epochs}, "
+                f"max_steps={trainer.max_steps}). Give SelfishSparsityCallback(total_steps=...), or set "
+                "Trainer(max_steps=...), or use a sized train dataloader with Trainer(max_epochs=...)"
             )
         return int(total)
 
@@ -414,14 +427,27 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def _supported_strategies() -> tuple[type, ...]:
+    """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
+    supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
+    # A Trainer of the unified ``lightning`` package has imported it already; it is never imported from here, so
+    # neither package is a requirement of the other.
+    unified = sys.modules.get("lightning.pytorch.strategies")
+    if unified is not None:
+        supported += (unified.SingleDeviceStrategy, unified.DDPStrategy)
+    return supported
+
+
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
-    sharded = type(strategy).__name__ in ("DeepSpeedStrategy",)
-    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    kind = type(strategy)
+    sharded = kind.__name__ in ("DeepSpeedStrategy",)
+    if sharded or not isinstance(strategy, _supported_strategies()):
         raise ValueError(
             f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
-            f"'ddp_spawn', ...), got {type(strategy).__name__}: strategies that shard parameters (FSDP, DeepSpeed) "
-            "would give each rank a different slice of every mask"
+            f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
+            "weight tensor (strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a "
+            "different slice of every mask)"
         )
 
 
