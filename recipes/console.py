@@ -19,6 +19,7 @@ emitting module or logger, never by category alone, so anything else Lightning s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import linecache
 import logging
 import re
@@ -68,10 +69,22 @@ def _raised_deliberately(error: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     filename = tb.tb_frame.f_code.co_filename
-    parts = Path(filename).parts
-    if not any(package in parts for package in _PACKAGES):
+    if not any(Path(filename).is_relative_to(root) for root in _package_dirs(_PACKAGES)):
         return False
     return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def _package_dirs(packages: Sequence[str]) -> list[Path]:
+    """The directories of the installed ``packages`` (found without importing them)."""
+    dirs = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(Path(location) for location in spec.submodule_search_locations)
+    return dirs
 
 
 def _one_line(text: str) -> str:
