@@ -176,6 +176,9 @@ class SelfishSparsityCallback(Callback):
         params = self._select_parameters(pl_module)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
+        # Before the first step, and before the masks' seed is drawn: reading the length makes Lightning load the
+        # train dataloader, which advances the global generator, so this order keeps seeded runs' masks unchanged.
+        self._total_steps = self._run_length(trainer)
         # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
         self._generator = torch.Generator(device=next(iter(params.values())).device)
         if self._loaded_state is not None:
@@ -198,9 +201,6 @@ class SelfishSparsityCallback(Callback):
         self._log_sparsity(trainer, extra={})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The run's length is read here, once the train dataloader is loaded (reading it in on_fit_start would
-        # make Lightning load the dataloader early, with a log line), and still before the first step.
-        self._total_steps = self._run_length(trainer)
         # Lightning frees the gradients before validation, so gradient growth keeps a copy of the dense gradient
         # of the last step before each update; with epoch updates that needs the epoch's length.
         if self.growth == "gradient" and self.update_every == "epoch" and math.isinf(trainer.num_training_batches):
