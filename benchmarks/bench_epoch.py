@@ -40,6 +40,7 @@ from lightning_selfish.gates import detect_gate_layouts
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, detach_hidden
 from recipes.models import StackedLSTM
+from recipes.runtime import keep_freed_memory_for_reuse
 
 
 def sync(device: str) -> None:
@@ -52,9 +53,9 @@ class Stopwatch(pl.Callback):
 
     def __init__(self, device: str, warmup: int, averaging: bool) -> None:
         self.device, self.warmup, self.averaging = device, warmup, averaging
-        self.start = self.stop = 0.0
+        self.start = self.stop = self.cpu_start = self.cpu_stop = 0.0
         self.steps = 0
-        self.validation_s = 0.0
+        self.validation_s = self.validation_cpu_s = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaging:
@@ -65,19 +66,20 @@ class Stopwatch(pl.Callback):
         batch_idx = args[-1]
         if batch_idx == self.warmup:
             sync(self.device)
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         elif batch_idx > self.warmup:
             sync(self.device)  # only the last one counts: each overwrites the previous
-            self.stop = time.perf_counter()
+            self.stop, self.cpu_stop = time.perf_counter(), time.process_time()
             self.steps = batch_idx - self.warmup
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(self.device)
-        self._validation_start = time.perf_counter()
+        self._validation_start, self._validation_cpu_start = time.perf_counter(), time.process_time()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(self.device)
         self.validation_s = time.perf_counter() - self._validation_start
+        self.validation_cpu_s = time.process_time() - self._validation_cpu_start
 
 
 def network(args: argparse.Namespace, vocab: int) -> StackedLSTM:
@@ -103,6 +105,7 @@ def recipe_run(args: argparse.Namespace, data: LanguageModelingDataModule, avera
             default_root_dir=logs,
             logger=pl.loggers.TensorBoardLogger(logs, name="bench"),
             enable_model_summary=False,
+            enable_progress_bar=not args.no_progress_bar,
             callbacks=[watch],
         )
         trainer.fit(model, datamodule=data)
@@ -143,14 +146,14 @@ def plain_run(args: argparse.Namespace, data: LanguageModelingDataModule, averag
         engine.apply_masks_()
         if step == args.warmup:
             sync(args.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
     sync(args.device)
-    stop = time.perf_counter()
+    stop, cpu_stop = time.perf_counter(), time.process_time()
     steps = min(args.steps, step + 1) - 1 - args.warmup
     # validation with the averages swapped in
     net.eval()
     sync(args.device)
-    val_start = time.perf_counter()
+    val_start, val_cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad(), optimizer.swap_averaged():
         hidden = net.init_hidden(data.eval_batch_size)
         total = torch.zeros((), device=device)
@@ -161,8 +164,13 @@ def plain_run(args: argparse.Namespace, data: LanguageModelingDataModule, averag
             hidden = out.hidden
             total += F.nll_loss(out.log_probs, batch.target.to(device)) * batch.target.numel()
         total.item()
-    val_s = time.perf_counter() - val_start
-    return {"step_s": (stop - start) / steps, "validation_s": val_s}
+    val_s, val_cpu_s = time.perf_counter() - val_start, time.process_time() - val_cpu_start
+    return {
+        "step_s": (stop - start) / steps,
+        "cpu_step_s": (cpu_stop - cpu_start) / steps,
+        "validation_s": val_s,
+        "validation_cpu_s": val_cpu_s,
+    }
 
 
 def main() -> None:
@@ -177,9 +185,14 @@ def main() -> None:
     parser.add_argument("--phases", default="sgd,averaging", help="comma-separated: sgd, averaging")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress-bar", action="store_true", help="the recipe without its progress bar")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default thresholds (selfish-rnn raises them)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = not args.default_malloc and keep_freed_memory_for_reuse()  # as selfish-rnn does, for both loops
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning|torchmetrics")
@@ -190,23 +203,29 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     for phase in args.phases.split(","):
         averaging = phase == "averaging"
-        recipe, plain, recipe_val, plain_val = [], [], [], []
+        recipe, plain, recipe_val, plain_val, recipe_cpu, plain_cpu = [], [], [], [], [], []
+        recipe_val_cpu, plain_val_cpu = [], []
         for round_ in range(args.rounds):  # alternate which goes first
             for is_recipe in (True, False) if round_ % 2 == 0 else (False, True):
                 if is_recipe:
                     watch = recipe_run(args, data, averaging, seed=round_)
                     recipe.append((watch.stop - watch.start) / watch.steps)
+                    recipe_cpu.append((watch.cpu_stop - watch.cpu_start) / watch.steps)
                     recipe_val.append(watch.validation_s)
+                    recipe_val_cpu.append(watch.validation_cpu_s)
                 else:
                     result = plain_run(args, data, averaging, seed=round_)
                     plain.append(result["step_s"])
+                    plain_cpu.append(result["cpu_step_s"])
                     plain_val.append(result["validation_s"])
+                    plain_val_cpu.append(result["validation_cpu_s"])
         recipe_ms, plain_ms = 1e3 * statistics.median(recipe), 1e3 * statistics.median(plain)
         line = {
             "benchmark": "recipe_epoch_vs_plain_loop",
             "phase": phase,
             "device": device_name,
             "threads": torch.get_num_threads(),
+            "malloc_tuned": tuned,
             "hidden": args.hidden,
             "density": args.density,
             "steps_timed": args.steps - 1 - args.warmup,
@@ -214,12 +233,21 @@ def main() -> None:
             "plain_ms_per_step": round(plain_ms, 3),
             "ratio": round(recipe_ms / plain_ms, 4),
             "per_round_ratios": [round(r / p, 3) for r, p in zip(recipe, plain)],
+            # CPU time of this process per step (all its threads): on a busy machine, steadier than wall time
+            "recipe_cpu_ms_per_step": round(1e3 * statistics.median(recipe_cpu), 3),
+            "plain_cpu_ms_per_step": round(1e3 * statistics.median(plain_cpu), 3),
+            "cpu_ratio": round(statistics.median(recipe_cpu) / statistics.median(plain_cpu), 4),
         }
         if averaging:  # validation runs on the averages only once averaging has started
             line["validation_batches"] = args.val_batches
             line["recipe_validation_ms"] = round(1e3 * statistics.median(recipe_val), 2)
             line["plain_validation_ms"] = round(1e3 * statistics.median(plain_val), 2)
             line["validation_ratio"] = round(statistics.median(recipe_val) / statistics.median(plain_val), 4)
+            line["recipe_validation_cpu_ms"] = round(1e3 * statistics.median(recipe_val_cpu), 2)
+            line["plain_validation_cpu_ms"] = round(1e3 * statistics.median(plain_val_cpu), 2)
+            line["validation_cpu_ratio"] = round(
+                statistics.median(recipe_val_cpu) / statistics.median(plain_val_cpu), 4
+            )
         print(json.dumps(line), flush=True)
 
 

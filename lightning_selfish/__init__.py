@@ -2,13 +2,19 @@
 
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.engine import SparseEngine, UpdateStats
+from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.gates import detect_gate_layouts
+from lightning_selfish.methods import METHODS, MethodConfig, MethodPreset
 from lightning_selfish.optim_state import MaskAwareOptimizer, MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD, sntasgd
 from lightning_selfish.trigger import NonMonotonicTrigger
 
 __all__ = [
+    "METHODS",
     "SNTASGD",
+    "FlopsCallback",
+    "MethodConfig",
+    "MethodPreset",
     "MaskAwareOptimizer",
     "MaskUpdate",
     "NonMonotonicTrigger",

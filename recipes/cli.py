@@ -38,6 +38,8 @@ from recipes import console, experiments
 from recipes.compat import module
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
+from recipes.runs import label_run_logger
+from recipes.runtime import keep_freed_memory_for_reuse
 from recipes.summary import fit_summary, test_summary
 
 _cli = module("cli")
@@ -58,9 +60,6 @@ DESCRIPTION = (
     f"{CONFIG_DIR} and override any argument on the command line. The project's own arguments are "
     "--model.* and --data.*; 'selfish-rnn' alone gives a short overview, 'selfish-rnn list' the experiments."
 )
-
-TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": experiments.list_command}
-"""Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
 
 
 class _SaveFitConfig(_cli.SaveConfigCallback):
@@ -98,6 +97,8 @@ class SelfishRNNCLI(LightningCLI):
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
+        # Composed configs share the model config's logger name: give each composition its own run directory.
+        label_run_logger(config)
         root = _config_log_root(config["trainer"])
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("best", "last") and root is not None:
@@ -270,6 +271,16 @@ def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = Tru
     )
 
 
+def _results(argv: list[str]) -> int:
+    from recipes.results import main as results_main
+
+    return results_main(argv)
+
+
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": experiments.list_command, "results": _results}
+"""Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
+
+
 def main(args: ArgsType = None) -> int:
     """Entry point of the ``selfish-rnn`` console script; returns the exit status.
 
@@ -285,6 +296,7 @@ def main(args: ArgsType = None) -> int:
         return TOOL_COMMANDS[argv[0]](argv[1:])
     configure_logging()
     console.quiet_dependency_noise()
+    keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
     if args is None:
         sys.argv[1:] = argv  # without --debug; LightningCLI reads sys.argv itself
     try:

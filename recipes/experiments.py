@@ -1,8 +1,8 @@
 """The bundled experiments at a glance: ``selfish-rnn list`` and the overview ``selfish-rnn`` prints alone.
 
-Paper numbers are validation / test perplexity from the paper (Table 2, Tables 5, 7 and 8, ALGORITHM.md section 5);
-costs are the estimates of docs/recipes.md ("What the runs cost") for one modern data-centre GPU, except the
-quickstart, which was measured on a CPU.
+The rows, the paper's perplexities and the command of each experiment come from :mod:`recipes.paper_results`
+(model configs composed with method and optimizer overlays). Costs are the estimates of docs/recipes.md ("What the
+runs cost") for one modern data-centre GPU, except the quickstart's, which was measured on a CPU.
 """
 
 from __future__ import annotations
@@ -11,106 +11,72 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+
+from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["EXPERIMENTS", "Experiment", "list_command", "overview"]
+__all__ = ["COSTS", "QUICKSTART", "list_command", "overview", "table"]
 
-
-class Experiment(NamedTuple):
-    config: str  # file name in recipes/configs without .yaml
-    what: str
-    paper: str  # validation / test perplexity, or "-" when the paper gives none
-    cost: str
-
-
-_COST = {
+COSTS: dict[str, str] = {
     "stacked_lstm_ptb": "100 epochs, GPU ~1-2 h",
     "rhn_ptb": "500 epochs, GPU ~12-20 h",
     "onlstm_ptb": "1000 epochs, GPU ~1 day",
     "awd_lstm_mos_wt2": "1000 epochs, GPU ~1.5-3 days",
 }
+"""Estimated cost of a full run of each model (docs/recipes.md); small-dense and short runs cost less."""
 
-
-def _family(base: str, rows: list[tuple[str, str, str]]) -> list[Experiment]:
-    return [Experiment(base + suffix, what, paper, _COST[base]) for suffix, what, paper in rows]
-
-
-EXPERIMENTS: tuple[Experiment, ...] = (
-    Experiment("quickstart", "2 x 200 LSTM, sparsity 0.5, Adam, 1 epoch of PTB", "val ~196", "CPU ~4 min (2 cores)"),
-    *_family(
-        "stacked_lstm_ptb",
-        [
-            ("", "stacked LSTM, Selfish-RNN, sparsity 0.67", "73.76 / 71.65"),
-            ("_dense", "dense, NT-ASGD", "74.51 / 72.40"),
-            ("_adam", "Selfish-RNN with Adam", "85.70 / 82.85"),
-            ("_momentum", "Selfish-RNN with momentum SGD", "82.48 / 79.69"),
-            ("_no_redistribution", "ablation: no cell-gate redistribution", "- / 72.89"),
-            ("_standard_ntasgd", "ablation: standard NT-ASGD", "- / 73.74"),
-            ("_static", "static sparse", "80.37 / 78.61"),
-            ("_small_dense", "dense 2 x 700, same parameter count", "88.67 / 86.33"),
-        ],
-    ),
-    *_family(
-        "rhn_ptb",
-        [
-            ("", "RHN, Selfish-RNN, sparsity 0.528", "62.10 / 60.35"),
-            ("_dense", "dense, NT-ASGD", "63.44 / 61.84"),
-            ("_adam", "Selfish-RNN with Adam", "63.28 / 60.75"),
-            ("_no_redistribution", "ablation: no cell-gate redistribution", "- / 60.26"),
-            ("_standard_ntasgd", "ablation: standard NT-ASGD", "- / 69.70"),
-            ("_static", "static sparse", "74.11 / 71.83"),
-            ("_small_dense", "dense, width 518, same parameter count", "70.10 / 68.40"),
-        ],
-    ),
-    *_family(
-        "onlstm_ptb",
-        [
-            ("", "ON-LSTM, Selfish-RNN, sparsity 0.55", "58.17 / 56.31"),
-            ("_dense", "dense, NT-ASGD", "58.29 / 56.17"),
-            ("_adam", "Selfish-RNN with Adam", "-"),
-            ("_no_redistribution", "ablation: no cell-gate redistribution", "- / 57.48"),
-            ("_standard_ntasgd", "ablation: standard NT-ASGD", "- / 69.28"),
-            ("_static", "static sparse", "-"),
-            ("_small_dense", "dense, hidden 610, same parameter count", "-"),
-        ],
-    ),
-    *_family(
-        "awd_lstm_mos_wt2",
-        [
-            ("", "AWD-LSTM-MoS on WikiText-2, Selfish-RNN, sparsity 0.55", "65.96 / 63.05"),
-            ("_dense", "dense, NT-ASGD", "66.01 / 63.33"),
-            ("_adam", "Selfish-RNN with Adam", "-"),
-            ("_no_redistribution", "ablation: no cell-gate redistribution", "- / 65.27"),
-            ("_standard_ntasgd", "ablation: standard NT-ASGD", "- / 71.65"),
-            ("_static", "static sparse", "-"),
-        ],
-    ),
+QUICKSTART = (
+    "quickstart: 2 x 200 LSTM, sparsity 0.5, Adam, 1 epoch of PTB; validation perplexity ~196-200; "
+    "3-4 min on 2 idle CPU cores"
 )
-"""Every config in recipes/configs, in the order of docs/recipes.md."""
 
 
-def table(experiments: tuple[Experiment, ...] = EXPERIMENTS) -> str:
-    """The experiments as a plain-text table."""
-    header = Experiment("config", "what", "paper val / test ppl", "cost")
-    rows = [header, *experiments]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines) + "\n"
+def _perplexities(row: PaperRow) -> str:
+    def fmt(value: float | None, std: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2f}" + (f"±{std:.2f}" if std is not None else "")
+
+    return f"{fmt(row.val, row.val_std)} / {fmt(row.test, row.test_std)}"
+
+
+def _cost(row: PaperRow) -> str:
+    cost = COSTS[row.model]
+    if row.epochs is not None:
+        cost = f"{row.epochs} epochs" + cost[cost.index(",") :] + " (longer)"
+    return cost
+
+
+def table(rows: list[PaperRow] = PAPER_ROWS) -> str:
+    """The trained rows of the paper's tables: what, paper perplexities, cost, and the command of each."""
+    lines: list[str] = []
+    for key, title in TABLES.items():
+        chosen = [row for row in rows if row.table == key and row.trained]
+        if not chosen:
+            continue
+        lines.append(title)
+        width = max(len(f"{row.model}: {row.row}") for row in chosen)
+        for row in chosen:
+            name = f"{row.model}: {row.row}"
+            lines.append(f"  {name:<{width}}  paper val/test {_perplexities(row):<17}  {_cost(row)}")
+            lines.append(f"      {row.command()}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def list_command(argv: list[str]) -> int:
-    """List the bundled experiments with the paper's perplexities and what each run costs."""
+    """List the bundled experiments: the paper's perplexities, what each run costs, and its command."""
     parser = argparse.ArgumentParser(prog="selfish-rnn list", description=list_command.__doc__)
-    parser.parse_args(argv)
-    text = table()
+    parser.add_argument("--table", choices=sorted(TABLES), help="only this table of the paper")
+    parser.add_argument("--model", choices=sorted(COSTS), help="only this model")
+    args = parser.parse_args(argv)
+    rows = [r for r in PAPER_ROWS if (args.table in (None, r.table)) and (args.model in (None, r.model))]
+    text = f"{QUICKSTART}\n  selfish-rnn fit --config {CONFIG_DIR / 'quickstart.yaml'}\n\n" + table(rows)
     text += (
-        f"\nconfigs: {CONFIG_DIR}\n"
-        f"run one: selfish-rnn fit --config {CONFIG_DIR / 'stacked_lstm_ptb.yaml'}\n"
-        "Short runs do not reach the paper's numbers; costs are estimates (docs/recipes.md), except the\n"
-        "quickstart's (measured).\n"
+        f"Configs are in {CONFIG_DIR} (run the commands from the repository root, or use that path). Short runs\n"
+        "do not reach the paper's numbers; costs are estimates (docs/recipes.md), except the quickstart's.\n"
+        "selfish-rnn results fills these tables in from finished runs.\n"
     )
     sys.stdout.write(text)
     return 0

@@ -20,7 +20,6 @@ import torch
 from recipes import compat, console
 from recipes.cli import CONFIG_DIR, build_cli, main
 from recipes.data import resolve_corpus
-from recipes.experiments import EXPERIMENTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(CONFIG_DIR / "quickstart.yaml")
@@ -173,7 +172,7 @@ def test_quickstart_sized_run_is_quiet_reports_its_result_and_keeps_one_log_vers
     for noise in NOISE:
         assert noise not in text, f"{noise!r} in the output:\n{text}"
 
-    version = tmp_path / "lightning_logs" / "quickstart" / "version_0"
+    (version,) = tmp_path.glob("lightning_logs/quickstart/*/version_0")  # <name>/<run label>/version_0
     last = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
     best_ppl = float(torch.exp(state["best_model_score"]))
@@ -225,7 +224,8 @@ def test_recipes_run_on_the_unified_lightning_package(tiny_corpus: Path, tmp_pat
     text = output_of(result)
     assert result.returncode == 0, text
     assert "selfish-rnn fit: done" in text and "best validation perplexity" in text
-    config = (tmp_path / "lightning_logs" / "quickstart" / "version_0" / "config.yaml").read_text()
+    (version,) = tmp_path.glob("lightning_logs/quickstart/*/version_0")
+    config = (version / "config.yaml").read_text()
     assert "class_path: lightning.pytorch.loggers.TensorBoardLogger" in config
     assert "pytorch_lightning" not in config
 
@@ -249,10 +249,15 @@ def test_overview_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(overview.splitlines()) < 40
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
-    for path in CONFIG_DIR.glob("*.yaml"):
-        assert re.search(rf"^{path.stem}\s", listing, re.M), path.stem
-    assert re.search(r"^stacked_lstm_ptb\s.*73\.76 / 71\.65\s+100 epochs", listing, re.M)
-    assert {e.config for e in EXPERIMENTS} == {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert "quickstart.yaml" in listing
+    for model in ("stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"):
+        assert f"--config recipes/configs/{model}.yaml" in listing
+    assert re.search(
+        r"stacked_lstm_ptb: Selfish-RNN \(SNT-ASGD\)\s+paper val/test 73\.76 / 71\.65\s+100 epochs, GPU", listing
+    )
+    assert main(["list", "--table", "8"]) == 0
+    table8 = capsys.readouterr().out
+    assert "awd_lstm_mos_wt2" in table8 and "stacked_lstm_ptb:" not in table8
 
 
 def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
