@@ -168,7 +168,7 @@ def _lowest_on_cpu(score: Tensor, candidates: Tensor, n: int, available: int) ->
     """The ``n`` lowest-scoring candidates of flat CPU tensors, ties to the lowest index; None if NaN scores interfere.
 
     Selection in the style of Floyd and Rivest: the quantile ``n / available`` of a random sample of the candidates'
-    scores gives a band ``[low, high)`` eight standard deviations wide, holding about 1 % of the candidates. Every
+    scores gives a band ``[low, high)`` of six standard deviations each side, holding a few % of the candidates. Every
     candidate below the band is chosen with one comparison over the tensor; only the band's scores are gathered and
     ranked. When the sample misses (rarely) or the tensor is small, all candidates' scores are ranked instead. A few
     elementwise passes and two bool tensors, instead of a copy and a partial sort of every candidate.
@@ -180,7 +180,7 @@ def _lowest_on_cpu(score: Tensor, candidates: Tensor, n: int, available: int) ->
         m = sample.numel()
         if m >= _SAMPLE // 64:
             fraction = n / available
-            margin = 8.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
+            margin = 6.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
             low_rank, high_rank = int(fraction * m - margin), int(math.ceil(fraction * m + margin))
             if low_rank >= 0:
                 torch.lt(score, sample[low_rank], out=chosen).logical_and_(candidates)
