@@ -33,14 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-<<<<<<< HEAD
 from torch import Tensor, nn
-=======
-from pytorch_lightning.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
->>>>>>> main
 
 from recipes import console, experiments
 from recipes.compat import module
@@ -56,6 +49,10 @@ LightningArgumentParser = _cli.LightningArgumentParser
 LightningCLI = _cli.LightningCLI
 TensorBoardLogger = module("loggers").TensorBoardLogger
 rank_zero_info = module("utilities.rank_zero").rank_zero_info
+_callbacks = module("callbacks")
+ProgressBar = _callbacks.ProgressBar
+RichProgressBar = _callbacks.RichProgressBar
+TQDMProgressBar = _callbacks.TQDMProgressBar
 
 log = logging.getLogger("recipes.cli")  # also when run as python -m recipes.cli
 
@@ -260,14 +257,6 @@ def configure_logging() -> None:
             logger.propagate = False
 
 
-<<<<<<< HEAD
-def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = True) -> SelfishRNNCLI:
-    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object.
-
-    ``exit_on_error=False`` makes a parsing error raise ``jsonargparse.ArgumentError`` instead of printing the
-    usage and exiting (:func:`main` turns it into one ``error:`` line).
-    """
-=======
 #: Batches between two redraws of the progress bar.
 PROGRESS_BAR_REFRESH_RATE = 10
 
@@ -283,9 +272,12 @@ def progress_bar(refresh_rate: int = PROGRESS_BAR_REFRESH_RATE) -> ProgressBar:
     return TQDMProgressBar(refresh_rate=refresh_rate)
 
 
-def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
-    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object."""
->>>>>>> main
+def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = True) -> SelfishRNNCLI:
+    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object.
+
+    ``exit_on_error=False`` makes a parsing error raise ``jsonargparse.ArgumentError`` instead of printing the
+    usage and exiting (:func:`main` turns it into one ``error:`` line).
+    """
     return SelfishRNNCLI(
         LanguageModel,
         LanguageModelingDataModule,
@@ -319,19 +311,20 @@ TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {"list": experiments.list
 """Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
 
 
-def main(args: ArgsType = None) -> int:
-    """Entry point of the ``selfish-rnn`` console script; returns the exit status.
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``selfish-rnn`` console script.
 
-    ``--debug`` anywhere shows the traceback of a user error instead of the one-line ``error:`` message.
+    A tool subcommand (:data:`TOOL_COMMANDS`) ends in ``SystemExit`` with its exit code, a user error in one
+    ``error:`` line and ``SystemExit(2)``; ``--debug`` anywhere shows the traceback of a user error instead.
     """
     argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv in (["-h"], ["--help"]):
         sys.stdout.write(experiments.overview(TOOL_COMMANDS))
-        return 0
+        return
     if argv[0] in TOOL_COMMANDS:
-        return TOOL_COMMANDS[argv[0]](argv[1:])
+        raise SystemExit(TOOL_COMMANDS[argv[0]](argv[1:]))
     configure_logging()
     console.quiet_dependency_noise()
     keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
@@ -344,8 +337,7 @@ def main(args: ArgsType = None) -> int:
         if message is None:
             raise
         sys.stderr.write(f"error: {message}\n")
-        return 2
-    return 0
+        raise SystemExit(2) from None
 
 
 __all__ = [
