@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -256,6 +257,8 @@ class SelfishSparsityCallback(Callback):
         params = self._select_parameters(pl_module)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
+        # Before the first step, and before the masks' seed is drawn: reading the length makes Lightning load the
+        # train dataloader, which advances the global generator, so this order keeps seeded runs' masks unchanged.
         self._total_steps = self._run_length(trainer)
         check_run(self._total_steps, self.config)
         # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
@@ -523,11 +526,21 @@ class SelfishSparsityCallback(Callback):
         if self.total_steps is not None:
             return self.total_steps
         total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
+        # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.
+        if not (math.isfinite(total) and total >= 1):
+            unsized = math.isinf(trainer.num_training_batches)
+            cause = (
+                "the train dataloader has no length (an IterableDataset without __len__), so Lightning cannot count "
+                "the steps of an epoch"
+                if unsized and trainer.max_steps in (None, -1)
+                else "Lightning estimates no positive, finite number of optimizer steps for this run"
+            )
             raise ValueError(
-                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length: "
-                "set Trainer(max_epochs=...) or Trainer(max_steps=...) with a sized train dataloader, or give "
-                f"SelfishSparsityCallback(total_steps=...) (estimated_stepping_batches={total})"
+                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length in "
+                f"optimizer steps: {cause} (estimated_stepping_batches={total}, max_epochs={trainer.max_epochs}, "
+                f"max_steps={trainer.max_steps}). Give SelfishSparsityCallback(total_steps=...), or set "
+                "Trainer(max_steps=...), or use a sized train dataloader with Trainer(max_epochs=...)"
             )
         return int(total)
 
@@ -550,14 +563,27 @@ def _check_number(name: str, value: Any, low: float, high: float, allowed: str, 
         raise ValueError(f"{name} must be in {allowed}, got {value}")
 
 
+def _supported_strategies() -> tuple[type, ...]:
+    """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
+    supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
+    # A Trainer of the unified ``lightning`` package has imported it already; it is never imported from here, so
+    # neither package is a requirement of the other.
+    unified = sys.modules.get("lightning.pytorch.strategies")
+    if unified is not None:
+        supported += (unified.SingleDeviceStrategy, unified.DDPStrategy)
+    return supported
+
+
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
-    sharded = type(strategy).__name__ in ("DeepSpeedStrategy",)
-    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    kind = type(strategy)
+    sharded = kind.__name__ in ("DeepSpeedStrategy",)
+    if sharded or not isinstance(strategy, _supported_strategies()):
         raise ValueError(
             f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
-            f"'ddp_spawn', ...), got {type(strategy).__name__}: strategies that shard parameters (FSDP, DeepSpeed) "
-            "would give each rank a different slice of every mask"
+            f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
+            "weight tensor (strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a "
+            "different slice of every mask)"
         )
 
 

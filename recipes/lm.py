@@ -24,10 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_selfish.callback import SelfishSparsityCallback
@@ -38,7 +36,11 @@ from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
+from recipes.compat import module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
+
+Callback = pl.Callback
+ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
@@ -244,9 +246,7 @@ class LanguageModel(pl.LightningModule):
         # Under LightningCLI the hyperparameters are the parsed config, where ``network`` is a class path with its
         # arguments: keeping it lets ``load_from_checkpoint`` and ``--ckpt_path`` rebuild the model. Called from
         # plain Python, ``network`` is the module itself, which the state dict already holds: not saved twice.
-        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
-
-        given = _given_hyperparameters.get()
+        given = module("core.mixins.hparams_mixin")._given_hyperparameters.get()
         network_is_config = isinstance(given, dict) and not isinstance(given.get("network"), nn.Module)
         self.save_hyperparameters(ignore=None if network_is_config else ["network"])
 
@@ -501,6 +501,7 @@ class LanguageModel(pl.LightningModule):
                 NonMonotonicTrigger(monitor="val_loss", nonmono=self.nonmono, restart_at_epochs=self.restart_at_epochs)
             )
         if self.checkpoint and not self._trainer_has_monitored_checkpoint():
+            self._drop_default_checkpoint()
             callbacks.append(
                 ModelCheckpoint(
                     monitor="val_loss",
@@ -511,6 +512,15 @@ class LanguageModel(pl.LightningModule):
                 )
             )
         return callbacks
+
+    def _drop_default_checkpoint(self) -> None:
+        # Lightning replaces a trainer's callbacks by the module's callbacks of the same type, and says so on every
+        # run; the ones without a monitor (the default one) would be replaced anyway, and are removed here instead.
+        trainer = self._trainer
+        if trainer is not None:
+            trainer.callbacks = [
+                cb for cb in trainer.callbacks if not (isinstance(cb, ModelCheckpoint) and cb.monitor is None)
+            ]
 
     def sparsity_arguments(self) -> dict[str, Any]:
         """The ``SelfishSparsityCallback`` arguments: the method, and only the overrides that were given."""

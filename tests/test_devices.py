@@ -88,7 +88,7 @@ def test_a_generator_state_from_another_device_reseeds_with_a_warning(caplog: py
     state = first.state_dict()
     state["generator_device"] = "cuda"
     state["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
-    resumed = SelfishSparsityCallback(sparsity=0.5, seed=3)
+    resumed = SelfishSparsityCallback(sparsity=0.5, seed=3, total_steps=2)  # on_fit_start outside a fit
     resumed.load_state_dict(state)
     caplog.set_level("WARNING", logger="lightning_selfish")
     model = TinyLM()
