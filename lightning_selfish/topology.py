@@ -248,15 +248,20 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Activate the ``n`` inactive positions with the highest score."""
-    if n <= 0:
-        return mask.clone()
+def _inactive(mask: Tensor, n: int) -> Tensor:
+    """The inactive positions of ``mask``, checked to number at least ``n`` (the candidates of growth)."""
     inactive = ~mask
     available = int(inactive.count_nonzero())
     if n > available:
         raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
-    return mask | lowest_positions(score.detach().neg(), inactive, n)
+    return inactive
+
+
+def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Activate the ``n`` inactive positions with the highest score."""
+    if n <= 0:
+        return mask.clone()
+    return mask | lowest_positions(score.detach().neg(), _inactive(mask, n), n)
 
 
 def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -276,11 +281,7 @@ def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """
     if n <= 0:
         return mask.clone()
-    inactive = ~mask
-    available = int(inactive.count_nonzero())
-    if n > available:
-        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
-    return mask | _random_subset(inactive, n, generator)
+    return mask | _random_subset(_inactive(mask, n), n, generator)
 
 
 def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
