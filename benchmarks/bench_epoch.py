@@ -2,7 +2,7 @@
 
 Prints one JSON line per phase. The recipe is what ``selfish-rnn fit`` runs: ``LanguageModel`` (stacked LSTM on the
 bundled PTB) + ``LanguageModelingDataModule`` + ``SelfishSparsityCallback`` + ``SNTASGD`` + ``NonMonotonicTrigger``
-+ metrics + TensorBoard logging + progress bar, in a Lightning ``Trainer``. The plain loop is the authors' way:
++ metrics + TensorBoard logging + the progress bar ``selfish-rnn`` installs, in a Lightning ``Trainer``. The plain loop is the authors' way:
 forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights by the masks, on the same
 windows, without Lightning. Both run in one process, alternating (so machine noise hits both alike), and the figure
 is the median over rounds of the time per step from the ``--warmup``-th step to the last (one device sync at each
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from lightning_selfish import SNTASGD, SparseEngine
 from lightning_selfish.gates import detect_gate_layouts
+from recipes.cli import PROGRESS_BAR_REFRESH_RATE, progress_bar
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, detach_hidden
 from recipes.models import StackedLSTM
@@ -106,7 +107,7 @@ def recipe_run(args: argparse.Namespace, data: LanguageModelingDataModule, avera
             logger=pl.loggers.TensorBoardLogger(logs, name="bench"),
             enable_model_summary=False,
             enable_progress_bar=not args.no_progress_bar,
-            callbacks=[watch],
+            callbacks=[watch] if args.no_progress_bar else [watch, progress_bar(args.refresh_rate)],
         )
         trainer.fit(model, datamodule=data)
     return watch
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress-bar", action="store_true", help="the recipe without its progress bar")
+    parser.add_argument(
+        "--refresh-rate", type=int, default=PROGRESS_BAR_REFRESH_RATE, help="batches between redraws (1: Lightning's)"
+    )
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default thresholds (selfish-rnn raises them)"
     )
