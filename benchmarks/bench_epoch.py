@@ -2,9 +2,9 @@
 
 Prints one JSON line per phase. The recipe is what ``selfish-rnn fit`` runs: ``LanguageModel`` (stacked LSTM on the
 bundled PTB) + ``LanguageModelingDataModule`` + ``SelfishSparsityCallback`` + ``SNTASGD`` + ``NonMonotonicTrigger``
-+ metrics + TensorBoard logging + the progress bar ``selfish-rnn`` installs, in a Lightning ``Trainer``. The plain loop is the authors' way:
-forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights by the masks, on the same
-windows, without Lightning. Both run in one process, alternating (so machine noise hits both alike), and the figure
++ metrics + TensorBoard logging + the progress bar ``selfish-rnn`` installs, in a Lightning ``Trainer``. The plain
+loop is the authors' way: forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights
+by the masks, on the same windows, without Lightning. Both run in one process, alternating (so machine noise hits both alike), and the figure
 is the median over rounds of the time per step from the ``--warmup``-th step to the last (one device sync at each
 end, none per step). Phases:
 
