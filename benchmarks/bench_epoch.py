@@ -4,9 +4,9 @@ Prints one JSON line per phase. The recipe is what ``selfish-rnn fit`` runs: ``L
 bundled PTB) + ``LanguageModelingDataModule`` + ``SelfishSparsityCallback`` + ``SNTASGD`` + ``NonMonotonicTrigger``
 + metrics + TensorBoard logging + the progress bar ``selfish-rnn`` installs, in a Lightning ``Trainer``. The plain
 loop is the authors' way: forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights
-by the masks, on the same windows, without Lightning. Both run in one process, alternating (so machine noise hits both alike), and the figure
-is the median over rounds of the time per step from the ``--warmup``-th step to the last (one device sync at each
-end, none per step). Phases:
+by the masks, on the same windows, without Lightning. Both run in one process, alternating (so machine noise hits
+both alike), and the figure is the median over rounds of the time per step from the ``--warmup``-th step to the last
+(one device sync at each end, none per step). Phases:
 
 * ``sgd``: before NT-ASGD's trigger (plain SGD steps);
 * ``averaging``: after it (SNT-ASGD's lifetime averaging every step);
