@@ -230,6 +230,7 @@ def main() -> None:
             "device": device_name,
             "threads": torch.get_num_threads(),
             "malloc_tuned": tuned,
+            "progress_bar_refresh_rate": 0 if args.no_progress_bar else args.refresh_rate,
             "hidden": args.hidden,
             "density": args.density,
             "steps_timed": args.steps - 1 - args.warmup,
