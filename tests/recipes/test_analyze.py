@@ -24,14 +24,6 @@ trainer:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two 3-epoch runs of a tiny sparse stacked LSTM, one mask init, two training seeds, checkpoints every epoch."""

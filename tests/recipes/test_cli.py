@@ -50,14 +50,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def known_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip tokenising PTB / WikiText-2 (seconds each) where only the vocabulary size is needed."""

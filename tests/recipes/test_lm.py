@@ -25,15 +25,6 @@ from recipes.models import ONLSTM, LMOutput, StackedLSTM
 V = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add synchronisation, and they oversubscribe a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny corpus of V-2 word types with a strong bigram structure (learnable in a few steps)."""

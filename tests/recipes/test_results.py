@@ -35,14 +35,6 @@ def row_of(method: str) -> PaperRow:
     raise LookupError(method)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2-epoch run of every method (and a dense one) through ``selfish-rnn fit``; the Selfish-RNN run tested."""
