@@ -89,14 +89,13 @@ class SelfishSparsityCallback(Callback):
         _check_choice("init", init, _INITS)
         _check_choice("removal", removal, tuple(topology.REMOVAL_STRATEGIES))
         _check_choice("growth", growth, tuple(topology.GROWTH_STRATEGIES))
-        if not (
-            update_every == "epoch"
-            or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every > 0)
-        ):
-            raise ValueError(f"update_every must be 'epoch' or a positive number of steps, got {update_every!r}")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
+        if isinstance(update_every, bool) or not isinstance(update_every, (str, int)):
+            raise TypeError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
+        if update_every != "epoch" and not (isinstance(update_every, int) and update_every > 0):
+            raise ValueError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
+            raise TypeError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")

@@ -253,6 +253,8 @@ class SparseEngine:
         rank 0's, so every rank ends with identical masks whatever its floating-point history. ``gradients``
         (from :meth:`dense_gradients`) are used by ``growth="gradient"`` instead of the parameters' ``.grad``.
         """
+        if removal not in topology.REMOVAL_STRATEGIES:
+            raise ValueError(f"removal must be one of {sorted(topology.REMOVAL_STRATEGIES)}, got {removal!r}")
         remove = topology.REMOVAL_STRATEGIES[removal]
         optimizers = list(optimizers)
         removed, grown, newly_active, active = {}, {}, {}, {}

@@ -290,7 +290,7 @@ def test_resume_with_mismatched_masks_fails(tmp_path: Path):
         (dict(sparsity=0.5, init="erk"), ValueError, r"init must be one of \['uniform', 'er'\], got 'erk'"),
         (dict(sparsity=0.5, removal="mag"), ValueError, "removal must be one of"),
         (dict(sparsity=0.5, growth="rigl"), ValueError, r"growth must be one of \['random', 'gradient', 'momentum'\]"),
-        (dict(sparsity=0.5, update_every=0), ValueError, "update_every must be 'epoch' or a positive number"),
+        (dict(sparsity=0.5, update_every=0), ValueError, r"update_every must be 'epoch' or a positive int \(steps\)"),
         (dict(sparsity=0.5, update_every="step"), ValueError, "update_every"),
         (dict(sparsity=0.5, include="rnn.*"), TypeError, "include must be a list"),
     ],

@@ -416,17 +416,18 @@ def test_functional_form_matches_the_class() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"lr": -1.0}, "lr must be a finite number >= 0, got -1.0"),
-        ({"lr": float("nan")}, "lr must be a finite number >= 0"),
-        ({"lr": True}, "lr must be a real number"),
-        ({"lr": 1.0, "weight_decay": -1e-6}, "weight_decay must be a finite number >= 0, got -1e-06"),
+        ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0, got -1.0"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number >= 0"),
+        ({"lr": True}, TypeError, "lr must be a real number"),
+        ({"lr": 1.0, "weight_decay": -1e-6}, ValueError, "weight_decay must be a finite number >= 0, got -1e-06"),
     ],
 )
-def test_bad_hyperparameters(kwargs, match) -> None:
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_hyperparameters(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match) as info:
         SNTASGD(make_params().values(), **kwargs)
+    assert type(info.value) is error
 
 
 def test_bad_param_group() -> None:

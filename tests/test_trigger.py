@@ -283,17 +283,19 @@ def test_monitored_metric_must_be_logged() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"nonmono": 0}, "nonmono must be an int >= 1, got 0"),
-        ({"nonmono": 2.5}, "nonmono must be an int >= 1, got 2.5"),
-        ({"restart_at_epochs": [0]}, "restart_at_epochs must be a list of epoch numbers >= 1"),
-        ({"monitor": ""}, "monitor must be a metric name"),
+        ({"nonmono": 0}, ValueError, "nonmono must be an int >= 1, got 0"),
+        ({"nonmono": 2.5}, TypeError, "nonmono must be an int >= 1, got 2.5"),
+        ({"restart_at_epochs": [0]}, ValueError, "restart_at_epochs must be a list of epoch numbers >= 1"),
+        ({"monitor": ""}, ValueError, "monitor must be a metric name"),
+        ({"monitor": None}, TypeError, "monitor must be a metric name"),
     ],
 )
-def test_bad_arguments(kwargs, match) -> None:
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_arguments(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match) as info:
         NonMonotonicTrigger(**kwargs)
+    assert type(info.value) is error  # the documented type, not a subclass or the other one
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Tests of recipes.data: corpus resolution and checksums, tokenisation, batching, BPTT windows, DataModule.
 
-Real-corpus tests use the copies bundled with the package (always present) and, where the brief asks for the
-canonical files, ``<repo>/../shared/data`` (skipped when absent). Everything else uses a tiny synthetic corpus.
+Real-corpus tests use the copies bundled with the package (always present), checked against the canonical files'
+digests and token counts written below, so they run in every checkout. Everything else uses a tiny synthetic corpus.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from torch import nn
 
 from recipes import data as d
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: SHA256SUMS of the canonical corpora (the reference copy the project was given), one line per file.
+CANONICAL_SHA256SUMS = """\
+dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0  ptb/test.txt
+fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf  ptb/train.txt
+c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2  ptb/valid.txt
+d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0  wikitext-2/test.txt
+9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f  wikitext-2/train.txt
+f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8  wikitext-2/valid.txt
+"""
 
 EXPECTED = {
     "ptb": {"vocab": 10_000, "train": 929_589, "valid": 73_760, "test": 82_430},
@@ -39,18 +46,21 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "SHA256SUMS").is_file():
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache with both bundled corpora extracted (once per session)."""
     root = tmp_path_factory.mktemp("cache")
     for name in d.CORPORA:
         d.resolve_corpus(name, cache_dir=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_data(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reference-style data directory (``SHA256SUMS``, ``ptb/``, ``wikitext-2/``) made from the bundled copies."""
+    root = tmp_path_factory.mktemp("reference")
+    for name in d.CORPORA:
+        copy_corpus(cache_root / name, root / name)
+    (root / "SHA256SUMS").write_text(CANONICAL_SHA256SUMS)
     return root
 
 
@@ -97,8 +107,14 @@ def synthetic(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_bundled_sums_match_reference(shared_data: Path) -> None:
-    assert (d.BUNDLED_DIR / "SHA256SUMS").read_text() == (shared_data / "SHA256SUMS").read_text()
+def test_bundled_sums_match_reference(cache_root: Path) -> None:
+    assert (d.BUNDLED_DIR / "SHA256SUMS").read_text() == CANONICAL_SHA256SUMS
+    extracted = "".join(
+        f"{sha256(cache_root / name / f'{split}.txt')}  {name}/{split}.txt\n"
+        for name in sorted(d.CORPORA)
+        for split in sorted(d.SPLITS)
+    )
+    assert extracted == CANONICAL_SHA256SUMS  # the bundled archives hold exactly the canonical files
 
 
 def test_bundled_archives_hold_exactly_the_checksummed_files(cache_root: Path) -> None:
@@ -177,8 +193,9 @@ def test_missing_file_in_data_dir(cache_root: Path, tmp_path: Path) -> None:
         d.resolve_corpus("ptb", tmp_path / "nowhere")
 
 
-def test_reference_directory_is_accepted(shared_data: Path) -> None:
-    assert d.resolve_corpus("wikitext-2", shared_data / "wikitext-2") == shared_data / "wikitext-2"
+def test_reference_directory_is_accepted(reference_data: Path) -> None:
+    for name in d.CORPORA:
+        assert d.resolve_corpus(name, reference_data / name) == reference_data / name
 
 
 def test_argument_errors(synthetic: Path) -> None:
@@ -269,8 +286,8 @@ def test_download_wikitext2(cache_root: Path, tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.parametrize("name", d.CORPORA)
-def test_token_counts_on_reference_files(name: str, shared_data: Path) -> None:
-    corpus = d.Corpus(shared_data / name)
+def test_token_counts_on_reference_files(name: str, reference_data: Path) -> None:
+    corpus = d.Corpus(reference_data / name)
     expected = EXPECTED[name]
     assert len(corpus) == len(corpus.dictionary) == expected["vocab"]
     for split in d.SPLITS:
