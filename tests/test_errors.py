@@ -19,8 +19,15 @@ from conftest import TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_selfish import SNTASGD, MaskUpdate, NonMonotonicTrigger, SelfishSparsityCallback, SparseEngine, sntasgd
-from lightning_selfish import topology
+from lightning_selfish import (
+    SNTASGD,
+    MaskUpdate,
+    NonMonotonicTrigger,
+    SelfishSparsityCallback,
+    SparseEngine,
+    sntasgd,
+    topology,
+)
 from lightning_selfish.gates import normalize_layout
 
 # --------------------------------------------------------------------------------------------------------------
