@@ -17,7 +17,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the tests (conftest) and the checkout under test, not whichever copy of the library is installed
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
 from conftest import make_trainer  # noqa: E402
 from test_trigger import AvgLM, pattern_loader  # noqa: E402
