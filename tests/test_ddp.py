@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "sparsity_ddp.py"
 
 
+@pytest.mark.subprocess
 def test_masks_identical_on_every_rank(tmp_path: Path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

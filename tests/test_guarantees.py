@@ -226,6 +226,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.subprocess
 def test_a_killed_run_resumes_exactly_from_its_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL in the middle of epoch 4 (no hook runs, nothing is flushed), then fit(ckpt_path=last.ckpt)."""
     full = run_script("full", str(tmp_path / "full"))

@@ -437,6 +437,7 @@ def test_sparsity_callback_with_adam_and_momentum_sgd(optimizer) -> None:
 
 
 @needs_sparsity
+@pytest.mark.subprocess
 def test_ddp_two_processes_keep_identical_averages(tmp_path: Path) -> None:
     script = Path(__file__).parent / "ddp_scripts" / "sntasgd_ddp.py"
     done = subprocess.run(
