@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_selfish import SparseEngine, topology
+from lightning_selfish import SNTASGD, SparseEngine, sntasgd, topology
 from lightning_selfish.optim_state import MaskUpdate
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,3 +255,177 @@ def test_update_tells_mask_aware_optimizers_the_live_mask():
     engine = SparseEngine({"w": param}, {"w": torch.rand(4, 5) < 0.5})
     engine.attach(Aware([param], lr=0.1))
     assert seen[0].old is None and torch.equal(seen[0].kept, seen[0].new) and seen[0].kept is not seen[0].new
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SNTASGD
+# --------------------------------------------------------------------------------------------------------------
+
+
+def two_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(6, 5, generator=g).to(dtype)), nn.Parameter(torch.randn(5, generator=g).to(dtype))]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 1.0, 0.25])
+def test_sntasgd_sgd_phase_with_maximize_and_weight_decay(foreach, weight_decay):
+    ours, theirs = two_params(), two_params()
+    opt = SNTASGD(ours, lr=0.125, weight_decay=weight_decay, maximize=True, foreach=foreach)
+    sgd = torch.optim.SGD(theirs, lr=0.125, weight_decay=weight_decay, maximize=True)
+    for step in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.sin(a.detach() * (step + 1))
+            b.grad = a.grad.clone()
+        grads = [p.grad.clone() for p in ours]
+        opt.step()
+        sgd.step()
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, ours))  # the step leaves the gradients alone
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_sntasgd_defaults_and_state_flags():
+    params, reference = two_params(), two_params()
+    opt = SNTASGD(params, lr=0.5)
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.swapped is False and opt.averaging is False
+    sgd = torch.optim.SGD(reference, lr=0.5)
+    for p, q in zip(params, reference):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
+def test_sntasgd_unpickles_an_older_state():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    state = opt.__getstate__()
+    state = {k: v for k, v in state.items() if k not in ("_masks", "_swapped")}
+    for group in state["param_groups"]:
+        for key in ("maximize", "foreach", "averaging"):
+            group.pop(key)
+    old = SNTASGD.__new__(SNTASGD)
+    old.__setstate__(state)
+    assert old._masks == {} and old._swapped is False
+    assert [(g["maximize"], g["foreach"], g["averaging"]) for g in old.param_groups] == [(False, None, False)]
+    old.set_masks({params[0]: torch.ones(6, 5, dtype=torch.bool)})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = params[1].detach().clone()
+    old.step()
+    assert torch.equal(params[1], before - 0.5)  # minimizes
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sntasgd_in_bfloat16_keeps_exact_lifetimes(foreach):
+    """bf16 weights, float32 counters: 1/age in bf16 (1/3 is inexact) would make the counter drift."""
+    params = two_params(torch.bfloat16)
+    opt = SNTASGD(params, lr=0.25, weight_decay=0.5, foreach=foreach)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0] = False
+    opt.set_masks({params[0]: mask})
+    opt.start_averaging()
+    history = []
+    for _ in range(7):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        with torch.no_grad():
+            params[0].mul_(mask)
+        history.append(params[0].detach().float().clone())
+    age = opt.state[params[0]]["age"]
+    assert age.dtype == torch.float32 and torch.equal(age, mask.float() * 8)
+    average = opt.averaged_parameters()[0]
+    assert average.dtype == torch.bfloat16 and (average[~mask] == 0).all()
+    torch.testing.assert_close(average.float(), torch.stack(history).mean(0), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sntasgd_averages_stay_zero_where_no_weight_exists_with_the_engine(foreach):
+    """The engine does not re-zero SNTASGD's state after a step (keeps_inactive_state_zero), while the SGD update
+    does move inactive weights until the post-hook re-zeroes them: the average must not follow them there."""
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5, foreach=foreach)
+    engine = SparseEngine({"w": params[0]}, {"w": torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) < 0.5})
+    engine.attach(opt)
+    opt.start_averaging()
+    mask = engine.tensors["w"].mask
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert (params[0][~mask] == 0).all()
+    assert (opt.state[params[0]]["ax"][~mask] == 0).all() and (opt.state[params[0]]["ax"][mask] != 0).all()
+
+
+def test_sntasgd_skips_parameters_without_gradients_only():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    before = [p.detach().clone() for p in params]
+    params[1].grad = torch.ones(5)  # the first parameter has no gradient
+    opt.step()
+    assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1] - 0.5)
+    assert "ax" not in opt.state[params[0]] and opt.state[params[1]]["n"] == 1
+
+
+def test_sntasgd_restart_before_start_and_with_foreign_state():
+    params = two_params()
+    sgd = torch.optim.SGD(params, lr=0.5)  # momentum 0: leaves {"momentum_buffer": None} per parameter
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    opt = SNTASGD(params, lr=0.5)
+    opt.load_state_dict(sgd.state_dict())
+    opt.restart_averaging()  # starts averaging too; no average exists yet
+    assert opt.averaging
+    params[0].grad = None
+    opt.step()
+    opt.restart_averaging()  # the first parameter has no average, the second one does
+    assert opt.state[params[1]]["n"] == 0 and torch.equal(opt.state[params[1]]["ax"], params[1].detach())
+
+
+def test_sntasgd_masks_attached_before_loading_a_dense_average():
+    params = two_params()
+    dense = SNTASGD(params, lr=0.5)
+    dense.start_averaging()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    dense.step()
+    saved = dense.state_dict()
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) < 0.5
+    opt = SNTASGD(params, lr=0.5)
+    opt.set_masks({params[0]: mask})
+    opt.load_state_dict(saved)
+    state = opt.state[params[0]]
+    assert "n" not in state and torch.equal(state["age"], mask.float() * 2)  # one averaged step so far
+    assert (state["ax"][~mask] == 0).all()
+
+
+def test_sntasgd_argument_messages():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    with pytest.raises(ValueError, match=r"parameter group 1: weight_decay must be a finite number >= 0, got -1"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "weight_decay": -1})
+    with pytest.raises(
+        ValueError, match=r"the mask of parameter 0 must be a bool tensor of shape \(6, 5\), got torch.bool"
+    ):
+        opt.set_masks({params[0]: torch.ones(5, 6, dtype=torch.bool)})
+    with pytest.raises(
+        ValueError, match=r"update.kept for parameter 0 must be a bool tensor of shape \(6, 5\), got torch"
+    ):
+        opt.on_mask_update(params[0], MaskUpdate(None, torch.ones(6, 5), torch.ones(6, 5, dtype=torch.bool)))
+    g = [torch.ones(6, 5), torch.ones(5)]
+    with pytest.raises(ValueError, match=r"got 2 params, axs=2, ages=None, ns=2"):
+        sntasgd(params, g, [torch.zeros(6, 5), torch.zeros(5)], None, [1, 1], lr=0.1)
+    with pytest.raises(ValueError, match=r"got 2 params, axs=2, ages=2, ns=None"):
+        sntasgd(params, g, [torch.zeros(6, 5), torch.zeros(5)], [None, None], None, lr=0.1)
+    with pytest.raises(ValueError, match=r"^SNTASGD.load_state_dict: expected an optimizer state dict"):
+        opt.load_state_dict({"state": {}})
+    other = SNTASGD([params[0]], lr=0.5)
+    with pytest.raises(
+        ValueError, match=r"0 has 1 parameters here and 2 in the state dict: it was saved from a different"
+    ):
+        other.load_state_dict(opt.state_dict())
