@@ -121,7 +121,8 @@ class SelfishSparsityCallback(Callback):
         self.verbose = verbose
 
         self.engine: SparseEngine | None = None
-        self._generator = torch.Generator()
+        self._generator = torch.Generator()  # replaced at fit start by one on the parameters' device
+        self._seed: int | None = None
         self._total_steps = 0
         self._num_updates = 0
         self._last_update_step = -1
@@ -174,6 +175,8 @@ class SelfishSparsityCallback(Callback):
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
         self._total_steps = self._run_length(trainer)
+        # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
+        self._generator = torch.Generator(device=next(iter(params.values())).device)
         if self._loaded_state is not None:
             self.engine = self._restore_engine(params, layouts)
         else:
@@ -182,7 +185,8 @@ class SelfishSparsityCallback(Callback):
                     f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
                     "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
                 )
-            self._generator.manual_seed(self._shared_seed(trainer))
+            self._seed = self._shared_seed(trainer)
+            self._generator.manual_seed(self._seed)
             self._num_updates, self._last_update_step, self._last_updated_epoch = 0, -1, -1
             self._skip_next_update, self._gradients = False, None
             self.engine = SparseEngine.initialize(
@@ -248,6 +252,8 @@ class SelfishSparsityCallback(Callback):
         return {
             "masks": {name: mask.detach().cpu().clone() for name, mask in self.engine.masks.items()},
             "generator": self._generator.get_state(),
+            "generator_device": self._generator.device.type,
+            "seed": self._seed,
             "num_updates": self._num_updates,
             "last_update_step": self._last_update_step,
             "last_updated_epoch": self._last_updated_epoch,
@@ -314,8 +320,8 @@ class SelfishSparsityCallback(Callback):
                 f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
                 f"sparsity={self.sparsity}: resume with the same sparsity"
             )
-        self._generator.set_state(state["generator"])
         self._num_updates = state["num_updates"]
+        self._restore_generator(state)
         self._last_update_step = state["last_update_step"]
         self._last_updated_epoch = state["last_updated_epoch"]
         self._gradients = state.get("gradients")
@@ -323,6 +329,24 @@ class SelfishSparsityCallback(Callback):
         engine = SparseEngine(params, masks, layouts, self.gate_redistribution)
         engine.apply_masks_()
         return engine
+
+    def _restore_generator(self, state: dict[str, Any]) -> None:
+        saved_on = state.get("generator_device", "cpu")  # checkpoints before device-side growth: a CPU generator
+        self._seed = state.get("seed")
+        if saved_on == self._generator.device.type:
+            self._generator.set_state(state["generator"])
+            return
+        # A CPU generator's state means nothing to a CUDA generator and vice versa. The masks themselves resume
+        # exactly; only the random stream of later growth is new, seeded from the run's seed and update count.
+        reseed = ((self._seed or 0) * 1_000_003 + self._num_updates) % 2**62
+        self._generator.manual_seed(reseed)
+        log.warning(
+            "SelfishSparsityCallback: the checkpoint's random generator was on %s, the parameters are now on %s: "
+            "later random growth continues from a new stream seeded %d (the masks themselves resume exactly)",
+            saved_on,
+            self._generator.device.type,
+            reseed,
+        )
 
     def _update(self, trainer: pl.Trainer) -> None:
         assert self.engine is not None

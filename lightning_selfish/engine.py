@@ -46,7 +46,7 @@ class SparseTensor:
 
     @property
     def active(self) -> int:
-        return int(self.mask.sum())
+        return int(self.mask.count_nonzero())
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class SparseEngine:
             raise ValueError(f"removal must be one of {sorted(topology.REMOVAL_STRATEGIES)}, got {removal!r}")
         remove = topology.REMOVAL_STRATEGIES[removal]
         optimizers = list(optimizers)
-        removed, grown, newly_active, active = {}, {}, {}, {}
+        counts: dict[str, Tensor] = {}  # per tensor: removed, grown, newly active, active; read back once at the end
         for name, record in self.tensors.items():
             param, mask = record.param, record.mask
             growth_input = self._growth_input(record, growth, generator, optimizers, gradients)
@@ -265,7 +265,7 @@ class SparseEngine:
             new = mask.clone()
             for rows in record.groups:
                 block = mask[rows]
-                n = topology.removal_count(int(block.sum()), prune_rate)
+                n = topology.removal_count(int(block.count_nonzero()), prune_rate)
                 kept[rows] = remove(param[rows], block, n)
                 source = growth_input if isinstance(growth_input, torch.Generator) else growth_input[rows]
                 new[rows] = topology.GROWTH_STRATEGIES[growth](kept[rows], n, source)
@@ -278,10 +278,16 @@ class SparseEngine:
             mask.copy_(new)
             record.mask_as_param.copy_(new)
             reset_optimizer_state(optimizers, param, MaskUpdate(old, kept, mask))
-            removed[name] = int((old & ~kept).sum())
-            grown[name] = int((new & ~kept).sum())
-            newly_active[name] = int((new & ~old).sum())
-            active[name] = int(new.sum())
+            counts[name] = torch.stack(
+                [
+                    (old & ~kept).count_nonzero(),
+                    (new & ~kept).count_nonzero(),
+                    (new & ~old).count_nonzero(),
+                    new.count_nonzero(),
+                ]
+            )
+        table = dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
+        removed, grown, newly_active, active = ({name: row[k] for name, row in table.items()} for k in range(4))
         return UpdateStats(prune_rate, removed, grown, newly_active, active)
 
     @staticmethod
@@ -324,13 +330,13 @@ class SparseEngine:
         report: dict[str, float] = {}
         active_total = numel_total = 0
         for name, record in self.tensors.items():
-            active = int(record.mask.sum())
+            active = int(record.mask.count_nonzero())
             active_total += active
             numel_total += record.mask.numel()
             report[name] = 1.0 - active / record.mask.numel()
             for gate, rows in record.gates or []:
                 block = record.mask[rows]
-                report[f"{name}/{gate}"] = 1.0 - int(block.sum()) / block.numel()
+                report[f"{name}/{gate}"] = 1.0 - int(block.count_nonzero()) / block.numel()
         report["overall"] = 1.0 - active_total / numel_total if numel_total else 0.0
         return report
 

@@ -7,8 +7,14 @@ engine can compose them per tensor or per gate and a new method is a new functio
 Counts are exact everywhere: initial masks pick exactly ``round(density * numel)`` positions (not a Bernoulli draw,
 which only meets the count on average), removal drops exactly ``n`` and growth adds exactly ``n``.
 
-Randomness comes from an explicit CPU ``torch.Generator`` so that masks are identical on every DDP rank, identical
-on CPU and GPU for the same weights, and restorable from a checkpoint.
+Every selection is "the ``n`` candidate positions with the lowest score" (:func:`lowest_positions`): magnitude
+removal scores by ``|w|``, gradient and momentum growth by ``-|g|``, random growth and random masks by uniform
+random scores drawn on the device from an explicit ``torch.Generator`` (the lowest ``n`` of i.i.d. uniform scores
+are a uniformly random ``n``-subset). Nothing passes over every element on the host: on a GPU a selection is one
+``topk``; on the CPU, where ``topk`` with a large ``k`` is slow, it is a ``kthvalue`` over the candidates' scores
+and a threshold. Masks are restorable from the generator's state and identical on every DDP rank (the callback
+also broadcasts rank 0's outcome); the same seed gives different masks on a CPU and on a GPU, whose generators
+differ.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ __all__ = [
     "cosine_prune_rate",
     "erdos_renyi_counts",
     "gradient_growth",
+    "lowest_positions",
     "magnitude_removal",
     "momentum_growth",
     "random_growth",
@@ -47,14 +54,22 @@ def uniform_count(numel: int, density: float) -> int:
     return int(round(density * numel))
 
 
-def random_mask(shape: torch.Size | Sequence[int], count: int, generator: torch.Generator) -> Tensor:
-    """A bool mask of ``shape`` with exactly ``count`` active positions, uniformly at random (on the CPU)."""
+def random_mask(
+    shape: torch.Size | Sequence[int],
+    count: int,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``count`` active positions, uniformly at random.
+
+    The random scores are drawn on the generator's device; the mask is returned on ``device`` (default: there).
+    """
     numel = math.prod(shape)
     if not 0 <= count <= numel:
         raise ValueError(f"count must be in [0, {numel}] for a tensor of shape {tuple(shape)}, got {count}")
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[torch.randperm(numel, generator=generator)[:count]] = True
-    return mask.view(*shape)
+    everywhere = torch.ones(tuple(shape), dtype=torch.bool, device=generator.device)
+    mask = _random_subset(everywhere, count, generator)
+    return mask if device is None else mask.to(device)
 
 
 def erdos_renyi_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
@@ -112,14 +127,80 @@ def removal_count(active: int, prune_rate: float) -> int:
     return min(active, int(math.ceil(prune_rate * active - 1e-9)))
 
 
+def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
+    """Bool mask of exactly ``n`` of the ``candidates`` positions: those with the lowest ``score``.
+
+    Ties at the ``n``-th lowest value are broken by position (lowest flat index first) on the CPU and by ``topk``'s
+    order on a GPU; NaN scores count as the highest. On a GPU this is one ``topk`` over the masked scores, without a
+    host sync. On the CPU, where ``topk`` with ``k`` in the millions is slow, the ``n``-th lowest candidate score is
+    found by selection in a narrow band (:func:`_kth_lowest`) and the positions by a threshold over the tensor.
+    """
+    chosen = torch.zeros_like(candidates)
+    if n <= 0:
+        return chosen
+    available = int(candidates.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot choose {n} positions among {available} candidates")
+    if n == available:
+        return candidates.clone()
+    if score.device.type == "cpu":
+        kth = _kth_lowest(score.reshape(-1), candidates.reshape(-1), n, available)
+        if kth is not None:
+            torch.logical_and(candidates, score < kth, out=chosen)
+            missing = n - int(chosen.count_nonzero())  # >= 1: the n-th lowest value itself
+            ties = candidates & (score == kth)
+            tied = int(ties.count_nonzero())
+            if tied == missing:  # the usual case: no other candidate shares the n-th value
+                return chosen.logical_or_(ties)
+            if tied > missing:
+                chosen.view(-1)[ties.view(-1).nonzero().squeeze(1)[:missing]] = True
+                return chosen
+            chosen.zero_()  # NaN scores (diverged weights): the general path below orders them last
+    # topk orders NaN after every number: non-candidates become NaN, candidates' own NaN become +inf.
+    score = score.detach().flatten()
+    flat = torch.where(score.isnan(), math.inf, score).masked_fill_(~candidates.flatten(), math.nan)
+    chosen.view(-1)[torch.topk(flat, n, largest=False, sorted=False).indices] = True
+    return chosen
+
+
+_SAMPLE = 1 << 16  # scores sampled to bracket the n-th lowest one (CPU)
+
+
+def _kth_lowest(score: Tensor, candidates: Tensor, n: int, available: int) -> Tensor | None:
+    """The ``n``-th lowest score among the candidates of a flat tensor, on the CPU (None: NaN scores in the way).
+
+    Selection in the style of Floyd and Rivest: the quantile ``n / available`` of a random sample of the candidates'
+    scores brackets the answer in a band ``[low, high)`` that holds about 1 % of the candidates; counting below the
+    band and a ``kthvalue`` inside it give the exact value. A sample that misses (rare: the band is eight standard
+    deviations wide) falls back to a ``kthvalue`` over all candidates. Each pass over the tensor is a comparison,
+    so this costs a few elementwise passes instead of a copy and a partial sort of every candidate.
+    """
+    if score.numel() > 4 * _SAMPLE:
+        picks = torch.randint(score.numel(), (_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        sample = score[picks][candidates[picks]].sort().values
+        m = sample.numel()
+        if m >= _SAMPLE // 64:
+            fraction = n / available
+            margin = 8.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
+            low_rank, high_rank = int(fraction * m - margin), int(math.ceil(fraction * m + margin))
+            below = candidates & (score < sample[low_rank]) if low_rank >= 0 else None
+            under = int(below.count_nonzero()) if below is not None else 0
+            band = candidates & (score < sample[high_rank]) if high_rank < m else candidates.clone()
+            if below is not None:
+                band.logical_and_(~below)
+            values = score[band]
+            if under < n <= under + values.numel():
+                return torch.kthvalue(values, n - under).values
+    values = score[candidates]
+    kth = torch.kthvalue(values, n).values
+    return None if torch.isnan(kth) else kth
+
+
 def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
     """Deactivate the ``n`` active positions with the lowest score."""
-    kept = mask.clone()
     if n <= 0:
-        return kept
-    candidates = score.masked_fill(~mask, math.inf).flatten()
-    kept.view(-1)[torch.topk(candidates, n, largest=False, sorted=False).indices] = False
-    return kept
+        return mask.clone()
+    return mask & ~lowest_positions(score, mask, n)
 
 
 def magnitude_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -134,8 +215,8 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
     """
     w = weight.detach()
     positive = mask & (w >= 0)
-    n_positive = int(positive.sum())
-    n_negative = int(mask.sum()) - n_positive
+    n_positive = int(positive.count_nonzero())
+    n_negative = int(mask.count_nonzero()) - n_positive
     take_positive = min(n_positive, max(n - n_negative, (n + 1) // 2))
     kept = _drop_lowest(w, positive, take_positive) | (mask & ~positive)
     return _drop_lowest(-w, kept & (w < 0), n - take_positive) | (kept & (w >= 0))
@@ -147,29 +228,38 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 
 
 def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    grown = mask.clone()
+    """Activate the ``n`` inactive positions with the highest score."""
     if n <= 0:
-        return grown
-    candidates = score.masked_fill(mask, -math.inf).flatten()
-    grown.view(-1)[torch.topk(candidates, n, sorted=False).indices] = True
-    return grown
+        return mask.clone()
+    inactive = ~mask
+    available = int(inactive.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
+    return mask | lowest_positions(score.detach().neg(), inactive, n)
+
+
+def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Exactly ``n`` of the candidate positions, uniformly at random: those with the ``n`` lowest of i.i.d. uniform
+    scores drawn on the generator's device (so every ``n``-subset of the candidates is equally likely)."""
+    if n <= 0:
+        return torch.zeros_like(candidates)
+    score = torch.rand(candidates.shape, generator=generator, device=generator.device).to(candidates.device)
+    return lowest_positions(score, candidates, n)
 
 
 def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """Activate ``n`` inactive positions uniformly at random (Eq. 3).
 
-    The draw is a CPU ``randperm`` over the inactive positions, so it depends only on the generator state and the
-    mask: the same on every rank and every device.
+    The random scores come from ``generator`` on its own device (keep it on the parameters' device: a GPU draws
+    them where the mask lives), so the outcome depends only on the generator's state and the mask.
     """
-    grown = mask.clone()
     if n <= 0:
-        return grown
-    inactive = (~mask).flatten().nonzero().squeeze(1)
-    if n > inactive.numel():
-        raise ValueError(f"cannot grow {n} weights: only {inactive.numel()} positions are inactive")
-    pick = torch.randperm(inactive.numel(), generator=generator)[:n].to(inactive.device)
-    grown.view(-1)[inactive[pick]] = True
-    return grown
+        return mask.clone()
+    inactive = ~mask
+    available = int(inactive.count_nonzero())
+    if n > available:
+        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
+    return mask | _random_subset(inactive, n, generator)
 
 
 def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:

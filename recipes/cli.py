@@ -31,6 +31,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
+from recipes.runtime import keep_freed_memory_for_reuse
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The bundled recipes (``recipes/configs/*.yaml``)."""
@@ -140,6 +141,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``selfish-rnn`` console script."""
     configure_logging()
+    keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
     build_cli(args)
 
 

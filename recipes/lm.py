@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
+from recipes.metrics import TokenWeightedCrossEntropy
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
@@ -192,9 +192,9 @@ class LanguageModel(pl.LightningModule):
         self.beta = float(getattr(network, "beta", 0.0) or 0.0)
 
         # Token-weighted means of the cross-entropy over a whole split: perplexity is exp of these.
-        self.train_ce = MeanMetric()
-        self.val_ce = MeanMetric()
-        self.test_ce = MeanMetric()
+        self.train_ce = TokenWeightedCrossEntropy()
+        self.val_ce = TokenWeightedCrossEntropy()
+        self.test_ce = TokenWeightedCrossEntropy()
 
         self._train_hidden: tuple[int, Any] | None = None  # (batch size, detached state) carried across windows
         self._eval_hidden: tuple[int, Any] | None = None
@@ -257,12 +257,21 @@ class LanguageModel(pl.LightningModule):
         reg = self.regularization(out.ar, out.tar)
         if reg is not None:
             loss = ce + reg
-            self.log("train_reg", reg.detach(), on_step=True, on_epoch=False)
         ce = ce.detach()
         self.train_ce.update(ce, tokens)
-        self.log("train_loss", ce, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train_ppl", torch.exp(ce), on_step=True, on_epoch=False, prog_bar=True)
+        # Lightning reads every logged progress-bar value back to the host, a GPU sync per step: log the step's
+        # loss only at the steps whose metrics Lightning writes (every log_every_n_steps).
+        if self._logs_this_step():
+            if reg is not None:
+                self.log("train_reg", reg.detach(), on_step=True, on_epoch=False)
+            self.log("train_loss", ce, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train_ppl", torch.exp(ce), on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _logs_this_step(self) -> bool:
+        # Lightning's own rule for the steps whose metrics reach the loggers (private, stable across 2.x).
+        trainer = self._trainer
+        return trainer is None or trainer._logger_connector.should_update_logs
 
     def on_train_epoch_end(self) -> None:
         if self.train_ce.update_count:
@@ -323,7 +332,7 @@ class LanguageModel(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split("test", self.test_ce)
 
-    def _log_split(self, split: str, metric: MeanMetric) -> None:
+    def _log_split(self, split: str, metric: TokenWeightedCrossEntropy) -> None:
         # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1) (MODELS.md 1.5).
         if metric.update_count:
             mean = metric.compute()

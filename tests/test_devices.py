@@ -1,0 +1,188 @@
+"""The callback where users train: state on the parameters' device, cuDNN's flat weights, mixed precision, compile.
+
+Every test runs on the CPU (what CI has) and, marked ``gpu``, on CUDA when a GPU is present
+(``python -m pytest -m gpu`` runs just those; ``benchmarks/run_all.py`` runs them on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TinyLM, make_trainer, token_loader
+
+from lightning_selfish import SNTASGD, SelfishSparsityCallback
+from lightning_selfish.engine import SparseEngine
+
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
+DEVICES = ["cpu", CUDA]
+
+
+class SNTASGDLM(TinyLM):
+    """TinyLM trained with SNT-ASGD, averaging from the first step."""
+
+    def configure_optimizers(self):
+        optimizer = SNTASGD(self.parameters(), lr=1.0, weight_decay=1.2e-6)
+        optimizer.start_averaging()
+        return optimizer
+
+
+def accelerator(device: str) -> dict:
+    return {"accelerator": "gpu" if device == "cuda" else "cpu"}
+
+
+def assert_inactive_weights_are_zero(model: torch.nn.Module, callback: SelfishSparsityCallback) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in callback.masks.items():
+        assert params[name][~mask].abs().max() == 0, name
+
+
+class EnforcementCounter:
+    """Counts the library's own re-zeroing calls (the step post-hook), whoever registered it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = SparseEngine.enforce_after_step_
+
+        def counted(engine, *args, **kwargs):
+            self.calls += 1
+            return original(engine, *args, **kwargs)
+
+        monkeypatch.setattr(SparseEngine, "enforce_after_step_", counted)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("optimizer", ["adam", "sntasgd"])
+def test_masks_generator_and_optimizer_state_live_on_the_parameters_device(device: str, optimizer: str) -> None:
+    model = SNTASGDLM() if optimizer == "sntasgd" else TinyLM(optimizer="adam")
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    make_trainer([callback], max_epochs=2, limit_train_batches=3, **accelerator(device)).fit(
+        model, token_loader(), token_loader(1, windows=2)
+    )
+    assert callback._generator.device.type == device
+    for record in callback.engine.tensors.values():
+        assert record.mask.device == record.param.device == record.mask_as_param.device
+        assert record.param.device.type == device
+    state = [value for s in model.trainer.optimizers[0].state.values() for value in s.values()]
+    assert state and all(value.device.type == device for value in state if isinstance(value, torch.Tensor))
+    assert_inactive_weights_are_zero(model, callback)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_records_the_generator_device_and_seed(device: str) -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=7)
+    make_trainer([callback], max_epochs=1, limit_train_batches=2, **accelerator(device)).fit(TinyLM(), token_loader())
+    state = callback.state_dict()
+    assert state["generator_device"] == device and state["seed"] == 7
+    assert torch.equal(state["generator"], callback._generator.get_state())
+
+
+def test_a_generator_state_from_another_device_reseeds_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA checkpoint resumed on the CPU: masks resume exactly, later growth draws from a new, logged stream."""
+    first = SelfishSparsityCallback(sparsity=0.5, seed=3)
+    make_trainer([first], max_epochs=1, limit_train_batches=2).fit(TinyLM(), token_loader())
+    state = first.state_dict()
+    state["generator_device"] = "cuda"
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
+    resumed = SelfishSparsityCallback(sparsity=0.5, seed=3)
+    resumed.load_state_dict(state)
+    caplog.set_level("WARNING", logger="lightning_selfish")
+    model = TinyLM()
+    resumed.on_fit_start(make_trainer([resumed], max_epochs=1), model)
+    assert "random generator was on cuda" in caplog.text
+    expected = torch.Generator().manual_seed((3 * 1_000_003 + state["num_updates"]) % 2**62).get_state()
+    assert torch.equal(resumed._generator.get_state(), expected)
+    for name, mask in resumed.masks.items():
+        assert torch.equal(mask, state["masks"][name])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_flat_lstm_weights_stay_valid_through_enforcement_and_updates(device: str) -> None:
+    """In-place enforcement: the parameters keep their storage, so cuDNN's flat weight buffer stays the one in use."""
+    model = TinyLM()
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    pointers: list[list[int]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pointers.append([w.data_ptr() for w in pl_module.rnn._flat_weights])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([callback, Record()], max_epochs=3, limit_train_batches=3, **accelerator(device)).fit(
+            model, token_loader()
+        )
+    assert len(pointers) == 9 and all(p == pointers[0] for p in pointers)
+    assert not [w for w in caught if "contiguous chunk of memory" in str(w.message)]
+    assert callback._num_updates == 2
+    assert_inactive_weights_are_zero(model, callback)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_keeps_masks_and_exact_zeros(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = EnforcementCounter(monkeypatch)
+    model = SNTASGDLM()
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    make_trainer([callback], max_epochs=2, limit_train_batches=3, precision="bf16-mixed", **accelerator(device)).fit(
+        model, token_loader()
+    )
+    assert counter.calls == 6  # once per real step
+    assert_inactive_weights_are_zero(model, callback)
+    optimizer = model.trainer.optimizers[0]
+    for name, mask in callback.masks.items():
+        param = dict(model.named_parameters())[name]
+        assert optimizer.state[param]["ax"][~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_skipped_by_the_grad_scaler_neither_rezeroes_nor_counts(device: str, monkeypatch) -> None:
+    """fp16 loss scaling: a step with an inf gradient is skipped; the post-hook and SNT-ASGD's ages skip it too."""
+    counter = EnforcementCounter(monkeypatch)
+    torch.manual_seed(0)
+    model = SNTASGDLM().to(device)
+    params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    engine = SparseEngine.initialize(params, 0.5, torch.Generator(device=device).manual_seed(0))
+    optimizer = model.configure_optimizers()
+    engine.attach(optimizer)
+    scaler = torch.amp.GradScaler(device)
+    x = torch.randint(0, 40, (6, 4), device=device)
+
+    def step(poison: bool) -> None:
+        optimizer.zero_grad()
+        model.hidden = None
+        with torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16):
+            loss = model(x).float().mean()
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        scaler.step(optimizer)
+        scaler.update()
+
+    step(poison=False)
+    weights = {n: p.detach().clone() for n, p in params.items()}
+    ages = {n: optimizer.state[p]["age"].clone() for n, p in params.items()}
+    step(poison=True)
+    assert counter.calls == 1  # the skipped step did not run the post-hook
+    for name, param in params.items():
+        assert torch.equal(param, weights[name]), name
+        assert torch.equal(optimizer.state[param]["age"], ages[name]), name
+    step(poison=False)
+    assert counter.calls == 2
+    for name, param in params.items():
+        assert torch.equal(optimizer.state[param]["age"], ages[name] + engine.masks[name].float()), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_trains_with_the_callback_and_keeps_the_masks(device: str) -> None:
+    """``module.compile()`` (the forward compiled in place, parameter names unchanged): fits, masks hold."""
+    model = TinyLM()
+    model.compile(backend="aot_eager" if device == "cpu" else "inductor")
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    make_trainer([callback], max_epochs=2, limit_train_batches=3, **accelerator(device)).fit(model, token_loader())
+    assert callback._num_updates == 1
+    assert_inactive_weights_are_zero(model, callback)
+    assert all(0 < int(mask.sum()) < mask.numel() for mask in callback.masks.values())
