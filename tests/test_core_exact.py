@@ -429,3 +429,56 @@ def test_sntasgd_argument_messages():
         ValueError, match=r"0 has 1 parameters here and 2 in the state dict: it was saved from a different"
     ):
         other.load_state_dict(opt.state_dict())
+
+
+def test_sntasgd_averaging_step_leaves_the_gradients_alone():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)  # no weight decay, not maximize: the step's gradient is p.grad itself
+    opt.set_masks({params[0]: torch.ones(6, 5, dtype=torch.bool)})
+    opt.start_averaging()
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.full_like(p, 0.25)
+        opt.step()
+        assert all((p.grad == 0.25).all() for p in params)
+
+
+def test_functional_sntasgd_defaults_to_no_weight_decay_and_handles_several_dtypes():
+    params = [torch.ones(3), torch.ones(2, dtype=torch.float64)]
+    grads = [torch.full((3,), 0.5), torch.full((2,), 0.5, dtype=torch.float64)]
+    sntasgd(params, grads, lr=1.0)
+    assert torch.equal(params[0], torch.full((3,), 0.5))
+    sntasgd(params, grads, lr=1.0, foreach=True)  # one bucket per dtype, each stepped
+    assert torch.equal(params[0], torch.zeros(3)) and torch.equal(params[1], torch.zeros(2, dtype=torch.float64))
+
+
+def test_sntasgd_averaged_and_raw_whether_swapped_or_not():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    average, raw = opt.state[params[0]]["ax"].clone(), params[0].detach().clone()
+    assert all(torch.equal(a, b) for a, b in zip(opt._averaged_and_raw(params[0]), (average, raw)))
+    with opt.swap_averaged():  # a checkpoint written while the averages are in the model
+        assert all(torch.equal(a, b) for a, b in zip(opt._averaged_and_raw(params[0]), (average, raw)))
+    assert opt._averaged_and_raw(nn.Parameter(torch.ones(2))) is None
+
+
+def test_sntasgd_layout_messages():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    with pytest.raises(
+        ValueError, match=r"has 2 parameter groups, this optimizer has 1: it was saved from a different "
+    ):
+        SNTASGD(params, lr=0.5).load_state_dict({"state": {}, "param_groups": saved["param_groups"] * 2})
+    swapped = [nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(6, 5))]
+    with pytest.raises(ValueError, match=r"saved 'ax' has shape \(6, 5\): the state dict was saved from a different "):
+        SNTASGD(swapped, lr=0.5).load_state_dict(saved)
