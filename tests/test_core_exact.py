@@ -475,9 +475,7 @@ def test_sntasgd_layout_messages():
         p.grad = torch.ones_like(p)
     opt.step()
     saved = opt.state_dict()
-    with pytest.raises(
-        ValueError, match=r"has 2 parameter groups, this optimizer has 1: it was saved from a different "
-    ):
+    with pytest.raises(ValueError, match=r"groups, this optimizer has 1: it was saved from a different "):
         SNTASGD(params, lr=0.5).load_state_dict({"state": {}, "param_groups": saved["param_groups"] * 2})
     swapped = [nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(6, 5))]
     with pytest.raises(ValueError, match=r"saved 'ax' has shape \(6, 5\): the state dict was saved from a different "):
