@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 # locally every run draws fresh examples (and replays the failing ones from .hypothesis/). HYPOTHESIS_PROFILE
 # picks a profile explicitly, e.g. ``HYPOTHESIS_PROFILE=ci`` to reproduce CI.
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+    "ci",
+    derandomize=True,
+    database=None,  # nothing written to .hypothesis/
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev"))
@@ -118,8 +123,9 @@ def _seeded_global_rngs():
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Nothing a test does lands outside its temporary directories: the corpus cache included."""
+    """Nothing a test does lands outside its temporary directories: the corpus cache and matplotlib's included."""
     monkeypatch.setenv("LIGHTNING_SELFISH_CACHE", str(tmp_path_factory.getbasetemp() / "corpus_cache"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "matplotlib"))
 
 
 @pytest.fixture(autouse=True)
