@@ -480,3 +480,13 @@ def test_sntasgd_layout_messages():
     swapped = [nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(6, 5))]
     with pytest.raises(ValueError, match=r"saved 'ax' has shape \(6, 5\): the state dict was saved from a different "):
         SNTASGD(swapped, lr=0.5).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient", "momentum"])
+def test_growth_can_fill_every_inactive_position_and_no_more(growth):
+    mask = torch.tensor([True, False, True, False, False])
+    source = torch.Generator().manual_seed(0) if growth == "random" else torch.tensor([0.0, 3.0, 0.0, -1.0, 2.0])
+    grow = topology.GROWTH_STRATEGIES[growth]
+    assert grow(mask, 3, source).all()
+    with pytest.raises(ValueError, match="cannot grow 4 weights: only 3 positions are inactive"):
+        grow(mask, 4, source)
