@@ -495,3 +495,16 @@ def test_growth_can_fill_every_inactive_position_and_no_more(growth):
     assert grow(mask, 3, source).all()
     with pytest.raises(ValueError, match="cannot grow 4 weights: only 3 positions are inactive"):
         grow(mask, 4, source)
+
+
+def test_attaching_again_picks_up_parameters_added_to_the_optimizer():
+    a, b = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(4, 5))
+    masks = {"a": torch.rand(4, 5) < 0.5, "b": torch.rand(4, 5) < 0.5}
+    engine = SparseEngine({"a": a, "b": b}, masks)
+    opt = torch.optim.SGD([a], lr=0.1)
+    engine.attach(opt)
+    opt.add_param_group({"params": [b]})
+    engine.attach(opt)  # without detach: the records of this optimizer are rebuilt
+    a.grad, b.grad = torch.ones(4, 5), torch.ones(4, 5)
+    opt.step()
+    assert (a[~masks["a"]] == 0).all() and (b[~masks["b"]] == 0).all()
