@@ -508,3 +508,17 @@ def test_attaching_again_picks_up_parameters_added_to_the_optimizer():
     a.grad, b.grad = torch.ones(4, 5), torch.ones(4, 5)
     opt.step()
     assert (a[~masks["a"]] == 0).all() and (b[~masks["b"]] == 0).all()
+
+
+def test_lowest_positions_when_the_nth_lowest_score_is_nan():
+    """NaN scores (diverged weights) count as the highest: when more positions are needed than there are finite
+    candidate scores, every finite candidate is taken, then NaN candidates, and never a non-candidate."""
+    nan = math.nan
+    score = torch.tensor([nan, 1.0, nan, 0.5, 2.0, nan, -3.0, -1.0, nan])
+    candidates = torch.tensor([True, True, True, True, True, False, False, True, True])
+    for n in (5, 6, 7):
+        chosen = topology.lowest_positions(score, candidates, n)
+        assert int(chosen.sum()) == n and not (chosen & ~candidates).any()
+        assert chosen[[1, 3, 4, 7]].all()  # the finite candidates
+    assert topology.lowest_positions(score.view(3, 3), candidates.view(3, 3), 5).shape == (3, 3)
+    assert topology.lowest_positions(score, candidates, 3).nonzero().squeeze(1).tolist() == [1, 3, 7]
