@@ -11,8 +11,10 @@ reference (not against what the library reports about itself):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +253,60 @@ def test_a_killed_run_resumes_exactly_from_its_last_checkpoint(tmp_path: Path) -
         for key, value in state.items():
             other = b["optimizer"]["state"][index][key]
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (index, key)
+
+
+def test_gradient_growth_with_step_updates_uses_the_gradient_of_the_step_before():
+    sparsity = SelfishSparsityCallback(
+        sparsity=0.6, prune_rate=0.5, seed=0, growth="gradient", update_every=3, exclude=["encoder.*"]
+    )
+
+    class Before(Callback):  # listed before the sparsity callback
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = dict(pl_module.named_parameters())
+            self.grads = {name: params[name].grad.detach().clone() for name in sparsity.masks}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            params = dict(pl_module.named_parameters())
+            self.weights = {name: params[name].detach().clone() for name in sparsity.masks}
+            self.masks = {name: mask.clone() for name, mask in sparsity.masks.items()}
+
+    before = Before()
+    checked = []
+
+    class After(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step % 3:
+                return
+            rate = sparsity.current_prune_rate(trainer.global_step)
+            for name, new in sparsity.masks.items():
+                old = before.masks[name]
+                kept = magnitude_kept(before.weights[name], old, math.ceil(rate * int(old.sum()) - 1e-9))
+                assert not (kept & ~new).any(), name
+                largest_first(before.grads[name], kept, new)
+            checked.append(trainer.global_step)
+
+    pl.seed_everything(0, verbose=False)
+    make_trainer([before, sparsity, After()], max_epochs=1).fit(TinyLM(), token_loader(), token_loader(1, 2))
+    assert checked == [3, 6]
+
+
+def test_verbose_summary_per_tensor_and_gate(caplog):
+    caplog.set_level(logging.INFO, logger="lightning_selfish.callback")
+    sparsity = SelfishSparsityCallback(sparsity=0.5, seed=0, verbose=True, update_every=4)
+    pl.seed_everything(0, verbose=False)
+    make_trainer([sparsity], max_epochs=1).fit(TinyLM(), token_loader(), token_loader(1, 2))
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("topology update")]
+    assert len(summaries) == 2
+    lines = summaries[0].split("\n")
+    header = re.fullmatch(
+        r"topology update 1: prune rate (0\.\d{4}), removed (\d+), grown (\d+), overall sparsity (0\.\d{4})", lines[0]
+    )
+    assert header and header[2] == header[3] and float(header[4]) == pytest.approx(0.5, abs=1e-3)
+    assert len(lines) == 1 + len(sparsity.masks)
+    by_name = {line.split(":")[0].strip(): line for line in lines[1:]}
+    assert re.fullmatch(
+        r"  rnn.weight_hh_l0: sparsity 0\.\d{4}, changed 0\.\d{3} "
+        r"\| gates: i 0\.\d{3}, f 0\.\d{3}, g 0\.\d{3}, o 0\.\d{3}",
+        by_name["rnn.weight_hh_l0"],
+    )
+    assert re.fullmatch(r"  decoder.weight: sparsity 0\.5000, changed 0\.\d{3}", by_name["decoder.weight"])
