@@ -310,3 +310,47 @@ def test_verbose_summary_per_tensor_and_gate(caplog):
         by_name["rnn.weight_hh_l0"],
     )
     assert re.fullmatch(r"  decoder.weight: sparsity 0\.5000, changed 0\.\d{3}", by_name["decoder.weight"])
+
+
+def test_gradient_growth_resumes_exactly_from_an_epoch_checkpoint(tmp_path: Path):
+    """The dense gradient for the next update is captured at the last step of an epoch, before the checkpoint that
+    precedes the update: the checkpoint carries it, so the resumed update is the uninterrupted one."""
+
+    def callback():
+        return SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0, growth="gradient")
+
+    def fit(cb, extra=(), ckpt_path=None, **kwargs):
+        pl.seed_everything(0, verbose=False)
+        model = TinyLM()
+        make_trainer([cb, *extra], max_epochs=3, **kwargs).fit(
+            model, token_loader(), token_loader(1, 2), ckpt_path=ckpt_path
+        )
+        return model
+
+    full_cb = callback()
+    full = fit(full_cb)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first = callback()
+    fit(first, extra=[ckpt, Kill(0)], enable_checkpointing=True)
+    state = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["callbacks"]["SelfishSparsityCallback"]
+    assert set(state) == {
+        "masks",
+        "generator",
+        "generator_device",
+        "seed",
+        "num_updates",
+        "last_update_step",
+        "last_updated_epoch",
+        "gradients",
+        "skip_next_update",
+        "total_steps",
+        "sparsity",
+        "gate_redistribution",
+    }
+    assert state["gradients"] is not None and state["total_steps"] == 24 and state["gate_redistribution"] is True
+    resumed_cb = callback()
+    resumed = fit(resumed_cb, ckpt_path=tmp_path / "epoch=0.ckpt")
+    for name, mask in full_cb.masks.items():
+        assert torch.equal(mask, resumed_cb.masks[name]), name
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
