@@ -10,6 +10,12 @@ estimated from measured steps.
 
     python benchmarks/bench_callback.py --hidden 200            # CPU target: overhead <= 5 %
     python benchmarks/bench_callback.py --hidden 1500 --device cuda --paper-update   # GPU target: <= 3 %, < 1 %
+    python benchmarks/bench_callback.py --hidden 200 --method rigl --threads 1       # any preset of METHODS
+
+With ``--method`` the sparse runs use that preset (SNFS trains with momentum SGD, dense and sparse alike, since its
+growth reads the momentum). ``enforce_ms`` is then the preset's per-step work in isolation (the re-zeroing, plus,
+for a method that reads gradients, one dense-gradient copy: what a step costs when it precedes an update, or every
+step for epoch updates over a loader without a length), and ``update_ms`` one update with the preset's parts.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selfish import SelfishSparsityCallback, SparseEngine
 from lightning_selfish.gates import detect_gate_layouts
+from lightning_selfish.methods import METHODS, needs_gradient, resolve
 
 
 class LSTMLM(pl.LightningModule):
-    def __init__(self, vocab: int, hidden: int, layers: int) -> None:
+    def __init__(self, vocab: int, hidden: int, layers: int, momentum: float = 0.0) -> None:
         super().__init__()
+        self.momentum = momentum
         self.encoder = nn.Embedding(vocab, hidden)
         self.rnn = nn.LSTM(hidden, hidden, num_layers=layers)
         self.decoder = nn.Linear(hidden, vocab)
@@ -47,7 +55,7 @@ class LSTMLM(pl.LightningModule):
         return nn.functional.cross_entropy(self.decoder(out).flatten(0, 1), y.flatten())
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0, weight_decay=1.2e-6)
+        return torch.optim.SGD(self.parameters(), lr=1.0, weight_decay=1.2e-6, momentum=self.momentum)
 
 
 class StepTimer(pl.Callback):
@@ -63,13 +71,13 @@ class StepTimer(pl.Callback):
 
 def step_ms(args, sparse: bool, seed: int) -> float:
     pl.seed_everything(seed, verbose=False)
-    model = LSTMLM(args.vocab, args.hidden, args.layers)
+    model = LSTMLM(args.vocab, args.hidden, args.layers, momentum=momentum_of(args.method))
     tokens = torch.randint(0, args.vocab, (args.steps, args.batch, args.bptt + 1))
     loader = DataLoader(TensorDataset(tokens[:, :, :-1], tokens[:, :, 1:]), batch_size=1)
     timer = StepTimer(args.device)
     callbacks = [timer]
     if sparse:
-        callbacks.insert(0, SelfishSparsityCallback(sparsity=1 - args.density, prune_rate=0.5, seed=seed))
+        callbacks.insert(0, SelfishSparsityCallback(sparsity=1 - args.density, method=args.method, seed=seed))
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -86,38 +94,69 @@ def step_ms(args, sparse: bool, seed: int) -> float:
     return 1e3 * statistics.median(gaps)
 
 
-def sparse_engine(vocab: int, hidden: int, layers: int, density: float, device: str) -> tuple[SparseEngine, LSTMLM]:
-    model = LSTMLM(vocab, hidden, layers).to(device)
+def momentum_of(method: str) -> float:
+    return 0.9 if resolve(method, 0.5).growth == "momentum" else 0.0
+
+
+def sparse_engine(
+    vocab: int, hidden: int, layers: int, density: float, device: str, method: str = "selfish"
+) -> tuple[SparseEngine, LSTMLM, torch.optim.Optimizer]:
+    config = resolve(method, 1 - density)
+    model = LSTMLM(vocab, hidden, layers, momentum=momentum_of(method)).to(device)
     params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
-    gen = torch.Generator().manual_seed(0)
-    return SparseEngine.initialize(params, 1 - density, gen, "uniform", detect_gate_layouts(model)), model
+    gen = torch.Generator(device=device).manual_seed(0)
+    layouts = detect_gate_layouts(model)
+    engine = SparseEngine.initialize(params, 1 - density, gen, config.init, layouts, config.gate_redistribution)
+    optimizer = model.configure_optimizers()
+    engine.attach(optimizer, mask_state=config.growth != "momentum")
+    for p in model.parameters():  # one step, so that momentum and gradients exist
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    return engine, model, optimizer
 
 
-def enforce_ms(vocab: int, hidden: int, layers: int, density: float, device: str, repeats: int = 50) -> float:
-    """The per-step work of the callback alone: the step post-hook's re-zeroing (SGD, so no state)."""
-    engine, model = sparse_engine(vocab, hidden, layers, density, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    engine.attach(optimizer)
+def enforce_ms(
+    vocab: int, hidden: int, layers: int, density: float, device: str, method: str = "selfish", repeats: int = 50
+) -> float:
+    """The per-step work of the callback alone: the step post-hook's re-zeroing, and for a method that reads the
+    dense gradient one copy of it (the cost of a step before an update, or of every step over an unsized loader)."""
+    engine, model, optimizer = sparse_engine(vocab, hidden, layers, density, device, method)
+    copies = needs_gradient(resolve(method, 1 - density))
+    buffers = engine.copy_dense_gradients_(None) if copies else None
     engine.enforce_after_step_(optimizer)
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
+        if copies:
+            buffers = engine.copy_dense_gradients_(buffers)
         engine.enforce_after_step_(optimizer)
     if device == "cuda":
         torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
-def update_ms(vocab: int, hidden: int, layers: int, density: float, device: str, repeats: int = 3) -> float:
-    engine, _ = sparse_engine(vocab, hidden, layers, density, device)
-    gen = torch.Generator().manual_seed(1)
+def update_ms(
+    vocab: int, hidden: int, layers: int, density: float, device: str, method: str = "selfish", repeats: int = 3
+) -> float:
+    config = resolve(method, 1 - density)
+    engine, _, optimizer = sparse_engine(vocab, hidden, layers, density, device, method)
+    gen = torch.Generator(device=device).manual_seed(1)
     times = []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.update(0.5, gen)
+        engine.update(
+            max(config.prune_rate, 0.5) if config.schedule == "cosine" else 0.0,
+            gen,
+            config.removal,
+            config.growth,
+            [optimizer],
+            redistribution=config.redistribution,
+            target_density=density if config.schedule == "gmp" else None,
+            threshold=config.threshold,
+        )
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - start))
@@ -138,6 +177,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--paper-update", action="store_true", help="also time an update of the 66M stacked LSTM")
+    parser.add_argument("--method", default="selfish", choices=list(METHODS), help="the sparse runs' preset")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +191,7 @@ def main() -> None:
     dense_ms, sparse_ms = statistics.median(dense), statistics.median(sparse)
     result = {
         "benchmark": "selfish_sparsity_callback",
+        "method": args.method,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "model": {
@@ -165,11 +206,13 @@ def main() -> None:
         "sparse_ms_per_step": round(sparse_ms, 3),
         "overhead_ratio": round(sparse_ms / dense_ms, 4),
         "per_round_ratios": [round(s / d, 3) for s, d in zip(sparse, dense)],
-        "enforce_ms": round(enforce_ms(args.vocab, args.hidden, args.layers, args.density, args.device), 3),
-        "update_ms": round(update_ms(args.vocab, args.hidden, args.layers, args.density, args.device), 2),
+        "enforce_ms": round(
+            enforce_ms(args.vocab, args.hidden, args.layers, args.density, args.device, args.method), 3
+        ),
+        "update_ms": round(update_ms(args.vocab, args.hidden, args.layers, args.density, args.device, args.method), 2),
     }
     if args.paper_update:
-        paper_update = update_ms(10000, 1500, 2, 0.33, args.device)
+        paper_update = update_ms(10000, 1500, 2, 0.33, args.device, args.method)
         result["paper_update_ms"] = round(paper_update, 1)
         if args.hidden == 1500 and args.vocab == 10000 and args.layers == 2:
             epoch_ms = dense_ms * 1328

@@ -2,11 +2,11 @@
 
 Prints one JSON line per phase. The recipe is what ``selfish-rnn fit`` runs: ``LanguageModel`` (stacked LSTM on the
 bundled PTB) + ``LanguageModelingDataModule`` + ``SelfishSparsityCallback`` + ``SNTASGD`` + ``NonMonotonicTrigger``
-+ metrics + TensorBoard logging + progress bar, in a Lightning ``Trainer``. The plain loop is the authors' way:
-forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights by the masks, on the same
-windows, without Lightning. Both run in one process, alternating (so machine noise hits both alike), and the figure
-is the median over rounds of the time per step from the ``--warmup``-th step to the last (one device sync at each
-end, none per step). Phases:
++ metrics + TensorBoard logging + the progress bar ``selfish-rnn`` installs, in a Lightning ``Trainer``. The plain
+loop is the authors' way: forward, NLL, backward, clip the dense gradient, ``SNTASGD.step()``, multiply the weights
+by the masks, on the same windows, without Lightning. Both run in one process, alternating (so machine noise hits
+both alike), and the figure is the median over rounds of the time per step from the ``--warmup``-th step to the last
+(one device sync at each end, none per step). Phases:
 
 * ``sgd``: before NT-ASGD's trigger (plain SGD steps);
 * ``averaging``: after it (SNT-ASGD's lifetime averaging every step);
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from lightning_selfish import SNTASGD, SparseEngine
 from lightning_selfish.gates import detect_gate_layouts
+from recipes.cli import PROGRESS_BAR_REFRESH_RATE, progress_bar
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, detach_hidden
 from recipes.models import StackedLSTM
@@ -55,7 +56,7 @@ class Stopwatch(pl.Callback):
         self.device, self.warmup, self.averaging = device, warmup, averaging
         self.start = self.stop = self.cpu_start = self.cpu_stop = 0.0
         self.steps = 0
-        self.validation_s = 0.0
+        self.validation_s = self.validation_cpu_s = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaging:
@@ -74,11 +75,12 @@ class Stopwatch(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(self.device)
-        self._validation_start = time.perf_counter()
+        self._validation_start, self._validation_cpu_start = time.perf_counter(), time.process_time()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(self.device)
         self.validation_s = time.perf_counter() - self._validation_start
+        self.validation_cpu_s = time.process_time() - self._validation_cpu_start
 
 
 def network(args: argparse.Namespace, vocab: int) -> StackedLSTM:
@@ -105,7 +107,7 @@ def recipe_run(args: argparse.Namespace, data: LanguageModelingDataModule, avera
             logger=pl.loggers.TensorBoardLogger(logs, name="bench"),
             enable_model_summary=False,
             enable_progress_bar=not args.no_progress_bar,
-            callbacks=[watch],
+            callbacks=[watch] if args.no_progress_bar else [watch, progress_bar(args.refresh_rate)],
         )
         trainer.fit(model, datamodule=data)
     return watch
@@ -152,7 +154,7 @@ def plain_run(args: argparse.Namespace, data: LanguageModelingDataModule, averag
     # validation with the averages swapped in
     net.eval()
     sync(args.device)
-    val_start = time.perf_counter()
+    val_start, val_cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad(), optimizer.swap_averaged():
         hidden = net.init_hidden(data.eval_batch_size)
         total = torch.zeros((), device=device)
@@ -163,8 +165,13 @@ def plain_run(args: argparse.Namespace, data: LanguageModelingDataModule, averag
             hidden = out.hidden
             total += F.nll_loss(out.log_probs, batch.target.to(device)) * batch.target.numel()
         total.item()
-    val_s = time.perf_counter() - val_start
-    return {"step_s": (stop - start) / steps, "cpu_step_s": (cpu_stop - cpu_start) / steps, "validation_s": val_s}
+    val_s, val_cpu_s = time.perf_counter() - val_start, time.process_time() - val_cpu_start
+    return {
+        "step_s": (stop - start) / steps,
+        "cpu_step_s": (cpu_stop - cpu_start) / steps,
+        "validation_s": val_s,
+        "validation_cpu_s": val_cpu_s,
+    }
 
 
 def main() -> None:
@@ -180,6 +187,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress-bar", action="store_true", help="the recipe without its progress bar")
+    parser.add_argument(
+        "--refresh-rate", type=int, default=PROGRESS_BAR_REFRESH_RATE, help="batches between redraws (1: Lightning's)"
+    )
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default thresholds (selfish-rnn raises them)"
     )
@@ -198,6 +208,7 @@ def main() -> None:
     for phase in args.phases.split(","):
         averaging = phase == "averaging"
         recipe, plain, recipe_val, plain_val, recipe_cpu, plain_cpu = [], [], [], [], [], []
+        recipe_val_cpu, plain_val_cpu = [], []
         for round_ in range(args.rounds):  # alternate which goes first
             for is_recipe in (True, False) if round_ % 2 == 0 else (False, True):
                 if is_recipe:
@@ -205,11 +216,13 @@ def main() -> None:
                     recipe.append((watch.stop - watch.start) / watch.steps)
                     recipe_cpu.append((watch.cpu_stop - watch.cpu_start) / watch.steps)
                     recipe_val.append(watch.validation_s)
+                    recipe_val_cpu.append(watch.validation_cpu_s)
                 else:
                     result = plain_run(args, data, averaging, seed=round_)
                     plain.append(result["step_s"])
                     plain_cpu.append(result["cpu_step_s"])
                     plain_val.append(result["validation_s"])
+                    plain_val_cpu.append(result["validation_cpu_s"])
         recipe_ms, plain_ms = 1e3 * statistics.median(recipe), 1e3 * statistics.median(plain)
         line = {
             "benchmark": "recipe_epoch_vs_plain_loop",
@@ -217,6 +230,7 @@ def main() -> None:
             "device": device_name,
             "threads": torch.get_num_threads(),
             "malloc_tuned": tuned,
+            "progress_bar_refresh_rate": 0 if args.no_progress_bar else args.refresh_rate,
             "hidden": args.hidden,
             "density": args.density,
             "steps_timed": args.steps - 1 - args.warmup,
@@ -234,6 +248,11 @@ def main() -> None:
             line["recipe_validation_ms"] = round(1e3 * statistics.median(recipe_val), 2)
             line["plain_validation_ms"] = round(1e3 * statistics.median(plain_val), 2)
             line["validation_ratio"] = round(statistics.median(recipe_val) / statistics.median(plain_val), 4)
+            line["recipe_validation_cpu_ms"] = round(1e3 * statistics.median(recipe_val_cpu), 2)
+            line["plain_validation_cpu_ms"] = round(1e3 * statistics.median(plain_val_cpu), 2)
+            line["validation_cpu_ratio"] = round(
+                statistics.median(recipe_val_cpu) / statistics.median(plain_val_cpu), 4
+            )
         print(json.dumps(line), flush=True)
 
 

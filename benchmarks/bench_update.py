@@ -3,9 +3,9 @@
 Prints one JSON line. The model is the stacked LSTM of Table 4 (embedding 10,000 x 1,500, 2 x 1,500 ``nn.LSTM``,
 decoder 1,500 -> 10,000) at density 0.33 with cell-gate redistribution, on ``--device``; the update removes and
 regrows half of the active weights (prune rate 0.5, the largest of the run) with the engine's generator on the
-parameters' device. Each round times the library's update and, on the same masks' statistics, the previous
-implementation (``topk`` over every element for removal, a CPU ``randperm`` over every inactive position for growth),
-alternating; the figures are medians over rounds.
+parameters' device. Each round times the library's ``SparseEngine.update`` twice, alternating: as it is, and with the
+previous selections swapped into its registries (``topk`` over every element for removal, a CPU ``randperm`` over
+every inactive position for growth); the figures are medians over rounds.
 
     python benchmarks/bench_update.py --threads 1        # CPU target: <= 2.37 s (a third of the previous 7.1 s)
     python benchmarks/bench_update.py --device cuda      # GPU target: <= 0.1 s
@@ -14,6 +14,7 @@ alternating; the figures are medians over rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -23,23 +24,40 @@ import time
 import torch
 from torch import nn
 
-from lightning_selfish import SparseEngine
+from lightning_selfish import SparseEngine, topology
 from lightning_selfish.gates import detect_gate_layouts
 
 
-def previous_update(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], rate: float, g) -> None:
-    """The update as it was before device-side growth: full-tensor topk, CPU randperm (for timing only)."""
-    for name, param in params.items():
-        mask = masks[name]
-        n = math.ceil(rate * int(mask.sum()))
-        scores = param.detach().abs().masked_fill(~mask, math.inf).flatten()
+def previous_strategies(cpu_generator: torch.Generator) -> tuple:
+    """Removal and growth as they were before device-side growth (for timing only): a ``topk`` over every element
+    for removal, a CPU ``randperm`` over every inactive position for growth, copied to the device."""
+
+    def removal(weight: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
         kept = mask.clone()
-        kept.view(-1)[torch.topk(scores, n, largest=False, sorted=False).indices] = False
-        inactive = (~kept).flatten().nonzero().squeeze(1)
-        pick = torch.randperm(inactive.numel(), generator=g)[:n].to(inactive.device)
-        new = kept.clone()
-        new.view(-1)[inactive[pick]] = True
-        int(new.sum())  # the previous engine read its statistics back per tensor
+        if n > 0:
+            scores = weight.detach().abs().masked_fill(~mask, math.inf).flatten()
+            kept.view(-1)[torch.topk(scores, n, largest=False, sorted=False).indices] = False
+        return kept
+
+    def growth(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        grown = mask.clone()
+        if n > 0:
+            inactive = (~mask).flatten().nonzero().squeeze(1)
+            pick = torch.randperm(inactive.numel(), generator=cpu_generator)[:n].to(inactive.device)
+            grown.view(-1)[inactive[pick]] = True
+        return grown
+
+    return removal, growth
+
+
+@contextlib.contextmanager
+def swapped(registry: dict, name: str, function):
+    saved = registry[name]
+    registry[name] = function
+    try:
+        yield
+    finally:
+        registry[name] = saved
 
 
 def sync(device: torch.device) -> None:
@@ -75,19 +93,23 @@ def main() -> None:
     engine = SparseEngine.initialize(params, 1 - args.density, generator, "uniform", detect_gate_layouts(model))
     sync(device)
     init_s = time.perf_counter() - start
-    cpu_generator = torch.Generator().manual_seed(1)
+    removal, growth = previous_strategies(torch.Generator().manual_seed(1))
     ours, previous = [], []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # the same engine.update, with the current and the previous selections
         sync(device)
         start = time.perf_counter()
         engine.update(args.prune_rate, generator)
         sync(device)
         ours.append(time.perf_counter() - start)
         if not args.no_previous:
-            start = time.perf_counter()
-            previous_update(params, engine.masks, args.prune_rate, cpu_generator)
-            sync(device)
-            previous.append(time.perf_counter() - start)
+            with (
+                swapped(topology.REMOVAL_STRATEGIES, "magnitude", removal),
+                swapped(topology.GROWTH_STRATEGIES, "random", growth),
+            ):
+                start = time.perf_counter()
+                engine.update(args.prune_rate, generator)
+                sync(device)
+                previous.append(time.perf_counter() - start)
     line = {
         "benchmark": "topology_update",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,79 +21,125 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from lightning_selfish import topology
+from lightning_selfish import methods, topology
 from lightning_selfish.engine import SparseEngine, UpdateStats
 from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
+from lightning_selfish.schedules import SCHEDULES, UpdateAmount, check_run
+from lightning_selfish.sntasgd import SNTASGD
 
 log = logging.getLogger(__name__)
 
-_INITS = ("uniform", "er")
-
 
 class SelfishSparsityCallback(Callback):
-    r"""Train the chosen weights of any LightningModule sparse from scratch at a fixed parameter count.
+    r"""Train the chosen weights of any LightningModule sparse, with Selfish-RNN or any method it is compared with.
 
-    Every sparsified tensor starts with a random mask at sparsity ``sparsity`` (exact counts). After every optimizer
-    step the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. Once per epoch
-    (after validation) each tensor loses the fraction ``p`` of its active weights with the smallest magnitude and
-    regrows as many at random positions, starting at zero; ``p`` starts at ``prune_rate`` and follows a cosine
-    down to ``min_prune_rate`` over the run. Recurrent weights stacked per gate are ranked jointly across their
-    gates (cell-gate redistribution), so gates with larger weights keep more of them.
+    Every sparsified tensor starts with a mask with an exact number of active weights. After every optimizer step
+    the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. At each topology update
+    a method removes and regrows weights. ``method`` picks a preset (:data:`lightning_selfish.methods.METHODS`,
+    table in ``docs/methods.md``): ``"selfish"`` (the default) removes the fraction ``p`` of each tensor's active
+    weights with the smallest magnitude once per epoch and regrows as many at random, starting at zero, ``p``
+    cosine-annealed from ``prune_rate`` to ``min_prune_rate``, with the gates of a stacked recurrent weight ranked
+    jointly (cell-gate redistribution); ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"`` and ``"gmp"``
+    are the paper's baselines.
+
+    Every argument below that defaults to ``None`` means "the preset's value"; an explicit value replaces the
+    preset's part (e.g. ``method="rigl", update_every="epoch"`` is RigL as the authors' code ran it). After
+    ``__init__`` the attributes of the same names hold the resolved values, ``config`` the whole composition.
 
     Args:
-        sparsity: fraction of each sparsified tensor that is zero, in [0, 1).
-        prune_rate: initial fraction of active weights replaced at an update, in [0, 1]; 0 is a static mask.
-        init: ``"uniform"`` (every tensor at ``sparsity``) or ``"er"`` (Erdős–Rényi, same total count).
-        removal: ``"magnitude"`` (smallest |w|) or ``"set"`` (smallest positive and largest negative).
-        growth: ``"random"``, ``"gradient"`` (RigL, largest dense |grad|) or ``"momentum"`` (SNFS).
-        gate_redistribution: rank and grow jointly over all gates of a stacked tensor (the method); ``False`` keeps
-            every gate at its own count (the paper's ablation).
+        sparsity: fraction of the sparsified weights that is zero, in [0, 1) (GMP: the final sparsity).
+        prune_rate: initial fraction of active weights replaced at an update, in [0, 1] (RigL: its α).
+        init: ``"uniform"`` (every tensor at ``sparsity``), ``"er"`` / ``"erk"`` (Erdős–Rényi(-Kernel), same total
+            count) or ``"dense"`` (GMP: all weights active at the start).
+        removal: ``"magnitude"`` (smallest |w|), ``"set"`` (smallest positive and largest negative),
+            ``"threshold"`` (DSR: every weight below one global adaptive threshold) or ``"none"``.
+        growth: ``"random"``, ``"gradient"`` (RigL, largest dense |grad|), ``"momentum"`` (SNFS) or ``"none"``.
+        gate_redistribution: ``True``/``"joint"``: rank removal and growth jointly over all gates of a stacked
+            tensor (the method); ``False``/``"none"``: every gate keeps its own count (the paper's ablation);
+            ``"magnitude"`` / ``"gradient"``: remove per gate, share the tensor's regrowth over its gates by the mean
+            |w| / mean |grad| of their active weights (the paper's Table 6 variants).
         include: fnmatch patterns of parameter names to sparsify, chosen among parameters with 2 or more
             dimensions (weight matrices, embeddings); default all of them. Biases, norm layers and other 1-d
             tensors always stay dense.
         exclude: fnmatch patterns of parameter names to keep dense (e.g. ``["*prior*"]`` for the MoS prior).
         gate_layouts: ``{param_name: [(gate, rows), ...]}`` for stacked weights that are not detected; see
             :mod:`lightning_selfish.gates`.
-        update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps.
+        update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps
+            (RigL's ΔT; GMP's pruning frequency Δt).
         seed: seed of the masks' random generator; ``None`` draws one on rank 0 and shares it with every rank.
         mask_gradients: also zero the gradients of inactive weights in ``on_before_optimizer_step``, i.e. before
             gradient clipping. ``False`` (default) clips the dense gradient, as the authors' code does (clipping
             over the masked gradient makes every clipped step about 1/sqrt(density) times larger).
-        min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005).
-        total_steps: length of the prune-rate schedule in optimizer steps; default the trainer's
+        min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005; RigL: 0).
+        total_steps: length of the run in optimizer steps for the schedules; default the trainer's
             ``estimated_stepping_batches``. Give it when that is unknown (an iterable without a length, such as
             variable-length BPTT: the authors use ``epochs * train_rows // bptt``).
         verbose: log a per-tensor, per-gate text summary at every update.
+        method: the preset: ``"selfish"``, ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"``, ``"gmp"``.
+        redistribution: across layers: ``"none"``, ``"nonzeros"`` (DSR: by surviving weights) or ``"momentum"``
+            (SNFS: by mean momentum magnitude); counts move between tensors, the total stays exact.
+        schedule: ``"cosine"``, ``"gmp"`` (Zhu & Gupta's cubic sparsity, pruning only) or ``"never"`` (static).
+        update_until: fraction of the run after which no update happens (RigL: 0.75); the cosine then ends there.
+        pruning_start, pruning_end: GMP's first and last pruning step (int) or fraction of the run (float).
+        removed_and_regrown: a weight removed and regrown in the same update ``"restart"``\ s at zero with fresh
+            optimizer state (the paper, default) or ``"keep"``\ s its value and state, including its SNT-ASGD
+            averaging window (the authors' code).
+        threshold, threshold_tolerance: DSR's initial global threshold and the relative miss of the expected
+            removal count beyond which it is doubled or halved.
+
+    Monitors (:class:`~lightning_selfish.monitor.TopologyMonitor`, :class:`~lightning_selfish.history.MaskHistory`)
+    hear about the masks through ``on_topology_update(trainer, pl_module, engine, stats)``, called on every callback
+    that defines it at fit start (``stats=None``) and after every topology update.
     """
 
     def __init__(
         self,
         sparsity: float,
-        prune_rate: float = 0.5,
-        init: str = "uniform",
-        removal: str = "magnitude",
-        growth: str = "random",
-        gate_redistribution: bool = True,
+        prune_rate: float | None = None,
+        init: str | None = None,
+        removal: str | None = None,
+        growth: str | None = None,
+        gate_redistribution: bool | str | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         gate_layouts: Mapping[str, GateLayoutSpec] | None = None,
-        update_every: str | int = "epoch",
+        update_every: str | int | None = None,
         seed: int | None = None,
         mask_gradients: bool = False,
-        min_prune_rate: float = 0.005,
+        min_prune_rate: float | None = None,
         total_steps: int | None = None,
         verbose: bool = False,
+        *,
+        method: str = "selfish",
+        redistribution: str | None = None,
+        schedule: str | None = None,
+        update_until: float | None = None,
+        pruning_start: int | float | None = None,
+        pruning_end: int | float | None = None,
+        removed_and_regrown: str | None = None,
+        threshold: float | None = None,
+        threshold_tolerance: float | None = None,
     ) -> None:
         _check_number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
-        _check_number("prune_rate", prune_rate, 0.0, 1.0, "[0, 1]")
-        _check_number("min_prune_rate", min_prune_rate, 0.0, 1.0, "[0, 1]")
-        _check_choice("init", init, _INITS)
-        _check_choice("removal", removal, tuple(topology.REMOVAL_STRATEGIES))
-        _check_choice("growth", growth, tuple(topology.GROWTH_STRATEGIES))
-        if isinstance(update_every, bool) or not isinstance(update_every, (str, int)):
-            raise TypeError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
-        if update_every != "epoch" and not (isinstance(update_every, int) and update_every > 0):
-            raise ValueError(f"update_every must be 'epoch' or a positive int (steps), got {update_every!r}")
+        self.config = methods.resolve(
+            method,
+            sparsity,
+            prune_rate=prune_rate,
+            init=init,
+            removal=removal,
+            growth=growth,
+            gate_redistribution=gate_redistribution,
+            update_every=update_every,
+            min_prune_rate=min_prune_rate,
+            redistribution=redistribution,
+            schedule=schedule,
+            update_until=update_until,
+            pruning_start=pruning_start,
+            pruning_end=pruning_end,
+            removed_and_regrown=removed_and_regrown,
+            threshold=threshold,
+            threshold_tolerance=threshold_tolerance,
+        )
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
             raise TypeError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if total_steps is not None and total_steps < 1:
@@ -104,19 +151,27 @@ class SelfishSparsityCallback(Callback):
                 raise TypeError(f"{arg} must be a list of name patterns (str), got {patterns!r}")
         if gate_layouts is not None and not isinstance(gate_layouts, Mapping):
             raise TypeError(f"gate_layouts must be a mapping of parameter name to layout, got {gate_layouts!r}")
+        config = self.config
         self.sparsity = float(sparsity)
-        self.prune_rate = float(prune_rate)
-        self.init = init
-        self.removal = removal
-        self.growth = growth
-        self.gate_redistribution = gate_redistribution
+        self.method = method
+        self.prune_rate = config.prune_rate
+        self.init = config.init
+        self.removal = config.removal
+        self.growth = config.growth
+        self.gate_redistribution = config.gate_redistribution
+        self.redistribution = config.redistribution
+        self.schedule = config.schedule
+        self.update_until = config.update_until
+        self.pruning_start = config.pruning_start
+        self.pruning_end = config.pruning_end
+        self.removed_and_regrown = config.removed_and_regrown
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.gate_layouts = dict(gate_layouts or {})
-        self.update_every = update_every
+        self.update_every = config.update_every
         self.seed = seed
         self.mask_gradients = mask_gradients
-        self.min_prune_rate = float(min_prune_rate)
+        self.min_prune_rate = config.min_prune_rate
         self.total_steps = total_steps
         self.verbose = verbose
 
@@ -129,7 +184,10 @@ class SelfishSparsityCallback(Callback):
         self._last_updated_epoch = -1
         self._skip_next_update = False
         self._batch_idx = -1
-        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for growth="gradient"
+        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for the next update
+        self._needs_gradient = False  # an update reads the dense gradient of the step before it
+        self._running_gradient = False  # ... and the step before an update cannot be known: copy at every step
+        self._threshold = config.threshold  # DSR's global threshold, adapted at every update
         self._loaded_state: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -149,9 +207,34 @@ class SelfishSparsityCallback(Callback):
             raise RuntimeError("masks exist once fitting has started (SelfishSparsityCallback.on_fit_start)")
         return self.engine.masks
 
+    @property
+    def num_updates(self) -> int:
+        """How many times the masks were updated so far (topology updates, GMP pruning steps)."""
+        return self._num_updates
+
+    @property
+    def total_steps_resolved(self) -> int:
+        """The run length (optimizer steps) the schedules use; known from ``on_fit_start`` on."""
+        return self._total_steps
+
+    @property
+    def dense_gradient_every(self) -> int | str | None:
+        """When the method needs the dense weight gradient: ``1`` (every step, SNFS), the update cadence (RigL),
+        or ``None``; see :func:`lightning_selfish.methods.dense_gradient_every`."""
+        return methods.dense_gradient_every(self.config)
+
+    def scheduled_sparsity(self, step: int) -> float:
+        """The overall target sparsity after optimizer step ``step`` (GMP's cubic; ``sparsity`` otherwise)."""
+        return methods.scheduled_sparsity(step, self._total_steps, self.config)
+
     def current_prune_rate(self, step: int) -> float:
         """The cosine-annealed prune rate at optimizer step ``step`` of this run."""
         return topology.cosine_prune_rate(step, self._total_steps, self.prune_rate, self.min_prune_rate)
+
+    def update_at(self, step: int) -> UpdateAmount | None:
+        """What the schedule does at optimizer step ``step`` (``None``: no update), for a candidate point of the
+        update cadence (every ``update_every`` steps, or an epoch boundary)."""
+        return SCHEDULES[self.schedule](step, self._total_steps, self.config)
 
     def skip_next_update(self) -> None:
         """Skip the next scheduled topology update.
@@ -174,7 +257,10 @@ class SelfishSparsityCallback(Callback):
         params = self._select_parameters(pl_module)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
+        # Before the first step, and before the masks' seed is drawn: reading the length makes Lightning load the
+        # train dataloader, which advances the global generator, so this order keeps seeded runs' masks unchanged.
         self._total_steps = self._run_length(trainer)
+        check_run(self._total_steps, self.config)
         # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
         self._generator = torch.Generator(device=next(iter(params.values())).device)
         if self._loaded_state is not None:
@@ -189,21 +275,30 @@ class SelfishSparsityCallback(Callback):
             self._generator.manual_seed(self._seed)
             self._num_updates, self._last_update_step, self._last_updated_epoch = 0, -1, -1
             self._skip_next_update, self._gradients = False, None
+            self._threshold = self.config.threshold
             self.engine = SparseEngine.initialize(
                 params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
             )
+        # Momentum growth ranks inactive positions by their momentum, which must keep accumulating there.
+        dense_state = topology.GROWTH_SOURCES.get(self.growth) == "momentum"
         for optimizer in trainer.optimizers:
-            self.engine.attach(optimizer, mask_state=self.growth != "momentum")
+            self.engine.attach(optimizer, mask_state=not dense_state)
+        momentum_is_gradient = any(isinstance(opt, SNTASGD) for opt in trainer.optimizers) and "momentum" in (
+            topology.GROWTH_SOURCES.get(self.growth),
+            self.redistribution,
+        )
+        self._needs_gradient = methods.needs_gradient(self.config) or momentum_is_gradient
         self._log_sparsity(trainer, extra={})
+        _notify_topology_update(trainer, pl_module, self.engine, None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning frees the gradients before validation, so gradient growth keeps a copy of the dense gradient
-        # of the last step before each update; with epoch updates that needs the epoch's length.
-        if self.growth == "gradient" and self.update_every == "epoch" and math.isinf(trainer.num_training_batches):
-            raise ValueError(
-                "growth='gradient' with update_every='epoch' needs to know the last step of each epoch, but the "
-                "train dataloader has no length: give update_every=<number of steps>, or a sized dataloader"
-            )
+        # Lightning frees the gradients before validation, so an update that reads the gradient uses a copy of the
+        # dense gradient of the step before it. With epoch updates over a loader without a length (variable-length
+        # BPTT) the epoch's last step cannot be known in advance: the copy is then refreshed at every step (one
+        # copy of the sparsified weights' gradients per step, into buffers allocated once).
+        self._running_gradient = (
+            self._needs_gradient and self.update_every == "epoch" and math.isinf(trainer.num_training_batches)
+        )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -214,15 +309,18 @@ class SelfishSparsityCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Lightning calls this before clipping: the gradients are the dense, unclipped ones.
-        if self.growth == "gradient" and self._update_follows_this_step(trainer):
+        if self._running_gradient:
+            self._gradients = self.engine.copy_dense_gradients_(self._gradients)
+        elif self._needs_gradient and self._update_follows_this_step(trainer):
             self._gradients = self.engine.dense_gradients()
         if self.mask_gradients:
             self.engine.mask_gradients_()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        due = isinstance(self.update_every, int) and step > 0 and step % self.update_every == 0
-        if due and step != self._last_update_step:  # with accumulation, several batches end at the same step
+        # (with accumulation, several batches end at the same step)
+        due = isinstance(self.update_every, int) and step > 0 and step != self._last_update_step
+        if due and self.update_at(step) is not None:
             self._update(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,7 +330,8 @@ class SelfishSparsityCallback(Callback):
         finished = trainer.current_epoch - 1
         if self.update_every == "epoch" and finished > self._last_updated_epoch:
             self._last_updated_epoch = finished
-            self._update(trainer)
+            if self.update_at(trainer.global_step) is not None:
+                self._update(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
@@ -262,6 +361,8 @@ class SelfishSparsityCallback(Callback):
             "total_steps": self._total_steps,
             "sparsity": self.sparsity,
             "gate_redistribution": self.gate_redistribution,
+            "method": self.method,
+            "threshold": self._threshold,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -320,6 +421,12 @@ class SelfishSparsityCallback(Callback):
                 f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
                 f"sparsity={self.sparsity}: resume with the same sparsity"
             )
+        if state.get("method", "selfish") != self.method:
+            raise ValueError(
+                f"the checkpoint was trained with method={state.get('method', 'selfish')!r}, this callback has "
+                f"method={self.method!r}: resume with the same method"
+            )
+        self._threshold = state.get("threshold", self.config.threshold)
         self._num_updates = state["num_updates"]
         self._restore_generator(state)
         self._last_update_step = state["last_update_step"]
@@ -350,27 +457,41 @@ class SelfishSparsityCallback(Callback):
 
     def _update(self, trainer: pl.Trainer) -> None:
         assert self.engine is not None
+        amount = self.update_at(trainer.global_step)
+        assert amount is not None, "called at a point where the schedule has no update"
         self._last_update_step = trainer.global_step
         if self._skip_next_update:
             self._skip_next_update = False
             if trainer.is_global_zero:
                 log.info("topology update skipped at step %d", trainer.global_step)
             return
-        prune_rate = self.current_prune_rate(trainer.global_step)
         stats = self.engine.update(
-            prune_rate,
+            amount.prune_rate,
             self._generator,
             self.removal,
             self.growth,
             trainer.optimizers,
             synchronize=_rank_zero_broadcast(trainer),
             gradients=self._gradients,
+            redistribution=self.redistribution,
+            target_density=amount.target_density,
+            removed_and_regrown=self.removed_and_regrown,
+            threshold=self._threshold,
+            threshold_tolerance=self.config.threshold_tolerance,
         )
-        self._gradients = None
+        if not self._running_gradient:
+            self._gradients = None
+        self._threshold = stats.threshold if stats.threshold is not None else self._threshold
         self._num_updates += 1
-        self._log_sparsity(trainer, extra=_stats_metrics(stats))
+        extra = _stats_metrics(stats)
+        if amount.target_density is not None:
+            extra["topology/target_sparsity"] = 1.0 - amount.target_density
+        if self.removal in topology.THRESHOLD_REMOVALS:
+            extra["topology/threshold"] = self._threshold
+        self._log_sparsity(trainer, extra=extra)
         if self.verbose and trainer.is_global_zero:
             log.info("%s", self._summary(stats))
+        _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -398,18 +519,28 @@ class SelfishSparsityCallback(Callback):
 
     def _update_follows_this_step(self, trainer: pl.Trainer) -> bool:
         if isinstance(self.update_every, int):
-            return (trainer.global_step + 1) % self.update_every == 0
+            return self.update_at(trainer.global_step + 1) is not None
         return self._batch_idx + 1 >= trainer.num_training_batches
 
     def _run_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
             return self.total_steps
         total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
+        # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.
+        if not (math.isfinite(total) and total >= 1):
+            unsized = math.isinf(trainer.num_training_batches)
+            cause = (
+                "the train dataloader has no length (an IterableDataset without __len__), so Lightning cannot count "
+                "the steps of an epoch"
+                if unsized and trainer.max_steps in (None, -1)
+                else "Lightning estimates no positive, finite number of optimizer steps for this run"
+            )
             raise ValueError(
-                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length: "
-                "set Trainer(max_epochs=...) or Trainer(max_steps=...) with a sized train dataloader, or give "
-                f"SelfishSparsityCallback(total_steps=...) (estimated_stepping_batches={total})"
+                "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length in "
+                f"optimizer steps: {cause} (estimated_stepping_batches={total}, max_epochs={trainer.max_epochs}, "
+                f"max_steps={trainer.max_steps}). Give SelfishSparsityCallback(total_steps=...), or set "
+                "Trainer(max_steps=...), or use a sized train dataloader with Trainer(max_epochs=...)"
             )
         return int(total)
 
@@ -432,19 +563,27 @@ def _check_number(name: str, value: Any, low: float, high: float, allowed: str, 
         raise ValueError(f"{name} must be in {allowed}, got {value}")
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+def _supported_strategies() -> tuple[type, ...]:
+    """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
+    supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
+    # A Trainer of the unified ``lightning`` package has imported it already; it is never imported from here, so
+    # neither package is a requirement of the other.
+    unified = sys.modules.get("lightning.pytorch.strategies")
+    if unified is not None:
+        supported += (unified.SingleDeviceStrategy, unified.DDPStrategy)
+    return supported
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
-    sharded = type(strategy).__name__ in ("DeepSpeedStrategy",)
-    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    kind = type(strategy)
+    sharded = kind.__name__ in ("DeepSpeedStrategy",)
+    if sharded or not isinstance(strategy, _supported_strategies()):
         raise ValueError(
             f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
-            f"'ddp_spawn', ...), got {type(strategy).__name__}: strategies that shard parameters (FSDP, DeepSpeed) "
-            "would give each rank a different slice of every mask"
+            f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
+            "weight tensor (strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a "
+            "different slice of every mask)"
         )
 
 
@@ -456,6 +595,17 @@ def _rank_zero_broadcast(trainer: pl.Trainer):
         torch.distributed.broadcast(code, src=0)
 
     return synchronize
+
+
+def _notify_topology_update(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
+) -> None:
+    """Tell every callback with an ``on_topology_update(trainer, pl_module, engine, stats)`` method (monitors) that
+    the masks are set: at fit start (``stats=None``: initial or restored masks) and after every topology update."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_topology_update", None)
+        if callable(hook):
+            hook(trainer, pl_module, engine, stats)
 
 
 def _stats_metrics(stats: UpdateStats) -> dict[str, float]:

@@ -27,8 +27,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GROWTH_SOURCES",
     "GROWTH_STRATEGIES",
+    "INIT_BUDGETS",
     "REMOVAL_STRATEGIES",
+    "THRESHOLD_REMOVALS",
+    "adapt_threshold",
+    "dense_counts",
     "cosine_prune_rate",
     "erdos_renyi_counts",
     "gradient_growth",
@@ -40,7 +45,9 @@ __all__ = [
     "removal_count",
     "set_removal",
     "split_count",
+    "threshold_removal",
     "uniform_count",
+    "uniform_counts",
 ]
 
 
@@ -132,68 +139,82 @@ def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
 
     Ties at the ``n``-th lowest value are broken by position (lowest flat index first) on the CPU and by ``topk``'s
     order on a GPU; NaN scores count as the highest. On a GPU this is one ``topk`` over the masked scores, without a
-    host sync. On the CPU, where ``topk`` with ``k`` in the millions is slow, the ``n``-th lowest candidate score is
-    found by selection in a narrow band (:func:`_kth_lowest`) and the positions by a threshold over the tensor.
+    host sync. On the CPU, where ``topk`` with ``k`` in the millions is slow, :func:`_lowest_on_cpu` brackets the
+    answer with a sample and ranks only a narrow band of candidates.
     """
-    chosen = torch.zeros_like(candidates)
     if n <= 0:
-        return chosen
+        return torch.zeros_like(candidates)
     available = int(candidates.count_nonzero())
     if n > available:
         raise ValueError(f"cannot choose {n} positions among {available} candidates")
     if n == available:
         return candidates.clone()
     if score.device.type == "cpu":
-        kth = _kth_lowest(score.reshape(-1), candidates.reshape(-1), n, available)
-        if kth is not None:
-            torch.logical_and(candidates, score < kth, out=chosen)
-            missing = n - int(chosen.count_nonzero())  # >= 1: the n-th lowest value itself
-            ties = candidates & (score == kth)
-            tied = int(ties.count_nonzero())
-            if tied == missing:  # the usual case: no other candidate shares the n-th value
-                return chosen.logical_or_(ties)
-            if tied > missing:
-                chosen.view(-1)[ties.view(-1).nonzero().squeeze(1)[:missing]] = True
-                return chosen
-            chosen.zero_()  # NaN scores (diverged weights): the general path below orders them last
+        chosen = _lowest_on_cpu(score.detach().reshape(-1), candidates.reshape(-1), n, available)
+        if chosen is not None:
+            return chosen.view_as(candidates)
     # topk orders NaN after every number: non-candidates become NaN, candidates' own NaN become +inf.
-    score = score.detach().flatten()
-    flat = torch.where(score.isnan(), math.inf, score).masked_fill_(~candidates.flatten(), math.nan)
+    flat = score.detach().flatten()
+    flat = torch.where(flat.isnan(), math.inf, flat).masked_fill_(~candidates.flatten(), math.nan)
+    chosen = torch.zeros_like(candidates)
     chosen.view(-1)[torch.topk(flat, n, largest=False, sorted=False).indices] = True
     return chosen
 
 
-_SAMPLE = 1 << 16  # scores sampled to bracket the n-th lowest one (CPU)
+_SAMPLE = 1 << 16  # candidate scores sampled to bracket the n-th lowest one (CPU)
 
 
-def _kth_lowest(score: Tensor, candidates: Tensor, n: int, available: int) -> Tensor | None:
-    """The ``n``-th lowest score among the candidates of a flat tensor, on the CPU (None: NaN scores in the way).
+def _lowest_on_cpu(score: Tensor, candidates: Tensor, n: int, available: int) -> Tensor | None:
+    """The ``n`` lowest-scoring candidates of flat CPU tensors, ties to the lowest index; None if NaN scores interfere.
 
     Selection in the style of Floyd and Rivest: the quantile ``n / available`` of a random sample of the candidates'
-    scores brackets the answer in a band ``[low, high)`` that holds about 1 % of the candidates; counting below the
-    band and a ``kthvalue`` inside it give the exact value. A sample that misses (rare: the band is eight standard
-    deviations wide) falls back to a ``kthvalue`` over all candidates. Each pass over the tensor is a comparison,
-    so this costs a few elementwise passes instead of a copy and a partial sort of every candidate.
+    scores gives a band ``[low, high)`` of six standard deviations each side, holding a few % of the candidates. Every
+    candidate below the band is chosen with one comparison over the tensor; only the band's scores are gathered and
+    ranked. When the sample misses (rarely) or the tensor is small, all candidates' scores are ranked instead. A few
+    elementwise passes and two bool tensors, instead of a copy and a partial sort of every candidate.
     """
+    chosen = torch.zeros_like(candidates)
     if score.numel() > 4 * _SAMPLE:
         picks = torch.randint(score.numel(), (_SAMPLE,), generator=torch.Generator().manual_seed(0))
         sample = score[picks][candidates[picks]].sort().values
         m = sample.numel()
         if m >= _SAMPLE // 64:
             fraction = n / available
-            margin = 8.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
+            margin = 6.0 * math.sqrt(m * fraction * (1.0 - fraction)) + 8.0
             low_rank, high_rank = int(fraction * m - margin), int(math.ceil(fraction * m + margin))
-            below = candidates & (score < sample[low_rank]) if low_rank >= 0 else None
-            under = int(below.count_nonzero()) if below is not None else 0
-            band = candidates & (score < sample[high_rank]) if high_rank < m else candidates.clone()
-            if below is not None:
-                band.logical_and_(~below)
-            values = score[band]
-            if under < n <= under + values.numel():
-                return torch.kthvalue(values, n - under).values
-    values = score[candidates]
-    kth = torch.kthvalue(values, n).values
-    return None if torch.isnan(kth) else kth
+            if low_rank >= 0:
+                torch.lt(score, sample[low_rank], out=chosen).logical_and_(candidates)
+            under = int(chosen.count_nonzero())
+            if high_rank < m:  # (NaN sorts last: a NaN bound means no bound but the NaN scores' exclusion)
+                high = sample[high_rank]
+                high = high.new_tensor(math.inf) if high.isnan() else high
+                band = torch.lt(score, high).logical_and_(candidates).logical_xor_(chosen)  # chosen lies inside
+            else:
+                band = candidates ^ chosen
+            positions = band.nonzero().squeeze(1)
+            if under < n <= under + positions.numel() and _choose_lowest(score, positions, n - under, chosen):
+                return chosen
+            chosen.zero_()
+    if not _choose_lowest(score, candidates.nonzero().squeeze(1), n, chosen):
+        return None
+    return chosen
+
+
+def _choose_lowest(score: Tensor, positions: Tensor, k: int, chosen: Tensor) -> bool:
+    """Set ``chosen`` at the ``k`` of ``positions`` (ascending) with the lowest scores, ties to the earliest.
+
+    Returns False, changing nothing, when NaN scores leave fewer than ``k`` comparable values.
+    """
+    values = score[positions]
+    kth = torch.kthvalue(values, k).values
+    below = values < kth
+    ties = (values == kth).nonzero().squeeze(1)
+    missing = k - int(below.count_nonzero())
+    if ties.numel() < missing:  # kth is NaN
+        return False
+    chosen[positions[below]] = True
+    chosen[positions[ties[:missing]]] = True
+    return True
 
 
 def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -227,15 +248,20 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Activate the ``n`` inactive positions with the highest score."""
-    if n <= 0:
-        return mask.clone()
+def _inactive(mask: Tensor, n: int) -> Tensor:
+    """The inactive positions of ``mask``, checked to number at least ``n`` (the candidates of growth)."""
     inactive = ~mask
     available = int(inactive.count_nonzero())
     if n > available:
         raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
-    return mask | lowest_positions(score.detach().neg(), inactive, n)
+    return inactive
+
+
+def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Activate the ``n`` inactive positions with the highest score."""
+    if n <= 0:
+        return mask.clone()
+    return mask | lowest_positions(score.detach().neg(), _inactive(mask, n), n)
 
 
 def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -255,11 +281,7 @@ def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """
     if n <= 0:
         return mask.clone()
-    inactive = ~mask
-    available = int(inactive.count_nonzero())
-    if n > available:
-        raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
-    return mask | _random_subset(inactive, n, generator)
+    return mask | _random_subset(_inactive(mask, n), n, generator)
 
 
 def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
@@ -286,6 +308,10 @@ GROWTH_STRATEGIES: dict[str, Callable[[Tensor, int, Any], Tensor]] = {
     "momentum": momentum_growth,
 }
 
+#: What each growth strategy reads: the random ``generator``, the dense ``gradient`` of the last step, or the
+#: optimizer's ``momentum`` (SNFS; the gradient under SNT-ASGD, which has none).
+GROWTH_SOURCES: dict[str, str] = {"random": "generator", "gradient": "gradient", "momentum": "momentum"}
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Prune-rate schedule
@@ -304,3 +330,48 @@ def cosine_prune_rate(step: int, total_steps: int, initial: float, final: float 
         return initial
     progress = min(max(step, 0), total_steps) / total_steps
     return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-tensor budgets by name (initial masks), and DSR's global adaptive threshold
+# --------------------------------------------------------------------------------------------------------------
+
+
+def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor at the same density: ``round(density * numel)`` each (Selfish-RNN, DSR, SNFS)."""
+    return {name: uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+
+def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
+    """Every tensor fully active, whatever ``density`` (dense-to-sparse methods such as GMP start here)."""
+    return {name: math.prod(shape) for name, shape in shapes.items()}
+
+
+#: Initial per-tensor budgets by name: ``fn(shapes, density) -> {name: active count}``. ``"er"`` (SET) and
+#: ``"erk"`` (RigL) are one formula, density ∝ sum(shape) / prod(shape): Erdős–Rényi-Kernel reduces to Erdős–Rényi
+#: on matrices, which all weights of the recurrent language models are.
+INIT_BUDGETS: dict[str, Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]] = {
+    "uniform": uniform_counts,
+    "er": erdos_renyi_counts,
+    "erk": erdos_renyi_counts,
+    "dense": dense_counts,
+}
+
+
+def threshold_removal(weight: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DSR removal: deactivate every active weight with ``|w| < threshold`` (one threshold for all tensors)."""
+    return mask & (weight.detach().abs() >= threshold)
+
+
+def adapt_threshold(threshold: float, removed: int, expected: int, tolerance: float) -> float:
+    """DSR's threshold rule: double it when fewer than ``(1 - tolerance) * expected`` weights fell below it, halve it
+    when more than ``(1 + tolerance) * expected`` did, keep it otherwise (Mostafa & Wang 2019, Algorithm 1)."""
+    if removed < (1.0 - tolerance) * expected:
+        return threshold * 2.0
+    if removed > (1.0 + tolerance) * expected:
+        return threshold * 0.5
+    return threshold
+
+
+#: Removal by one global threshold instead of a count: ``fn(weight, mask, threshold) -> kept_mask``.
+THRESHOLD_REMOVALS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {"threshold": threshold_removal}

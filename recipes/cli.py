@@ -14,24 +14,47 @@ and ``data.bptt`` to the model's ``bptt`` (set them on the data). TensorBoard is
 
 ``--ckpt_path best`` / ``last`` in a fresh process (``test`` after an earlier ``fit``, or resuming ``fit``) are
 resolved from the most recent run of the same logger name: ``last.ckpt`` of the newest version directory, whose
-checkpoint callback state records which checkpoint was best.
+checkpoint callback state records which checkpoint was best. With a checkpoint of such a run, ``fit`` and ``test``
+log to that run's own version directory (``--continue_log_version false`` starts a new one).
+
+``selfish-rnn`` alone prints a short overview and ``selfish-rnn list`` the bundled experiments; other tool
+subcommands are dispatched from :data:`TOOL_COMMANDS`. Mistakes in arguments, configs or data end in one
+``error:`` line (see :mod:`recipes.console`); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
 
+from recipes import console, experiments
+from recipes.compat import module
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
+from recipes.runs import label_run_logger
 from recipes.runtime import keep_freed_memory_for_reuse
+from recipes.summary import fit_summary, test_summary
+
+_cli = module("cli")
+ArgsType = _cli.ArgsType
+LightningArgumentParser = _cli.LightningArgumentParser
+LightningCLI = _cli.LightningCLI
+TensorBoardLogger = module("loggers").TensorBoardLogger
+rank_zero_info = module("utilities.rank_zero").rank_zero_info
+_callbacks = module("callbacks")
+ProgressBar = _callbacks.ProgressBar
+RichProgressBar = _callbacks.RichProgressBar
+TQDMProgressBar = _callbacks.TQDMProgressBar
+
+log = logging.getLogger("recipes.cli")  # also when run as python -m recipes.cli
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The bundled recipes (``recipes/configs/*.yaml``)."""
@@ -39,8 +62,17 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DESCRIPTION = (
     "Selfish-RNN (ICML 2021): train the paper's RNN language models dense or sparse from scratch "
     "(dynamic sparse connectivity with cell-gate redistribution, SNT-ASGD). Start from a config in "
-    f"{CONFIG_DIR} and override any argument on the command line."
+    f"{CONFIG_DIR} and override any argument on the command line. The project's own arguments are "
+    "--model.* and --data.*; 'selfish-rnn' alone gives a short overview, 'selfish-rnn list' the experiments."
 )
+
+
+class _SaveFitConfig(_cli.SaveConfigCallback):
+    """Save the config of ``fit`` only: ``test`` logs into the tested run's directory and must keep its config."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 class SelfishRNNCLI(LightningCLI):
@@ -51,29 +83,109 @@ class SelfishRNNCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.network.init_args.ntoken", apply_on="instantiate")
         # One window length for the data and for the learning-rate scaling of variable BPTT.
         parser.link_arguments("data.bptt", "model.bptt")
+        parser.add_argument(
+            "--continue_log_version",
+            type=bool,
+            default=True,
+            help="With --ckpt_path of an earlier run (best, last or a file in its checkpoints directory), log to "
+            "that run's version directory, so a resumed fit continues its TensorBoard curves and a test adds "
+            "test_ppl to them; false starts a new version.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Argument mistakes must surface right after parsing, before the corpus is read (seconds for WikiText-2).
+        subcommand = self.config.get("subcommand")
+        check_model_arguments(self.config[subcommand]["model"] if subcommand else self.config["model"])
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        # Composed configs share the model config's logger name: give each composition its own run directory.
+        label_run_logger(config)
+        root = _config_log_root(config["trainer"])
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("best", "last") and root is not None:
+            resolved = resolve_checkpoint_in(root, ckpt_path, require=self.subcommand != "fit")
+            if resolved is not None:
+                rank_zero_info(f"selfish-rnn: --ckpt_path {ckpt_path} is {resolved}")
+            config["ckpt_path"] = ckpt_path = None if resolved is None else str(resolved)
+        continued = (
+            bool(ckpt_path)
+            and root is not None
+            and config.get("continue_log_version", True)
+            and _continue_log_version(config["trainer"], root, Path(ckpt_path))
+        )
+        if continued and self.subcommand == "fit":
+            console.expect_checkpoints_in_log_dir()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches, unless the config brings its own or disables it.
+        section = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = section.get("trainer", {})
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer["callbacks"] = [*callbacks, progress_bar()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
         arguments = self.config_init[self.subcommand]
         ckpt_path = arguments.get("ckpt_path")
-        if ckpt_path in ("best", "last"):
+        if ckpt_path in ("best", "last"):  # a logger whose directory the config does not tell
             resolved = resolve_checkpoint(self.trainer, ckpt_path, require=self.subcommand != "fit")
             if resolved is not None:
                 rank_zero_info(f"selfish-rnn: --ckpt_path {ckpt_path} is {resolved}")
-                arguments["ckpt_path"] = str(resolved)
-            elif self.subcommand == "fit":
-                arguments["ckpt_path"] = None  # nothing to resume from: start a new run
+            arguments["ckpt_path"] = None if resolved is None else str(resolved)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            log.info("%s", fit_summary(self.trainer, self.model))
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            log.info("%s", test_summary(self.trainer))
+
+
+def check_model_arguments(model_config: Any) -> None:
+    """Validate ``--model.*`` with the real constructor and callbacks, on a stand-in network (no corpus needed)."""
+    arguments = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
+    arguments = {key: value for key, value in arguments.items() if key != "network" and not key.startswith("__")}
+    LanguageModel(_StandInNetwork(), **arguments).configure_callbacks()
+
+
+class _StandInNetwork(nn.Module):
+    """The smallest network with the interface ``LanguageModel`` checks, to validate its other arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, 2))
+
+    def init_hidden(self, batch_size: int) -> None:
+        return None
+
+    def forward(self, input: Tensor, hidden: Any) -> Any:  # never called
+        raise NotImplementedError
 
 
 def resolve_checkpoint(trainer: Any, which: str, require: bool = True) -> Path | None:
     """The ``best`` or ``last`` checkpoint of the newest earlier run logged under the trainer's logger name.
 
-    Runs are ``<save_dir>/<name>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``best``
-    is read from that file's ``ModelCheckpoint`` state (``best_model_path``). Returns None when nothing is found
-    and ``require`` is False; raises ``FileNotFoundError`` otherwise.
+    See :func:`resolve_checkpoint_in`; the runs' root is the logger's ``root_dir``.
     """
-    root = _runs_root(trainer)
+    return resolve_checkpoint_in(_runs_root(trainer), which, require)
+
+
+def resolve_checkpoint_in(root: Path, which: str, require: bool = True) -> Path | None:
+    """The ``best`` or ``last`` checkpoint of the newest run under ``root`` (a logger's ``<save_dir>/<name>``).
+
+    Runs are ``<root>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``best`` is read from
+    that file's ``ModelCheckpoint`` state (``best_model_path``). Returns None when nothing is found and ``require``
+    is False; raises ``FileNotFoundError`` otherwise.
+    """
     candidates = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         if not require:
@@ -105,6 +217,33 @@ def _runs_root(trainer: Any) -> Path:
     return Path(root)
 
 
+def _config_log_root(trainer_config: Any) -> Path | None:
+    """``<save_dir>/<name>`` of the configured logger (a TensorBoard or CSV logger), before it exists."""
+    logger = trainer_config.get("logger")
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or init_args.get("save_dir") is None or "version" not in init_args:
+        return None
+    return Path(init_args["save_dir"]) / (init_args.get("name") or "")
+
+
+def _continue_log_version(trainer_config: Any, root: Path, ckpt_path: Path) -> bool:
+    """Log to the version directory that holds ``ckpt_path`` (``<root>/<version>/checkpoints/<file>``).
+
+    Besides keeping one run's curves in one place, the checkpoint callback then finds its own directory again
+    and restores its whole state (top-k, last) instead of warning that the directory changed. Returns whether
+    the version was set.
+    """
+    init_args = trainer_config["logger"].init_args
+    version_dir = ckpt_path.resolve().parent.parent
+    if init_args.get("version") is not None or ckpt_path.resolve().parent.name != "checkpoints":
+        return False
+    if version_dir.parent != root.resolve():
+        return False
+    match = re.fullmatch(r"version_(\d+)", version_dir.name)
+    init_args["version"] = int(match.group(1)) if match else version_dir.name
+    return True
+
+
 def configure_logging() -> None:
     """Show the INFO messages of the recipes (corpus summary) and the library (topology-update summaries)."""
     root = logging.getLogger()
@@ -118,14 +257,34 @@ def configure_logging() -> None:
             logger.propagate = False
 
 
-def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
-    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object."""
+#: Batches between two redraws of the progress bar.
+PROGRESS_BAR_REFRESH_RATE = 10
+
+
+def progress_bar(refresh_rate: int = PROGRESS_BAR_REFRESH_RATE) -> ProgressBar:
+    """Lightning's own choice of progress bar (Rich when installed, else tqdm), redrawn every ``refresh_rate`` batches.
+
+    Lightning redraws its default bar synchronously after every batch: about 2 ms of CPU with Rich, 7 % of a
+    validation pass of the 2 x 200 LSTM on the CPU and a quarter of an 8 ms GPU step (docs/performance.md).
+    """
+    if importlib.util.find_spec("rich") is not None:
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return TQDMProgressBar(refresh_rate=refresh_rate)
+
+
+def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = True) -> SelfishRNNCLI:
+    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object.
+
+    ``exit_on_error=False`` makes a parsing error raise ``jsonargparse.ArgumentError`` instead of printing the
+    usage and exiting (:func:`main` turns it into one ``error:`` line).
+    """
     return SelfishRNNCLI(
         LanguageModel,
         LanguageModelingDataModule,
         args=args,
         run=run,
         auto_configure_optimizers=False,  # the optimizer is a model argument (--model.optimizer)
+        save_config_callback=_SaveFitConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {
@@ -134,15 +293,74 @@ def build_cli(args: ArgsType = None, run: bool = True) -> SelfishRNNCLI:
             },
             "num_sanity_val_steps": 0,  # a sanity pass must not enter NT-ASGD's history
         },
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "exit_on_error": exit_on_error,
+            "formatter_class": console.PlainTextHelpFormatter,
+        },
     )
 
 
+def _analyze(argv: list[str]) -> int:
+    from recipes.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
+
+    return analyze_main(argv)
+
+
+def _results(argv: list[str]) -> int:
+    from recipes.results import main as results_main
+
+    return results_main(argv)
+
+
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "list": experiments.list_command,
+    "results": _results,
+    "analyze": _analyze,
+}
+"""Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``selfish-rnn`` console script."""
+    """Entry point of the ``selfish-rnn`` console script.
+
+    A tool subcommand (:data:`TOOL_COMMANDS`) ends in ``SystemExit`` with its exit code, a user error in one
+    ``error:`` line and ``SystemExit(2)``; ``--debug`` anywhere shows the traceback of a user error instead.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv in (["-h"], ["--help"]):
+        sys.stdout.write(experiments.overview(TOOL_COMMANDS))
+        return
+    if argv[0] in TOOL_COMMANDS:
+        raise SystemExit(TOOL_COMMANDS[argv[0]](argv[1:]))
     configure_logging()
+    console.quiet_dependency_noise()
     keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
-    build_cli(args)
+    if args is None:
+        sys.argv[1:] = argv  # without --debug; LightningCLI reads sys.argv itself
+    try:
+        build_cli(None if args is None else argv, exit_on_error=False)
+    except Exception as error:
+        message = None if debug else console.user_error_message(error, argv)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2) from None
 
 
-__all__ = ["CONFIG_DIR", "SelfishRNNCLI", "build_cli", "configure_logging", "main"]
+__all__ = [
+    "CONFIG_DIR",
+    "TOOL_COMMANDS",
+    "SelfishRNNCLI",
+    "build_cli",
+    "check_model_arguments",
+    "configure_logging",
+    "main",
+    "resolve_checkpoint",
+    "resolve_checkpoint_in",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

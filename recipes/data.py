@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from recipes.compat import pl
 
 __all__ = [
     "BPTTBatch",
@@ -612,15 +613,16 @@ class BPTTBatch(NamedTuple):
     seq_len: int
 
 
-class BPTTWindows(IterableDataset):
+class BPTTWindows(Dataset):
     """Consecutive BPTT windows of a batchified split, in order: one item per window, never shuffled.
 
     The epoch is read when iteration starts (``epoch`` may be a callable, e.g. returning
     ``trainer.current_epoch``), so one DataLoader serves every epoch with that epoch's variable-BPTT draws and
-    no reloading. With fixed BPTT ``len()`` is exact. With variable BPTT the count differs between epochs and
-    ``len()`` raises ``TypeError`` on purpose: Lightning stops an epoch after ``len()`` batches and runs the
-    end-of-epoch validation only at that count, so a merely *expected* length would drop windows or skip
-    validation. Unsized, Lightning runs each epoch to exhaustion; :meth:`num_windows` gives exact counts.
+    no reloading. With fixed BPTT ``len()`` is exact and item ``i`` is the ``i``-th window. With variable BPTT the
+    count differs between epochs and ``len()`` raises ``TypeError`` on purpose: Lightning stops an epoch after
+    ``len()`` batches and runs the end-of-epoch validation only at that count, so a merely *expected* length
+    would drop windows or skip validation. Unsized, Lightning runs each epoch to exhaustion; :meth:`num_windows`
+    gives exact counts. :meth:`dataloader` builds the loader Lightning needs for either case.
     """
 
     def __init__(
@@ -670,10 +672,20 @@ class BPTTWindows(IterableDataset):
         """Exact number of windows (training steps) in ``epoch`` (default: the current one)."""
         return len(self.windows(epoch))
 
+    def _window(self, start: int, seq_len: int) -> BPTTBatch:
+        inp, target = get_batch(self.source, start, seq_len)
+        return BPTTBatch(inp, target, seq_len)
+
     def __iter__(self) -> Iterator[BPTTBatch]:
         for start, seq_len in self.windows():
-            inp, target = get_batch(self.source, start, seq_len)
-            yield BPTTBatch(inp, target, seq_len)
+            yield self._window(start, seq_len)
+
+    def __getitem__(self, index: int) -> BPTTBatch:
+        if self.variable:
+            return self._window(*self.windows()[index])
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range: {len(self)} windows")
+        return self._window(index * self.bptt, self.bptt)  # fixed_bptt_windows without building the list
 
     def __len__(self) -> int:
         if self.variable:
@@ -681,7 +693,33 @@ class BPTTWindows(IterableDataset):
                 "variable-BPTT windows have no fixed length: the count changes every epoch; "
                 "use num_windows(epoch) for an exact count"
             )
-        return self.num_windows()
+        return len(range(0, self.rows - 1, self.bptt))
+
+    def dataloader(self) -> DataLoader:
+        """A loader of these windows, in order, one window per batch, that Lightning leaves as it is.
+
+        Fixed BPTT: the windows as a sized map-style dataset, read in order by a one-replica
+        ``DistributedSampler`` (Lightning replaces any other sampler by a distributed one under DDP, which would
+        split the windows between ranks; here each rank already holds its own columns and must see every
+        window). Variable BPTT: an unsized ``IterableDataset`` view, run to exhaustion every epoch.
+        """
+        # batch_size=None: each item already is a whole batch. num_workers=0: the data is an in-memory tensor
+        # (slicing is free), and worker processes would copy the trainer and read a stale epoch.
+        if self.variable:
+            return DataLoader(_UnsizedWindows(self), batch_size=None, num_workers=0)
+        in_order = DistributedSampler(self, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(self, batch_size=None, sampler=in_order, num_workers=0)
+
+
+class _UnsizedWindows(IterableDataset):
+    """Variable-BPTT windows as an iterable without a length (see :class:`BPTTWindows`)."""
+
+    def __init__(self, windows: BPTTWindows) -> None:
+        super().__init__()
+        self.windows = windows
+
+    def __iter__(self) -> Iterator[BPTTBatch]:
+        return iter(self.windows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -771,13 +809,16 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self.download = download
         self.verify = verify
         self._corpus: Corpus | None = None
+        self._resolved: Path | None = None
 
     # -- corpus -------------------------------------------------------------------------------------------------
 
     def _resolve(self) -> Path:
-        return resolve_corpus(
-            self.corpus_name, self.data_dir, cache_dir=self.cache_dir, download=self.download, verify=self.verify
-        )
+        if self._resolved is None:  # once per process: prepare_data and setup both need it
+            self._resolved = resolve_corpus(
+                self.corpus_name, self.data_dir, cache_dir=self.cache_dir, download=self.download, verify=self.verify
+            )
+        return self._resolved
 
     def prepare_data(self) -> None:
         """Extract or download the corpus once per node (Lightning calls this on local rank 0 only)."""
@@ -870,17 +911,11 @@ class LanguageModelingDataModule(pl.LightningDataModule):
 
     # -- dataloaders ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _loader(dataset: BPTTWindows) -> DataLoader:
-        # batch_size=None: each dataset item already is a whole batch. num_workers=0: the data is an in-memory
-        # tensor (slicing is free), and worker processes would copy the trainer and read a stale epoch.
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset())
+        return self.train_dataset().dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(BPTTWindows(self.batchified("valid"), self.bptt))
+        return BPTTWindows(self.batchified("valid"), self.bptt).dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(BPTTWindows(self.batchified("test"), self.bptt))
+        return BPTTWindows(self.batchified("test"), self.bptt).dataloader()

@@ -24,17 +24,23 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.flops_callback import FlopsCallback
+from lightning_selfish.history import MaskHistory
+from lightning_selfish.methods import METHODS
+from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
+from recipes.compat import module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
+
+Callback = pl.Callback
+ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
@@ -85,14 +91,25 @@ class LanguageModel(pl.LightningModule):
         bptt: the mean window length; a window of ``seq_len`` steps trains at ``lr * seq_len / bptt`` (the CLI links
             it to ``data.bptt``).
         sparsity: fraction of every sparsified weight tensor that is zero; None trains dense.
+        method: the sparse training method, a preset of ``SelfishSparsityCallback(method=...)``: ``"selfish"``,
+            ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"`` or ``"gmp"``; None leaves the callback's
+            default (Selfish-RNN). The arguments below override parts of the preset when given (None = the
+            preset's value).
         prune_rate: initial fraction of active weights replaced at each epoch's topology update (cosine-annealed).
         static: keep the initial random masks for the whole run (static sparse training; ``prune_rate`` ignored).
         gate_redistribution: rank removal jointly over the gates of a stacked recurrent tensor (the method);
-            False keeps each gate at its own count (the ablation).
+            False keeps each gate at its own count (the ablation); ``"magnitude"``/``"gradient"`` share a tensor's
+            regrowth over its gates by the mean magnitude / gradient of their active weights (Table 6).
         sparse_init: ``"uniform"`` (the same sparsity in every tensor) or ``"er"`` (Erdős–Rényi).
         removal: ``"magnitude"`` (Selfish-RNN) or ``"set"``; growth: ``"random"`` (Selfish-RNN), ``"gradient"``
             (RigL) or ``"momentum"`` (SNFS), for the paper's comparisons.
         growth: see ``removal``.
+        sparsity_options: further keyword arguments of ``SelfishSparsityCallback`` (e.g. a method's own schedule
+            settings), passed through unchanged.
+        flops: add a :class:`~lightning_selfish.FlopsCallback` (``flops/train_vs_dense``, ``flops/inference_vs_dense``).
+        small_batch_size: split every training batch into column groups of this many sequences, each with its own
+            hidden state and dropout masks, and accumulate their gradients before one step (AWD-LSTM-MoS's
+            ``small_batch_size``); None trains on the whole batch at once.
         sparsity_exclude: name patterns to keep dense, as in ``network.named_parameters()``; None uses the
             network's ``sparsity_exclude`` (e.g. the MoS prior).
         sparsity_seed: seed of the masks; None derives it from the global seed.
@@ -105,6 +122,10 @@ class LanguageModel(pl.LightningModule):
             ``[500, 1000]`` for its 1300-epoch run).
         checkpoint: add a ``ModelCheckpoint`` that keeps the best ``val_loss`` model and the last one, unless the
             trainer already has a ``ModelCheckpoint`` with a monitor.
+        topology_monitor: when sparse, add a :class:`~lightning_selfish.monitor.TopologyMonitor` (exploration,
+            weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
+        mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
+            ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
     """
 
     def __init__(
@@ -122,27 +143,33 @@ class LanguageModel(pl.LightningModule):
         clip: float | None = 0.25,
         bptt: int = 35,
         sparsity: float | None = None,
-        prune_rate: float = 0.5,
+        method: str | None = None,
+        prune_rate: float | None = None,
         static: bool = False,
-        gate_redistribution: bool = True,
-        sparse_init: Literal["uniform", "er"] = "uniform",
-        removal: Literal["magnitude", "set"] = "magnitude",
-        growth: Literal["random", "gradient", "momentum"] = "random",
+        gate_redistribution: bool | Literal["joint", "none", "magnitude", "gradient"] | None = None,
+        sparse_init: Literal["uniform", "er"] | None = None,
+        removal: Literal["magnitude", "set"] | None = None,
+        growth: Literal["random", "gradient", "momentum"] | None = None,
         sparsity_exclude: list[str] | None = None,
         sparsity_seed: int | None = None,
-        update_every: int | Literal["epoch"] = "epoch",
+        update_every: int | Literal["epoch"] | None = None,
+        sparsity_options: dict[str, Any] | None = None,
+        flops: bool = True,
+        small_batch_size: int | None = None,
         total_steps: int | None = None,
         verbose_sparsity: bool = True,
         nonmono: int = 5,
         restart_at_epochs: list[int] | None = None,
         checkpoint: bool = True,
+        topology_monitor: bool = True,
+        mask_history: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        for method in ("init_hidden", "forward"):
-            if not callable(getattr(network, method, None)):
-                raise TypeError(f"network {type(network).__name__} has no {method}(): see recipes.models.LMOutput")
+        for required in ("init_hidden", "forward"):
+            if not callable(getattr(network, required, None)):
+                raise TypeError(f"network {type(network).__name__} has no {required}(): see recipes.models.LMOutput")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
         _check_positive_number("lr", lr)
@@ -170,8 +197,15 @@ class LanguageModel(pl.LightningModule):
         self.plateau_patience = int(plateau_patience) if plateau_patience is not None else patience
         self.clip = clip
         self.bptt = bptt
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)} or None (Selfish-RNN), got {method!r}")
+        if small_batch_size is not None and (
+            isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1
+        ):
+            raise ValueError(f"small_batch_size must be a positive int or None, got {small_batch_size!r}")
         self.sparsity = sparsity
-        self.prune_rate = 0.0 if static else float(prune_rate)
+        self.method = method
+        self.prune_rate = 0.0 if static else (None if prune_rate is None else float(prune_rate))
         self.static = static
         self.gate_redistribution = gate_redistribution
         self.sparse_init = sparse_init
@@ -182,11 +216,16 @@ class LanguageModel(pl.LightningModule):
         )
         self.sparsity_seed = sparsity_seed
         self.update_every = update_every
+        self.sparsity_options = dict(sparsity_options or {})
+        self.flops = flops
+        self.small_batch_size = small_batch_size
         self.total_steps = total_steps
         self.verbose_sparsity = verbose_sparsity
         self.nonmono = nonmono
         self.restart_at_epochs = list(restart_at_epochs or [])
         self.checkpoint = checkpoint
+        self.topology_monitor = topology_monitor
+        self.mask_history = mask_history
 
         self.alpha = float(getattr(network, "alpha", 0.0) or 0.0)
         self.beta = float(getattr(network, "beta", 0.0) or 0.0)
@@ -196,18 +235,18 @@ class LanguageModel(pl.LightningModule):
         self.val_ce = TokenWeightedCrossEntropy()
         self.test_ce = TokenWeightedCrossEntropy()
 
-        self._train_hidden: tuple[int, Any] | None = None  # (batch size, detached state) carried across windows
+        # (batch size, detached state) carried across windows; with small_batch_size a list of them, one per group
+        self._train_hidden: Any = None
         self._eval_hidden: tuple[int, Any] | None = None
         self._lr_scale = 1.0
+        self._group_grads: dict[Tensor, Tensor | None] | None = None  # small_batch_size: earlier groups' gradients
         self._sparsity_callback: SelfishSparsityCallback | None = None
 
     def _save_hyperparameters(self, network: nn.Module) -> None:
         # Under LightningCLI the hyperparameters are the parsed config, where ``network`` is a class path with its
         # arguments: keeping it lets ``load_from_checkpoint`` and ``--ckpt_path`` rebuild the model. Called from
         # plain Python, ``network`` is the module itself, which the state dict already holds: not saved twice.
-        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
-
-        given = _given_hyperparameters.get()
+        given = module("core.mixins.hparams_mixin")._given_hyperparameters.get()
         network_is_config = isinstance(given, dict) and not isinstance(given.get("network"), nn.Module)
         self.save_hyperparameters(ignore=None if network_is_config else ["network"])
 
@@ -252,6 +291,8 @@ class LanguageModel(pl.LightningModule):
         self._lr_scale = float(seq_len) / self.bptt
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.small_batch_size is not None and self.small_batch_size < batch[0].size(1):
+            return self._training_step_in_groups(batch)
         ce, out, self._train_hidden, tokens = self._step(batch, self._train_hidden)
         loss = ce
         reg = self.regularization(out.ar, out.tar)
@@ -267,6 +308,82 @@ class LanguageModel(pl.LightningModule):
             self.log("train_loss", ce, on_step=True, on_epoch=False, prog_bar=True)
             self.log("train_ppl", torch.exp(ce), on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _training_step_in_groups(self, batch: Any) -> Tensor:
+        """AWD-LSTM-MoS's ``small_batch_size``: the columns in groups, each its own state, one accumulated step.
+
+        Group ``k`` holds columns ``[k*s, (k+1)*s)`` and carries its own hidden state from window to window; each
+        group's forward draws its own dropout masks. Its loss (cross-entropy + AR + TAR) is scaled by
+        ``group size / batch size``, so the accumulated gradient is the gradient of the whole batch's loss. The
+        backward of every group but the last runs here, which frees its graph before the next group's forward (the
+        point of the split: memory) as ``torch.autograd.grad`` into a buffer that :meth:`on_after_backward` adds to
+        the gradients (Lightning zeroes ``.grad`` between ``training_step`` and its backward); Lightning runs the
+        last one, then clips and steps once.
+        """
+        input, target = batch[0], batch[1]
+        steps, batch_size = input.size(0), input.size(1)
+        target = target.view(steps, batch_size)
+        starts = range(0, batch_size, self.small_batch_size)
+        carried = self._train_hidden if isinstance(self._train_hidden, list) else None
+        if carried is not None and [size for size, _ in carried] != [
+            min(self.small_batch_size, batch_size - start) for start in starts
+        ]:
+            carried = None
+        hidden_out: list[tuple[int, Any]] = []
+        ce_sum = input.new_zeros((), dtype=torch.float32)
+        reg_sum = None
+        loss = None
+        for k, start in enumerate(starts):
+            if loss is not None:
+                self._accumulate_group_gradient(loss)
+            columns = slice(start, start + self.small_batch_size)
+            group = (input[:, columns], target[:, columns].reshape(-1))
+            ce, out, state, tokens = self._step(group, carried[k] if carried is not None else None)
+            hidden_out.append(state)
+            share = tokens / target.numel()
+            loss = ce
+            reg = self.regularization(out.ar, out.tar)
+            if reg is not None:
+                loss = ce + reg
+                reg_sum = reg.detach() * share if reg_sum is None else reg_sum + reg.detach() * share
+            loss = loss * share
+            ce = ce.detach()
+            self.train_ce.update(ce, tokens)
+            ce_sum = ce_sum + ce * share
+        self._train_hidden = hidden_out
+        if self._logs_this_step():
+            if reg_sum is not None:
+                self.log("train_reg", reg_sum, on_step=True, on_epoch=False)
+            self.log("train_loss", ce_sum, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train_ppl", torch.exp(ce_sum), on_step=True, on_epoch=False, prog_bar=True)
+        assert loss is not None
+        return loss
+
+    def _accumulate_group_gradient(self, loss: Tensor) -> None:
+        params = [p for p in self.parameters() if p.requires_grad]
+        scaled = self.trainer.strategy.precision_plugin.pre_backward(loss, self)  # the loss scale of mixed precision
+        grads = torch.autograd.grad(scaled, params, allow_unused=True)
+        if self._group_grads is None:
+            self._group_grads = dict(zip(params, grads))
+            return
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            held = self._group_grads.get(param)
+            self._group_grads[param] = grad if held is None else held.add_(grad)
+
+    def on_after_backward(self) -> None:
+        groups, self._group_grads = self._group_grads, None
+        if not groups:
+            return
+        with torch.no_grad():
+            for param, grad in groups.items():
+                if grad is None:
+                    continue
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
 
     def _logs_this_step(self) -> bool:
         # Lightning's own rule for the steps whose metrics reach the loggers (private, stable across 2.x).
@@ -371,25 +488,20 @@ class LanguageModel(pl.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = []
         if self.sparsity is not None:
-            self._sparsity_callback = SelfishSparsityCallback(
-                sparsity=self.sparsity,
-                prune_rate=self.prune_rate,
-                init=self.sparse_init,
-                removal=self.removal,
-                growth=self.growth,
-                gate_redistribution=self.gate_redistribution,
-                exclude=[f"network.{pattern}" for pattern in self.sparsity_exclude] or None,
-                seed=self.sparsity_seed,
-                update_every=self.update_every,
-                total_steps=self.total_steps,
-                verbose=self.verbose_sparsity,
-            )
+            self._sparsity_callback = SelfishSparsityCallback(**self.sparsity_arguments())
             callbacks.append(self._sparsity_callback)
+            if self.topology_monitor:
+                callbacks.append(TopologyMonitor())
+            if self.mask_history and self._trainer_has_logger():  # the masks go beside the run's logs
+                callbacks.append(MaskHistory())
+        if self.flops:
+            callbacks.append(FlopsCallback())
         if self.optimizer_name in AVERAGING_OPTIMIZERS:
             callbacks.append(
                 NonMonotonicTrigger(monitor="val_loss", nonmono=self.nonmono, restart_at_epochs=self.restart_at_epochs)
             )
         if self.checkpoint and not self._trainer_has_monitored_checkpoint():
+            self._drop_default_checkpoint()
             callbacks.append(
                 ModelCheckpoint(
                     monitor="val_loss",
@@ -401,6 +513,41 @@ class LanguageModel(pl.LightningModule):
             )
         return callbacks
 
+    def _drop_default_checkpoint(self) -> None:
+        # Lightning replaces a trainer's callbacks by the module's callbacks of the same type, and says so on every
+        # run; the ones without a monitor (the default one) would be replaced anyway, and are removed here instead.
+        trainer = self._trainer
+        if trainer is not None:
+            trainer.callbacks = [
+                cb for cb in trainer.callbacks if not (isinstance(cb, ModelCheckpoint) and cb.monitor is None)
+            ]
+
+    def sparsity_arguments(self) -> dict[str, Any]:
+        """The ``SelfishSparsityCallback`` arguments: the method, and only the overrides that were given."""
+        overrides = {
+            "method": self.method,
+            "prune_rate": self.prune_rate,
+            "init": self.sparse_init,
+            "removal": self.removal,
+            "growth": self.growth,
+            "gate_redistribution": self.gate_redistribution,
+            "update_every": self.update_every,
+        }
+        arguments: dict[str, Any] = {"sparsity": self.sparsity}
+        arguments.update({key: value for key, value in overrides.items() if value is not None})
+        arguments.update(
+            exclude=[f"network.{pattern}" for pattern in self.sparsity_exclude] or None,
+            seed=self.sparsity_seed,
+            total_steps=self.total_steps,
+            verbose=self.verbose_sparsity,
+        )
+        arguments.update(self.sparsity_options)
+        return arguments
+
+    def _trainer_has_logger(self) -> bool:
+        trainer = self._trainer
+        return trainer is None or bool(trainer.loggers)
+
     def _trainer_has_monitored_checkpoint(self) -> bool:
         trainer = self._trainer
         if trainer is None:
@@ -408,6 +555,12 @@ class LanguageModel(pl.LightningModule):
         return any(isinstance(cb, ModelCheckpoint) and cb.monitor is not None for cb in trainer.callbacks)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.small_batch_size is not None and self.trainer.world_size > 1:
+            raise ValueError(
+                f"small_batch_size={self.small_batch_size} runs a backward per column group inside one training step, "
+                f"which is only supported on a single device, not with {self.trainer.world_size} processes: give "
+                "each process a smaller data.batch_size instead, or small_batch_size=None"
+            )
         # The prune-rate cosine needs the run's length in steps before the sparsity callback's on_fit_start. With
         # variable BPTT Lightning cannot know it (the windows have no len()); the authors use
         # epochs * train_rows // bptt for every model, which is what is given here.

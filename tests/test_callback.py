@@ -291,10 +291,14 @@ def test_resume_with_mismatched_masks_fails(tmp_path: Path):
         (dict(sparsity=-0.1), ValueError, r"sparsity must be in \[0, 1\)"),
         (dict(sparsity="0.5"), TypeError, "sparsity must be a number"),
         (dict(sparsity=0.5, prune_rate=1.5), ValueError, r"prune_rate must be in \[0, 1\], got 1.5"),
-        (dict(sparsity=0.5, init="erk"), ValueError, r"init must be one of \['uniform', 'er'\], got 'erk'"),
+        (dict(sparsity=0.5, init="xavier"), ValueError, r"init must be one of \['uniform', 'er', 'erk', 'dense'\]"),
         (dict(sparsity=0.5, removal="mag"), ValueError, "removal must be one of"),
-        (dict(sparsity=0.5, growth="rigl"), ValueError, r"growth must be one of \['random', 'gradient', 'momentum'\]"),
-        (dict(sparsity=0.5, update_every=0), ValueError, r"update_every must be 'epoch' or a positive int \(steps\)"),
+        (
+            dict(sparsity=0.5, growth="rigl"),
+            ValueError,
+            r"growth must be one of \['random', 'gradient', 'momentum', 'none'\]",
+        ),
+        (dict(sparsity=0.5, update_every=0), ValueError, "update_every must be 'epoch' or a positive number"),
         (dict(sparsity=0.5, update_every="step"), ValueError, "update_every"),
         (dict(sparsity=0.5, include="rnn.*"), TypeError, "include must be a list"),
     ],
@@ -374,15 +378,17 @@ def test_skip_next_update():
     assert cb._num_updates == 1
 
 
-def test_gradient_growth_with_an_unsized_loader_needs_step_updates():
+def test_gradient_growth_with_an_unsized_loader():
+    # Epoch updates over a loader without a length keep a running copy of the last dense gradient (issue 7);
+    # step updates copy it only before each update. tests/test_methods.py checks the grown positions.
     class Unsized(torch.utils.data.IterableDataset):
         def __iter__(self):
             yield from token_loader().dataset
 
     loader = torch.utils.data.DataLoader(Unsized(), batch_size=4)
-    cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=10)
-    with pytest.raises(ValueError, match="growth='gradient' with update_every='epoch'.*no length"):
-        make_trainer([cb], max_epochs=2).fit(TinyLM(), loader)
+    cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=16, seed=0)
+    make_trainer([cb], max_epochs=2).fit(TinyLM(), loader)
+    assert cb._num_updates == 1 and cb._running_gradient
     cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=10, update_every=3, seed=0)
     model, checker, _ = fit(cb, max_epochs=1)
     assert cb._num_updates == 2  # steps 3 and 6 of 8

@@ -170,7 +170,7 @@ def test_engine_defaults_to_joint_ranking_and_converts_masks():
     param = nn.Parameter(torch.randn(6, 5))
     engine = SparseEngine({"w": param}, {"w": torch.ones(6, 5)}, {"w": GATES})
     record = engine.tensors["w"]
-    assert engine.gate_redistribution is True and record.groups == [slice(None)] and record.gates == GATES
+    assert record.groups == [slice(None)] and record.gates == GATES  # joint ranking unless told otherwise
     assert record.mask.dtype == torch.bool and record.mask_as_param.dtype == param.dtype
     half = SparseEngine({"w": param.half()}, {"w": torch.ones(6, 5, dtype=torch.uint8)})
     assert half.tensors["w"].mask.dtype == torch.bool and half.tensors["w"].mask_as_param.dtype == torch.float16
@@ -227,7 +227,9 @@ def test_gradient_growth_uses_the_kept_gradients_and_momentum_growth_the_buffer(
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         engine.update(0.5, torch.Generator(), growth="gradient", gradients={"other": score})
-    with pytest.raises(ValueError, match=r"needs a momentum buffer for 'w' \(momentum_buffer or exp_avg in the"):
+    with pytest.raises(
+        ValueError, match=r"needs a momentum buffer for 'w' \(momentum_buffer, or Adam's exp_avg and exp_avg_sq, in the"
+    ):
         engine.update(0.5, torch.Generator(), growth="momentum", optimizers=[torch.optim.SGD([param], lr=1.0)])
 
 

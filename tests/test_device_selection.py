@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_selfish import topology
@@ -46,6 +46,8 @@ def test_lowest_positions_equals_a_stable_sort(numel: int, fraction: float) -> N
 
 
 @settings(max_examples=40, deadline=None)
+@example(big=True, levels=2, density=0.125, fraction=0.875, nans=True, seed=0)  # the band's upper bound was NaN
+@example(big=True, levels=3, density=1.0, fraction=0.90625, nans=True, seed=0)
 @given(
     big=st.booleans(),
     levels=st.integers(1, 6),
@@ -146,3 +148,29 @@ def test_score_growth_takes_the_largest_magnitudes_on_a_big_tensor(growth: str) 
     new = grown & ~mask
     assert int(new.sum()) == 5000
     assert score[new].abs().min() >= score[~grown].abs().max()
+
+
+def test_growth_draws_from_every_position_inactive_after_removal_including_the_removed() -> None:
+    """Growth candidates are exactly the positions inactive after removal: a weight removed in this update is drawn
+    again as often as any other inactive position (the paper's rule), never an active one."""
+    from lightning_selfish.engine import SparseEngine
+
+    removed_regrown = removed_total = 0
+    inactive_after_removal = 0
+    for seed in range(200):
+        param = torch.nn.Parameter(torch.randn(8, 10, generator=torch.Generator().manual_seed(seed)))
+        engine = SparseEngine.initialize({"w": param}, 0.5, torch.Generator().manual_seed(seed))
+        old = engine.masks["w"].clone()
+        stats = engine.update(0.4, torch.Generator().manual_seed(1000 + seed))
+        new = engine.masks["w"]
+        # the kept weights: active before and not zeroed (removed ones are zeroed, regrown ones restart at 0)
+        kept = old & (param.detach() != 0)
+        removed, grown = old & ~kept, new & ~kept
+        assert int(removed.sum()) == int(grown.sum()) == stats.removed["w"] == stats.grown["w"] == 16
+        removed_regrown += int((grown & removed).sum())
+        removed_total += int(removed.sum())
+        inactive_after_removal = int((~kept).sum())
+    # each of the 56 positions inactive after removal is grown with probability 16/56; 16 of them were just removed
+    expected = removed_total * 16 / inactive_after_removal
+    assert inactive_after_removal == 56
+    assert abs(removed_regrown - expected) < 4 * (expected * (1 - 16 / 56)) ** 0.5

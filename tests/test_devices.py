@@ -88,7 +88,7 @@ def test_a_generator_state_from_another_device_reseeds_with_a_warning(caplog: py
     state = first.state_dict()
     state["generator_device"] = "cuda"
     state["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
-    resumed = SelfishSparsityCallback(sparsity=0.5, seed=3)
+    resumed = SelfishSparsityCallback(sparsity=0.5, seed=3, total_steps=2)  # on_fit_start outside a fit
     resumed.load_state_dict(state)
     caplog.set_level("WARNING", logger="lightning_selfish")
     model = TinyLM()
@@ -186,3 +186,81 @@ def test_torch_compile_trains_with_the_callback_and_keeps_the_masks(device: str)
     assert callback._num_updates == 1
     assert_inactive_weights_are_zero(model, callback)
     assert all(0 < int(mask.sum()) < mask.numel() for mask in callback.masks.values())
+
+
+class PoisonedLM(SNTASGDLM):
+    """SNT-ASGD from the first step; the loss of batch ``poison_batch`` is made infinite (its gradient overflows)."""
+
+    poison_batch = 2
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == self.poison_batch else loss
+
+
+class AgeLog(pl.Callback):
+    """The SNT-ASGD age of every sparsified tensor after each training batch."""
+
+    def __init__(self) -> None:
+        self.ages: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        optimizer = trainer.optimizers[0]
+        self.ages.append(
+            {n: optimizer.state[p]["age"].clone() for n, p in pl_module.named_parameters() if p.dim() >= 2}
+        )
+
+
+@pytest.mark.parametrize("device", [CUDA])  # on the CPU, Lightning runs "16-mixed" as bf16 and oneDNN has no fp16 LSTM
+def test_fp16_mixed_in_lightning_a_skipped_step_is_not_enforced_nor_averaged(device: str, monkeypatch) -> None:
+    """``precision="16-mixed"``: the grad scaler skips the overflowing step; the callback and SNT-ASGD skip it too.
+
+    (The same on the CPU, without Lightning, is ``test_a_step_skipped_by_the_grad_scaler_neither_rezeroes_nor_counts``.)
+    """
+    counter = EnforcementCounter(monkeypatch)
+    model = PoisonedLM()
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    ages = AgeLog()
+    make_trainer(
+        [callback, ages], max_epochs=1, limit_train_batches=5, precision="16-mixed", **accelerator(device)
+    ).fit(model, token_loader())
+    assert counter.calls == 4  # 5 batches, one skipped
+    # the skipped batch left every age as it was; the others add one where the weight is active
+    assert all(torch.equal(ages.ages[2][n], ages.ages[1][n]) for n in ages.ages[1])
+    for name, mask in callback.masks.items():
+        assert torch.equal(ages.ages[3][name], ages.ages[2][name] + mask.float())
+    assert_inactive_weights_are_zero(model, callback)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_on_the_same_device_is_exact(device: str, tmp_path, monkeypatch) -> None:
+    """The device generator's state travels in the checkpoint: a run stopped after epoch 2 and resumed equals an
+    uninterrupted one, masks and weights bit for bit."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+    def run(max_epochs: int, ckpt_path=None, stop_after: int | None = None, checkpoints=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyLM()
+        callback = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.6, seed=3 if ckpt_path is None else 999)
+        extra = [checkpoints] if checkpoints is not None else []
+
+        class Stop(pl.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                trainer.should_stop = stop_after is not None and trainer.current_epoch == stop_after
+
+        trainer = make_trainer(
+            [callback, Stop(), *extra], max_epochs=max_epochs, enable_checkpointing=bool(extra), **accelerator(device)
+        )
+        trainer.fit(model, token_loader(), token_loader(1, 2), ckpt_path=ckpt_path)
+        masks = {n: m.cpu().clone() for n, m in callback.masks.items()}
+        return masks, {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    full_masks, full_weights = run(4)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    run(4, stop_after=1, checkpoints=checkpoints)
+    masks, weights = run(4, ckpt_path=tmp_path / "epoch=1.ckpt")
+    for name in full_masks:
+        assert torch.equal(masks[name], full_masks[name]), name
+    for name in full_weights:
+        assert torch.equal(weights[name], full_weights[name]), name

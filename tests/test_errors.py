@@ -39,17 +39,17 @@ from lightning_selfish.gates import normalize_layout
     "kwargs,error,match",
     [
         (dict(min_prune_rate=1.5), ValueError, r"min_prune_rate must be in \[0, 1\], got 1.5"),
-        (dict(min_prune_rate=None), TypeError, r"min_prune_rate must be a number in \[0, 1\], got NoneType None"),
+        (dict(min_prune_rate="0.1"), TypeError, r"min_prune_rate must be a number in \[0, 1\], got str '0.1'"),
         (dict(prune_rate=True), TypeError, r"prune_rate must be a number in \[0, 1\], got bool True"),
         (dict(sparsity=0.0, prune_rate=-0.1), ValueError, r"prune_rate must be in \[0, 1\], got -0.1"),
-        (dict(removal=None), ValueError, r"removal must be one of \['magnitude', 'set'\], got None"),
-        (dict(update_every=True), TypeError, r"update_every must be 'epoch' or a positive int \(steps\), got True"),
-        (dict(update_every=2.5), TypeError, r"update_every must be 'epoch' or a positive int \(steps\), got 2.5"),
-        (dict(update_every=-3), ValueError, r"update_every must be 'epoch' or a positive int \(steps\), got -3"),
+        (dict(removal="mag"), ValueError, r"removal must be one of \[.*'magnitude', 'set'.*\], got 'mag'"),
+        (dict(update_every=True), TypeError, r"update_every must be 'epoch' or a positive number of steps, got True"),
+        (dict(update_every=2.5), TypeError, r"update_every must be 'epoch' or a positive number of steps, got 2.5"),
+        (dict(update_every=-3), ValueError, r"update_every must be 'epoch' or a positive number of steps, got -3"),
         (
             dict(update_every="step"),
             ValueError,
-            r"update_every must be 'epoch' or a positive int \(steps\), got 'step'",
+            r"update_every must be 'epoch' or a positive number of steps, got 'step'",
         ),
         (dict(total_steps=0), ValueError, "total_steps must be a positive int or None, got 0"),
         (dict(total_steps=True), TypeError, "total_steps must be a positive int or None, got True"),
@@ -120,13 +120,13 @@ def test_engine_mask_of_another_shape():
 
 def test_engine_unknown_init_removal_and_growth():
     param = nn.Parameter(torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"init must be 'uniform' or 'er', got 'erk'"):
-        SparseEngine.initialize({"w": param}, 0.5, torch.Generator(), init="erk")
+    with pytest.raises(ValueError, match=r"init must be one of \[.*'uniform', 'er'.*\], got 'xavier'"):
+        SparseEngine.initialize({"w": param}, 0.5, torch.Generator(), init="xavier")
     engine = SparseEngine.initialize({"w": param}, 0.5, torch.Generator().manual_seed(0))
     mask = engine.tensors["w"].mask.clone()
-    with pytest.raises(ValueError, match=r"removal must be one of \['magnitude', 'set'\], got 'mag'"):
+    with pytest.raises(ValueError, match=r"removal must be one of \[.*'magnitude', 'set'.*\], got 'mag'"):
         engine.update(0.5, torch.Generator(), removal="mag")
-    with pytest.raises(ValueError, match=r"growth must be one of \['gradient', 'momentum', 'random'\], got 'rigl'"):
+    with pytest.raises(ValueError, match=r"growth must be one of \['random', 'gradient', 'momentum'.*\], got 'rigl'"):
         engine.update(0.5, torch.Generator(), growth="rigl")
     assert torch.equal(engine.tensors["w"].mask, mask)  # refused before anything changed
 

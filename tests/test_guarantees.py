@@ -346,8 +346,10 @@ def test_gradient_growth_resumes_exactly_from_an_epoch_checkpoint(tmp_path: Path
         "total_steps",
         "sparsity",
         "gate_redistribution",
+        "method",
+        "threshold",
     }
-    assert state["gradients"] is not None and state["total_steps"] == 24 and state["gate_redistribution"] is True
+    assert state["gradients"] is not None and state["total_steps"] == 24 and state["gate_redistribution"] == "joint"
     resumed_cb = callback()
     resumed = fit(resumed_cb, ckpt_path=tmp_path / "epoch=0.ckpt")
     for name, mask in full_cb.masks.items():

@@ -16,7 +16,6 @@ from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, MaskBlindNTASGD
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
 
-CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 
@@ -84,18 +83,46 @@ def tiny_data(corpus_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- configs
 
 
+VARIANTS = {  # name -> overlays over the model config (recipes/configs/{methods,optimizers,small_dense}/)
+    "": [],
+    "dense": ["methods/dense.yaml", "optimizers/ntasgd.yaml"],
+    "adam": ["optimizers/adam.yaml"],
+    "no_redistribution": ["methods/no_redistribution.yaml"],
+    "standard_ntasgd": ["optimizers/ntasgd.yaml"],
+    "static": ["methods/static.yaml"],
+    "momentum": ["optimizers/momentum.yaml"],
+    "small_dense": ["small_dense/{model}.yaml", "optimizers/ntasgd.yaml"],
+}
+COMPOSITIONS = [
+    (model, variant)
+    for model in MODELS
+    for variant in VARIANTS
+    if not (variant == "momentum" and model != "stacked_lstm_ptb")
+    and not (variant == "small_dense" and model == "awd_lstm_mos_wt2")
+] + [("quickstart", "")]
+
+
+def composition_args(model: str, variant: str) -> list[str]:
+    args = ["--config", str(CONFIG_DIR / f"{model}.yaml")]
+    for overlay in VARIANTS[variant]:
+        args += ["--config", str(CONFIG_DIR / overlay.format(model=model))]
+    return args
+
+
 def test_the_recipes_are_all_there() -> None:
-    names = {p.stem for p in CONFIGS}
-    for model in MODELS:
-        for suffix in ("", "_dense", "_adam", "_no_redistribution", "_standard_ntasgd", "_static"):
-            assert f"{model}{suffix}" in names
-    assert {"quickstart", "stacked_lstm_ptb_momentum", "stacked_lstm_ptb_small_dense"} <= names
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {*MODELS, "quickstart"}
+    methods = {p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml")}
+    assert {"selfish", "static", "static_er", "set", "dsr", "snfs", "rigl", "gmp", "dense"} <= methods
+    assert {p.stem for p in (CONFIG_DIR / "optimizers").glob("*.yaml")} == {"sntasgd", "ntasgd", "adam", "momentum"}
+    small = {p.stem for p in (CONFIG_DIR / "small_dense").glob("*.yaml")}
+    assert small == {"stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb"}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_config_parses_and_instantiates(config: Path, known_vocab: None) -> None:
-    with torch.device("meta"):  # the paper's sizes, without allocating 66M parameters 29 times
-        cli = build_cli(args=["--config", str(config)], run=False)
+@pytest.mark.parametrize("composition", COMPOSITIONS, ids=["+".join(filter(None, c)) for c in COMPOSITIONS])
+def test_every_config_parses_and_instantiates(composition: tuple[str, str], known_vocab: None) -> None:
+    base, variant = composition
+    with torch.device("meta"):  # the paper's sizes, without allocating 66M parameters many times
+        cli = build_cli(args=composition_args(base, variant), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     assert isinstance(model, LanguageModel) and isinstance(data, LanguageModelingDataModule)
     assert model.network.ntoken == VOCAB[data.corpus_name], "the vocabulary is linked to the network"
@@ -104,12 +131,9 @@ def test_every_config_parses_and_instantiates(config: Path, known_vocab: None) -
     assert isinstance(trainer.logger, TensorBoardLogger)
     assert model.weight_decay == 1.2e-6 and model.clip == 0.25 and model.nonmono == 5
 
-    name = config.stem
-    base = next((m for m in MODELS if name.startswith(m)), None)
-    if base is None:  # quickstart
-        assert name == "quickstart" and model.sparsity is not None and trainer.max_epochs == 1
+    if base == "quickstart":
+        assert model.sparsity is not None and trainer.max_epochs == 1
         return
-    variant = name[len(base) :].lstrip("_")
     cls, sparsity, prune_rate, lr, epochs, seed, batch, eval_batch, test_batch, bptt, variable = TABLE4[base]
     assert type(model.network) is cls
     n_params = sum(p.numel() for p in model.network.parameters())
@@ -123,7 +147,8 @@ def test_every_config_parses_and_instantiates(config: Path, known_vocab: None) -
         variable,
     )
     assert data.max_seq_len_delta == (20 if base == "awd_lstm_mos_wt2" else None)
-    assert model.restart_at_epochs == ([500] if base == "onlstm_ptb" and model.optimizer_name != "adam" else [])
+    assert model.small_batch_size == (5 if base == "awd_lstm_mos_wt2" else None)
+    assert model.restart_at_epochs == ([500] if base == "onlstm_ptb" else [])
     expected_optimizer = {
         "dense": "ntasgd",
         "small_dense": "ntasgd",
@@ -137,9 +162,11 @@ def test_every_config_parses_and_instantiates(config: Path, known_vocab: None) -
         assert model.sparsity is None
         return
     assert model.sparsity == sparsity
-    assert model.prune_rate == (0.0 if variant == "static" else prune_rate)
-    assert model.gate_redistribution is (variant != "no_redistribution")
-    assert model.sparse_init == "uniform" and model.update_every == "epoch"
+    arguments = model.sparsity_arguments()
+    assert arguments.get("prune_rate") == (None if variant == "static" else prune_rate)
+    assert arguments.get("method") == {"static": "static", "no_redistribution": "selfish"}.get(variant)
+    assert arguments.get("gate_redistribution", True) is (variant != "no_redistribution")
+    assert "init" not in arguments and "update_every" not in arguments, "the model configs leave these to the method"
     assert model.sparsity_exclude == (["prior.weight"] if cls is AWDLSTMMoS else [])
 
 
@@ -164,6 +191,15 @@ def test_command_line_overrides(known_vocab: None) -> None:
     assert cli.model.network.nhid == 16 and cli.model.bptt == 20
     sparse = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert sparse.sparsity == 0.62 and sparse.prune_rate == 0.7
+
+    # --model.method picks a preset; the model config's prune rate and explicit parts override it
+    args += ["--model.method", "rigl", "--model.gate_redistribution", "magnitude"]
+    cli = build_cli(args=args, run=False)
+    rigl = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
+    assert (rigl.method, rigl.growth, rigl.init, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
+    assert rigl.gate_redistribution == "magnitude" and rigl.update_every == 100
+    with pytest.raises(ValueError, match=r"method must be one of \['selfish', .*got 'pruning'"):
+        build_cli(args=[*args, "--model.method", "pruning"], run=False)
 
 
 def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,8 +253,9 @@ def test_fit_then_test_the_best_checkpoint_in_another_process(
     ]
     fit = build_cli(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"])
     best = Path(fit.trainer.checkpoint_callback.best_model_path)
-    assert best.is_file() and best.parent.parent.parent.name == "stacked_lstm_ptb"
-    assert (tmp_path / "lightning_logs" / "stacked_lstm_ptb" / "version_0" / "config.yaml").is_file()
+    label = "selfish-sntasgd-s0.67-p0.7-seed1111"  # the composition's own run directory (recipes/runs.py)
+    assert best.is_file() and best.parents[2].name == label and best.parents[3].name == "stacked_lstm_ptb"
+    assert (tmp_path / "lightning_logs" / "stacked_lstm_ptb" / label / "version_0" / "config.yaml").is_file()
 
     test = build_cli(args=["test", *common, "--ckpt_path", "best"])  # a fresh CLI, as a new process would be
     assert Path(test.trainer.ckpt_path).resolve() == best.resolve()
@@ -282,5 +319,5 @@ def test_quickstart_lowers_the_training_loss(tmp_path: Path, monkeypatch: pytest
 
 def test_standard_ntasgd_config_uses_the_mask_blind_optimizer(known_vocab: None) -> None:
     with torch.device("meta"):
-        cli = build_cli(args=["--config", str(CONFIG_DIR / "rhn_ptb_standard_ntasgd.yaml")], run=False)
+        cli = build_cli(args=composition_args("rhn_ptb", "standard_ntasgd"), run=False)
     assert type(cli.model.configure_optimizers()) is MaskBlindNTASGD

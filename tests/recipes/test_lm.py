@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.optim_state import MaskUpdate
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
@@ -321,7 +322,7 @@ def test_callbacks_follow_the_arguments() -> None:
     assert (sparse.sparsity, sparse.prune_rate, sparse.gate_redistribution, sparse.init, sparse.seed) == (
         0.6,
         0.3,
-        False,
+        "none",  # gate_redistribution=False resolves to "none" (per-gate counts)
         "er",
         7,
     )
@@ -334,7 +335,9 @@ def test_callbacks_follow_the_arguments() -> None:
     static = LanguageModel(tiny_lstm(), lr=1.0, sparsity=0.5, prune_rate=0.7, static=True)
     assert next(cb for cb in static.configure_callbacks() if isinstance(cb, SelfishSparsityCallback)).prune_rate == 0
     dense = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False)
-    assert dense.configure_callbacks() == []
+    assert [type(cb) for cb in dense.configure_callbacks()] == [FlopsCallback]
+    no_flops = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False, flops=False)
+    assert no_flops.configure_callbacks() == []
 
 
 def test_prune_schedule_length_for_variable_bptt(corpus_dir: Path) -> None:

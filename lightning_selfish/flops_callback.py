@@ -1,0 +1,190 @@
+"""``FlopsCallback``: the running training FLOPs and the current inference FLOPs, relative to dense, in the logs.
+
+The counting rules are :mod:`lightning_selfish.flops`'. The per-step cost only changes when the masks change
+(a topology update, a GMP pruning step), so the callback keeps the cost per token of the masks in force and, per
+batch, only adds the batch's token count on the host (no device work, no sync). When the sparsity callback's
+update counter moves, it books the tokens counted so far at the old cost and recomputes the cost from the new
+masks (one reduction per tensor, at update time only).
+
+Logged to every logger of the trainer, at the end of each training epoch (and of the fit):
+
+* ``flops/train_vs_dense``: training FLOPs so far / FLOPs of dense training over the same tokens;
+* ``flops/inference_vs_dense``: forward FLOPs of the current masks / dense forward FLOPs;
+* ``flops/train_total``: training FLOPs so far, summed over all ranks;
+* ``flops/inference_per_token``: forward FLOPs per token of the current masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from lightning_selfish.flops import (
+    WeightCost,
+    collect_weight_costs,
+    inference_flops_per_token,
+    training_flops_per_token,
+)
+
+log = logging.getLogger(__name__)
+
+
+def tokens_in_batch(batch: Any) -> int:
+    """Tokens of a language-model batch: the number of elements of its first tensor (``(T, B)`` inputs)."""
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    if isinstance(batch, (tuple, list)) and batch:
+        return tokens_in_batch(batch[0])
+    if isinstance(batch, dict) and batch:
+        return tokens_in_batch(next(iter(batch.values())))
+    raise TypeError(f"cannot count the tokens of a batch of type {type(batch).__name__}: give tokens_per_batch")
+
+
+class FlopsCallback(Callback):
+    """Count the training FLOPs of the run and the inference FLOPs of the current masks, relative to dense.
+
+    Works with or without a :class:`~lightning_selfish.SelfishSparsityCallback` in the trainer (without one the
+    model is dense and both ratios are 1). The sparsity callback's ``dense_gradient_every`` decides the
+    dense-gradient cost: ``1`` (SNFS's momentum) computes the weight gradient densely on every step, an update
+    cadence (RigL's gradient growth) on the step before each update, ``None`` never.
+
+    Args:
+        tokens_per_batch: the number of tokens (samples) in a batch; default :func:`tokens_in_batch`. Only the
+            absolute totals depend on it when all batches have the same size.
+    """
+
+    def __init__(self, tokens_per_batch: Callable[[Any], int] | None = None) -> None:
+        if tokens_per_batch is not None and not callable(tokens_per_batch):
+            raise TypeError(f"tokens_per_batch must be callable or None, got {tokens_per_batch!r}")
+        self.tokens_per_batch = tokens_per_batch or tokens_in_batch
+        self.costs: dict[str, WeightCost] = {}
+        self._sparsity: Any = None
+        self._version: tuple[int, int] | None = None  # (engine id, update count) behind the cached costs
+        self._active: dict[str, int] | None = None
+        self._step_cost = self._dense_step_cost = 0.0
+        self._pending_tokens = 0  # tokens trained at _step_cost, not yet booked
+        self._last_tokens = 0
+        self._world_size = 1
+        self.train_flops = 0.0  # booked, this rank
+        self.dense_train_flops = 0.0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # public surface
+    # ----------------------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """The values this callback logs, as of now."""
+        sparse = self.train_flops + self._pending_tokens * self._step_cost
+        dense = self.dense_train_flops + self._pending_tokens * self._dense_step_cost
+        inference = inference_flops_per_token(self.costs, self._active)
+        dense_inference = inference_flops_per_token(self.costs)
+        return {
+            "flops/train_vs_dense": sparse / dense if dense else 1.0,
+            "flops/inference_vs_dense": inference / dense_inference if dense_inference else 1.0,
+            "flops/train_total": sparse * self._world_size,
+            "flops/inference_per_token": inference,
+        }
+
+    # ----------------------------------------------------------------------------------------------------------
+    # hooks: only delegate
+    # ----------------------------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.costs = collect_weight_costs(pl_module)
+        self._dense_step_cost = training_flops_per_token(self.costs)
+        self._sparsity = _find_sparsity_callback(trainer)
+        self._world_size = trainer.world_size
+        self._refresh(force=True)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._refresh()
+        self._last_tokens = int(self.tokens_per_batch(batch))
+        self._pending_tokens += self._last_tokens
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refresh()
+        self._log(trainer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # checkpointing
+    # ----------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        self._book()
+        return {"train_flops": self.train_flops, "dense_train_flops": self.dense_train_flops}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"train_flops", "dense_train_flops"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a FlopsCallback state: missing {sorted(missing)} in {sorted(state_dict)}")
+        self.train_flops = float(state_dict["train_flops"])
+        self.dense_train_flops = float(state_dict["dense_train_flops"])
+        self._pending_tokens = 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # internals
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _book(self) -> None:
+        self.train_flops += self._pending_tokens * self._step_cost
+        self.dense_train_flops += self._pending_tokens * self._dense_step_cost
+        self._pending_tokens = 0
+
+    def _refresh(self, force: bool = False) -> None:
+        """Re-read the masks when the sparsity callback has updated them since the last look (a host int compare)."""
+        sparsity = self._sparsity
+        engine = getattr(sparsity, "engine", None)
+        version = (id(engine), _update_count(sparsity) if engine is not None else 0)
+        if not force and version == self._version:
+            return
+        self._book()
+        every = _dense_gradient_every(sparsity)
+        previous = self._version
+        if every not in (None, 1) and previous is not None and previous[0] == version[0] and version[1] > previous[1]:
+            # RigL: the step before each update computed the dense weight gradient (Table 10's extra f_D - f_S).
+            extra = training_flops_per_token(self.costs, self._active, dense_gradient=True) - self._step_cost
+            self.train_flops += (version[1] - previous[1]) * self._last_tokens * extra
+        self._active = engine.active_counts() if engine is not None else None
+        self._step_cost = training_flops_per_token(self.costs, self._active, dense_gradient=every == 1)
+        self._version = version
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics = self.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _find_sparsity_callback(trainer: pl.Trainer) -> Any:
+    from lightning_selfish.callback import SelfishSparsityCallback
+
+    found = [cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback)]
+    return found[0] if found else None
+
+
+def _dense_gradient_every(sparsity: Any) -> int | str | None:
+    """1: a dense weight gradient every step (SNFS); a cadence: on update steps (RigL); None: never."""
+    if sparsity is None:
+        return None
+    if hasattr(sparsity, "dense_gradient_every"):
+        return sparsity.dense_gradient_every
+    growth = getattr(sparsity, "growth", None)  # a callback without method presets
+    return 1 if growth == "momentum" else (sparsity.update_every if growth == "gradient" else None)
+
+
+def _update_count(sparsity: Any) -> int:
+    count = getattr(sparsity, "num_updates", None)
+    if count is None:
+        count = sparsity._num_updates
+    return int(count)

@@ -1,0 +1,234 @@
+"""``TopologyMonitor``: what dynamic sparse training does, in the trainer's logger, at topology updates only.
+
+The monitor learns about masks from :class:`~lightning_selfish.SelfishSparsityCallback`, which calls
+``on_topology_update(trainer, pl_module, engine, stats)`` on every callback that has it: once at fit start
+(``stats is None``: the initial masks, or those restored from a checkpoint) and after every topology update,
+however often they happen (once per epoch, every N steps, or a dense-to-sparse schedule whose masks start full).
+Nothing runs in the per-step hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor
+
+from lightning_selfish import analysis, plots
+from lightning_selfish.engine import SparseEngine, UpdateStats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TopologyMonitor"]
+
+
+class TopologyMonitor(Callback):
+    r"""Log exploration, drift, large weights, mask pictures and the final gate breakdown of a sparse run.
+
+    Scalars, logged at fit start and after every topology update (rank zero, every logger):
+
+    * ``exploration/<param>``, ``exploration/<param>/<gate>``, ``exploration/overall``: the fraction of positions
+      that have been active at least once since the start (the in-time over-parameterisation rate of Liu et al.
+      2021). Exact across resumes: the initial and ever-active masks are part of the checkpoint.
+    * ``drift/<param>``, ``drift/<param>/<gate>``, ``drift/overall``: the fraction of the currently active
+      weights that were not active in the initial mask.
+
+    ``magnitude_above/<param>`` and ``magnitude_above/overall`` (the paper's Figure 3): the number of sparsified
+    weights with ``|w| > magnitude_threshold``, once per epoch at the end of validation (so while NT-ASGD averages,
+    of the averaged weights that validation sees), or at the end of a training epoch that had no validation.
+
+    Images (loggers whose ``experiment`` has ``add_image``, such as TensorBoard; others are skipped with one info
+    line): ``masks/<param>`` for every tensor with a gate layout (recurrent weights), at the start and at every
+    ``images_every_n_updates``-th update: the mask's density over a grid of row and column blocks, gates separated
+    by white lines; ``gates/sparsity`` at the end of training: the final sparsity of every gate of every layer
+    (the paper's Figure 10, needs matplotlib: ``pip install "lightning-selfish[analysis]"``).
+
+    Args:
+        magnitude_threshold: threshold of ``magnitude_above``; None switches it off.
+        mask_images: log the mask-density pictures.
+        images_every_n_updates: picture every this many topology updates (and the initial masks).
+        image_resolution: at most this many blocks along the columns and, summed over the gates, the rows.
+        gate_chart: log the final gate-sparsity chart.
+    """
+
+    def __init__(
+        self,
+        magnitude_threshold: float | None = 0.1,
+        mask_images: bool = True,
+        images_every_n_updates: int = 1,
+        image_resolution: int = 64,
+        gate_chart: bool = True,
+    ) -> None:
+        if magnitude_threshold is not None and (
+            isinstance(magnitude_threshold, bool)
+            or not isinstance(magnitude_threshold, (int, float))
+            or magnitude_threshold < 0
+        ):
+            raise ValueError(f"magnitude_threshold must be a number >= 0 or None, got {magnitude_threshold!r}")
+        for name, value in (("images_every_n_updates", images_every_n_updates), ("image_resolution", image_resolution)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.magnitude_threshold = None if magnitude_threshold is None else float(magnitude_threshold)
+        self.mask_images = bool(mask_images)
+        self.images_every_n_updates = images_every_n_updates
+        self.image_resolution = image_resolution
+        self.gate_chart = bool(gate_chart)
+
+        self.engine: SparseEngine | None = None
+        self.initial: dict[str, Tensor] = {}
+        self.ever_active: dict[str, Tensor] = {}
+        self.num_updates = 0
+        self._loaded_state: dict[str, Any] | None = None
+        self._magnitude_epoch = -1
+        self._skipped_loggers: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__qualname__
+
+    # ----------------------------------------------------------------------------------------------------------
+    # hooks: only delegate
+    # ----------------------------------------------------------------------------------------------------------
+
+    def on_topology_update(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
+    ) -> None:
+        """Called by the sparsity callback: ``stats is None`` at fit start, else after a topology update."""
+        self.engine = engine
+        masks = engine.masks
+        if stats is None:
+            self._start(masks)
+        else:
+            self.num_updates += 1
+            for name, mask in masks.items():
+                self.ever_active[name] |= mask
+        if not trainer.is_global_zero:
+            return
+        self._log_metrics(trainer, analysis.exploration_report(self.ever_active, masks, self.initial, self._gates()))
+        if self.mask_images and (stats is None or self.num_updates % self.images_every_n_updates == 0):
+            self._log_mask_images(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._magnitude_epoch = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None:
+            raise ValueError(
+                "TopologyMonitor watches the masks of a SelfishSparsityCallback, but none told it about its masks: "
+                "add SelfishSparsityCallback(...) to the trainer's callbacks"
+            )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._log_magnitudes(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._magnitude_epoch != trainer.current_epoch:  # this epoch had no validation
+            self._log_magnitudes(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.gate_chart and self.engine is not None and trainer.is_global_zero:
+            self._log_gate_chart(trainer)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # checkpointing
+    # ----------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.initial:
+            return {}
+        return {
+            "initial": analysis.pack_masks(self.initial),
+            "ever_active": analysis.pack_masks(self.ever_active),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if "initial" not in state_dict or "ever_active" not in state_dict:
+            raise ValueError(
+                f"not a TopologyMonitor state: expected keys 'initial' and 'ever_active', got {sorted(state_dict)}"
+            )
+        self._loaded_state = state_dict
+
+    # ----------------------------------------------------------------------------------------------------------
+    # internals
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _start(self, masks: dict[str, Tensor]) -> None:
+        state, self._loaded_state = self._loaded_state, None
+        if state is None:
+            self.initial = {name: mask.detach().clone() for name, mask in masks.items()}
+            self.ever_active = {name: mask.detach().clone() for name, mask in masks.items()}
+            self.num_updates = 0
+            return
+        initial = analysis.unpack_masks(state["initial"])
+        ever = analysis.unpack_masks(state["ever_active"])
+        if set(initial) != set(masks) or any(initial[n].shape != masks[n].shape for n in masks):
+            raise ValueError(
+                "the checkpoint's TopologyMonitor state does not match the sparsified parameters: "
+                f"checkpoint {sorted((n, tuple(m.shape)) for n, m in initial.items())}, "
+                f"model {sorted((n, tuple(m.shape)) for n, m in masks.items())}"
+            )
+        self.initial = {name: initial[name].to(mask.device) for name, mask in masks.items()}
+        self.ever_active = {name: ever[name].to(mask.device) | mask for name, mask in masks.items()}
+        self.num_updates = int(state.get("num_updates", 0))
+
+    def _gates(self) -> dict[str, list[tuple[str, slice]]]:
+        assert self.engine is not None
+        return {name: list(t.gates) for name, t in self.engine.tensors.items() if t.gates}
+
+    def _log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _log_magnitudes(self, trainer: pl.Trainer) -> None:
+        self._magnitude_epoch = trainer.current_epoch
+        if self.magnitude_threshold is None or self.engine is None or not trainer.is_global_zero:
+            return
+        params = {name: t.param for name, t in self.engine.tensors.items()}
+        counts = analysis.magnitude_above(params, self.magnitude_threshold)
+        self._log_metrics(trainer, {f"magnitude_above/{name}": float(n) for name, n in counts.items()})
+
+    def _image_writers(self, trainer: pl.Trainer) -> list[Any]:
+        writers = []
+        for logger in trainer.loggers:
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if callable(add_image):
+                writers.append(add_image)
+            elif type(logger).__name__ not in self._skipped_loggers:
+                self._skipped_loggers.add(type(logger).__name__)
+                log.info(
+                    "TopologyMonitor: %s cannot take images; mask pictures are skipped for it", type(logger).__name__
+                )
+        return writers
+
+    def _log_mask_images(self, trainer: pl.Trainer) -> None:
+        writers = self._image_writers(trainer)
+        if not writers:
+            return
+        assert self.engine is not None
+        for name, record in self.engine.tensors.items():
+            if not record.gates:
+                continue
+            image = plots.mask_density_image(record.mask, record.gates, self.image_resolution)
+            for add_image in writers:
+                add_image(f"masks/{name}", image, trainer.global_step, dataformats="HWC")
+
+    def _log_gate_chart(self, trainer: pl.Trainer) -> None:
+        writers = self._image_writers(trainer)
+        table = analysis.gate_sparsity(self.engine.masks, self._gates()) if self.engine is not None else {}
+        if not writers or not table:
+            return
+        if not plots.matplotlib_available():
+            log.info(
+                'TopologyMonitor: the gate-sparsity chart needs matplotlib (pip install "lightning-selfish[analysis]")'
+            )
+            return
+        image = plots.figure_to_array(plots.gate_sparsity_figure(table))
+        for add_image in writers:
+            add_image("gates/sparsity", image, trainer.global_step, dataformats="HWC")

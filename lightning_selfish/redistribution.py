@@ -1,0 +1,136 @@
+"""Redistribution: how many weights each tensor (across layers) or each gate (inside a tensor) regrows.
+
+Sparse-to-sparse methods regrow exactly as many weights as they removed. Without redistribution every tensor (and
+under the per-gate ablation every gate) regrows its own removals. With it, the total is shared out by a score:
+
+* across layers: ``"nonzeros"`` (DSR: in proportion to each tensor's surviving weights after removal) and
+  ``"momentum"`` (SNFS: in proportion to the mean momentum magnitude of each tensor's active weights);
+* across the gates of a stacked recurrent tensor (the paper's Table 6 variants of cell-gate redistribution):
+  ``"magnitude"`` (mean |w| of each gate's active weights) and ``"gradient"`` (mean |grad| of the same).
+
+Shares are exact (:func:`allocate_counts`): integer counts that add up to the total, proportional to the scores by
+the largest-remainder rule, none above its tensor's free room. The authors' code instead iterates ``ceil(score x
+total)`` with a 0.99 cap and an exponentially smoothed residual, which only meets the total approximately.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GATE_SCORES",
+    "LAYER_SCORES",
+    "allocate_counts",
+    "mean_active_magnitude",
+    "momentum_of",
+]
+
+
+def allocate_counts(total: int, scores: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Split ``total`` into integer counts proportional to ``scores``, each at most its ``cap``, summing to ``total``.
+
+    Water-filling: a part whose proportional share reaches its cap gets the cap and the rest is shared again among
+    the others; the final shares are rounded by the largest remainder (ties to the lower index). Arithmetic is in
+    exact fractions, so the result depends only on the inputs. Scores that are negative, NaN or infinite count as
+    0; when every part still open has score 0, the rest is shared in proportion to the free room (``caps``).
+    """
+    if len(scores) != len(caps):
+        raise ValueError(f"allocate_counts: {len(scores)} scores for {len(caps)} caps")
+    if any(cap < 0 for cap in caps):
+        raise ValueError(f"allocate_counts: caps must be >= 0, got {list(caps)}")
+    if not 0 <= total <= sum(caps):
+        raise ValueError(f"allocate_counts: total must be in [0, {sum(caps)}] (the sum of the caps), got {total}")
+    weights = [Fraction(s) if math.isfinite(s) and s > 0 else Fraction(0) for s in scores]
+    counts = [0] * len(caps)
+    open_parts = [i for i, cap in enumerate(caps) if cap > 0]
+    remaining = total
+    shares: dict[int, Fraction] = {}
+    while open_parts and remaining > 0:
+        basis = weights if sum(weights[i] for i in open_parts) > 0 else [Fraction(c) for c in caps]
+        weight_sum = sum(basis[i] for i in open_parts)
+        shares = {i: remaining * basis[i] / weight_sum for i in open_parts}
+        full = [i for i in open_parts if shares[i] >= caps[i]]
+        if not full:
+            break
+        for i in full:
+            counts[i] = caps[i]
+            remaining -= caps[i]
+        open_parts = [i for i in open_parts if i not in full]
+        shares = {}
+    if remaining > 0 and shares:
+        floors = {i: math.floor(share) for i, share in shares.items()}
+        for i, value in floors.items():
+            counts[i] = value
+        leftover = remaining - sum(floors.values())
+        for i in sorted(shares, key=lambda i: (-(shares[i] - floors[i]), i))[:leftover]:
+            counts[i] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Signals: what a score or a growth criterion reads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def momentum_of(
+    optimizers: Sequence[torch.optim.Optimizer],
+    param: Tensor,
+    gradient: Tensor | None,
+    name: str,
+    what: str = "growth='momentum'",
+) -> Tensor:
+    """The "momentum" of SNFS for ``param``: SGD's momentum buffer, Adam's ``exp_avg / (sqrt(exp_avg_sq) + 1e-8)``
+    (the authors' and sparselearning's choice), or, under SNT-ASGD (no momentum exists), the dense gradient
+    ``gradient``, as the paper does for SNFS (SNT-ASGD)."""
+    from lightning_selfish.sntasgd import SNTASGD
+
+    for optimizer in optimizers:
+        state = optimizer.state.get(param, {})
+        if isinstance(state.get("exp_avg"), Tensor) and isinstance(state.get("exp_avg_sq"), Tensor):
+            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+        if isinstance(state.get("momentum_buffer"), Tensor):
+            return state["momentum_buffer"]
+    holds = [opt for opt in optimizers if any(p is param for g in opt.param_groups for p in g["params"])]
+    if any(isinstance(opt, SNTASGD) for opt in holds):
+        if gradient is None:
+            raise ValueError(
+                f"{what} under SNT-ASGD uses the dense gradient, but {name!r} has none at the topology update"
+            )
+        return gradient
+    raise ValueError(
+        f"{what} needs a momentum buffer for {name!r} (momentum_buffer, or "
+        "Adam's exp_avg and exp_avg_sq, in the optimizer state), found none: use SGD with momentum, Adam or SNTASGD"
+    )
+
+
+def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:
+    """Mean of ``|values|`` over the active positions of ``mask`` (0 when none is active). One host read."""
+    active = int(mask.sum())
+    if active == 0:
+        return 0.0
+    return float((values.detach().abs() * mask).sum()) / active
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------------------
+
+#: Across-layer scores by name: ``fn(old_mask, kept_mask, signal) -> float`` with ``signal`` the tensor's momentum
+#: (``"momentum"``) or ``None``. ``LAYER_SIGNALS`` says which signal each needs.
+LAYER_SCORES: dict[str, Callable[[Tensor, Tensor, Tensor | None], float]] = {
+    "nonzeros": lambda old, kept, signal: float(int(kept.sum())),
+    "momentum": lambda old, kept, signal: mean_active_magnitude(signal, old),
+}
+LAYER_SIGNALS: Mapping[str, str | None] = {"nonzeros": None, "momentum": "momentum"}
+
+#: Across-gate scores by name (Table 6): ``fn(weight_block, old_block, gradient_block) -> float``.
+GATE_SCORES: dict[str, Callable[[Tensor, Tensor, Tensor | None], float]] = {
+    "magnitude": lambda weight, old, grad: mean_active_magnitude(weight, old),
+    "gradient": lambda weight, old, grad: mean_active_magnitude(grad, old),
+}
+GATE_SIGNALS: Mapping[str, str | None] = {"magnitude": None, "gradient": "gradient"}

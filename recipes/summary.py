@@ -1,0 +1,75 @@
+"""What ``selfish-rnn`` reports when ``fit`` or ``test`` ends: the result, where it is, and what to run next.
+
+Computed once, after the run (nothing here runs per step), from the trainer's checkpoint callback, the
+``NonMonotonicTrigger`` and the ``SelfishSparsityCallback`` of the run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.trigger import NonMonotonicTrigger
+
+__all__ = ["best_validation", "fit_summary", "test_summary"]
+
+
+def best_validation(trainer: Any) -> tuple[float, int, str] | None:
+    """``(perplexity, epoch, path)`` of the best ``val_loss`` checkpoint of this run, or None without one.
+
+    The perplexity is ``exp`` of the checkpoint callback's ``best_model_score`` in float32, the very value the
+    model logged as ``val_ppl`` for that epoch; the epoch (counting from 0, as in the checkpoint's file name) is
+    read from the checkpoint file.
+    """
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") or ""
+    score = getattr(callback, "best_model_score", None)
+    if not path or score is None or getattr(callback, "monitor", None) != "val_loss" or not Path(path).is_file():
+        return None
+    perplexity = float(torch.exp(torch.as_tensor(score).detach().cpu()))
+    epoch = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    return perplexity, epoch, path
+
+
+def fit_summary(trainer: Any, model: Any) -> str:
+    """The end-of-``fit`` report: best validation perplexity, its epoch and checkpoint, averaging start, final
+    per-gate sparsity of the recurrent weights, and the ``selfish-rnn test`` command to run next."""
+    lines = ["", "selfish-rnn fit: done"]
+    best = best_validation(trainer)
+    if best is not None:
+        perplexity, epoch, path = best
+        lines.append(f"  best validation perplexity  {perplexity:.4f} (epoch {epoch}, counting from 0)")
+        lines.append(f"  best checkpoint             {path}")
+    elif "val_ppl" in trainer.callback_metrics:
+        lines.append(f"  last validation perplexity  {float(trainer.callback_metrics['val_ppl']):.4f} (no checkpoint)")
+    trigger = next((cb for cb in trainer.callbacks if isinstance(cb, NonMonotonicTrigger)), None)
+    if trigger is not None:
+        started = trigger.averaging_started_epoch
+        state = f"started at the end of epoch {started}" if started is not None else "not started"
+        lines.append(f"  SNT-ASGD averaging          {state}")
+    sparsity = next((cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback)), None)
+    if sparsity is not None and sparsity.engine is not None:
+        report = sparsity.engine.sparsity_report()
+        lines.append(f"  final sparsity              {report['overall']:.4f} overall; recurrent weights per gate:")
+        for name, record in sparsity.engine.tensors.items():
+            if record.gates:
+                gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.4f}" for gate, _ in record.gates)
+                lines.append(f"    {name}: {report[name]:.4f} | {gates}")
+    if best is not None:
+        config = Path(trainer.log_dir or ".") / "config.yaml"
+        config_arg = shlex.quote(str(config)) if config.is_file() else "<your config>"
+        lines.append(f"  next: selfish-rnn test --config {config_arg} --ckpt_path {shlex.quote(best[2])}")
+    return "\n".join(lines)
+
+
+def test_summary(trainer: Any) -> str:
+    """The end-of-``test`` line: the test perplexity and the checkpoint it belongs to."""
+    metrics = trainer.callback_metrics
+    if "test_ppl" not in metrics:
+        return "selfish-rnn test: no test_ppl was logged"
+    source = f" (checkpoint {trainer.ckpt_path})" if trainer.ckpt_path else ""
+    return f"selfish-rnn test: test perplexity {float(metrics['test_ppl']):.4f}{source}"

@@ -1,0 +1,163 @@
+"""docs/experiments.md, recipes/paper_results.py and the configs agree: every documented command builds its row."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_selfish.callback import SelfishSparsityCallback
+from recipes.cli import build_cli
+from recipes.data import LanguageModelingDataModule
+from recipes.lm import LanguageModel
+from recipes.paper_results import PAPER_ROWS, TABLES, signature_of_config
+from recipes.runs import run_label
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "experiments.md").read_text()
+VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
+TRAINED = [row for row in PAPER_ROWS if row.trained]
+COMMANDS = sorted({row.command() for row in TRAINED})
+CALLBACK_HAS_METHODS = "method" in inspect.signature(SelfishSparsityCallback).parameters
+
+
+@pytest.fixture(autouse=True)
+def known_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip tokenising PTB / WikiText-2 (seconds each): only the vocabulary size is needed to build a model."""
+    monkeypatch.setattr(
+        LanguageModelingDataModule, "vocab_size", property(lambda self: VOCAB[self.corpus_name]), raising=True
+    )
+    monkeypatch.chdir(ROOT)  # the documented commands use paths relative to the repository root
+
+
+def build(args: list[str]):
+    with torch.device("meta"):  # the paper's sizes, without allocating them
+        return build_cli(args=args, run=False)
+
+
+def fit_arguments(command: str) -> list[str]:
+    words = shlex.split(command)
+    assert words[:2] == ["selfish-rnn", "fit"], command
+    return words[2:]
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def test_the_tables_are_complete() -> None:
+    by_table = {table: [row for row in PAPER_ROWS if row.table == table] for table in TABLES}
+    assert len(by_table["2"]) == 2 * (1 + 1 + 1 + 2 + 1 + 6 + 3 + 1 + 3)  # both models, both sparsity levels
+    assert len(by_table["3"]) == 1 + 3 * 5 and len(by_table["5"]) == 4 * 3
+    assert len(by_table["6"]) == 3 and len(by_table["7"]) == 10 and len(by_table["8"]) == 7
+    quoted = {row.row for row in PAPER_ROWS if not row.trained}
+    assert quoted == {"Dense*", "ISS*", "Dense"}, "only rows quoted from other papers lack a command"
+    with pytest.raises(ValueError, match="quoted"):
+        next(row for row in PAPER_ROWS if not row.trained).command()
+
+
+@pytest.fixture(scope="module")
+def run_directories() -> dict[tuple[str, str], tuple]:
+    """(logger name, run label) -> signature, shared by the cases below: two rows must never share a directory."""
+    return {}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=range(len(COMMANDS)))
+def test_every_row_command_trains_what_its_row_says(command: str, run_directories: dict) -> None:
+    rows = [row for row in TRAINED if row.command() == command]
+    cli = build(fit_arguments(command))
+    config = cli.config.as_dict()
+    for row in rows:
+        assert signature_of_config(config) == row.signature(), row
+    # the run directory of this composition (recipes.runs) is its own: --ckpt_path best/last find this run only
+    directory = (
+        cli.config.trainer.logger.init_args.name,
+        run_label(cli.config.model, cli.config.seed_everything),
+    )
+    signature = signature_of_config(config)
+    assert run_directories.setdefault(directory, signature) == signature, f"two rows share {directory}"
+    row = rows[0]
+    model = cli.model
+    assert isinstance(model, LanguageModel)
+    assert model.optimizer_name == row.optimizer
+    assert model.sparsity == row.sparsity
+    assert cli.trainer.max_epochs == (row.epochs or cli.trainer.max_epochs)
+    if row.optimizer == "adam":
+        assert model.lr == 0.001
+    if row.model == "awd_lstm_mos_wt2":
+        assert model.small_batch_size == 5 and cli.datamodule.batch_size == 15, "MoS trains as the paper did"
+    if row.sparsity is None:
+        assert not any(isinstance(cb, SelfishSparsityCallback) for cb in model.configure_callbacks())
+        return
+    arguments = model.sparsity_arguments()
+    preset = {"no_redistribution": "selfish", "static_er": "static"}.get(row.method, row.method)
+    if row.method.startswith("gates_"):  # Table 6: Selfish-RNN with another way of sharing regrowth over gates
+        preset = "selfish"
+        assert arguments["gate_redistribution"] == row.method.removeprefix("gates_")
+    assert arguments.get("method", "selfish") == preset
+    if row.method == "static_er":
+        assert arguments["init"] == "er"
+    if row.method == "no_redistribution":
+        assert arguments["gate_redistribution"] is False
+    if CALLBACK_HAS_METHODS:  # the presets themselves (issue 7's engine half) resolve these arguments
+        callback = SelfishSparsityCallback(**arguments)
+        assert callback.method == preset and callback.sparsity == row.sparsity
+
+
+def test_every_documented_row_command_is_a_row() -> None:
+    for row in TRAINED:
+        assert f"`{row.command()}`" in DOC, f"docs/experiments.md lacks the command of {row.table}/{row.row}"
+    for row in PAPER_ROWS:
+        if not row.trained:
+            assert f"quoted from {row.quoted}" in DOC
+    documented = set(re.findall(r"`(selfish-rnn fit [^`]*)`", DOC))
+    assert documented - set(COMMANDS) == set(), "a documented table command that belongs to no row"
+
+
+# ---------------------------------------------------------------------------------------------------- sweeps
+
+
+def sweep_commands() -> list[tuple[str, dict[str, str]]]:
+    """Every ``selfish-rnn fit`` of the bash loops in docs/experiments.md, with the loops' first and last values."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", DOC, flags=re.S):
+        if "for " not in block:
+            continue
+        assignments = dict(re.findall(r"^\s*([A-Za-z_]+)=(\S+)\s*$", block, flags=re.M))
+        loops = re.findall(r"for (\w+) in ([^;]+); do", block)
+        values = [(name, [v.split()[0], v.split()[-1]]) for name, v in loops]
+        for line in block.splitlines():
+            if "selfish-rnn fit" not in line:
+                continue
+            for combination in itertools.product(*[vals for _, vals in values]):
+                env = {**assignments, **dict(zip([name for name, _ in values], combination))}
+                command = re.sub(r"\$\{?(\w+)\}?", lambda m, env=env: env[m.group(1)], line.strip())
+                found.append((command, env))
+    return found
+
+
+SWEEPS = sweep_commands()
+
+
+def test_the_sweeps_are_documented() -> None:
+    loops = " ".join(command for command, _ in SWEEPS)
+    assert "--model.update_every" in loops and "--model.growth gradient" in loops  # Figure 5
+    assert "--model.sparsity 0.9" in loops and "--model.prune_rate 0.3" in loops  # Figure 6
+    assert "optimizers/momentum.yaml" in loops and "awd_lstm_mos_wt2.yaml" in loops
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=range(len(SWEEPS)))
+def test_every_sweep_command_builds_with_its_loop_values(sweep) -> None:
+    command, env = sweep
+    model = build(fit_arguments(command)).model
+    if "sparsity" in env:
+        assert model.sparsity == float(env["sparsity"])
+    if "prune_rate" in env:
+        assert model.prune_rate == float(env["prune_rate"])
+    if "growth" in env:
+        assert model.growth == env["growth"] and model.update_every == int(env["interval"])
+        assert model.optimizer_name == env["optimizer"]

@@ -1,0 +1,211 @@
+"""TopologyMonitor and MaskHistory in real Trainer runs: tags, images in the event files, exactness, resume."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TinyLM, make_trainer, token_loader
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_selfish import SelfishSparsityCallback, SparseEngine
+from lightning_selfish.history import MaskHistory, load_mask_history, load_mask_snapshot
+from lightning_selfish.monitor import TopologyMonitor
+
+RECURRENT = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
+ALL = ["encoder.weight", *RECURRENT, "decoder.weight"]
+
+
+class MaskRecorder(Callback):
+    """Keeps a copy of the masks after every notification, the way the monitor sees them."""
+
+    def __init__(self) -> None:
+        self.sequence: list[dict[str, torch.Tensor]] = []
+
+    def on_topology_update(self, trainer, pl_module, engine, stats):
+        self.sequence.append({name: mask.clone() for name, mask in engine.masks.items()})
+
+
+def events(log_dir: str) -> EventAccumulator:
+    accumulator = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_scalars_images_and_gate_chart_reach_tensorboard(tmp_path: Path):
+    pl.seed_everything(0, verbose=False)
+    sparse = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0)
+    monitor, recorder = TopologyMonitor(), MaskRecorder()
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = make_trainer([sparse, monitor, recorder], max_epochs=3, logger=logger)
+    trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
+
+    acc = events(logger.log_dir)
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    for name in ALL:
+        assert {f"exploration/{name}", f"drift/{name}", f"magnitude_above/{name}"} <= scalars
+    for name in RECURRENT:
+        assert {f"exploration/{name}/{gate}" for gate in "ifgo"} <= scalars
+        assert f"masks/{name}" in images
+    assert {"exploration/overall", "drift/overall", "magnitude_above/overall"} <= scalars
+    assert images == {f"masks/{name}" for name in RECURRENT} | {"gates/sparsity"}
+
+    # one picture at the start and one per update; the gate chart once, at the end; all real PNGs
+    assert [e.step for e in acc.Images("masks/rnn.weight_hh_l0")] == [0, 8, 16]
+    chart = acc.Images("gates/sparsity")
+    assert [e.step for e in chart] == [24]
+    assert chart[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and chart[0].width > 200
+
+    # exploration: exact against the masks the monitor was told about, and monotone
+    ever = {}
+    for masks in recorder.sequence:
+        ever = {n: ever.get(n, torch.zeros_like(m)) | m for n, m in masks.items()}
+    total = sum(m.numel() for m in ever.values())
+    expected = sum(int(m.sum()) for m in ever.values()) / total
+    logged = [e.value for e in acc.Scalars("exploration/overall")]
+    assert logged == sorted(logged) and len(logged) == 3
+    assert logged[-1] == pytest.approx(expected, rel=1e-6)
+    assert [e.value for e in acc.Scalars("drift/overall")][0] == 0.0
+    # weights above 0.1, once per epoch, counted on the sparsified tensors
+    params = dict(trainer.lightning_module.named_parameters())
+    final = acc.Scalars("magnitude_above/rnn.weight_hh_l0")
+    assert len(final) == 3 and final[-1].value == int((params["rnn.weight_hh_l0"].abs() > 0.1).sum())
+
+
+def test_loggers_without_images_are_skipped_with_one_info_line(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    pl.seed_everything(0, verbose=False)
+    sparse = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    logger = CSVLogger(tmp_path, name="csv")
+    with caplog.at_level(logging.INFO, logger="lightning_selfish.monitor"):
+        trainer = make_trainer([sparse, TopologyMonitor()], max_epochs=2, logger=logger)
+        trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
+    lines = [r.getMessage() for r in caplog.records if "cannot take images" in r.getMessage()]
+    assert lines == ["TopologyMonitor: CSVLogger cannot take images; mask pictures are skipped for it"]
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "exploration/overall" in header and "magnitude_above/rnn.weight_hh_l0" in header
+
+
+def test_scripted_masks_give_exact_exploration_and_the_state_resumes_it():
+    params = {"w": torch.nn.Parameter(torch.randn(4, 3))}
+    start = torch.zeros(4, 3, dtype=torch.bool)
+    start[:2] = True
+    engine = SparseEngine(params, {"w": start}, {"w": [("a", slice(0, 2)), ("b", slice(2, 4))]})
+    logged: list[dict[str, float]] = []
+    trainer = SimpleNamespace(
+        is_global_zero=True, global_step=0, loggers=[SimpleNamespace(log_metrics=lambda m, step: logged.append(m))]
+    )
+    monitor = TopologyMonitor(mask_images=False)
+    monitor.on_topology_update(trainer, None, engine, None)
+    script = [[(2, 0), (2, 1), (0, 0), (0, 1), (1, 0), (1, 1)], [(3, 2), (0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]]
+    stats = object()  # anything but None: an update happened
+    for step, active in enumerate(script):
+        if step == 1:  # resume in between: a fresh monitor from the saved state carries on exactly
+            state = monitor.state_dict()
+            monitor = TopologyMonitor(mask_images=False)
+            monitor.load_state_dict(state)
+            monitor.on_topology_update(trainer, None, engine, None)
+        engine.tensors["w"].mask.zero_()
+        for r, c in active:
+            engine.tensors["w"].mask[r, c] = True
+        monitor.on_topology_update(trainer, None, engine, stats)
+    # ever active: rows 0-1 (6) + (2,0), (2,1) + (3,2) = 9 of 12
+    assert logged[-1]["exploration/w"] == 9 / 12
+    assert logged[-1]["exploration/w/a"] == 1.0 and logged[-1]["exploration/w/b"] == 3 / 6
+    assert logged[-1]["drift/w"] == 1 / 6  # only (3, 2) is new relative to the start
+    assert [m["exploration/overall"] for m in logged] == [6 / 12, 8 / 12, 8 / 12, 9 / 12]
+    assert monitor.num_updates == 2
+
+
+class StopAfterSecondEpoch(Callback):  # an interrupted run, with its 4-epoch schedule
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch == 1
+
+
+def test_resumed_run_explores_exactly_like_an_uninterrupted_one(tmp_path: Path):
+    def run(ckpt_path=None, extra=(), history_dir="m"):
+        pl.seed_everything(0, verbose=False)
+        monitor, history = TopologyMonitor(mask_images=False, gate_chart=False), MaskHistory(tmp_path / history_dir)
+        callbacks = [SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0), monitor, history, *extra]
+        trainer = make_trainer(callbacks, max_epochs=4, enable_checkpointing=bool(extra))
+        trainer.fit(TinyLM(), token_loader(), token_loader(1, 2), ckpt_path=ckpt_path)
+        return monitor
+
+    whole = run(history_dir="whole")
+    run(extra=[StopAfterSecondEpoch(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    resumed = run(ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.num_updates == whole.num_updates == 3
+    for name in whole.ever_active:
+        assert torch.equal(resumed.initial[name], whole.initial[name])
+        assert torch.equal(resumed.ever_active[name], whole.ever_active[name])
+    # the history of the interrupted and resumed run is the uninterrupted run's, epoch by epoch
+    history, reference = load_mask_history(tmp_path / "m"), load_mask_history(tmp_path / "whole")
+    assert sorted(history) == sorted(reference) == [0, 1, 2, 3]
+    for epoch, snapshot in reference.items():
+        assert all(torch.equal(snapshot.masks[n], history[epoch].masks[n]) for n in snapshot.masks)
+    ever = {n: m.clone() for n, m in load_mask_snapshot(tmp_path / "m" / "init.pt").masks.items()}
+    for snapshot in history.values():  # epoch updates: every topology is some epoch's, so the union is exact
+        ever = {n: ever[n] | snapshot.masks[n] for n in ever}
+    assert all(torch.equal(ever[n], whole.ever_active[n]) for n in ever)
+
+
+def test_step_updates_and_masks_that_start_dense(tmp_path: Path):
+    pl.seed_everything(0, verbose=False)
+    sparse = SelfishSparsityCallback(sparsity=0.0, prune_rate=0.5, update_every=3, seed=0)
+    monitor, history = TopologyMonitor(images_every_n_updates=2), MaskHistory(tmp_path / "masks")
+    logger = TensorBoardLogger(tmp_path, name="dense")
+    trainer = make_trainer([sparse, monitor, history], max_epochs=2, logger=logger)
+    trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
+    assert monitor.num_updates == sparse._num_updates == 5  # steps 3, 6, ..., 15
+    acc = events(logger.log_dir)
+    assert {e.value for e in acc.Scalars("exploration/overall")} == {1.0}
+    assert {e.value for e in acc.Scalars("drift/overall")} == {0.0}
+    assert [e.step for e in acc.Images("masks/rnn.weight_ih_l0")] == [0, 6, 12]
+    saved = load_mask_history(tmp_path / "masks")
+    assert sorted(saved) == [0, 1] and saved[1].step == 16
+    assert saved[1].gates["rnn.weight_hh_l1"] == [(g, slice(16 * k, 16 * (k + 1))) for k, g in enumerate("ifgo")]
+
+
+def test_monitor_without_a_sparsity_callback_and_bad_arguments():
+    with pytest.raises(ValueError, match="add SelfishSparsityCallback"):
+        make_trainer([TopologyMonitor()], max_epochs=1).fit(TinyLM(), token_loader())
+    with pytest.raises(ValueError, match="magnitude_threshold"):
+        TopologyMonitor(magnitude_threshold=-1)
+    with pytest.raises(ValueError, match="images_every_n_updates"):
+        TopologyMonitor(images_every_n_updates=0)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        MaskHistory(every_n_epochs=0)
+
+
+@pytest.mark.parametrize("method", ["gmp", "dsr", "rigl"])
+def test_other_methods_dense_start_and_moving_counts(method: str, tmp_path: Path):
+    pl.seed_everything(0, verbose=False)
+    kwargs = {"gmp": dict(update_every=2), "dsr": {}, "rigl": dict(update_every=4)}[method]
+    sparse = SelfishSparsityCallback(sparsity=0.6, method=method, seed=1, **kwargs)
+    monitor, recorder = TopologyMonitor(), MaskRecorder()
+    logger = TensorBoardLogger(tmp_path, name=method)
+    optimizer = "momentum" if method == "dsr" else "sgd"
+    trainer = make_trainer([sparse, monitor, recorder], max_epochs=3, logger=logger)
+    trainer.fit(TinyLM(optimizer=optimizer), token_loader(), token_loader(1, 2))
+    assert monitor.num_updates == sparse.num_updates == len(recorder.sequence) - 1 > 0
+    ever = {n: torch.zeros_like(m) for n, m in recorder.sequence[0].items()}
+    for masks in recorder.sequence:
+        ever = {n: ever[n] | m for n, m in masks.items()}
+    assert all(torch.equal(ever[n], monitor.ever_active[n]) for n in ever)
+    logged = [e.value for e in events(logger.log_dir).Scalars("exploration/overall")]
+    assert logged == sorted(logged)
+    if method == "gmp":  # masks start full: everything was active from the start, nothing is new since
+        assert set(logged) == {1.0}
+        assert {e.value for e in events(logger.log_dir).Scalars("drift/overall")} == {0.0}
+
+
+def test_mask_history_writes_nothing_under_fast_dev_run(tmp_path: Path):
+    history = MaskHistory(tmp_path / "masks")
+    trainer = make_trainer([SelfishSparsityCallback(sparsity=0.5, seed=0), history], fast_dev_run=True)
+    trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
+    assert not (tmp_path / "masks").exists()
