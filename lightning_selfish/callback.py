@@ -140,9 +140,9 @@ class SelfishSparsityCallback(Callback):
             threshold=threshold,
             threshold_tolerance=threshold_tolerance,
         )
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
+            raise TypeError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")

@@ -177,7 +177,9 @@ def _check(config: MethodConfig) -> None:
     if config.threshold <= 0:
         raise ValueError(f"threshold must be in (0, inf), got {config.threshold}")
     every = config.update_every
-    if not (every == "epoch" or (isinstance(every, int) and not isinstance(every, bool) and every > 0)):
+    if isinstance(every, bool) or not isinstance(every, (str, int)):  # the library's rule: a wrong type is a TypeError
+        raise TypeError(f"update_every must be 'epoch' or a positive number of steps, got {every!r}")
+    if not (every == "epoch" or (isinstance(every, int) and every > 0)):
         raise ValueError(f"update_every must be 'epoch' or a positive number of steps, got {every!r}")
     if config.update_until is not None:
         _number("update_until", config.update_until, 0.0, 1.0, "(0, 1] or None")

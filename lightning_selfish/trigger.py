@@ -54,13 +54,20 @@ class NonMonotonicTrigger(Callback):
     """
 
     def __init__(self, monitor: str = "val_loss", nonmono: int = 5, restart_at_epochs: Sequence[int] = ()) -> None:
-        if not isinstance(monitor, str) or not monitor:
+        if not isinstance(monitor, str):
             raise TypeError(f"NonMonotonicTrigger: monitor must be a metric name (non-empty str), got {monitor!r}")
-        if isinstance(nonmono, bool) or not isinstance(nonmono, int) or nonmono < 1:
+        if not monitor:
+            raise ValueError(f"NonMonotonicTrigger: monitor must be a metric name (non-empty str), got {monitor!r}")
+        if isinstance(nonmono, bool) or not isinstance(nonmono, int):
+            raise TypeError(f"NonMonotonicTrigger: nonmono must be an int >= 1, got {nonmono!r}")
+        if nonmono < 1:
             raise ValueError(f"NonMonotonicTrigger: nonmono must be an int >= 1, got {nonmono!r}")
-        if isinstance(restart_at_epochs, (str, bytes)) or not all(
-            isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restart_at_epochs
-        ):
+        if isinstance(restart_at_epochs, (str, bytes)) or not isinstance(restart_at_epochs, Sequence):
+            raise TypeError(
+                "NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs), "
+                f"got {restart_at_epochs!r}"
+            )
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restart_at_epochs):
             raise ValueError(
                 "NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs), "
                 f"got {restart_at_epochs!r}"

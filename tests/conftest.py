@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# Hypothesis: CI (which sets CI=true) replays the same examples on every run, so a red build is reproducible;
+# locally every run draws fresh examples (and replays the failing ones from .hypothesis/). HYPOTHESIS_PROFILE
+# picks a profile explicitly, e.g. ``HYPOTHESIS_PROFILE=ci`` to reproduce CI.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,  # nothing written to .hypothesis/
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev"))
 
 VOCAB, EMB, HIDDEN, STEPS, BATCH, WINDOWS = 40, 12, 16, 6, 4, 8
 
@@ -93,6 +111,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG state, so one that draws without a generator is reproducible."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Nothing a test does lands outside its temporary directories: the corpus cache and matplotlib's included."""
+    monkeypatch.setenv("LIGHTNING_SELFISH_CACHE", str(tmp_path_factory.getbasetemp() / "corpus_cache"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "matplotlib"))
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_selfish import MaskUpdate, SparseEngine
+from lightning_selfish import engine as engine_module
 from lightning_selfish.gates import detect_gate_layouts
 
 GATES = [("i", slice(0, 4)), ("f", slice(4, 8)), ("g", slice(8, 12)), ("o", slice(12, 16))]
@@ -96,13 +97,21 @@ def test_optimizer_state_reset_and_hook():
     opt.step()
     buf = opt.state[record.param]["momentum_buffer"]
     assert (buf[~record.mask] == 0).all() and (record.param[~record.mask] == 0).all()  # post-hook
-    before = buf.clone()
+    before, old, weights = buf.clone(), record.mask.clone(), record.param.detach().clone()
     engine.update(0.5, torch.Generator().manual_seed(0), optimizers=[opt])
     update = opt.updates[-1]
-    assert torch.equal(update.removed | (update.old & update.kept), update.old)
-    assert torch.equal(update.grown, update.new & ~update.kept)
-    assert (buf[~update.kept] == 0).all()
-    assert torch.equal(buf[update.kept], before[update.kept])
+    # what the optimizer was told, against an independent reference: the 40 active weights of smallest |w| go
+    reference_kept = old.clone()
+    active = old.flatten().nonzero().squeeze(1)
+    smallest = active[torch.argsort(weights.abs().flatten()[active])[:40]]
+    reference_kept.view(-1)[smallest] = False
+    assert torch.equal(update.old, old)
+    assert torch.equal(update.kept, reference_kept)
+    assert update.new is record.mask and int(update.new.sum()) == 80
+    assert int(update.grown.sum()) == 40 and not (update.grown & update.kept).any()
+    assert torch.equal(update.removed, old & ~reference_kept)
+    assert (buf[~reference_kept] == 0).all()
+    assert torch.equal(buf[reference_kept], before[reference_kept])
     engine.detach()
     record.param.grad = torch.ones(16, 10)
     opt.step()
@@ -197,3 +206,53 @@ def test_optimizer_that_keeps_its_state_sparse_is_not_re_zeroed_per_step():
         buf = opt.state[record.param]["momentum_buffer"]
         assert bool((buf[~record.mask] != 0).all()) == expect_dense_state
         assert (record.param[~record.mask] == 0).all()  # weights are re-zeroed either way
+
+
+def test_adam_moments_are_reset_at_removed_and_grown_positions():
+    engine = make(torch.randn(16, 10), 0.5, redistribution=True)
+    record = engine.tensors["w"]
+    opt = torch.optim.Adam([record.param], lr=0.01)
+    engine.attach(opt)
+    for _ in range(3):
+        record.param.grad = torch.randn(16, 10)
+        opt.step()
+    state = opt.state[record.param]
+    for key in ("exp_avg", "exp_avg_sq"):  # re-zeroed after every step where the weight is inactive
+        assert (state[key][~record.mask] == 0).all() and (state[key][record.mask] != 0).all(), key
+    before = {key: state[key].clone() for key in ("exp_avg", "exp_avg_sq")}
+    step = state["step"].clone()
+    old = record.mask.clone()
+    kept_seen = []
+    original = engine_module.reset_optimizer_state
+
+    def spy(optimizers, param, update):
+        kept_seen.append(update.kept.clone())
+        original(optimizers, param, update)
+
+    engine_module.reset_optimizer_state = spy
+    try:
+        engine.update(1.0, torch.Generator().manual_seed(3), optimizers=[opt])  # everything removed, regrown
+    finally:
+        engine_module.reset_optimizer_state = original
+    assert not kept_seen[0].any()
+    assert (old & record.mask).any()  # some weights were removed and regrown in place
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (state[key] == 0).all(), key
+    assert torch.equal(state["step"], step)  # the step counter is not a per-weight tensor: left alone
+    assert (before["exp_avg_sq"][old] != 0).all()
+
+
+def test_only_optimizers_that_hold_the_parameter_are_reset():
+    engine = make(torch.randn(16, 10), 0.5, redistribution=True)
+    record = engine.tensors["w"]
+    other = nn.Parameter(torch.randn(16, 10))
+    unrelated = torch.optim.SGD([other], lr=0.1, momentum=0.9)
+    holder = Recorder([record.param])
+    for opt, p in ((unrelated, other), (holder, record.param)):
+        p.grad = torch.ones(16, 10)
+        opt.step()
+    unrelated_buf = unrelated.state[other]["momentum_buffer"].clone()
+    engine.update(0.5, torch.Generator().manual_seed(0), optimizers=[unrelated, holder])
+    assert torch.equal(unrelated.state[other]["momentum_buffer"], unrelated_buf)  # same shape, not its parameter
+    assert len(holder.updates) == 1  # the second optimizer is told, though the first does not hold the parameter
+    assert (holder.state[record.param]["momentum_buffer"][~holder.updates[0].kept] == 0).all()

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
 from lightning_selfish.sntasgd import SNTASGD, sntasgd
@@ -343,9 +344,56 @@ def test_masks_attached_mid_averaging_keep_the_window() -> None:
     torch.testing.assert_close(opt.averaged_parameters()[0], expected, rtol=0, atol=1e-6)
 
 
+#: ATen operators that read a device value back to the host, i.e. synchronise with a GPU: ``.item()``,
+#: ``float(t)``, ``bool(t)`` and ``if t:`` all end in ``_local_scalar_dense``; the others have an output whose size
+#: depends on the data. ``index``/``index_put_`` are listed separately: they synchronise only with a bool mask.
+SYNCING_OPS = {
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.unique_dim",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+}
+BOOL_INDEXING_OPS = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Records every operator, at the ATen (C++) level, that would synchronise a GPU with the host.
+
+    This sees what patching Python methods cannot: boolean-mask indexing and assignment (``x[mask]``,
+    ``x[mask] = y``, which run ``nonzero`` inside C++), data-dependent output shapes and scalar reads made by
+    C++ code. ``torch.compile(fullgraph=True)`` is no substitute on torch 2.13: dynamo now captures ``.item()`` and
+    boolean indexing in one graph instead of refusing them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name in SYNCING_OPS:
+            self.syncs.append(name)
+        elif name in BOOL_INDEXING_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()):
+                self.syncs.append(f"{name} with a bool mask")
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def no_host_reads():
-    """Fail on anything that reads a tensor value back to the host (what would synchronise with a GPU)."""
+    """Fail on anything that reads a tensor value back to the host (what would synchronise with a GPU).
+
+    Two nets: Python-level methods that read values directly (``tolist``, ``numpy``, which bypass the dispatcher),
+    and every ATen operator that synchronises (:class:`HostSyncDetector`).
+    """
     names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy")
     saved = {n: getattr(torch.Tensor, n) for n in names}
 
@@ -355,13 +403,37 @@ def no_host_reads():
 
         return method
 
+    detector = HostSyncDetector()
     try:
         for n in names:
             setattr(torch.Tensor, n, refuse(n))
-        yield
+        with detector:
+            yield
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+    assert not detector.syncs, f"host-device synchronisation inside step(): {detector.syncs}"
+
+
+def test_the_sync_detector_sees_cpp_level_syncs() -> None:
+    x, mask = torch.randn(4, 5), torch.rand(4, 5) < 0.5
+    cases = {
+        "x[mask] = 0": lambda: x.__setitem__(mask, 0.0),
+        "x[mask] = x[mask] * 2": lambda: x.__setitem__(mask, x[mask] * 2),
+        "x.sum().item()": lambda: x.sum().item(),
+        "if x.any()": lambda: bool(x.any()),
+        "x.masked_select(mask)": lambda: x.masked_select(mask),
+        "torch.equal": lambda: torch.equal(x, x),
+    }
+    for what, call in cases.items():
+        with HostSyncDetector() as detector:
+            call()
+        assert detector.syncs, what
+    with HostSyncDetector() as detector:  # sync-free: masked_fill_, where, arithmetic, integer-index gathers
+        x.masked_fill_(mask, 0.0)
+        torch.where(mask, x, -x).add_(1)
+        x.view(-1)[torch.arange(3)] = 1.0
+    assert detector.syncs == []
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -378,6 +450,28 @@ def test_step_reads_nothing_back(foreach: bool) -> None:
         if phase == 0:
             opt.start_averaging()
     assert opt.state[params["w1"]]["age"].max() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CPU twin is test_step_reads_nothing_back")
+@pytest.mark.parametrize("foreach", [False, True])
+def test_step_does_not_synchronise_a_gpu(foreach: bool) -> None:
+    device = torch.device("cuda")
+    params = {n: nn.Parameter(p.detach().to(device)) for n, p in make_params().items()}
+    opt = SNTASGD(params.values(), lr=0.2, weight_decay=1e-4, foreach=foreach)
+    opt.set_masks({params[n]: (torch.rand(SHAPES[n]) < 0.5).to(device) for n in MASKED})
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.start_averaging()
+    opt.step()  # creates the averaging state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(opt.state[params["w1"]]["age"].max()) == 5
 
 
 def test_functional_form_matches_the_class() -> None:
@@ -416,17 +510,18 @@ def test_functional_form_matches_the_class() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"lr": -1.0}, "lr must be a finite number >= 0, got -1.0"),
-        ({"lr": float("nan")}, "lr must be a finite number >= 0"),
-        ({"lr": True}, "lr must be a real number"),
-        ({"lr": 1.0, "weight_decay": -1e-6}, "weight_decay must be a finite number >= 0, got -1e-06"),
+        ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0, got -1.0"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number >= 0"),
+        ({"lr": True}, TypeError, "lr must be a real number"),
+        ({"lr": 1.0, "weight_decay": -1e-6}, ValueError, "weight_decay must be a finite number >= 0, got -1e-06"),
     ],
 )
-def test_bad_hyperparameters(kwargs, match) -> None:
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_hyperparameters(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match) as info:
         SNTASGD(make_params().values(), **kwargs)
+    assert type(info.value) is error
 
 
 def test_bad_param_group() -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the tests (conftest) and the checkout under test, not whichever copy of the library is installed
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
 from conftest import TinyLM  # noqa: E402
 from test_trigger import pattern_loader  # noqa: E402

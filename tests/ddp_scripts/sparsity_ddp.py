@@ -1,18 +1,22 @@
 """Two CPU processes (gloo) train the tiny LM with SelfishSparsityCallback; each rank saves its masks per epoch.
 
 Run by tests/test_ddp.py as ``python sparsity_ddp.py OUT_DIR``. Rank 1 perturbs its weights before every update so
-that, without the rank-0 broadcast, magnitude removal would pick different weights on the two ranks.
+that, without the rank-0 broadcast, magnitude removal would pick different weights on the two ranks. Each rank seeds
+its global RNG differently (as independent processes would be) and the callback gets ``seed=None``, so its masks
+agree only if the callback shares rank 0's seed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the tests (conftest) and the checkout under test, not whichever copy of the library is installed
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 from conftest import TinyLM, token_loader  # noqa: E402
 
 from lightning_selfish import SelfishSparsityCallback  # noqa: E402
@@ -22,6 +26,7 @@ class Record(pl.Callback):
     def __init__(self, cb: SelfishSparsityCallback) -> None:
         self.cb = cb
         self.history: list[dict[str, torch.Tensor]] = []
+        self.global_seed = torch.initial_seed()
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.history.append({n: m.clone() for n, m in self.cb.masks.items()})
@@ -34,11 +39,15 @@ class Record(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.history.append({n: m.clone() for n, m in self.cb.masks.items()})
-        torch.save(self.history, Path(sys.argv[1]) / f"masks_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"global_seed": self.global_seed, "history": self.history},
+            Path(sys.argv[1]) / f"masks_rank{trainer.global_rank}.pt",
+        )
 
 
 def main() -> None:
-    pl.seed_everything(0, verbose=False)
+    # Lightning starts rank 1 by running this script again with LOCAL_RANK=1 in its environment.
+    pl.seed_everything(100 + int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
     cb = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.7, seed=None)
     trainer = pl.Trainer(
         accelerator="cpu",
