@@ -174,3 +174,45 @@ def test_growth_draws_from_every_position_inactive_after_removal_including_the_r
     expected = removed_total * 16 / inactive_after_removal
     assert inactive_after_removal == 56
     assert abs(removed_regrown - expected) < 4 * (expected * (1 - 16 / 56)) ** 0.5
+
+
+class ChooseSpy:
+    """Records the number of positions ``_choose_lowest`` ranks at each call (the band, or every candidate)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        original = topology._choose_lowest
+
+        def spy(score, positions, k, chosen):
+            self.sizes.append(positions.numel())
+            return original(score, positions, k, chosen)
+
+        monkeypatch.setattr(topology, "_choose_lowest", spy)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.9])
+def test_the_cpu_path_ranks_only_a_narrow_band(monkeypatch: pytest.MonkeyPatch, fraction: float) -> None:
+    """On a big tensor only the sampled band is ranked (a few % of the candidates), once, and the answer is exact."""
+    spy = ChooseSpy(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    score = torch.randn(3 * BIG, generator=g)
+    candidates = torch.rand(3 * BIG, generator=g) < 0.5
+    available = int(candidates.sum())
+    n = int(fraction * available)
+    chosen = topology.lowest_positions(score, candidates, n)
+    assert torch.equal(chosen, reference_lowest(score, candidates, n))
+    assert len(spy.sizes) == 1 and 0 < spy.sizes[0] < 0.06 * available
+
+
+def test_a_misleading_sample_falls_back_to_ranking_every_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores that differ exactly at the sampled positions: the band misses, every candidate is ranked, still exact."""
+    spy = ChooseSpy(monkeypatch)
+    picks = torch.randint(BIG, (topology._SAMPLE,), generator=torch.Generator().manual_seed(0))  # the sampled positions
+    score = torch.ones(BIG)
+    score[picks] = 0.0  # the sample says "all zeros": the band [0, 0) is empty
+    score += torch.arange(BIG) * 1e-7  # distinct values, increasing with the position
+    candidates = torch.ones(BIG, dtype=torch.bool)
+    n = BIG // 2
+    chosen = topology.lowest_positions(score, candidates, n)
+    assert torch.equal(chosen, reference_lowest(score, candidates, n))
+    assert spy.sizes == [BIG]
