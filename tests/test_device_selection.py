@@ -190,13 +190,16 @@ class ChooseSpy:
         monkeypatch.setattr(topology, "_choose_lowest", spy)
 
 
-@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.9])
-def test_the_cpu_path_ranks_only_a_narrow_band(monkeypatch: pytest.MonkeyPatch, fraction: float) -> None:
-    """On a big tensor only the sampled band is ranked (a few % of the candidates), once, and the answer is exact."""
+@pytest.mark.parametrize("numel", [BIG, 3 * BIG])
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.9, 0.999])
+def test_the_cpu_path_ranks_only_a_narrow_band(monkeypatch: pytest.MonkeyPatch, numel: int, fraction: float) -> None:
+    """On a big tensor only the sampled band is ranked (a few % of the candidates), once, and the answer is exact.
+
+    At 0.999 the band reaches past the sample's top: it is every candidate not below its lower bound."""
     spy = ChooseSpy(monkeypatch)
     g = torch.Generator().manual_seed(5)
-    score = torch.randn(3 * BIG, generator=g)
-    candidates = torch.rand(3 * BIG, generator=g) < 0.5
+    score = torch.randn(numel, generator=g)
+    candidates = torch.rand(numel, generator=g) < 0.5
     available = int(candidates.sum())
     n = int(fraction * available)
     chosen = topology.lowest_positions(score, candidates, n)
@@ -215,4 +218,40 @@ def test_a_misleading_sample_falls_back_to_ranking_every_candidate(monkeypatch: 
     n = BIG // 2
     chosen = topology.lowest_positions(score, candidates, n)
     assert torch.equal(chosen, reference_lowest(score, candidates, n))
+    assert spy.sizes == [BIG]
+
+
+def test_tensors_up_to_the_sampling_size_rank_every_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = ChooseSpy(monkeypatch)
+    numel = 4 * topology._SAMPLE
+    g = torch.Generator().manual_seed(6)
+    score, candidates = torch.randn(numel, generator=g), torch.rand(numel, generator=g) < 0.5
+    available = int(candidates.sum())
+    chosen = topology.lowest_positions(score, candidates, available // 2)
+    assert torch.equal(chosen, reference_lowest(score, candidates, available // 2))
+    assert spy.sizes == [available]
+
+
+def test_the_selection_leaves_the_global_random_stream_alone() -> None:
+    """The band's sample comes from a private generator: a selection must not move the user's ``torch`` RNG."""
+    g = torch.Generator().manual_seed(7)
+    score, candidates = torch.randn(BIG, generator=g), torch.rand(BIG, generator=g) < 0.5
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    topology.lowest_positions(score, candidates, int(candidates.sum()) // 3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_exactly_n_candidates_below_the_band_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample sees only ones, so everything below its lower bound, the zeros, is exactly the answer: with nothing
+    left to rank in the band, every candidate is ranked instead (and the answer is still exact)."""
+    spy = ChooseSpy(monkeypatch)
+    picks = torch.randint(BIG, (topology._SAMPLE,), generator=torch.Generator().manual_seed(0))
+    score = torch.zeros(BIG)
+    score[picks] = 1.0
+    candidates = torch.ones(BIG, dtype=torch.bool)
+    n = int((score == 0).sum())
+    chosen = topology.lowest_positions(score, candidates, n)
+    assert torch.equal(chosen, score == 0)
     assert spy.sizes == [BIG]
