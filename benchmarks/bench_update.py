@@ -14,12 +14,12 @@ every inactive position for growth); the figures are medians over rounds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
 import statistics
 import time
+from unittest import mock
 
 import torch
 from torch import nn
@@ -48,16 +48,6 @@ def previous_strategies(cpu_generator: torch.Generator) -> tuple:
         return grown
 
     return removal, growth
-
-
-@contextlib.contextmanager
-def swapped(registry: dict, name: str, function):
-    saved = registry[name]
-    registry[name] = function
-    try:
-        yield
-    finally:
-        registry[name] = saved
 
 
 def sync(device: torch.device) -> None:
@@ -103,8 +93,8 @@ def main() -> None:
         ours.append(time.perf_counter() - start)
         if not args.no_previous:
             with (
-                swapped(topology.REMOVAL_STRATEGIES, "magnitude", removal),
-                swapped(topology.GROWTH_STRATEGIES, "random", growth),
+                mock.patch.dict(topology.REMOVAL_STRATEGIES, {"magnitude": removal}),
+                mock.patch.dict(topology.GROWTH_STRATEGIES, {"random": growth}),
             ):
                 start = time.perf_counter()
                 engine.update(args.prune_rate, generator)

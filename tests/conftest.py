@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_selfish.engine import SparseEngine
+
 # Hypothesis: CI (which sets CI=true) replays the same examples on every run, so a red build is reproducible;
 # locally every run draws fresh examples (and replays the failing ones from .hypothesis/). HYPOTHESIS_PROFILE
 # picks a profile explicitly, e.g. ``HYPOTHESIS_PROFILE=ci`` to reproduce CI.
@@ -135,3 +137,18 @@ def _quiet_lightning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture
+def enforcement_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The optimizer of every call of the library's own re-zeroing (``SparseEngine.enforce_after_step_``), in order,
+    whoever registered the hook: a hook installed twice, or run for a skipped step, shows here."""
+    calls: list = []
+    original = SparseEngine.enforce_after_step_
+
+    def counting(engine, optimizer, *args, **kwargs):
+        calls.append(optimizer)
+        return original(engine, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(SparseEngine, "enforce_after_step_", counting)
+    return calls

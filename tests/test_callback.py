@@ -12,7 +12,7 @@ from conftest import TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_selfish import SelfishSparsityCallback, SparseEngine
+from lightning_selfish import SelfishSparsityCallback
 
 
 class StepChecker(Callback):
@@ -101,20 +101,12 @@ def test_update_every_steps_and_schedule():
     assert rates[0] == pytest.approx(0.005 + (0.5 - 0.005) * (1 + math.cos(math.pi * 5 / total)) / 2)
 
 
-def test_gradient_accumulation_enforces_once_per_real_step(monkeypatch):
+def test_gradient_accumulation_enforces_once_per_real_step(enforcement_calls):
     """Counts the library's own enforcement calls (a hook installed twice would enforce twice per step)."""
     cb = SelfishSparsityCallback(sparsity=0.6, seed=0)
-    calls = []
-    original = SparseEngine.enforce_after_step_
-
-    def counting(self, optimizer, mask_state=True):
-        calls.append(optimizer)
-        return original(self, optimizer, mask_state)
-
-    monkeypatch.setattr(SparseEngine, "enforce_after_step_", counting)
     _, _, trainer = fit(cb, max_epochs=2, accumulate_grad_batches=4)
-    assert len(calls) == 4  # 8 batches / 4 per step, 2 epochs
-    assert all(opt is trainer.optimizers[0] for opt in calls)
+    assert len(enforcement_calls) == 4  # 8 batches / 4 per step, 2 epochs
+    assert all(opt is trainer.optimizers[0] for opt in enforcement_calls)
 
 
 def test_manual_optimization():
