@@ -120,7 +120,6 @@ class SelfishSparsityCallback(Callback):
         threshold: float | None = None,
         threshold_tolerance: float | None = None,
     ) -> None:
-        _check_number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
         self.config = methods.resolve(
             method,
             sparsity,
@@ -179,16 +178,20 @@ class SelfishSparsityCallback(Callback):
         self._generator = torch.Generator()  # replaced at fit start by one on the parameters' device
         self._seed: int | None = None
         self._total_steps = 0
-        self._num_updates = 0
-        self._last_update_step = -1
-        self._last_updated_epoch = -1
-        self._skip_next_update = False
         self._batch_idx = -1
-        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for the next update
         self._needs_gradient = False  # an update reads the dense gradient of the step before it
         self._running_gradient = False  # ... and the step before an update cannot be known: copy at every step
-        self._threshold = config.threshold  # DSR's global threshold, adapted at every update
         self._loaded_state: dict[str, Any] | None = None
+        self._start_schedule()
+
+    def _start_schedule(self) -> None:
+        """The schedule's state at the start of a fresh run (a resumed run takes it from the checkpoint)."""
+        self._num_updates = 0
+        self._last_update_step = -1  # optimizer step of the last update (step-based cadence)
+        self._last_updated_epoch = -1  # last epoch whose end-of-epoch update ran (epoch cadence)
+        self._skip_next_update = False
+        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for the next update
+        self._threshold = self.config.threshold  # DSR's global threshold, adapted at every update
 
     # ----------------------------------------------------------------------------------------------------------
     # public surface
@@ -273,9 +276,7 @@ class SelfishSparsityCallback(Callback):
                 )
             self._seed = self._shared_seed(trainer)
             self._generator.manual_seed(self._seed)
-            self._num_updates, self._last_update_step, self._last_updated_epoch = 0, -1, -1
-            self._skip_next_update, self._gradients = False, None
-            self._threshold = self.config.threshold
+            self._start_schedule()
             self.engine = SparseEngine.initialize(
                 params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
             )
@@ -458,7 +459,7 @@ class SelfishSparsityCallback(Callback):
     def _update(self, trainer: pl.Trainer) -> None:
         assert self.engine is not None
         amount = self.update_at(trainer.global_step)
-        assert amount is not None, "called at a point where the schedule has no update"
+        assert amount is not None  # the hooks only call this where the schedule has an update
         self._last_update_step = trainer.global_step
         if self._skip_next_update:
             self._skip_next_update = False
@@ -481,7 +482,7 @@ class SelfishSparsityCallback(Callback):
         )
         if not self._running_gradient:
             self._gradients = None
-        self._threshold = stats.threshold if stats.threshold is not None else self._threshold
+        self._threshold = stats.threshold  # DSR's adapted threshold; the one given, for the other removals
         self._num_updates += 1
         extra = _stats_metrics(stats)
         if amount.target_density is not None:
@@ -529,13 +530,15 @@ class SelfishSparsityCallback(Callback):
         # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
         # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.
         if not (math.isfinite(total) and total >= 1):
-            unsized = math.isinf(trainer.num_training_batches)
-            cause = (
-                "the train dataloader has no length (an IterableDataset without __len__), so Lightning cannot count "
-                "the steps of an epoch"
-                if unsized and trainer.max_steps in (None, -1)
-                else "Lightning estimates no positive, finite number of optimizer steps for this run"
-            )
+            if trainer.max_epochs == -1:  # (Lightning then loads no dataloader: its batch count means nothing yet)
+                cause = "max_epochs=-1 without max_steps trains for ever"
+            elif math.isinf(trainer.num_training_batches):
+                cause = (
+                    "the train dataloader has no length (an IterableDataset without __len__), so Lightning cannot "
+                    "count the steps of an epoch"
+                )
+            else:
+                cause = "Lightning estimates no positive, finite number of optimizer steps for this run"
             raise ValueError(
                 "SelfishSparsityCallback anneals the prune rate over the whole run, which needs a finite length in "
                 f"optimizer steps: {cause} (estimated_stepping_batches={total}, max_epochs={trainer.max_epochs}, "
@@ -554,13 +557,6 @@ class SelfishSparsityCallback(Callback):
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in {allowed}, got {type(value).__name__} {value!r}")
-    if not (low <= value < high if upper_open else low <= value <= high):
-        raise ValueError(f"{name} must be in {allowed}, got {value}")
 
 
 def _supported_strategies() -> tuple[type, ...]:

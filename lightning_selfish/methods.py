@@ -122,6 +122,7 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
 
     ``gate_redistribution`` also takes ``True`` (= ``"joint"``) and ``False`` (= ``"none"``).
     """
+    _number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     fields = {f.name for f in dataclasses.fields(MethodPreset)}
@@ -218,8 +219,8 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"{name} must be one of {shown}, got {value!r}")
 
 
-def _number(name: str, value: Any, low: float, high: float, allowed: str) -> None:
+def _number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number in {allowed}, got {type(value).__name__} {value!r}")
-    if not low <= value <= high:
+    if not (low <= value < high if upper_open else low <= value <= high):
         raise ValueError(f"{name} must be in {allowed}, got {value}")

@@ -67,21 +67,29 @@ def test_checkpoint_records_the_generator_device_and_seed(device: str) -> None:
     assert torch.equal(state["generator"], callback._generator.get_state())
 
 
-def test_a_generator_state_from_another_device_reseeds_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """A CUDA checkpoint resumed on the CPU: masks resume exactly, later growth draws from a new, logged stream."""
-    first = SelfishSparsityCallback(sparsity=0.5, seed=3)
-    make_trainer([first], max_epochs=1, limit_train_batches=2).fit(TinyLM(), token_loader())
+@pytest.mark.parametrize("seed", [2**62 - 1, None], ids=["62-bit seed", "checkpoint without a seed"])
+def test_a_generator_state_from_another_device_reseeds_with_a_warning(seed, caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA checkpoint resumed on the CPU: masks resume exactly, later growth draws from a new stream seeded
+    ``(seed * 1_000_003 + num_updates) mod 2**62`` (seed 0 for checkpoints that predate the key), said in a warning."""
+    first = SelfishSparsityCallback(sparsity=0.5, seed=2**62 - 1 if seed is None else seed)
+    make_trainer([first], max_epochs=2, limit_train_batches=2).fit(TinyLM(), token_loader())
     state = first.state_dict()
+    assert state["num_updates"] == 1
     state["generator_device"] = "cuda"
     state["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
+    if seed is None:
+        del state["seed"]
     resumed = SelfishSparsityCallback(sparsity=0.5, seed=3, total_steps=2)  # on_fit_start outside a fit
     resumed.load_state_dict(state)
     caplog.set_level("WARNING", logger="lightning_selfish")
     model = TinyLM()
     resumed.on_fit_start(make_trainer([resumed], max_epochs=1), model)
-    assert "random generator was on cuda" in caplog.text
-    expected = torch.Generator().manual_seed((3 * 1_000_003 + state["num_updates"]) % 2**62).get_state()
-    assert torch.equal(resumed._generator.get_state(), expected)
+    reseed = ((seed or 0) * 1_000_003 + 1) % 2**62
+    assert [record.getMessage() for record in caplog.records] == [
+        "SelfishSparsityCallback: the checkpoint's random generator was on cuda, the parameters are now on cpu: later "
+        f"random growth continues from a new stream seeded {reseed} (the masks themselves resume exactly)"
+    ]
+    assert torch.equal(resumed._generator.get_state(), torch.Generator().manual_seed(reseed).get_state())
     for name, mask in resumed.masks.items():
         assert torch.equal(mask, state["masks"][name])
 
