@@ -417,6 +417,24 @@ def test_momentum_growth_under_sntasgd_grows_at_the_largest_dense_gradients() ->
     assert sum(stats.grown.values()) > 0
 
 
+def test_random_growth_under_sntasgd_keeps_no_gradient_copy() -> None:
+    """The paper's default (random growth, SNT-ASGD): no update reads a gradient, so no checkpoint carries one."""
+
+    class SNTASGDLM(TinyLM):
+        def configure_optimizers(self):
+            return SNTASGD(self.parameters(), lr=1.0)
+
+    carried: list[Any] = []
+
+    class AtEpochEnd(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            carried.append(callback.state_dict()["gradients"])
+
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    fit(callback, AtEpochEnd(), model=SNTASGDLM())
+    assert carried == [None, None]
+
+
 def weights_around_the_first_update(removed_and_regrown: str) -> tuple[dict, dict]:
     """Weights, momenta and masks just before and just after the update at the start of epoch 1."""
     before: dict[str, dict[str, torch.Tensor]] = {}
