@@ -448,10 +448,8 @@ class SparseEngine:
         if len(record.groups) == 1:
             return [budget]
         mode = self.gate_redistribution
-        if mode == "none" and budget == sum(removed):
-            return removed  # each gate keeps its own count
         caps = [kept[rows].numel() - int(kept[rows].count_nonzero()) for rows in record.groups]
-        if mode == "none":  # across-layer redistribution changed the tensor's count: share it as the removals
+        if mode == "none":  # shared as the removals: each gate regrows its own count unless the tensor's changed
             return allocate_counts(budget, removed, caps)
         signal = None
         if GATE_SIGNALS[mode] == "gradient":

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_selfish import SNTASGD, SelfishSparsityCallback
 from lightning_selfish.callback import _check_strategy, _rank_zero_broadcast
+from lightning_selfish.engine import SparseEngine
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
@@ -283,14 +284,16 @@ def test_a_state_dict_needs_both_masks_and_generator() -> None:
 
 
 def test_sparsity_is_logged_at_fit_start_and_at_each_update_step() -> None:
-    callback, logger = SelfishSparsityCallback(sparsity=0.6, update_every=3, seed=0), RecordingLogger()
+    callback = SelfishSparsityCallback(sparsity=0.6, update_every=3, min_prune_rate=0.05, seed=0)
+    logger = RecordingLogger()
     fit(callback, logger=logger)
     steps = [step for step, _ in logger.steps_of("sparsity/overall")]
     assert steps == [0, 3, 6, 9, 12, 15]
     assert [step for step, _ in logger.steps_of("topology/prune_rate")] == [3, 6, 9, 12, 15]
-    for step, rate in logger.steps_of("topology/prune_rate"):  # the cosine from 0.5 to 0.005 over 16 steps
-        assert rate == pytest.approx(0.005 + (0.5 - 0.005) / 2 * (1 + math.cos(math.pi * step / 16))), step
-    assert callback.current_prune_rate(16) == pytest.approx(0.005)
+    for step, rate in logger.steps_of("topology/prune_rate"):  # the cosine from 0.5 to 0.05 over 16 steps
+        assert rate == pytest.approx(0.05 + (0.5 - 0.05) / 2 * (1 + math.cos(math.pi * step / 16))), step
+        assert callback.current_prune_rate(step) == pytest.approx(rate)
+    assert callback.current_prune_rate(16) == pytest.approx(0.05)
 
 
 def test_gmp_logs_its_target_sparsity_on_the_cubic() -> None:
@@ -308,8 +311,25 @@ def test_dsr_adapts_its_threshold_and_checkpoints_the_adapted_one() -> None:
     callback, logger = SelfishSparsityCallback(sparsity=0.6, method="dsr", threshold=1e-4, seed=0), RecordingLogger()
     fit(callback, logger=logger, max_epochs=3)
     thresholds = [value for _, value in logger.steps_of("topology/threshold")]
-    assert len(thresholds) == 2 and thresholds[0] != 1e-4  # far too low a start: doubled at the first update
+    assert thresholds == [2e-4, 4e-4]  # far too low a start: hardly any weight falls below it, doubled each time
     assert callback.state_dict()["threshold"] == thresholds[-1]
+    # a tolerance of 100 % never doubles (fewer than 0 removals cannot happen)
+    tolerant = SelfishSparsityCallback(sparsity=0.6, method="dsr", threshold=1e-4, threshold_tolerance=1.0, seed=0)
+    logger = RecordingLogger()
+    fit(tolerant, logger=logger, max_epochs=3)
+    assert [value for _, value in logger.steps_of("topology/threshold")] == [1e-4, 1e-4]
+
+
+def test_across_layer_redistribution_moves_counts_between_tensors_in_a_fit() -> None:
+    """SNFS shares the regrowth over tensors by their momentum: tensors' counts move, the total does not."""
+    callback = SelfishSparsityCallback(sparsity=0.6, method="snfs", seed=0)
+    topology = Topology(callback)
+    fit(callback, topology, model=TinyLM(optimizer="momentum"), max_epochs=3)
+    stats = [call["stats"] for call in topology.calls if call["update"]]
+    assert len(stats) == 2
+    for update in stats:
+        assert sum(update.grown.values()) == sum(update.removed.values())
+        assert update.grown != update.removed  # with redistribution="none" every tensor regrows its own removals
 
 
 def test_updates_are_quiet_unless_verbose_and_a_skipped_update_says_so(caplog) -> None:
@@ -342,11 +362,22 @@ def test_monitors_are_handed_the_lightning_module() -> None:
     assert all(call["module"] is model for call in topology.calls)
 
 
-def test_gradient_copies_are_dropped_once_an_update_used_them() -> None:
-    callback = SelfishSparsityCallback(sparsity=0.6, growth="gradient", update_every=3, seed=0)
+@pytest.mark.parametrize("every,updates", [(3, [3, 6, 9, 12, 15]), ("epoch", [8, 16])])
+def test_gradient_copies_are_taken_once_per_update_and_dropped_once_used(every, updates, monkeypatch) -> None:
+    copies: list[int] = []
+    original = SparseEngine.dense_gradients
+
+    def counting(engine):
+        copies.append(1)
+        return original(engine)
+
+    monkeypatch.setattr(SparseEngine, "dense_gradients", counting)
+    callback = SelfishSparsityCallback(sparsity=0.6, growth="gradient", update_every=every, seed=0)
     topology = Topology(callback)
-    fit(callback, topology)
-    assert topology.update_steps == [3, 6, 9, 12, 15]
+    fit(callback, topology, max_epochs=3 if every == "epoch" else 2)
+    assert topology.update_steps == updates
+    # epochs: the last step of every epoch (the third's feeds no update); steps: the step before each update
+    assert len(copies) == (3 if every == "epoch" else len(updates))
     assert all(call["gradients"] is None for call in topology.calls)
 
 
