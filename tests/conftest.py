@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, settings
+from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -104,6 +105,38 @@ def make_trainer(callbacks, max_epochs: int = 3, **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class RecordingLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call. Not rank-zero-only, so a rank that logs shows here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def steps_of(self, key: str) -> list[tuple[int | None, float]]:
+        """``(step, value)`` of every logged ``key``, in order."""
+        return [(step, metrics[key]) for step, metrics in self.records if key in metrics]
+
+    def last(self, key: str) -> float:
+        return self.steps_of(key)[-1][1]
+
+    def count(self, key: str) -> int:
+        return len(self.steps_of(key))
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from conftest import TinyLM, make_trainer, token_loader
+from conftest import RecordingLogger, TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -56,31 +55,6 @@ class Topology(Callback):
     @property
     def update_steps(self) -> list[int]:
         return [call["step"] for call in self.calls if call["update"]]
-
-
-class RecordingLogger(Logger):
-    """A logger that keeps every ``log_metrics`` call (not rank-zero-only, so a rank that logs shows here)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def steps_of(self, key: str) -> list[tuple[int | None, float]]:
-        return [(step, metrics[key]) for step, metrics in self.records if key in metrics]
 
 
 def fit(callback: SelfishSparsityCallback, *extra: Callback, max_epochs: int = 2, model=None, loader=None, **kwargs):

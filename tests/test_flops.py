@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 
 from lightning_selfish import topology
@@ -19,7 +18,7 @@ from lightning_selfish.flops import (
 )
 from lightning_selfish.flops_callback import FlopsCallback, tokens_in_batch
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
-from tests.conftest import BATCH, STEPS, WINDOWS, TinyLM, make_trainer, token_loader
+from tests.conftest import BATCH, STEPS, WINDOWS, RecordingLogger, TinyLM, make_trainer, token_loader
 
 PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (MODELS.md 1.2)
 
@@ -202,34 +201,8 @@ def test_undeclared_weights_are_an_error_and_declarations_win() -> None:
 # ------------------------------------------------------------------------------------------ the callback
 
 
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.history.append((step, dict(metrics)))
-
-    def last(self, key: str) -> float:
-        return [m[key] for _, m in self.history if key in m][-1]
-
-    def count(self, key: str) -> int:
-        return sum(key in m for _, m in self.history)
-
-
 def fit(callbacks, epochs: int = 2, optimizer: str = "sgd"):
-    logger = MemoryLogger()
+    logger = RecordingLogger()
     trainer = make_trainer(callbacks, max_epochs=epochs, logger=logger)
     trainer.fit(TinyLM(optimizer), train_dataloaders=token_loader(), val_dataloaders=token_loader(1, 2))
     return trainer, logger
