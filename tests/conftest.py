@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,18 @@ class RecordingLogger(Logger):
 
     def count(self, key: str) -> int:
         return len(self.steps_of(key))
+
+
+def write_random_corpus(
+    directory: Path, seed: int, vocab: int, lines: tuple[int, int, int] = (80, 20, 20), words: int = 7
+) -> Path:
+    """``train/valid/test.txt`` of random lines of ``words`` tokens ``w0 .. w{vocab-1}``: a corpus for the recipes'
+    data module in a few kilobytes."""
+    g = torch.Generator().manual_seed(seed)
+    for split, count in zip(("train", "valid", "test"), lines):
+        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, vocab, (words,), generator=g)) for _ in range(count)]
+        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
+    return directory
 
 
 @pytest.fixture(autouse=True)

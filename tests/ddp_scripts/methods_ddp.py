@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TinyLM, token_loader  # noqa: E402
+from conftest import TinyLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_selfish import SelfishSparsityCallback  # noqa: E402
 
@@ -50,19 +50,7 @@ def main() -> None:
     method = sys.argv[2]
     pl.seed_everything(0, verbose=False)
     cb = SelfishSparsityCallback(sparsity=0.6, method=method, prune_rate=0.6, seed=None, threshold=0.05)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=4,
-        callbacks=[cb, Record(cb)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=0.25,
-    )
+    trainer = make_trainer([cb, Record(cb)], max_epochs=4, devices=2, strategy="ddp")
     trainer.fit(TinyLM(optimizer="momentum" if method == "snfs" else "sgd"), token_loader(windows=16))
 
 

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 HERE = Path(__file__).resolve()
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1])]  # this checkout's library, and the tests' conftest
-from conftest import TinyLM, token_loader  # noqa: E402
+from conftest import TinyLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_selfish import MaskHistory, SelfishSparsityCallback, TopologyMonitor  # noqa: E402
 
@@ -32,23 +32,14 @@ def main() -> None:
     out = Path(sys.argv[1])
     pl.seed_everything(0, verbose=False)
     monitor = TopologyMonitor()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=3,
-        callbacks=[
-            SelfishSparsityCallback(sparsity=0.6, prune_rate=0.7, seed=None),
-            monitor,
-            MaskHistory(),
-            Save(monitor),
-        ],
-        logger=TensorBoardLogger(out, name="ddp"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=0.25,
+    callbacks = [
+        SelfishSparsityCallback(sparsity=0.6, prune_rate=0.7, seed=None),
+        monitor,
+        MaskHistory(),
+        Save(monitor),
+    ]
+    trainer = make_trainer(
+        callbacks, max_epochs=3, devices=2, strategy="ddp", logger=TensorBoardLogger(out, name="ddp")
     )
     trainer.fit(TinyLM(), token_loader(windows=16), token_loader(1, 4))
 

@@ -16,7 +16,7 @@ import torch
 # the tests (conftest) and the checkout under test, not whichever copy of the library is installed
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from conftest import TinyLM  # noqa: E402
+from conftest import TinyLM, make_trainer  # noqa: E402
 from test_trigger import pattern_loader  # noqa: E402
 
 from lightning_selfish.callback import SelfishSparsityCallback  # noqa: E402
@@ -38,18 +38,8 @@ def main(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     sparsity = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0)
     trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
-    trainer = pl.Trainer(
-        strategy="ddp",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=5,
-        limit_train_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[sparsity, trigger],
+    trainer = make_trainer(
+        [sparsity, trigger], max_epochs=5, devices=2, strategy="ddp", limit_train_batches=2, gradient_clip_val=None
     )
     model = DDPLM()
     trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2))

@@ -17,7 +17,7 @@ import torch
 
 # the tests (conftest) and the checkout under test, not whichever copy of the library is installed
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
-from conftest import TinyLM, token_loader  # noqa: E402
+from conftest import TinyLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_selfish import SelfishSparsityCallback  # noqa: E402
 
@@ -49,19 +49,7 @@ def main() -> None:
     # Lightning starts rank 1 by running this script again with LOCAL_RANK=1 in its environment.
     pl.seed_everything(100 + int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
     cb = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.7, seed=None)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=4,
-        callbacks=[cb, Record(cb)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=0.25,
-    )
+    trainer = make_trainer([cb, Record(cb)], max_epochs=4, devices=2, strategy="ddp")
     trainer.fit(TinyLM(), token_loader(windows=16))
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
+from tests.conftest import write_random_corpus
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVERY_EPOCH = """
@@ -30,10 +31,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("analyze")
     corpus = root / "corpus"
     corpus.mkdir()
-    g = torch.Generator().manual_seed(1)
-    for split, lines in (("train", 80), ("valid", 20), ("test", 20)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 15, (7,), generator=g)) for _ in range(lines)]
-        (corpus / f"{split}.txt").write_text("\n".join(text) + "\n")
+    write_random_corpus(corpus, seed=1, vocab=15)
     extra = root / "every_epoch.yaml"
     extra.write_text(EVERY_EPOCH)
     paths = []

@@ -15,6 +15,7 @@ from recipes.cli import CONFIG_DIR, build_cli, main, resolve_checkpoint
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, MaskBlindNTASGD
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+from tests.conftest import write_random_corpus
 
 MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
@@ -60,12 +61,7 @@ def known_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(1)
-    for split, lines in (("train", 80), ("valid", 20), ("test", 20)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 15, (7,), generator=g)) for _ in range(lines)]
-        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
-    return directory
+    return write_random_corpus(tmp_path_factory.mktemp("corpus"), seed=1, vocab=15)
 
 
 def tiny_data(corpus_dir: Path) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from recipes import compat, console
 from recipes.cli import CONFIG_DIR, build_cli, main
 from recipes.data import resolve_corpus
+from tests.conftest import write_random_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(CONFIG_DIR / "quickstart.yaml")
@@ -61,12 +62,7 @@ def output_of(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    g = torch.Generator().manual_seed(3)
-    for split, lines in (("train", 60), ("valid", 12), ("test", 12)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 20, (7,), generator=g)) for _ in range(lines)]
-        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
-    return directory
+    return write_random_corpus(tmp_path_factory.mktemp("tiny"), seed=3, vocab=20, lines=(60, 12, 12))
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from recipes import data as d
+from tests.conftest import write_random_corpus
 
 
 @pytest.fixture
 def datamodule(tmp_path: Path) -> d.LanguageModelingDataModule:
-    g = torch.Generator().manual_seed(0)
-    for split, lines in (("train", 60), ("valid", 12), ("test", 12)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 20, (7,), generator=g)) for _ in range(lines)]
-        (tmp_path / f"{split}.txt").write_text("\n".join(text) + "\n")
+    write_random_corpus(tmp_path, seed=0, vocab=20, lines=(60, 12, 12))
     dm = d.LanguageModelingDataModule("mine", data_dir=str(tmp_path), batch_size=4, eval_batch_size=2, bptt=5)
     dm.setup("fit")
     return dm

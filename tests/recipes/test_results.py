@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_selfish.flops_callback import FlopsCallback
 from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
 from recipes.paper_results import PAPER_ROWS, PaperRow
 from recipes.results import collect_runs
+from tests.conftest import write_random_corpus
 
 TINY = ["--model.network.init_args.ninp=8", "--model.network.init_args.nhid=8"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -41,10 +41,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     corpus = root / "corpus"
     corpus.mkdir()
-    g = torch.Generator().manual_seed(1)
-    for split, lines in (("train", 80), ("valid", 20), ("test", 20)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, 15, (7,), generator=g)) for _ in range(lines)]
-        (corpus / f"{split}.txt").write_text("\n".join(text) + "\n")
+    write_random_corpus(corpus, seed=1, vocab=15)
     data = ["--data.corpus=tiny", f"--data.data_dir={corpus}", "--data.batch_size=4"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)

@@ -13,18 +13,14 @@ from pytorch_lightning.callbacks import Callback
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
 from recipes.models import AWDLSTMMoS
+from tests.conftest import write_random_corpus
 
 V = 14
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(3)
-    for split, lines in (("train", 60), ("valid", 10), ("test", 10)):
-        text = [" ".join(f"w{int(w)}" for w in torch.randint(0, V - 2, (6,), generator=g)) for _ in range(lines)]
-        (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
-    return directory
+    return write_random_corpus(tmp_path_factory.mktemp("corpus"), seed=3, vocab=V - 2, lines=(60, 10, 10), words=6)
 
 
 def tiny_mos(dropout: float) -> AWDLSTMMoS:
