@@ -97,7 +97,7 @@ class NonMonotonicTrigger(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._optimizers = [opt for opt in trainer.optimizers if isinstance(opt, SNTASGD)]
         if not self._optimizers:
-            found = ", ".join(type(opt).__name__ for opt in trainer.optimizers) or "no optimizer"
+            found = ", ".join(type(opt).__name__ for opt in trainer.optimizers)  # (Lightning always gives one)
             raise TypeError(
                 "NonMonotonicTrigger needs an SNTASGD optimizer (return lightning_selfish.SNTASGD from "
                 f"configure_optimizers), found: {found}"

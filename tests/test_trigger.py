@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_selfish.trigger
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
 
@@ -257,7 +258,7 @@ def test_resume_mid_averaging_is_exact(tmp_path: Path, sparse: bool) -> None:
     assert_same_state(full, resumed)
 
 
-def test_restart_at_epochs_restarts_the_averages() -> None:
+def test_restart_at_epochs_restarts_the_averages(monkeypatch: pytest.MonkeyPatch) -> None:
     class Check(Callback):
         def on_train_epoch_start(self, trainer, pl_module):  # after the trigger's hook (list order)
             if trainer.current_epoch == 4:
@@ -267,9 +268,16 @@ def test_restart_at_epochs_restarts_the_averages() -> None:
                     assert opt.state[p]["n"] == 0
 
     trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[4, 100])
+    said: list[str] = []  # what the trigger tells the user (rank_zero_info: Lightning's logger does not propagate)
+    monkeypatch.setattr(lightning_selfish.trigger, "rank_zero_info", said.append)
     run(AvgLM(scripted=[2, 3, 4, 4, 4, 4]), [trigger, Check()], 6, limit_train_batches=2)
     assert trigger.averaging_started_epoch == 2
     assert trigger.restarted_at_epochs == [4] and trigger.history == []  # cleared by the restart
+    assert said == [
+        "NonMonotonicTrigger: val_score stopped improving at the end of epoch 2 (counting from 0): "
+        "averaging starts now",
+        "NonMonotonicTrigger: averaging restarted after epoch 4",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
