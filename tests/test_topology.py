@@ -142,3 +142,19 @@ def test_removal_then_growth_keeps_the_count(rows, cols, density, rate, seed):
         assert int(kept.sum()) == count - n and not (kept & ~mask).any()
         grown = topology.random_growth(kept, n, g)
         assert int(grown.sum()) == count and not (kept & ~grown).any()
+
+
+def test_dsr_threshold_removal_keeps_a_weight_exactly_at_the_threshold() -> None:
+    """DSR removes the weights *below* the threshold: one exactly at it stays."""
+    weight = torch.tensor([[-0.5, 0.25, 0.2499, -0.25], [0.0, 1.0, -0.1, 0.3]])
+    mask = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    kept = topology.threshold_removal(weight, mask, 0.25)
+    assert kept.tolist() == [[True, True, False, True], [False, True, False, True]]
+
+
+@pytest.mark.parametrize(
+    "removed,expected", [(74, 0.2), (75, 0.1), (100, 0.1), (125, 0.1), (126, 0.05)], ids=lambda v: str(v)
+)
+def test_dsr_threshold_moves_only_when_the_miss_exceeds_the_tolerance(removed: int, expected: float) -> None:
+    """Expected 100 removals, tolerance 25 %: 75 and 125 are within it (exactly representable bounds)."""
+    assert topology.adapt_threshold(0.1, removed, 100, 0.25) == expected
