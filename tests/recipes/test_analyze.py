@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             f"--trainer.logger.init_args.save_dir={root / 'logs'}",
             f"--trainer.logger.init_args.name=seed{seed}",
         ]
-        cli = build_cli(args=args)
+        with warnings.catch_warnings():  # (a module fixture runs outside conftest's per-test quieting)
+            warnings.simplefilter("ignore")
+            cli = build_cli(args=args)
         paths.append(Path(cli.trainer.log_dir))
     return paths[0], paths[1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus.mkdir()
     write_random_corpus(corpus, seed=1, vocab=15)
     data = ["--data.corpus=tiny", f"--data.data_dir={corpus}", "--data.batch_size=4"]
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a module fixture runs outside conftest's per-test quieting)
         patch.chdir(root)
         results = {}
         rows = {method: row_of(method) for method in METHODS}
