@@ -168,7 +168,7 @@ def _check(config: MethodConfig) -> None:
     _choice("removal", config.removal, (*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, "none"))
     _choice("growth", config.growth, (*topology.GROWTH_STRATEGIES, "none"))
     _choice("redistribution", config.redistribution, ("none", *LAYER_SCORES))
-    _choice("gate_redistribution", config.gate_redistribution, GATE_MODES + (True, False))
+    _choice("gate_redistribution", config.gate_redistribution, GATE_MODES)  # (resolve turned True/False into modes)
     _choice("schedule", config.schedule, tuple(SCHEDULES))
     _choice("removed_and_regrown", config.removed_and_regrown, ("restart", "keep"))
     _number("prune_rate", config.prune_rate, 0.0, 1.0, "[0, 1]")
@@ -213,10 +213,9 @@ def _check(config: MethodConfig) -> None:
         )
 
 
-def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed or isinstance(value, bool) and name != "gate_redistribution":
-        shown = [a for a in allowed if not isinstance(a, bool)]
-        raise ValueError(f"{name} must be one of {shown}, got {value!r}")
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if isinstance(value, bool) or value not in allowed:  # (a bool is no choice; True == 1 would match an int)
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:

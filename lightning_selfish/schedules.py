@@ -52,8 +52,8 @@ def step_of(position: int | float, total_steps: int) -> int:
     return int(position)
 
 
-def _on_cadence(step: int, every: str | int, origin: int = 0) -> bool:
-    return every == "epoch" or (step - origin) % every == 0
+def _on_cadence(step: int, every: str | int) -> bool:
+    return every == "epoch" or step % every == 0
 
 
 def cosine_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
