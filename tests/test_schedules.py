@@ -32,7 +32,7 @@ def test_gmp_prunes_on_its_cadence_counted_from_the_start_of_its_window() -> Non
 
 
 def test_gmp_with_epoch_updates_prunes_at_every_boundary_to_the_cubic_there() -> None:
-    config = resolve("gmp", 0.6, update_every="epoch", **WINDOW)
+    config = resolve("gmp", 0.6, update_every="epoch", pruning_start=0.125, pruning_end=0.625)  # steps 3 and 15
     assert gmp_schedule(2, 24, config) is None
     for step in (8, 16, 24):
         expected = gmp_sparsity(step, 24, config)
@@ -148,4 +148,10 @@ def test_which_methods_read_the_dense_gradient() -> None:
     assert dense_gradient_every(resolve("dsr", 0.5, redistribution="momentum")) == 1
     assert dense_gradient_every(resolve("static", 0.5, growth="gradient")) is None  # schedule "never"
     assert dense_gradient_every(resolve("rigl", 0.5, schedule="gmp", growth="none")) is None
+    assert dense_gradient_every(resolve("gmp", 0.5, redistribution="momentum")) is None  # nothing regrows
+
+
+def test_a_cosine_schedule_that_neither_removes_nor_grows_is_allowed() -> None:
+    config = resolve("selfish", 0.5, removal="none", growth="none")
+    assert (config.removal, config.growth, config.schedule) == ("none", "none", "cosine")
     assert dense_gradient_every(resolve("selfish", 0.5, gate_redistribution="gradient")) == "epoch"
