@@ -125,10 +125,10 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     _number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    fields = {f.name for f in dataclasses.fields(MethodPreset)}
-    unknown = set(overrides) - fields
+    parts = {f.name for f in dataclasses.fields(MethodPreset)} - {"name", "paper", "notes"}  # (those describe it)
+    unknown = set(overrides) - parts
     if unknown:
-        raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(fields - {'name'})}")
+        raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(parts)}")
     chosen = {key: value for key, value in overrides.items() if value is not None}
     gate = chosen.get("gate_redistribution")
     if isinstance(gate, bool):

@@ -94,12 +94,11 @@ def test_an_optimizer_with_only_a_first_moment_has_no_snfs_momentum() -> None:
     "overrides,error,message",
     [
         (
-            dict(unknown_part=1),
+            dict(paper="mine"),  # what describes a preset is not a part of it
             TypeError,
-            "unknown method parts ['unknown_part']; the parts are ['gate_redistribution', 'growth', 'init', "
-            "'min_prune_rate', 'notes', 'paper', 'prune_rate', 'pruning_end', 'pruning_start', 'redistribution', "
-            "'removal', 'removed_and_regrown', 'schedule', 'threshold', 'threshold_tolerance', 'update_every', "
-            "'update_until']",
+            "unknown method parts ['paper']; the parts are ['gate_redistribution', 'growth', 'init', 'min_prune_rate', "
+            "'prune_rate', 'pruning_end', 'pruning_start', 'redistribution', 'removal', 'removed_and_regrown', "
+            "'schedule', 'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
         ),
         (dict(threshold_tolerance=1.5), ValueError, "threshold_tolerance must be in [0, 1], got 1.5"),
         (dict(threshold="0.1"), TypeError, "threshold must be a number in (0, inf), got str '0.1'"),
