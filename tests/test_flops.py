@@ -321,3 +321,59 @@ def test_a_resumed_run_counts_what_an_uninterrupted_one_counts(method: str, tmp_
         assert resumed[key] == pytest.approx(straight[key], rel=1e-12), key
     with pytest.raises(ValueError, match="not a FlopsCallback state"):
         FlopsCallback().load_state_dict({"train_flops": 1.0})
+
+
+# ------------------------------------------------------------------------------------------ formulas and checks by hand
+
+
+def test_flops_per_token_by_hand() -> None:
+    """Forward 2·u·nnz, activation gradient 2·u·nnz, weight gradient 2·u·(nnz, or numel when dense); lookups only
+    pay the weight gradient (u: uses per token)."""
+    costs = {
+        "emb": WeightCost("emb", 100, "lookup"),
+        "w": WeightCost("w", 50, "matmul", 3.0),
+        "t": WeightCost("t", 10, "matmul", 0.5),
+    }
+    active = {"emb": 40, "w": 20}  # t is dense
+    assert training_flops_per_token(costs, active) == 2 * 40 + (4 * 3 * 20 + 2 * 3 * 20) + (4 * 0.5 * 10 + 2 * 0.5 * 10)
+    assert training_flops_per_token(costs, active, dense_gradient=True) == (
+        2 * 100 + (4 * 3 * 20 + 2 * 3 * 50) + (4 * 0.5 * 10 + 2 * 0.5 * 10)
+    )
+    assert inference_flops_per_token(costs, active) == 2 * 3 * 20 + 2 * 0.5 * 10
+
+
+def test_weight_costs_check_their_kind_and_uses() -> None:
+    assert WeightCost("w", 4, "matmul", 0.0).uses_per_token == 0.0  # declared but unused: allowed
+    assert WeightCost("w", 4, "matmul", 0.5).uses_per_token == 0.5
+    with pytest.raises(ValueError) as error:
+        WeightCost("w", 4, "matmul", -1)
+    assert str(error.value) == "uses_per_token of 'w' must be >= 0, got -1"
+    with pytest.raises(ValueError) as error:
+        WeightCost("w", 4, "conv")
+    assert str(error.value) == "kind of 'w' must be 'matmul' or 'lookup', got 'conv'"
+
+
+def test_declarations_are_checked_and_win_over_the_defaults() -> None:
+    lstm = nn.LSTM(3, 4)
+    lstm.flops_uses_per_token = {"weight_ih_l0": 2}  # the other weight keeps its default
+    costs = collect_weight_costs(lstm)
+    assert (costs["weight_ih_l0"].uses_per_token, costs["weight_hh_l0"].uses_per_token) == (2.0, 1.0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.flops_uses_per_token = ["0.weight"]
+    with pytest.raises(TypeError) as error:
+        collect_weight_costs(model)
+    assert str(error.value) == "the model.flops_uses_per_token must be a dict of name -> uses per token"
+    model.flops_uses_per_token = {"nope": 1}
+    with pytest.raises(ValueError) as error:
+        collect_weight_costs(model)
+    assert str(error.value) == (
+        "Sequential (the model) declares flops_uses_per_token['nope'], which is not one of its parameters: "
+        "['0.bias', '0.weight']"
+    )
+    model.flops_uses_per_token = {}
+    model[0].flops_uses_per_token = {"kernel": 1}
+    with pytest.raises(ValueError) as error:
+        collect_weight_costs(model)
+    assert str(error.value) == (
+        "Linear (0) declares flops_uses_per_token['kernel'], which is not one of its parameters: ['bias', 'weight']"
+    )
