@@ -330,9 +330,9 @@ def test_flops_per_token_by_hand() -> None:
     """Forward 2·u·nnz, activation gradient 2·u·nnz, weight gradient 2·u·(nnz, or numel when dense); lookups only
     pay the weight gradient (u: uses per token)."""
     costs = {
-        "emb": WeightCost("emb", 100, "lookup"),
         "w": WeightCost("w", 50, "matmul", 3.0),
         "t": WeightCost("t", 10, "matmul", 0.5),
+        "emb": WeightCost("emb", 100, "lookup"),  # (last: its term is added to the others')
     }
     active = {"emb": 40, "w": 20}  # t is dense
     assert training_flops_per_token(costs, active) == 2 * 40 + (4 * 3 * 20 + 2 * 3 * 20) + (4 * 0.5 * 10 + 2 * 0.5 * 10)
