@@ -89,3 +89,22 @@ def test_layout_rows_line_up_with_lstm_gate_order():
     _, (_, c_two_steps) = lstm(x)
     _, (_, c_last_only) = lstm(x[1:], (lstm(x[:1])[1][0], torch.zeros(1, 1, 3)))
     assert torch.allclose(c_two_steps, c_last_only, atol=1e-6)
+
+
+def test_a_declaration_for_a_shared_weight_is_skipped_and_detection_goes_on() -> None:
+    """A tied weight is named once (its first name); a layout declared under its other name is passed over, and the
+    stacked weights after it are still detected."""
+    model = nn.Module()
+    model.first = nn.Linear(4, 8)
+    model.tied = nn.Linear(4, 8)
+    model.tied.weight = model.first.weight
+    model.tied.gate_layouts = {"weight": ["a", "b"]}
+    model.rnn = nn.LSTM(4, 2)
+    layouts = detect_gate_layouts(model)
+    assert sorted(layouts) == ["rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+
+
+def test_a_bad_override_names_its_parameter() -> None:
+    with pytest.raises(ValueError) as error:
+        detect_gate_layouts(nn.LSTM(4, 2), {"weight_hh_l0": ["i", "i"]})
+    assert str(error.value).startswith("gate_layouts['weight_hh_l0'] names a gate twice")
