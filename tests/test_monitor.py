@@ -209,3 +209,40 @@ def test_mask_history_writes_nothing_under_fast_dev_run(tmp_path: Path):
     trainer = make_trainer([SelfishSparsityCallback(sparsity=0.5, seed=0), history], fast_dev_run=True)
     trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
     assert not (tmp_path / "masks").exists()
+
+
+def test_mask_history_files_their_place_cadence_and_metadata(tmp_path: Path) -> None:
+    """Default place ``<log_dir>/masks`` (nested directories created), every ``every_n_epochs``-th epoch counting
+    from 1, each snapshot with its epoch and step; the initial masks in ``init.pt``."""
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    logger = CSVLogger(tmp_path / "deep" / "logs", name="run", version=0)
+    history = MaskHistory(every_n_epochs=2)
+    pl.seed_everything(0, verbose=False)
+    make_trainer([callback, history], max_epochs=5, logger=logger).fit(TinyLM(), token_loader())
+    directory = tmp_path / "deep" / "logs" / "run" / "version_0" / "masks"
+    assert sorted(p.name for p in directory.iterdir()) == ["epoch_0001.pt", "epoch_0003.pt", "init.pt"]
+    saved = load_mask_history(directory)
+    assert list(saved) == [1, 3] and [(s.epoch, s.step) for s in saved.values()] == [(1, 16), (3, 32)]
+    initial = load_mask_snapshot(directory / "init.pt")
+    assert (initial.epoch, initial.step) == (None, 0)
+    assert set(saved[3].masks) == set(callback.masks)
+    assert any(not torch.equal(saved[1].masks[n], saved[3].masks[n]) for n in callback.masks)  # two updates apart
+
+
+def test_mask_history_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError) as error:
+        load_mask_snapshot(tmp_path / "other.pt")
+    assert str(error.value) == f"{tmp_path / 'other.pt'} is not a MaskHistory file (expected a dict with 'masks')"
+    with pytest.raises(FileNotFoundError) as missing:
+        load_mask_history(tmp_path / "nowhere")
+    assert str(missing.value) == f"no mask history at {tmp_path / 'nowhere'} (MaskHistory writes <log_dir>/masks)"
+    with pytest.raises(ValueError) as alone:
+        make_trainer([MaskHistory(tmp_path / "m")], max_epochs=1).fit(TinyLM(), token_loader())
+    assert str(alone.value) == (
+        "MaskHistory saves the masks of a SelfishSparsityCallback, but none told it about its masks: add "
+        "SelfishSparsityCallback(...) to the trainer's callbacks"
+    )
+    for bad in (0, True, 1.0):
+        with pytest.raises(ValueError, match="every_n_epochs must be a positive int"):
+            MaskHistory(every_n_epochs=bad)
