@@ -216,17 +216,35 @@ def test_mask_history_files_their_place_cadence_and_metadata(tmp_path: Path) -> 
     from 1, each snapshot with its epoch and step; the initial masks in ``init.pt``."""
     callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
     logger = CSVLogger(tmp_path / "deep" / "logs", name="run", version=0)
-    history = MaskHistory(every_n_epochs=2)
+    history = MaskHistory(every_n_epochs=3)
     pl.seed_everything(0, verbose=False)
-    make_trainer([callback, history], max_epochs=5, logger=logger).fit(TinyLM(), token_loader())
+    make_trainer([callback, history], max_epochs=6, logger=logger).fit(TinyLM(), token_loader())
     directory = tmp_path / "deep" / "logs" / "run" / "version_0" / "masks"
-    assert sorted(p.name for p in directory.iterdir()) == ["epoch_0001.pt", "epoch_0003.pt", "init.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == ["epoch_0002.pt", "epoch_0005.pt", "init.pt"]
     saved = load_mask_history(directory)
-    assert list(saved) == [1, 3] and [(s.epoch, s.step) for s in saved.values()] == [(1, 16), (3, 32)]
+    assert list(saved) == [2, 5] and [(s.epoch, s.step) for s in saved.values()] == [(2, 24), (5, 48)]
     initial = load_mask_snapshot(directory / "init.pt")
     assert (initial.epoch, initial.step) == (None, 0)
-    assert set(saved[3].masks) == set(callback.masks)
-    assert any(not torch.equal(saved[1].masks[n], saved[3].masks[n]) for n in callback.masks)  # two updates apart
+    assert set(saved[5].masks) == set(callback.masks)
+    assert any(not torch.equal(saved[2].masks[n], saved[5].masks[n]) for n in callback.masks)  # updates apart
+
+
+def test_mask_history_keeps_the_initial_masks_of_the_real_start_when_resumed(tmp_path: Path) -> None:
+    """``init.pt`` is written once, in directories it creates; a resumed run leaves it alone."""
+    masks_dir = tmp_path / "not" / "yet" / "there"
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pl.seed_everything(0, verbose=False)
+    first = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    make_trainer([first, MaskHistory(masks_dir), checkpoint], max_epochs=2, enable_checkpointing=True).fit(
+        TinyLM(), token_loader()
+    )
+    written = (masks_dir / "init.pt").read_bytes()
+    resumed = SelfishSparsityCallback(sparsity=0.6, seed=0)
+    make_trainer([resumed, MaskHistory(masks_dir)], max_epochs=3).fit(
+        TinyLM(), token_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert (masks_dir / "init.pt").read_bytes() == written
+    assert sorted(load_mask_history(masks_dir)) == [0, 1, 2]
 
 
 def test_mask_history_refuses_what_it_cannot_read(tmp_path: Path) -> None:
