@@ -264,3 +264,44 @@ def test_mask_history_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match="every_n_epochs must be a positive int"):
             MaskHistory(every_n_epochs=bad)
+
+
+def test_monitor_arguments_and_states_are_checked_word_for_word() -> None:
+    assert TopologyMonitor(magnitude_threshold=0).magnitude_threshold == 0.0  # 0: count every nonzero weight
+    assert TopologyMonitor(magnitude_threshold=None).magnitude_threshold is None
+    for bad in ("0.1", -0.5, True):
+        with pytest.raises(ValueError) as error:
+            TopologyMonitor(magnitude_threshold=bad)
+        assert str(error.value) == f"magnitude_threshold must be a number >= 0 or None, got {bad!r}"
+    for name in ("images_every_n_updates", "image_resolution"):
+        for bad in (0, 2.0, True):
+            with pytest.raises(ValueError) as error:
+                TopologyMonitor(**{name: bad})
+            assert str(error.value) == f"{name} must be a positive int, got {bad!r}"
+    for keys in (["initial"], ["ever_active"]):
+        with pytest.raises(ValueError) as error:
+            TopologyMonitor().load_state_dict(dict.fromkeys(keys))
+        assert str(error.value) == (
+            f"not a TopologyMonitor state: expected keys 'initial' and 'ever_active', got {keys}"
+        )
+    with pytest.raises(ValueError) as error:
+        make_trainer([TopologyMonitor()], max_epochs=1).fit(TinyLM(), token_loader())
+    assert str(error.value) == (
+        "TopologyMonitor watches the masks of a SelfishSparsityCallback, but none told it about its masks: add "
+        "SelfishSparsityCallback(...) to the trainer's callbacks"
+    )
+
+
+def test_a_monitor_state_for_other_parameters_is_refused() -> None:
+    whole = TopologyMonitor(mask_images=False, gate_chart=False)
+    make_trainer([SelfishSparsityCallback(sparsity=0.6, seed=0), whole], max_epochs=1).fit(TinyLM(), token_loader())
+    part = TopologyMonitor(mask_images=False, gate_chart=False)
+    part.load_state_dict(whole.state_dict())
+    callback = SelfishSparsityCallback(sparsity=0.6, seed=0, include=["decoder.*"])
+    with pytest.raises(ValueError) as error:
+        make_trainer([callback, part], max_epochs=1).fit(TinyLM(), token_loader())
+    assert str(error.value).startswith(
+        "the checkpoint's TopologyMonitor state does not match the sparsified parameters: "
+        "checkpoint [('decoder.weight', "
+    )
+    assert str(error.value).endswith("model [('decoder.weight', (40, 16))]")
