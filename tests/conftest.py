@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selfish.engine import SparseEngine
+from lightning_selfish.sntasgd import SNTASGD
 
 # Hypothesis: CI (which sets CI=true) replays the same examples on every run, so a red build is reproducible;
 # locally every run draws fresh examples (and replays the failing ones from .hypothesis/). HYPOTHESIS_PROFILE
@@ -83,6 +84,8 @@ class TinyLM(pl.LightningModule):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
         if self.optimizer_name == "momentum":
             return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        if self.optimizer_name == "sntasgd":
+            return SNTASGD(self.parameters(), lr=self.lr, weight_decay=1.2e-6)
         return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=1.2e-6)
 
 

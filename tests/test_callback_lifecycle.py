@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_selfish import SNTASGD, SelfishSparsityCallback
+from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.callback import _check_strategy, _rank_zero_broadcast
 from lightning_selfish.engine import SparseEngine
 
@@ -389,10 +389,6 @@ def test_the_running_gradient_copy_reuses_its_buffers() -> None:
 def test_momentum_growth_under_sntasgd_grows_at_the_largest_dense_gradients() -> None:
     """Under SNT-ASGD (no momentum buffer) SNFS's momentum is the dense gradient of the step before the update."""
 
-    class SNTASGDLM(TinyLM):
-        def configure_optimizers(self):
-            return SNTASGD(self.parameters(), lr=1.0)
-
     seen: dict[str, torch.Tensor] = {}
 
     class LastGradient(Callback):
@@ -409,7 +405,15 @@ def test_momentum_growth_under_sntasgd_grows_at_the_largest_dense_gradients() ->
         def on_train_epoch_end(self, trainer, pl_module):
             before.update({name: mask.clone() for name, mask in callback.masks.items()})
 
-    fit(callback, topology, LastGradient(), MasksBefore(), model=SNTASGDLM(), max_epochs=2, gradient_clip_val=None)
+    fit(
+        callback,
+        topology,
+        LastGradient(),
+        MasksBefore(),
+        model=TinyLM(optimizer="sntasgd"),
+        max_epochs=2,
+        gradient_clip_val=None,
+    )
     assert topology.update_steps == [8]
     stats = topology.calls[-1]["stats"]
     for name, mask in callback.masks.items():
@@ -425,10 +429,6 @@ def test_momentum_growth_under_sntasgd_grows_at_the_largest_dense_gradients() ->
 def test_random_growth_under_sntasgd_keeps_no_gradient_copy() -> None:
     """The paper's default (random growth, SNT-ASGD): no update reads a gradient, so no checkpoint carries one."""
 
-    class SNTASGDLM(TinyLM):
-        def configure_optimizers(self):
-            return SNTASGD(self.parameters(), lr=1.0)
-
     carried: list[Any] = []
 
     class AtEpochEnd(Callback):
@@ -436,7 +436,7 @@ def test_random_growth_under_sntasgd_keeps_no_gradient_copy() -> None:
             carried.append(callback.state_dict()["gradients"])
 
     callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
-    fit(callback, AtEpochEnd(), model=SNTASGDLM())
+    fit(callback, AtEpochEnd(), model=TinyLM(optimizer="sntasgd"))
     assert carried == [None, None]
 
 

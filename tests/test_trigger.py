@@ -17,7 +17,6 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_selfish.trigger
-from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
 
 try:
@@ -61,11 +60,6 @@ class AvgLM(TinyLM):
         x, y = batch[0].t(), batch[1].t()
         loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
         self.log("test_loss", loss)
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "sntasgd":
-            return SNTASGD(self.parameters(), lr=self.lr, weight_decay=1.2e-6)
-        return super().configure_optimizers()
 
 
 def seeded(**kwargs) -> AvgLM:
