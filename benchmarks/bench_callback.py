@@ -34,8 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selfish import SelfishSparsityCallback, SparseEngine
+from lightning_selfish.engine import UpdateContext
 from lightning_selfish.gates import detect_gate_layouts
-from lightning_selfish.methods import METHODS, needs_gradient, resolve
+from lightning_selfish.methods import METHODS, resolve
+from lightning_selfish.parts import UpdateAmount
 
 
 class LSTMLM(pl.LightningModule):
@@ -95,7 +97,7 @@ def step_ms(args, sparse: bool, seed: int) -> float:
 
 
 def momentum_of(method: str) -> float:
-    return 0.9 if resolve(method, 0.5).growth == "momentum" else 0.0
+    return 0.9 if resolve(method, 0.5).reads_momentum else 0.0
 
 
 def sparse_engine(
@@ -108,7 +110,7 @@ def sparse_engine(
     layouts = detect_gate_layouts(model)
     engine = SparseEngine.initialize(params, 1 - density, gen, config.init, layouts, config.gate_redistribution)
     optimizer = model.configure_optimizers()
-    engine.attach(optimizer, mask_state=config.growth != "momentum")
+    engine.attach(optimizer, mask_state=not config.reads_momentum, grown_state=config.grown_optimizer_state)
     for p in model.parameters():  # one step, so that momentum and gradients exist
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
@@ -121,7 +123,7 @@ def enforce_ms(
     """The per-step work of the callback alone: the step post-hook's re-zeroing, and for a method that reads the
     dense gradient one copy of it (the cost of a step before an update, or of every step over an unsized loader)."""
     engine, model, optimizer = sparse_engine(vocab, hidden, layers, density, device, method)
-    copies = needs_gradient(resolve(method, 1 - density))
+    copies = resolve(method, 1 - density).reads_gradient
     buffers = engine.copy_dense_gradients_(None) if copies else None
     engine.enforce_after_step_(optimizer)
     if device == "cuda":
@@ -147,16 +149,9 @@ def update_ms(
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.update(
-            max(config.prune_rate, 0.5) if config.schedule == "cosine" else 0.0,
-            gen,
-            config.removal,
-            config.growth,
-            [optimizer],
-            redistribution=config.redistribution,
-            target_density=density if config.schedule == "gmp" else None,
-            threshold=config.threshold,
-        )
+        to_target = config.schedule.prunes_to_target
+        amount = UpdateAmount(0.0 if to_target else max(config.prune_rate, 0.5), density if to_target else None)
+        engine.update(amount, config, UpdateContext(gen, [optimizer], threshold=config.threshold))
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - start))

@@ -51,7 +51,7 @@ def main() -> None:
 
     recounts = []
     for _ in range(5):
-        sparsity._num_updates += 1
+        sparsity.num_updates += 1
         start = time.perf_counter()
         flops.on_train_batch_start(trainer, model, batch, 0)
         recounts.append(time.perf_counter() - start)

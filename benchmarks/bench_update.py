@@ -14,18 +14,21 @@ every inactive position for growth); the figures are medians over rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
 import statistics
 import time
-from unittest import mock
 
 import torch
 from torch import nn
 
-from lightning_selfish import SparseEngine, topology
+from lightning_selfish import SparseEngine
+from lightning_selfish.engine import UpdateContext
 from lightning_selfish.gates import detect_gate_layouts
+from lightning_selfish.methods import resolve
+from lightning_selfish.parts import Growth, Removal, UpdateAmount
 
 
 def previous_strategies(cpu_generator: torch.Generator) -> tuple:
@@ -85,21 +88,23 @@ def main() -> None:
     init_s = time.perf_counter() - start
     removal, growth = previous_strategies(torch.Generator().manual_seed(1))
     ours, previous = [], []
+    ours_method = resolve("selfish", 1 - args.density)
+    previous_method = dataclasses.replace(
+        ours_method,
+        removal=Removal("magnitude", removal),
+        growth=Growth("random", growth, reads="generator"),
+    )
     for _ in range(args.repeats):  # the same engine.update, with the current and the previous selections
         sync(device)
         start = time.perf_counter()
-        engine.update(args.prune_rate, generator)
+        engine.update(UpdateAmount(args.prune_rate), ours_method, UpdateContext(generator))
         sync(device)
         ours.append(time.perf_counter() - start)
         if not args.no_previous:
-            with (
-                mock.patch.dict(topology.REMOVAL_STRATEGIES, {"magnitude": removal}),
-                mock.patch.dict(topology.GROWTH_STRATEGIES, {"random": growth}),
-            ):
-                start = time.perf_counter()
-                engine.update(args.prune_rate, generator)
-                sync(device)
-                previous.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.update(UpdateAmount(args.prune_rate), previous_method, UpdateContext(generator))
+            sync(device)
+            previous.append(time.perf_counter() - start)
     line = {
         "benchmark": "topology_update",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

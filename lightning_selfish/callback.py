@@ -1,33 +1,41 @@
 """``SelfishSparsityCallback``: Selfish-RNN's dynamic sparse training as a Lightning callback.
 
-The hooks only decide *when*: masks are created at ``on_fit_start``, enforced after every optimizer step through a
-step post-hook, and updated (magnitude removal, random growth, cell-gate redistribution) at the end of every
-training epoch, after validation. *What* happens lives in :mod:`lightning_selfish.engine` and
-:mod:`lightning_selfish.topology`.
+Thin glue: the hooks only say *when*. The resolved method (:mod:`lightning_selfish.methods`) says *what*; the run
+controller (:mod:`lightning_selfish.controller`) holds the schedule state and answers whether an update is due;
+the engine (:mod:`lightning_selfish.engine`) holds the masks, enforces them after every optimizer step through a
+step post-hook and runs updates; :mod:`lightning_selfish.selection` picks the parameters and checks what it finds in
+them. Masks are created at ``on_fit_start`` and updated after validation and checkpointing of an epoch (epoch
+cadence) or after an optimizer step (step cadence).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import logging
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_selfish import methods, topology
+from lightning_selfish import methods
+from lightning_selfish.controller import SparsityController
 from lightning_selfish.engine import SparseEngine, UpdateStats
 from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
-from lightning_selfish.schedules import SCHEDULES, UpdateAmount, check_run
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.parts import MethodConfig, UpdateAmount
+from lightning_selfish.protocols import TopologyListener
+from lightning_selfish.schedules import check_run
+from lightning_selfish.selection import adopt_existing_masks, check_no_other_pruning, select_parameters
 
-log = logging.getLogger(__name__)
+#: The method's settings, readable on the callback under their own names (from ``config``; never set there).
+_METHOD_SETTINGS = frozenset(
+    f for f in MethodConfig.__dataclass_fields__ if f not in ("name", "update_every_given", "min_updates")
+)
 
 
 class SelfishSparsityCallback(Callback):
@@ -43,8 +51,14 @@ class SelfishSparsityCallback(Callback):
     are the paper's baselines.
 
     Every argument below that defaults to ``None`` means "the preset's value"; an explicit value replaces the
-    preset's part (e.g. ``method="rigl", update_every="epoch"`` is RigL as the authors' code ran it). After
-    ``__init__`` the attributes of the same names hold the resolved values, ``config`` the whole composition.
+    preset's part (e.g. ``method="rigl", update_every="epoch"`` is RigL as the authors' code ran it); a part may be
+    a registered name or a part object (:mod:`lightning_selfish.parts`). ``config`` is the resolved method, the one
+    source of truth; the method's settings read as attributes of the same names and cannot be set afterwards.
+
+    A later ``fit`` with the same callback continues from its current masks (the schedule follows the trainer's
+    step count: the same Trainer continues it, a new Trainer restarts it over the new run). A new callback on a
+    model whose weights are already sparse adopts their zero pattern when it has the asked-for counts, and refuses
+    otherwise; weights pruned by ``torch.nn.utils.prune``/``parametrize`` or ``ModelPruning`` are refused.
 
     Args:
         sparsity: fraction of the sparsified weights that is zero, in [0, 1) (GMP: the final sparsity).
@@ -66,16 +80,22 @@ class SelfishSparsityCallback(Callback):
             :mod:`lightning_selfish.gates`.
         update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps
             (RigL's ΔT; GMP's pruning frequency Δt).
-        seed: seed of the masks' random generator; ``None`` draws one on rank 0 and shares it with every rank.
+        seed: seed of the callback's random draws (initial masks, random growth); ``None`` draws one on rank 0 and
+            shares it with every rank. It is mixed into independent streams (initial masks, growth), so it may equal
+            the global seed of ``seed_everything`` without the masks replaying the weights' initialisation.
+        growth_seed: seed of random growth alone; default derived from ``seed``. Two runs with the same ``seed``
+            and different ``growth_seed`` start from the same masks and grow differently (Figure 4, right).
         mask_gradients: also zero the gradients of inactive weights in ``on_before_optimizer_step``, i.e. before
             gradient clipping. ``False`` (default) clips the dense gradient, as the authors' code does (clipping
             over the masked gradient makes every clipped step about 1/sqrt(density) times larger).
         min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005; RigL: 0).
-        total_steps: length of the run in optimizer steps for the schedules; default the trainer's
-            ``estimated_stepping_batches``. Give it when that is unknown (an iterable without a length, such as
-            variable-length BPTT: the authors use ``epochs * train_rows // bptt``).
-        verbose: log a per-tensor, per-gate text summary at every update.
-        method: the preset: ``"selfish"``, ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"``, ``"gmp"``.
+        total_steps: length of the run in optimizer steps for the schedules: an int, or a function of the trainer
+            returning one (``None``: the estimate); default the trainer's ``estimated_stepping_batches``. Give it
+            when that is unknown (an iterable without a length, such as variable-length BPTT: the authors use
+            ``epochs * train_rows // bptt``).
+        verbose: print a per-tensor, per-gate summary at every update (through the progress bar when there is one).
+        method: the preset: ``"selfish"``, ``"static"``, ``"set"``, ``"set_selfish_rnn"``, ``"dsr"``, ``"snfs"``,
+            ``"rigl"``, ``"gmp"``.
         redistribution: across layers: ``"none"``, ``"nonzeros"`` (DSR: by surviving weights) or ``"momentum"``
             (SNFS: by mean momentum magnitude); counts move between tensors, the total stays exact.
         schedule: ``"cosine"``, ``"gmp"`` (Zhu & Gupta's cubic sparsity, pruning only) or ``"never"`` (static).
@@ -83,13 +103,17 @@ class SelfishSparsityCallback(Callback):
         pruning_start, pruning_end: GMP's first and last pruning step (int) or fraction of the run (float).
         removed_and_regrown: a weight removed and regrown in the same update ``"restart"``\ s at zero with fresh
             optimizer state (the paper, default) or ``"keep"``\ s its value and state, including its SNT-ASGD
-            averaging window (the authors' code).
+            averaging window (the authors' code; RigL).
+        grown_optimizer_state: the optimizer state of a grown weight: ``"zero"``, ``"dense"`` (Adam's moments
+            never masked) or ``"tensor_mean"`` (its second moment starts at its tensor's mean); see
+            :mod:`lightning_selfish.optim_state` and docs/methods.md for the measurements behind the defaults.
         threshold, threshold_tolerance: DSR's initial global threshold and the relative miss of the expected
             removal count beyond which it is doubled or halved.
 
     Monitors (:class:`~lightning_selfish.monitor.TopologyMonitor`, :class:`~lightning_selfish.history.MaskHistory`)
-    hear about the masks through ``on_topology_update(trainer, pl_module, engine, stats)``, called on every callback
-    that defines it at fit start (``stats=None``) and after every topology update.
+    hear about the masks as :class:`~lightning_selfish.protocols.TopologyListener`\ s: at fit start (``stats=None``)
+    and after every topology update. The run's schedule state lives in :attr:`controller`
+    (:class:`~lightning_selfish.controller.SparsityController`), the masks in :attr:`engine`.
     """
 
     def __init__(
@@ -107,7 +131,7 @@ class SelfishSparsityCallback(Callback):
         seed: int | None = None,
         mask_gradients: bool = False,
         min_prune_rate: float | None = None,
-        total_steps: int | None = None,
+        total_steps: int | Callable[[pl.Trainer], int | None] | None = None,
         verbose: bool = False,
         *,
         method: str = "selfish",
@@ -119,8 +143,10 @@ class SelfishSparsityCallback(Callback):
         removed_and_regrown: str | None = None,
         threshold: float | None = None,
         threshold_tolerance: float | None = None,
+        grown_optimizer_state: str | None = None,
+        growth_seed: int | None = None,
     ) -> None:
-        self.config = methods.resolve(
+        self.config: MethodConfig = methods.resolve(
             method,
             sparsity,
             prune_rate=prune_rate,
@@ -138,60 +164,55 @@ class SelfishSparsityCallback(Callback):
             removed_and_regrown=removed_and_regrown,
             threshold=threshold,
             threshold_tolerance=threshold_tolerance,
+            grown_optimizer_state=grown_optimizer_state,
         )
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
-            raise TypeError(f"total_steps must be a positive int or None, got {total_steps!r}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if total_steps is not None and not callable(total_steps):
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+                raise TypeError(
+                    f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
+                )
+            if total_steps < 1:
+                raise ValueError(
+                    f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
+                )
+        for arg, value in (("seed", seed), ("growth_seed", growth_seed)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{arg} must be an int or None, got {type(value).__name__}")
         for arg, patterns in (("include", include), ("exclude", exclude)):
             if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
                 raise TypeError(f"{arg} must be a list of name patterns (str), got {patterns!r}")
         if gate_layouts is not None and not isinstance(gate_layouts, Mapping):
             raise TypeError(f"gate_layouts must be a mapping of parameter name to layout, got {gate_layouts!r}")
-        config = self.config
-        self.sparsity = float(sparsity)
-        self.method = method
-        self.prune_rate = config.prune_rate
-        self.init = config.init
-        self.removal = config.removal
-        self.growth = config.growth
-        self.gate_redistribution = config.gate_redistribution
-        self.redistribution = config.redistribution
-        self.schedule = config.schedule
-        self.update_until = config.update_until
-        self.pruning_start = config.pruning_start
-        self.pruning_end = config.pruning_end
-        self.removed_and_regrown = config.removed_and_regrown
+        if not isinstance(mask_gradients, bool):
+            raise TypeError(f"mask_gradients must be a bool, got {mask_gradients!r}")
+        if not isinstance(verbose, bool):
+            raise TypeError(f"verbose must be a bool, got {verbose!r}")
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.gate_layouts = dict(gate_layouts or {})
-        self.update_every = config.update_every
         self.seed = seed
+        self.growth_seed = growth_seed
         self.mask_gradients = mask_gradients
-        self.min_prune_rate = config.min_prune_rate
         self.total_steps = total_steps
         self.verbose = verbose
-
+        self.controller = SparsityController(self.config)
         self.engine: SparseEngine | None = None
-        self._generator = torch.Generator()  # replaced at fit start by one on the parameters' device
-        self._seed: int | None = None
-        self._total_steps = 0
-        self._batch_idx = -1
-        self._needs_gradient = False  # an update reads the dense gradient of the step before it
-        self._running_gradient = False  # ... and the step before an update cannot be known: copy at every step
         self._loaded_state: dict[str, Any] | None = None
-        self._start_schedule()
+        self._batch_idx = -1
 
-    def _start_schedule(self) -> None:
-        """The schedule's state at the start of a fresh run (a resumed run takes it from the checkpoint)."""
-        self._num_updates = 0
-        self._last_update_step = -1  # optimizer step of the last update (step-based cadence)
-        self._last_updated_epoch = -1  # last epoch whose end-of-epoch update ran (epoch cadence)
-        self._skip_next_update = False
-        self._gradients: dict[str, Tensor] | None = None  # dense gradients kept for the next update
-        self._threshold = self.config.threshold  # DSR's global threshold, adapted at every update
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("config")  # (absent while unpickling)
+        if config is not None and name in _METHOD_SETTINGS:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _METHOD_SETTINGS and "config" in self.__dict__:
+            raise AttributeError(
+                f"SelfishSparsityCallback.{name} is a setting of the resolved method (callback.config), which is "
+                f"read-only: pass {name}=... to SelfishSparsityCallback(...)"
+            )
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------------------------
     # public surface
@@ -204,6 +225,11 @@ class SelfishSparsityCallback(Callback):
         return type(self).__qualname__
 
     @property
+    def method(self) -> str:
+        """The preset's name (``config.name``)."""
+        return self.config.name
+
+    @property
     def masks(self) -> dict[str, Tensor]:
         """Parameter name (as in ``named_parameters()``) to live bool mask, True = active."""
         if self.engine is None:
@@ -213,131 +239,123 @@ class SelfishSparsityCallback(Callback):
     @property
     def num_updates(self) -> int:
         """How many times the masks were updated so far (topology updates, GMP pruning steps)."""
-        return self._num_updates
-
-    @property
-    def total_steps_resolved(self) -> int:
-        """The run length (optimizer steps) the schedules use; known from ``on_fit_start`` on."""
-        return self._total_steps
+        return self.controller.num_updates
 
     @property
     def dense_gradient_every(self) -> int | str | None:
         """When the method needs the dense weight gradient: ``1`` (every step, SNFS), the update cadence (RigL),
-        or ``None``; see :func:`lightning_selfish.methods.dense_gradient_every`."""
-        return methods.dense_gradient_every(self.config)
+        or ``None``; see :attr:`lightning_selfish.parts.MethodConfig.dense_gradient_every`."""
+        return self.controller.config.dense_gradient_every
 
     def scheduled_sparsity(self, step: int) -> float:
         """The overall target sparsity after optimizer step ``step`` (GMP's cubic; ``sparsity`` otherwise)."""
-        return methods.scheduled_sparsity(step, self._total_steps, self.config)
+        return self.controller.scheduled_sparsity(step)
 
     def current_prune_rate(self, step: int) -> float:
-        """The cosine-annealed prune rate at optimizer step ``step`` of this run."""
-        return topology.cosine_prune_rate(step, self._total_steps, self.prune_rate, self.min_prune_rate)
+        """The fraction of active weights an update at optimizer step ``step`` replaces (GMP: prunes)."""
+        return self.controller.prune_rate(step)
 
     def update_at(self, step: int) -> UpdateAmount | None:
         """What the schedule does at optimizer step ``step`` (``None``: no update), for a candidate point of the
         update cadence (every ``update_every`` steps, or an epoch boundary)."""
-        return SCHEDULES[self.schedule](step, self._total_steps, self.config)
+        config = self.controller.config
+        return config.schedule.amount(step, self.controller.total_steps, config)
 
     def skip_next_update(self) -> None:
-        """Skip the next scheduled topology update.
-
-        The authors' code does not update the topology in the epoch where NT-ASGD switches to averaging;
-        ``NonMonotonicTrigger`` calls this when it fires.
-        """
-        self._skip_next_update = True
+        """Skip the next scheduled topology update (:class:`~lightning_selfish.protocols.SkipsTopologyUpdates`:
+        ``NonMonotonicTrigger`` calls it when averaging starts, as the authors' code skips that epoch's update)."""
+        self.controller.skip_next = True
 
     # ----------------------------------------------------------------------------------------------------------
     # hooks: only delegate
     # ----------------------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse, before any work, a strategy that shards weights, a second pruning system and a run of no step."""
         if stage != "fit":
             return
         _check_strategy(trainer)  # (Lightning itself refuses two callbacks with the same state_key)
+        _check_no_pruning_callback(trainer)
+        if trainer.max_epochs == 0 or trainer.max_steps == 0:  # (Lightning then skips on_fit_start: refuse here)
+            self._run_length(trainer)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = self._select_parameters(pl_module)
+        """Masks from the checkpoint, from the previous fit, from already-sparse weights, or drawn; then attached."""
+        params = select_parameters(pl_module, self.include, self.exclude)
+        check_no_other_pruning(pl_module, params)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
         # Before the first step, and before the masks' seed is drawn: reading the length makes Lightning load the
         # train dataloader, which advances the global generator, so this order keeps seeded runs' masks unchanged.
-        self._total_steps = self._run_length(trainer)
-        check_run(self._total_steps, self.config)
-        # Random growth draws its scores where the weights live: a CUDA generator for CUDA parameters.
-        self._generator = torch.Generator(device=next(iter(params.values())).device)
+        total_steps = self._run_length(trainer)
+        check_run(total_steps, self.config)
+        notice = self.controller.plan(total_steps, self.config)
+        if notice is not None and trainer.is_global_zero:
+            rank_zero_info(notice)
+        device = next(iter(params.values())).device
         if self._loaded_state is not None:
-            self.engine = self._restore_engine(params, layouts)
+            self.engine = self._restore_engine(params, layouts, device)
+        elif self.engine is not None:
+            self.engine = self._continue_engine(trainer, params, layouts)
         else:
-            if trainer.ckpt_path is not None:
-                raise ValueError(
-                    f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
-                    "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
-                )
-            self._seed = self._shared_seed(trainer)
-            self._generator.manual_seed(self._seed)
-            self._start_schedule()
-            self.engine = SparseEngine.initialize(
-                params, self.sparsity, self._generator, self.init, layouts, self.gate_redistribution
-            )
-        # Momentum growth ranks inactive positions by their momentum, which must keep accumulating there.
-        dense_state = topology.GROWTH_SOURCES.get(self.growth) == "momentum"
+            self.engine = self._start_engine(trainer, params, layouts, device)
         for optimizer in trainer.optimizers:
-            self.engine.attach(optimizer, mask_state=not dense_state)
-        momentum_is_gradient = any(isinstance(opt, SNTASGD) for opt in trainer.optimizers) and "momentum" in (
-            topology.GROWTH_SOURCES.get(self.growth),
-            self.redistribution,
-        )
-        self._needs_gradient = methods.needs_gradient(self.config) or momentum_is_gradient
+            # Momentum growth ranks inactive positions by their momentum, which must keep accumulating there.
+            self.engine.attach(
+                optimizer, mask_state=not self.config.reads_momentum, grown_state=self.config.grown_optimizer_state
+            )
         self._log_sparsity(trainer, extra={})
         _notify_topology_update(trainer, pl_module, self.engine, None)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning frees the gradients before validation, so an update that reads the gradient uses a copy of the
-        # dense gradient of the step before it. With epoch updates over a loader without a length (variable-length
-        # BPTT) the epoch's last step cannot be known in advance: the copy is then refreshed at every step (one
-        # copy of the sparsified weights' gradients per step, into buffers allocated once).
-        self._running_gradient = (
-            self._needs_gradient and self.update_every == "epoch" and math.isinf(trainer.num_training_batches)
-        )
+        self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_idx = batch_idx
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Lightning calls this before clipping: the gradients are the dense, unclipped ones.
-        if self._running_gradient:
-            self._gradients = self.engine.copy_dense_gradients_(self._gradients)
-        elif self._needs_gradient and self._update_follows_this_step(trainer):
-            self._gradients = self.engine.dense_gradients()
+        """Keep the dense, unclipped gradient for an update right after this step (Lightning calls this before
+        clipping); with ``mask_gradients`` zero the inactive weights' gradients."""
+        assert self.engine is not None
+        last_batch = self._batch_idx + 1 >= trainer.num_training_batches
+        self.controller.keep_gradients(self.engine, trainer.global_step, last_batch)
         if self.mask_gradients:
             self.engine.mask_gradients_()
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        # (with accumulation, several batches end at the same step)
-        due = isinstance(self.update_every, int) and step > 0 and step != self._last_update_step
-        if due and self.update_at(step) is not None:
-            self._update(trainer)
+        """Step cadence: the update due after this optimizer step."""
+        amount = self.controller.update_due_after_step(trainer.global_step)
+        if amount is not None:
+            self._update(trainer, amount)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The per-epoch update belongs after the previous epoch's validation *and* checkpointing (MODELS.md 8.4):
-        # a checkpoint then holds the weights that were validated, and resuming from it replays the update. No
-        # step happens in between, so this is the same point in training as the end of the previous epoch.
-        finished = trainer.current_epoch - 1
-        if self.update_every == "epoch" and finished > self._last_updated_epoch:
-            self._last_updated_epoch = finished
-            if self.update_at(trainer.global_step) is not None:
-                self._update(trainer)
+        """Epoch cadence: the update of the previous epoch's end.
 
+        It belongs after that epoch's validation *and* checkpointing (docs/callback.md, "When updates happen"): a
+        checkpoint then holds the weights that were validated, and resuming from it replays the update. No step
+        happens in between, so this is the same point in training as the end of the previous epoch.
+        """
+        amount = self.controller.update_due_at_epoch_start(trainer.current_epoch - 1, trainer.global_step)
+        if amount is not None:
+            self._update(trainer, amount)
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
             self.engine.detach()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.engine is not None:
             self.engine.detach()
@@ -346,26 +364,20 @@ class SelfishSparsityCallback(Callback):
     # checkpointing
     # ----------------------------------------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.engine is None:
             return {}
         return {
             "masks": {name: mask.detach().cpu().clone() for name, mask in self.engine.masks.items()},
-            "generator": self._generator.get_state(),
-            "generator_device": self._generator.device.type,
-            "seed": self._seed,
-            "num_updates": self._num_updates,
-            "last_update_step": self._last_update_step,
-            "last_updated_epoch": self._last_updated_epoch,
-            "gradients": self._gradients,
-            "skip_next_update": self._skip_next_update,
-            "total_steps": self._total_steps,
-            "sparsity": self.sparsity,
-            "gate_redistribution": self.gate_redistribution,
-            "method": self.method,
-            "threshold": self._threshold,
+            **self.controller.state_dict(),
+            "sparsity": self.config.sparsity,
+            "gate_redistribution": self.config.gate_redistribution.name,
+            "method": self.config.name,
+            "parts": self.config.part_names(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -379,119 +391,84 @@ class SelfishSparsityCallback(Callback):
     # internals
     # ----------------------------------------------------------------------------------------------------------
 
-    def _select_parameters(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        candidates = {name: p for name, p in pl_module.named_parameters() if p.dim() >= 2}
-        for arg, patterns in (("include", self.include or []), ("exclude", self.exclude)):
-            for pattern in patterns:
-                if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
-                    raise ValueError(
-                        f"{arg} pattern {pattern!r} matches no parameter with 2 or more dimensions; "
-                        f"these are: {sorted(candidates)}"
-                    )
-        chosen = {
-            name: p
-            for name, p in candidates.items()
-            if (self.include is None or any(fnmatch.fnmatchcase(name, pat) for pat in self.include))
-            and not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
-        }
-        if not chosen:
+    def _start_engine(
+        self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict, device: torch.device
+    ) -> SparseEngine:
+        """A fresh run: the weights' own zero pattern when they are already sparse at the asked-for counts, else
+        random masks from the mask stream; then the generator moves to the growth stream."""
+        if trainer.ckpt_path is not None:
             raise ValueError(
-                f"no parameter left to sparsify (include={self.include}, exclude={self.exclude}); "
-                f"parameters with 2 or more dimensions: {sorted(candidates)}"
+                f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
+                "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
             )
-        return chosen
-
-    def _restore_engine(self, params: dict[str, Tensor], layouts: dict) -> SparseEngine:
-        state, self._loaded_state = self._loaded_state, None
-        assert state is not None
-        masks: dict[str, Tensor] = state["masks"]
-        if set(masks) != set(params):
-            raise ValueError(
-                "the checkpoint's sparsity masks do not match the parameters chosen for sparsification: "
-                f"only in the checkpoint: {sorted(set(masks) - set(params))}; "
-                f"only in the model: {sorted(set(params) - set(masks))}"
+        config = self.config
+        generator = self.controller.seed_run(self._shared_seed(trainer), self.growth_seed, device)
+        budgets = config.init.budgets({name: p.shape for name, p in params.items()}, 1.0 - config.sparsity)
+        adopted = adopt_existing_masks(params, budgets)
+        if adopted is not None:
+            engine = SparseEngine(params, adopted, layouts, config.gate_redistribution)
+            rank_zero_info(
+                "SelfishSparsityCallback: the weights are already sparse at the asked-for counts: their "
+                "zero pattern is the initial masks"
             )
-        for name, mask in masks.items():
-            if mask.shape != params[name].shape:
-                raise ValueError(
-                    f"the checkpoint's mask for {name!r} has shape {tuple(mask.shape)}, the parameter has "
-                    f"{tuple(params[name].shape)}"
-                )
-        if state.get("sparsity", self.sparsity) != self.sparsity:
-            raise ValueError(
-                f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
-                f"sparsity={self.sparsity}: resume with the same sparsity"
+        else:
+            engine = SparseEngine.initialize(
+                params, config.sparsity, generator, config.init, layouts, config.gate_redistribution
             )
-        if state.get("method", "selfish") != self.method:
-            raise ValueError(
-                f"the checkpoint was trained with method={state.get('method', 'selfish')!r}, this callback has "
-                f"method={self.method!r}: resume with the same method"
-            )
-        self._threshold = state.get("threshold", self.config.threshold)
-        self._num_updates = state["num_updates"]
-        self._restore_generator(state)
-        self._last_update_step = state["last_update_step"]
-        self._last_updated_epoch = state["last_updated_epoch"]
-        self._gradients = state.get("gradients")
-        self._skip_next_update = state["skip_next_update"]
-        engine = SparseEngine(params, masks, layouts, self.gate_redistribution)
+        self.controller.start_growth_stream()
         engine.apply_masks_()
         return engine
 
-    def _restore_generator(self, state: dict[str, Any]) -> None:
-        saved_on = state.get("generator_device", "cpu")  # checkpoints before device-side growth: a CPU generator
-        self._seed = state.get("seed")
-        if saved_on == self._generator.device.type:
-            self._generator.set_state(state["generator"])
-            return
-        # A CPU generator's state means nothing to a CUDA generator and vice versa. The masks themselves resume
-        # exactly; only the random stream of later growth is new, seeded from the run's seed and update count.
-        reseed = ((self._seed or 0) * 1_000_003 + self._num_updates) % 2**62
-        self._generator.manual_seed(reseed)
-        log.warning(
-            "SelfishSparsityCallback: the checkpoint's random generator was on %s, the parameters are now on %s: "
-            "later random growth continues from a new stream seeded %d (the masks themselves resume exactly)",
-            saved_on,
-            self._generator.device.type,
-            reseed,
-        )
-
-    def _update(self, trainer: pl.Trainer) -> None:
+    def _continue_engine(self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict) -> SparseEngine:
+        """A later fit with this callback: the current masks go on (over this module's parameters)."""
         assert self.engine is not None
-        amount = self.update_at(trainer.global_step)
-        assert amount is not None  # the hooks only call this where the schedule has an update
-        self._last_update_step = trainer.global_step
-        if self._skip_next_update:
-            self._skip_next_update = False
-            if trainer.is_global_zero:
-                log.info("topology update skipped at step %d", trainer.global_step)
-            return
-        stats = self.engine.update(
-            amount.prune_rate,
-            self._generator,
-            self.removal,
-            self.growth,
-            trainer.optimizers,
-            synchronize=_rank_zero_broadcast(trainer),
-            gradients=self._gradients,
-            redistribution=self.redistribution,
-            target_density=amount.target_density,
-            removed_and_regrown=self.removed_and_regrown,
-            threshold=self._threshold,
-            threshold_tolerance=self.config.threshold_tolerance,
+        masks = self.engine.masks
+        self.engine.detach()
+        _check_masks_fit(masks, params, "the previous fit")
+        if trainer.global_step == 0:  # a new Trainer counts from 0: the schedule restarts over the new run
+            self.controller.restart_cadence()
+        self.controller.gradients = None
+        engine = SparseEngine(
+            params, {name: mask.clone() for name, mask in masks.items()}, layouts, self.config.gate_redistribution
         )
-        if not self._running_gradient:
-            self._gradients = None
-        self._threshold = stats.threshold  # DSR's adapted threshold; the one given, for the other removals
-        self._num_updates += 1
+        engine.apply_masks_()
+        return engine
+
+    def _restore_engine(self, params: dict[str, Tensor], layouts: dict, device: torch.device) -> SparseEngine:
+        state, self._loaded_state = self._loaded_state, None
+        assert state is not None
+        masks: dict[str, Tensor] = state["masks"]
+        _check_masks_fit(masks, params, "the checkpoint")
+        if state.get("sparsity", self.config.sparsity) != self.config.sparsity:
+            raise ValueError(
+                f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
+                f"sparsity={self.config.sparsity}: resume with the same sparsity"
+            )
+        if state.get("method", "selfish") != self.config.name:
+            raise ValueError(
+                f"the checkpoint was trained with method={state.get('method', 'selfish')!r}, this callback has "
+                f"method={self.config.name!r}: resume with the same method"
+            )
+        self.controller.load_state_dict(state, device)
+        engine = SparseEngine(params, masks, layouts, self.config.gate_redistribution)
+        engine.apply_masks_()
+        return engine
+
+    def _update(self, trainer: pl.Trainer, amount: UpdateAmount) -> None:
+        assert self.engine is not None
+        step = trainer.global_step
+        stats = self.controller.run_update(self.engine, amount, step, trainer.optimizers, _rank_zero_broadcast(trainer))
+        if stats is None:
+            _say(trainer, f"SelfishSparsityCallback: topology update skipped at step {step}")
+            return
         extra = _stats_metrics(stats)
         if amount.target_density is not None:
             extra["topology/target_sparsity"] = 1.0 - amount.target_density
-        if self.removal in topology.THRESHOLD_REMOVALS:
-            extra["topology/threshold"] = self._threshold
+        if self.config.removal.by_threshold:
+            extra["topology/threshold"] = self.controller.threshold
         self._log_sparsity(trainer, extra=extra)
-        if self.verbose and trainer.is_global_zero:
-            log.info("%s", self._summary(stats))
+        if self.verbose:
+            _say(trainer, self._summary(stats))
         _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
@@ -507,7 +484,7 @@ class SelfishSparsityCallback(Callback):
         assert self.engine is not None
         report = self.engine.sparsity_report()
         lines = [
-            f"topology update {self._num_updates}: prune rate {stats.prune_rate:.4f}, "
+            f"topology update {self.controller.num_updates}: prune rate {stats.prune_rate:.4f}, "
             f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
         ]
         for name, record in self.engine.tensors.items():
@@ -518,19 +495,20 @@ class SelfishSparsityCallback(Callback):
             )
         return "\n".join(lines)
 
-    def _update_follows_this_step(self, trainer: pl.Trainer) -> bool:
-        if isinstance(self.update_every, int):
-            return self.update_at(trainer.global_step + 1) is not None
-        return self._batch_idx + 1 >= trainer.num_training_batches
-
     def _run_length(self, trainer: pl.Trainer) -> int:
-        if self.total_steps is not None:
-            return self.total_steps
-        total = trainer.estimated_stepping_batches
-        # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
-        # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.
+        given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+                raise ValueError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
+            return given
+        trains_nothing = trainer.max_epochs == 0 or trainer.max_steps == 0
+        total = 0 if trains_nothing else trainer.estimated_stepping_batches
+        # Lightning gives inf without max_epochs/max_steps, -1 (its max_steps default) for max_epochs with a
+        # train dataloader that has no length, and a whole epoch for max_epochs=0: no schedule fits any of them.
         if not (math.isfinite(total) and total >= 1):
-            if trainer.max_epochs == -1:  # (Lightning then loads no dataloader: its batch count means nothing yet)
+            if trains_nothing:
+                cause = f"max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps} trains no step"
+            elif trainer.max_epochs == -1:  # (Lightning then loads no dataloader: its batch count means nothing yet)
                 cause = "max_epochs=-1 without max_steps trains for ever"
             elif math.isinf(trainer.num_training_batches):
                 cause = (
@@ -559,6 +537,21 @@ class SelfishSparsityCallback(Callback):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], source: str) -> None:
+    if set(masks) != set(params):
+        raise ValueError(
+            f"{source}'s sparsity masks do not match the parameters chosen for sparsification: "
+            f"only in {source}: {sorted(set(masks) - set(params))}; "
+            f"only in the model: {sorted(set(params) - set(masks))}"
+        )
+    for name, mask in masks.items():
+        if mask.shape != params[name].shape:
+            raise ValueError(
+                f"{source}'s mask for {name!r} has shape {tuple(mask.shape)}, the parameter has "
+                f"{tuple(params[name].shape)}"
+            )
+
+
 def _supported_strategies() -> tuple[type, ...]:
     """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
     supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
@@ -583,7 +576,17 @@ def _check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
-def _rank_zero_broadcast(trainer: pl.Trainer):
+def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
+    for callback in trainer.callbacks:
+        if any(cls.__name__ == "ModelPruning" for cls in type(callback).__mro__):
+            raise ValueError(
+                f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
+                "ModelPruning's masks would multiply with this callback's, so the model would be sparser than "
+                "reported (e.g. 0.66-0.68 zero at sparsity=0.5 with amount=0.3). Use one of the two"
+            )
+
+
+def _rank_zero_broadcast(trainer: pl.Trainer) -> Callable[[Tensor], None] | None:
     if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
 
@@ -596,12 +599,23 @@ def _rank_zero_broadcast(trainer: pl.Trainer):
 def _notify_topology_update(
     trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
 ) -> None:
-    """Tell every callback with an ``on_topology_update(trainer, pl_module, engine, stats)`` method (monitors) that
-    the masks are set: at fit start (``stats=None``: initial or restored masks) and after every topology update."""
+    """Tell every :class:`TopologyListener` among the trainer's callbacks (monitors) that the masks are set: at fit
+    start (``stats=None``: initial or restored masks) and after every topology update."""
     for callback in trainer.callbacks:
-        hook = getattr(callback, "on_topology_update", None)
-        if callable(hook):
-            hook(trainer, pl_module, engine, stats)
+        if isinstance(callback, TopologyListener):
+            callback.on_topology_update(trainer, pl_module, engine, stats)
+
+
+def _say(trainer: pl.Trainer, text: str) -> None:
+    """Rank zero's output as Lightning writes it: through the progress bar when there is one (so it is not glued to
+    the bar), else Lightning's rank-zero INFO line."""
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    if bar is not None and bar.is_enabled:
+        bar.print(text)
+    else:
+        rank_zero_info(text)
 
 
 def _stats_metrics(stats: UpdateStats) -> dict[str, float]:

@@ -14,7 +14,7 @@ parameters are changed in place, so cuDNN's flat LSTM weight buffer stays valid.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,30 +24,28 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_selfish import topology
 from lightning_selfish.gates import GateLayout
-from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state, state_tensors_like
-from lightning_selfish.redistribution import (
-    GATE_SCORES,
-    GATE_SIGNALS,
-    LAYER_SCORES,
-    LAYER_SIGNALS,
-    allocate_counts,
-    momentum_of,
-)
+from lightning_selfish.optim_state import MaskUpdate, dense_state_keys, reset_optimizer_state, state_items_like
+from lightning_selfish.parts import GateRedistribution, Growth, Init, MethodConfig, UpdateAmount
+from lightning_selfish.protocols import keeps_inactive_state_zero
+from lightning_selfish.redistribution import allocate_counts, momentum_of
 
 log = logging.getLogger(__name__)
 
-_GATE_MODE_ALIASES = {True: "joint", False: "none"}
 
+def gate_part(gate_redistribution: GateRedistribution | bool | str) -> GateRedistribution:
+    """The gate handling part: one given, or ``True``/``"joint"`` (one ranking over all gates), ``False``/``"none"``
+    (per-gate counts), or a registered Table 6 score name."""
+    from lightning_selfish.methods import GATE_REDISTRIBUTIONS
 
-def gate_mode(gate_redistribution: bool | str) -> str:
-    """``True``/``"joint"``: one ranking over all gates; ``False``/``"none"``: per-gate counts; or a Table 6 score."""
-    mode = _GATE_MODE_ALIASES.get(gate_redistribution, gate_redistribution)  # type: ignore[call-overload]
-    if mode not in ("joint", "none", *GATE_SCORES):
+    if isinstance(gate_redistribution, GateRedistribution):
+        return gate_redistribution
+    name = {True: "joint", False: "none"}.get(gate_redistribution, gate_redistribution)  # type: ignore[call-overload]
+    if name not in GATE_REDISTRIBUTIONS:
         raise ValueError(
-            f"gate_redistribution must be True, False or one of {['joint', 'none', *GATE_SCORES]}, "
+            f"gate_redistribution must be True, False or one of {list(GATE_REDISTRIBUTIONS)}, "
             f"got {gate_redistribution!r}"
         )
-    return mode
+    return GATE_REDISTRIBUTIONS[name]
 
 
 @dataclass
@@ -99,6 +97,26 @@ class UpdateStats:
         return sum(self.newly_active.values()) / active if active else 0.0
 
 
+@dataclass
+class UpdateContext:
+    """What one update reads besides the method: the run's random generator, the optimizers (state to reset,
+    momentum to read), the dense gradients of the step before (``None``: the parameters' ``.grad``), DDP's
+    ``synchronize`` (overwrites a tensor in place with rank 0's; ``None`` on one process) and DSR's threshold."""
+
+    generator: torch.Generator
+    optimizers: Sequence[torch.optim.Optimizer] = ()
+    gradients: Mapping[str, Tensor] | None = None
+    synchronize: Callable[[Tensor], None] | None = None
+    threshold: float | None = None
+
+
+@dataclass
+class _Removed:
+    kept: dict[str, Tensor]  # per tensor: the mask after removal
+    per_block: dict[str, list[int]]  # per tensor: how many each block removed
+    expected: int  # threshold removal: the count the prune rate asked for (DSR's threshold adapts to it)
+
+
 class SparseEngine:
     """Masks for a set of named parameters, enforced in place, updated by removal and growth strategies."""
 
@@ -107,10 +125,10 @@ class SparseEngine:
         params: Mapping[str, Tensor],
         masks: Mapping[str, Tensor],
         gate_layouts: Mapping[str, GateLayout] | None = None,
-        gate_redistribution: bool | str = True,
+        gate_redistribution: GateRedistribution | bool | str = True,
     ) -> None:
         gate_layouts = gate_layouts or {}
-        self.gate_redistribution = gate_mode(gate_redistribution)
+        self.gate_redistribution = gate_part(gate_redistribution)
         self.tensors: dict[str, SparseTensor] = {}
         for name, param in params.items():
             mask = masks[name].to(device=param.device, dtype=torch.bool)
@@ -119,7 +137,7 @@ class SparseEngine:
                     f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)}"
                 )
             gates = gate_layouts.get(name)
-            groups = [rows for _, rows in gates] if gates and self.gate_redistribution != "joint" else [slice(None)]
+            groups = [rows for _, rows in gates] if gates and not self.gate_redistribution.joint else [slice(None)]
             self.tensors[name] = SparseTensor(name, param, mask, groups, gates)
         self._handles: list[RemovableHandle] = []
         self._records: dict[int, list[SparseTensor]] = {}  # per optimizer: the sparse tensors it holds
@@ -134,30 +152,34 @@ class SparseEngine:
         params: Mapping[str, Tensor],
         sparsity: float,
         generator: torch.Generator,
-        init: str = "uniform",
+        init: Init | str = "uniform",
         gate_layouts: Mapping[str, GateLayout] | None = None,
-        gate_redistribution: bool | str = True,
+        gate_redistribution: GateRedistribution | bool | str = True,
     ) -> SparseEngine:
-        """Random masks with exact counts (``topology.INIT_BUDGETS[init]``), applied to the weights in place.
+        """Random masks with exact counts (``init.budgets``), applied to the weights in place.
 
-        Unless gates are ranked jointly (``gate_redistribution=True``/``"joint"``) every gate is a block of its own
-        and starts at exactly the tensor's density.
+        Unless gates are ranked jointly every gate is a block of its own and starts at exactly the tensor's density
+        (uniform init) or its share of the tensor's budget by size.
         """
+        from lightning_selfish.methods import INITS
+
         gate_layouts = gate_layouts or {}
-        mode = gate_mode(gate_redistribution)
+        mode = gate_part(gate_redistribution)
         density = 1.0 - sparsity
-        if init not in topology.INIT_BUDGETS:
-            raise ValueError(f"init must be one of {list(topology.INIT_BUDGETS)}, got {init!r}")
-        counts = topology.INIT_BUDGETS[init]({name: p.shape for name, p in params.items()}, density)
+        if isinstance(init, str):
+            if init not in INITS:
+                raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+            init = INITS[init]
+        counts = init.budgets({name: p.shape for name, p in params.items()}, density)
         masks = {}
         for name, param in params.items():
             gates = gate_layouts.get(name)
-            if not gates or mode == "joint":
+            if not gates or mode.joint:
                 masks[name] = topology.random_mask(param.shape, counts[name], generator)
                 continue
             row_numel = param[0].numel()
             sizes = [(rows.stop - rows.start) * row_numel for _, rows in gates]
-            if init == "uniform":
+            if init.budgets is topology.uniform_counts:
                 gate_counts = [topology.uniform_count(size, density) for size in sizes]
             else:
                 gate_counts = topology.split_count(counts[name], sizes)
@@ -216,8 +238,11 @@ class SparseEngine:
         return into
 
     @torch.no_grad()
-    def enforce_after_step_(self, optimizer: torch.optim.Optimizer, mask_state: bool = True) -> None:
-        """Re-zero the weights this optimizer holds, and (``mask_state``) every state tensor shaped like them."""
+    def enforce_after_step_(
+        self, optimizer: torch.optim.Optimizer, mask_state: bool = True, dense_keys: frozenset[str] = frozenset()
+    ) -> None:
+        """Re-zero the weights this optimizer holds, and (``mask_state``) every state tensor shaped like them but
+        those named in ``dense_keys`` (``grown_optimizer_state="dense"``: Adam's moments)."""
         tensors: list[Tensor] = []
         masks: list[Tensor] = []
         for record in self._records_of(optimizer):
@@ -225,7 +250,9 @@ class SparseEngine:
             masks.append(record.mask_as_param)
             if not mask_state:
                 continue
-            for value in state_tensors_like(optimizer, record.param):
+            for key, value in state_items_like(optimizer, record.param):
+                if key in dense_keys:
+                    continue
                 if value.dtype == record.mask_as_param.dtype:
                     tensors.append(value)
                     masks.append(record.mask_as_param)
@@ -234,23 +261,27 @@ class SparseEngine:
         if tensors:
             torch._foreach_mul_(tensors, masks)
 
-    def attach(self, optimizer: torch.optim.Optimizer, mask_state: bool = True) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, mask_state: bool = True, grown_state: str = "zero") -> None:
         """Re-zero after every real step of ``optimizer`` and tell it the masks (``on_mask_update``).
 
         A step post-hook fires once per actual ``optimizer.step()``: after clipping of the dense gradient and the
         update, never for a step that mixed precision skipped, and once per accumulated batch group.
         ``mask_state=False`` leaves the optimizer state dense between updates (momentum growth ranks inactive
         positions by their momentum, which must keep accumulating there); weights are re-zeroed either way.
+        ``grown_state`` is the method's ``grown_optimizer_state`` (:mod:`lightning_selfish.optim_state`).
         """
         self._records.pop(id(optimizer), None)
-        mask_state = mask_state and not getattr(optimizer, "keeps_inactive_state_zero", False)
+        mask_state = mask_state and not keeps_inactive_state_zero(optimizer)
+        dense_keys = dense_state_keys(grown_state)
 
         def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self.enforce_after_step_(opt, mask_state)
+            self.enforce_after_step_(opt, mask_state, dense_keys)
 
         self._handles.append(optimizer.register_step_post_hook(after_step))
         for record in self._records_of(optimizer):
-            reset_optimizer_state([optimizer], record.param, MaskUpdate(None, record.mask.clone(), record.mask))
+            reset_optimizer_state(
+                [optimizer], record.param, MaskUpdate(None, record.mask.clone(), record.mask), grown_state
+            )
 
     def detach(self) -> None:
         """Remove every hook installed by :meth:`attach`."""
@@ -268,172 +299,136 @@ class SparseEngine:
         return records
 
     # ----------------------------------------------------------------------------------------------------------
-    # topology update (once per epoch)
+    # topology update (at every update the schedule asks for: an epoch boundary or a step on the cadence)
     # ----------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update(
-        self,
-        prune_rate: float,
-        generator: torch.Generator,
-        removal: str = "magnitude",
-        growth: str = "random",
-        optimizers: Iterable[torch.optim.Optimizer] = (),
-        synchronize: Callable[[Tensor], None] | None = None,
-        gradients: Mapping[str, Tensor] | None = None,
-        *,
-        redistribution: str = "none",
-        target_density: float | None = None,
-        removed_and_regrown: str = "restart",
-        threshold: float | None = None,
-        threshold_tolerance: float = 0.02,
-    ) -> UpdateStats:
+    def update(self, amount: UpdateAmount, method: MethodConfig, context: UpdateContext) -> UpdateStats:
         """One topology update: removal, then growth of exactly as many weights as were removed.
 
-        1. Removal, per block (the whole tensor, or each gate unless gates are ranked jointly): the
-           ``ceil(prune_rate * active)`` weights named by ``topology.REMOVAL_STRATEGIES[removal]``; with
-           ``target_density`` (dense-to-sparse, GMP) the weights above ``round(target_density * numel)``; with
-           ``removal="threshold"`` (DSR) every active weight below ``threshold``, one threshold for all tensors.
-        2. Regrowth per tensor: as many as it removed (``redistribution="none"``), or the total removed shared out
-           by ``redistribution.LAYER_SCORES[redistribution]`` (exact, capped by each tensor's free room); nothing
-           with ``target_density`` or ``growth="none"``.
-        3. Inside a tensor, the regrowth goes to its blocks: one block; each gate its own removals
-           (``gate_redistribution="none"``); or shared by ``redistribution.GATE_SCORES`` (Table 6 variants).
-        4. Growth per block by ``topology.GROWTH_STRATEGIES[growth]``.
+        1. :meth:`_remove`, per block (the whole tensor, or each gate unless gates are ranked jointly): the
+           ``ceil(prune_rate * active)`` (or ``floor``: ``method.removal_rounding``) weights named by
+           ``method.removal``; with ``amount.target_density`` (dense-to-sparse, GMP) the weights above
+           ``round(target_density * numel)``; with a threshold removal (DSR) every active weight below
+           ``context.threshold``, one threshold for all tensors.
+        2. :meth:`_tensor_budgets`: as many as each tensor removed, or the total shared out by
+           ``method.redistribution`` (exact, capped by each tensor's free room); nothing when pruning to a target
+           or without growth.
+        3. :meth:`_grow`: inside a tensor, the regrowth goes to its blocks (one block; each gate its own removals;
+           or shared by the gate score of Table 6), then ``method.growth`` picks the positions per block.
+        4. :meth:`_apply`: rank 0's outcome on every rank (DDP), the new masks, the weights and optimizer states.
 
         Grown weights start at zero, also one removed and regrown in the same update, unless
-        ``removed_and_regrown="keep"`` (the authors' code: such a weight keeps its value and its optimizer state,
-        e.g. its SNT-ASGD averaging window). ``synchronize`` (DDP) gets each tensor's outcome encoded as
-        ``kept + 2 * new`` in a uint8 tensor and must overwrite it in place with rank 0's, and then the generator
-        state likewise, so every rank ends with identical masks and an identical generator whatever its
-        floating-point history. ``gradients`` (from :meth:`dense_gradients`) replace the parameters' ``.grad``.
-        The returned stats carry DSR's next threshold (``stats.threshold``).
+        ``method.removed_and_regrown == "keep"`` (the authors' code, RigL: such a weight keeps its value and its
+        optimizer state, e.g. its SNT-ASGD averaging window). The returned stats carry DSR's next threshold.
         """
-        optimizers = list(optimizers)
-        threshold_removal = topology.THRESHOLD_REMOVALS.get(removal)
-        if removal != "none" and threshold_removal is None and removal not in topology.REMOVAL_STRATEGIES:
-            raise ValueError(
-                f"removal must be one of {[*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, 'none']}, "
-                f"got {removal!r}"
-            )
-        if growth != "none" and growth not in topology.GROWTH_STRATEGIES:
-            raise ValueError(f"growth must be one of {[*topology.GROWTH_STRATEGIES, 'none']}, got {growth!r}")
-        if threshold_removal is not None and threshold is None:
-            raise ValueError(f"removal={removal!r} needs the current threshold (threshold=...)")
         old = {name: record.mask.clone() for name, record in self.tensors.items()}
-
-        # 1. removal (count-based removal knows its counts; the others read them back, once per block)
-        kept: dict[str, Tensor] = {}
-        block_removed: dict[str, list[int]] = {}
-        expected_removed = 0
+        removal = self._remove(amount, method, context, old)
+        budgets = self._tensor_budgets(amount, method, context, old, removal)
+        counts: dict[str, Tensor] = {}
         for name, record in self.tensors.items():
-            if removal == "none":
-                kept[name], block_removed[name] = record.mask.clone(), [0] * len(record.groups)
-                continue
-            if threshold_removal is None:
-                kept[name], block_removed[name] = self._remove_blocks(record, prune_rate, target_density, removal)
-                continue
-            kept[name] = threshold_removal(record.param, record.mask, threshold)
-            gone = old[name] & ~kept[name]
-            block_removed[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
-            expected_removed += topology.removal_count(record.active, prune_rate)
-        removed = {name: sum(blocks) for name, blocks in block_removed.items()}
+            kept = removal.kept[name]
+            new = self._grow(record, budgets[name], method, context, old[name], kept, removal.per_block[name])
+            counts[name] = self._apply(record, old[name], kept, new, method, context)
+        if context.synchronize is not None and self.tensors:
+            device = next(iter(self.tensors.values())).param.device
+            self._synchronize_generator(context.generator, context.synchronize, device)
+        return self._statistics(amount, method, context, counts, removal.expected)
 
-        # 2. regrowth per tensor
-        if growth == "none" or target_density is not None:
-            budgets = dict.fromkeys(self.tensors, 0)
-        elif redistribution == "none":
-            budgets = removed
-        else:
-            budgets = self._layer_budgets(redistribution, old, kept, removed, optimizers, gradients)
-
-        # 3-4. regrowth per block, growth, synchronisation, application
-        counts: dict[str, Tensor] = {}  # per tensor: removed, grown, newly active, active, removed by the rule
+    def _remove(
+        self, amount: UpdateAmount, method: MethodConfig, context: UpdateContext, old: Mapping[str, Tensor]
+    ) -> _Removed:
+        """Step 1: the mask after removal per tensor, the count removed per block, and (DSR) the count expected."""
+        removed = _Removed({}, {}, 0)
+        part = method.removal
         for name, record in self.tensors.items():
-            param, mask = record.param, record.mask
-            kept_mask = kept[name]
-            new = kept_mask.clone()
-            if budgets[name] > 0:
-                source = self._growth_input(record, growth, generator, optimizers, gradients)
-                blocks = self._block_budgets(
-                    record, budgets[name], block_removed[name], old[name], kept_mask, gradients
-                )
-                for rows, n in zip(record.groups, blocks):
-                    block_source = source if isinstance(source, torch.Generator) else source[rows]
-                    new[rows] = topology.GROWTH_STRATEGIES[growth](kept_mask[rows], n, block_source)
-            if synchronize is not None:
-                code = kept_mask.to(torch.uint8) + 2 * new.to(torch.uint8)
-                synchronize(code)
-                kept_mask, new = (code & 1).bool(), (code >= 2)
-            by_rule = (old[name] & ~kept_mask).count_nonzero()
-            if removed_and_regrown == "keep":
-                kept_mask = kept_mask | (old[name] & new)
-            param.mul_(kept_mask.to(param.dtype))
-            mask.copy_(new)
-            record.mask_as_param.copy_(new)
-            reset_optimizer_state(optimizers, param, MaskUpdate(old[name], kept_mask, mask))
-            counts[name] = torch.stack(
-                [
-                    (old[name] & ~kept_mask).count_nonzero(),
-                    (new & ~kept_mask).count_nonzero(),
-                    (new & ~old[name]).count_nonzero(),
-                    new.count_nonzero(),
-                    by_rule,
-                ]
-            )
-        if synchronize is not None and self.tensors:
-            self._synchronize_generator(generator, synchronize, next(iter(self.tensors.values())).param.device)
-        table = dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
-        stats_removed, grown, newly_active, active, by_rule_removed = (
-            {name: row[k] for name, row in table.items()} for k in range(5)
-        )
-        next_threshold = threshold
-        if threshold_removal is not None:
-            next_threshold = topology.adapt_threshold(
-                threshold, sum(by_rule_removed.values()), expected_removed, threshold_tolerance
-            )
-        return UpdateStats(prune_rate, stats_removed, grown, newly_active, active, next_threshold)
+            if not part.removes:
+                removed.kept[name], removed.per_block[name] = record.mask.clone(), [0] * len(record.groups)
+            elif part.by_threshold:  # (the count-based ones know their counts; these read them back, once per block)
+                if context.threshold is None:
+                    raise ValueError(f"removal={part.name!r} needs the current threshold (UpdateContext.threshold)")
+                removed.kept[name] = part.remove(record.param, record.mask, context.threshold)
+                gone = old[name] & ~removed.kept[name]
+                removed.per_block[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
+                removed.expected += topology.removal_count(record.active, amount.prune_rate, method.removal_rounding)
+            else:
+                removed.kept[name], removed.per_block[name] = self._remove_blocks(record, amount, method)
+        return removed
 
     def _remove_blocks(
-        self, record: SparseTensor, prune_rate: float, target_density: float | None, removal: str
+        self, record: SparseTensor, amount: UpdateAmount, method: MethodConfig
     ) -> tuple[Tensor, list[int]]:
         """Count-based removal per block: ``ceil(prune_rate * active)``, or down to ``target_density``."""
-        remove = topology.REMOVAL_STRATEGIES[removal]
         mask = record.mask
         block_active = [int(mask[rows].count_nonzero()) for rows in record.groups]
-        if target_density is None:
-            counts = [topology.removal_count(n, prune_rate) for n in block_active]
+        if amount.target_density is None:
+            counts = [topology.removal_count(n, amount.prune_rate, method.removal_rounding) for n in block_active]
         else:
-            excess = max(0, sum(block_active) - topology.uniform_count(mask.numel(), target_density))
+            excess = max(0, sum(block_active) - topology.uniform_count(mask.numel(), amount.target_density))
             counts = allocate_counts(excess, block_active, block_active)
         kept = mask.clone()
         for rows, n in zip(record.groups, counts):
-            kept[rows] = remove(record.param[rows], mask[rows], n)
+            kept[rows] = method.removal.remove(record.param[rows], mask[rows], n)
         return kept, counts
 
-    def _layer_budgets(
+    def _tensor_budgets(
         self,
-        redistribution: str,
+        amount: UpdateAmount,
+        method: MethodConfig,
+        context: UpdateContext,
         old: Mapping[str, Tensor],
-        kept: Mapping[str, Tensor],
-        removed: Mapping[str, int],
-        optimizers: list[torch.optim.Optimizer],
-        gradients: Mapping[str, Tensor] | None,
+        removed: _Removed,
     ) -> dict[str, int]:
-        """The total removed, shared over tensors by an across-layer score, none above its free room."""
-        if redistribution not in LAYER_SCORES:
-            raise ValueError(f"redistribution must be one of {['none', *LAYER_SCORES]}, got {redistribution!r}")
+        """Step 2: how many each tensor regrows: its own removals, or the total shared by an across-layer score
+        (none above its free room)."""
+        totals = {name: sum(blocks) for name, blocks in removed.per_block.items()}
+        if not method.growth.grows or amount.target_density is not None:
+            return dict.fromkeys(self.tensors, 0)
+        part = method.redistribution
+        if part.score is None:
+            return totals
         names = list(self.tensors)
         scores = []
         for name in names:
             record = self.tensors[name]
             signal = None
-            if LAYER_SIGNALS[redistribution] == "momentum":
-                gradient = self._gradient_of(record, gradients, None)
-                signal = momentum_of(optimizers, record.param, gradient, name, "redistribution='momentum'")
-            scores.append(LAYER_SCORES[redistribution](old[name], kept[name], signal))
-        caps = [kept[name].numel() - int(kept[name].count_nonzero()) for name in names]
-        return dict(zip(names, allocate_counts(sum(removed.values()), scores, caps)))
+            if part.reads == "momentum":
+                gradient = self._gradient_of(record, context.gradients, None)
+                signal = momentum_of(context.optimizers, record.param, gradient, name, f"redistribution={part.name!r}")
+            scores.append(part.score(old[name], removed.kept[name], signal))
+        candidates = {name: self._candidates(method, old[name], removed.kept[name]) for name in names}
+        caps = [int(candidates[name].count_nonzero()) for name in names]
+        return dict(zip(names, allocate_counts(sum(totals.values()), scores, caps)))
+
+    @staticmethod
+    def _candidates(method: MethodConfig, old: Tensor, kept: Tensor) -> Tensor:
+        """Where growth may go: every position inactive after removal, or (``grow_into_removed=False``, DSR) only
+        those inactive before the update."""
+        return ~kept if method.grow_into_removed else ~old
+
+    def _grow(
+        self,
+        record: SparseTensor,
+        budget: int,
+        method: MethodConfig,
+        context: UpdateContext,
+        old: Tensor,
+        kept: Tensor,
+        removed_per_block: list[int],
+    ) -> Tensor:
+        """Step 3: the mask after growth: the tensor's regrowth split over its blocks, then grown per block."""
+        if budget <= 0:
+            return kept.clone()
+        part = method.growth
+        # Growth functions grow into the inactive positions of the mask they are handed: hand them the mask with
+        # the just-removed positions still set where those may not be regrown (DSR), and take those out after.
+        base = kept if method.grow_into_removed else old
+        source = self._growth_input(record, part, context)
+        new = base.clone()
+        for rows, n in zip(record.groups, self._block_budgets(record, budget, removed_per_block, old, base, context)):
+            block_source = source if isinstance(source, torch.Generator) else source[rows]
+            new[rows] = part.grow(base[rows], n, block_source)
+        return new if method.grow_into_removed else new & ~(old & ~kept)
 
     def _block_budgets(
         self,
@@ -441,24 +436,83 @@ class SparseEngine:
         budget: int,
         removed: list[int],
         old: Tensor,
-        kept: Tensor,
-        gradients: Mapping[str, Tensor] | None,
+        base: Tensor,
+        context: UpdateContext,
     ) -> list[int]:
         """A tensor's regrowth split over its blocks (one block when gates are ranked jointly)."""
         if len(record.groups) == 1:
             return [budget]
-        mode = self.gate_redistribution
-        caps = [kept[rows].numel() - int(kept[rows].count_nonzero()) for rows in record.groups]
-        if mode == "none":  # shared as the removals: each gate regrows its own count unless the tensor's changed
+        part = self.gate_redistribution
+        caps = [base[rows].numel() - int(base[rows].count_nonzero()) for rows in record.groups]
+        if part.score is None:  # each gate regrows its own count unless the tensor's changed (shared as removals)
             return allocate_counts(budget, removed, caps)
         signal = None
-        if GATE_SIGNALS[mode] == "gradient":
-            signal = self._gradient_of(record, gradients, "gate_redistribution='gradient'")
+        if part.reads == "gradient":
+            signal = self._gradient_of(record, context.gradients, f"gate_redistribution={part.name!r}")
         scores = [
-            GATE_SCORES[mode](record.param[rows], old[rows], None if signal is None else signal[rows])
+            part.score(record.param[rows], old[rows], None if signal is None else signal[rows])
             for rows in record.groups
         ]
         return allocate_counts(budget, scores, caps)
+
+    def _apply(
+        self,
+        record: SparseTensor,
+        old: Tensor,
+        kept: Tensor,
+        new: Tensor,
+        method: MethodConfig,
+        context: UpdateContext,
+    ) -> Tensor:
+        """Step 4: take rank 0's outcome, set the mask, zero what restarts, reset the optimizer state; returns the
+        tensor's counts (removed, grown, newly active, active, removed by the rule) as one device tensor."""
+        if context.synchronize is not None:
+            code = kept.to(torch.uint8) + 2 * new.to(torch.uint8)
+            context.synchronize(code)
+            kept, new = (code & 1).bool(), (code >= 2)
+        by_rule = (old & ~kept).count_nonzero()
+        if method.removed_and_regrown == "keep":
+            kept = kept | (old & new)
+        param, mask = record.param, record.mask
+        param.mul_(kept.to(param.dtype))
+        mask.copy_(new)
+        record.mask_as_param.copy_(new)
+        reset_optimizer_state(
+            context.optimizers,
+            param,
+            MaskUpdate(old, kept, mask),
+            grown_state=method.grown_optimizer_state,
+            keep_dense=method.reads_momentum,
+        )
+        return torch.stack(
+            [
+                (old & ~kept).count_nonzero(),
+                (new & ~kept).count_nonzero(),
+                (new & ~old).count_nonzero(),
+                new.count_nonzero(),
+                by_rule,
+            ]
+        )
+
+    @staticmethod
+    def _statistics(
+        amount: UpdateAmount,
+        method: MethodConfig,
+        context: UpdateContext,
+        counts: Mapping[str, Tensor],
+        expected_removed: int,
+    ) -> UpdateStats:
+        """The update's counts read back in one host transfer, and DSR's next threshold."""
+        table = dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
+        removed, grown, newly_active, active, by_rule = (
+            {name: row[k] for name, row in table.items()} for k in range(5)
+        )
+        threshold = context.threshold
+        if method.removal.by_threshold and threshold is not None:
+            threshold = topology.adapt_threshold(
+                threshold, sum(by_rule.values()), expected_removed, method.threshold_tolerance
+            )
+        return UpdateStats(amount.prune_rate, removed, grown, newly_active, active, threshold)
 
     @staticmethod
     def _synchronize_generator(
@@ -484,20 +538,13 @@ class SparseEngine:
             "gradient freed by zero_grad(set_to_none=True)?)"
         )
 
-    def _growth_input(
-        self,
-        record: SparseTensor,
-        growth: str,
-        generator: torch.Generator,
-        optimizers: list[torch.optim.Optimizer],
-        gradients: Mapping[str, Tensor] | None,
-    ) -> Tensor | torch.Generator:
-        source = topology.GROWTH_SOURCES[growth]
-        if source == "generator":
-            return generator
-        if source == "gradient":
-            return self._gradient_of(record, gradients, f"growth={growth!r}")
-        return momentum_of(optimizers, record.param, self._gradient_of(record, gradients, None), record.name)
+    def _growth_input(self, record: SparseTensor, part: Growth, context: UpdateContext) -> Tensor | torch.Generator:
+        if part.reads == "generator":
+            return context.generator
+        if part.reads == "gradient":
+            return self._gradient_of(record, context.gradients, f"growth={part.name!r}")
+        gradient = self._gradient_of(record, context.gradients, None)
+        return momentum_of(context.optimizers, record.param, gradient, record.name, f"growth={part.name!r}")
 
     # ----------------------------------------------------------------------------------------------------------
     # monitoring

@@ -175,16 +175,8 @@ def _find_sparsity_callback(trainer: pl.Trainer) -> Any:
 
 def _dense_gradient_every(sparsity: Any) -> int | str | None:
     """1: a dense weight gradient every step (SNFS); a cadence: on update steps (RigL); None: never."""
-    if sparsity is None:
-        return None
-    if hasattr(sparsity, "dense_gradient_every"):
-        return sparsity.dense_gradient_every
-    growth = getattr(sparsity, "growth", None)  # a callback without method presets
-    return 1 if growth == "momentum" else (sparsity.update_every if growth == "gradient" else None)
+    return None if sparsity is None else sparsity.dense_gradient_every
 
 
 def _update_count(sparsity: Any) -> int:
-    count = getattr(sparsity, "num_updates", None)
-    if count is None:
-        count = sparsity._num_updates
-    return int(count)
+    return int(sparsity.num_updates)

@@ -1,55 +1,122 @@
-"""Sparse training methods as named presets: a method is a composition of registered parts, not a code path.
+"""Sparse training methods as named presets of part objects, and the registries of the built-in parts.
 
-Each part is a name looked up in a small registry:
+A method is one part of each kind (:mod:`lightning_selfish.parts`) plus a few numbers. The parts are registered
+here by name, which is what presets, YAML configs and the CLI use:
 
-==================== ===================================================================================
-part                 registry (module)
-==================== ===================================================================================
-``init``             ``topology.INIT_BUDGETS``: uniform, er, erk, dense
-``removal``          ``topology.REMOVAL_STRATEGIES`` (magnitude, set), ``topology.THRESHOLD_REMOVALS``
-                     (threshold: DSR), or ``"none"``
-``growth``           ``topology.GROWTH_STRATEGIES`` (random, gradient, momentum) or ``"none"``
-``redistribution``   ``"none"`` or ``redistribution.LAYER_SCORES`` (nonzeros: DSR, momentum: SNFS)
-``gate_redistribution`` ``"joint"`` (Selfish-RNN), ``"none"`` (per-gate counts), or
-                     ``redistribution.GATE_SCORES`` (magnitude, gradient: Table 6)
-``schedule``         ``schedules.SCHEDULES``: cosine, gmp, never
-==================== ===================================================================================
+======================== ========================= ===========================================================
+part                     registry                  built-in names
+======================== ========================= ===========================================================
+``init``                 :data:`INITS`             uniform, er, erk, dense
+``removal``              :data:`REMOVALS`          magnitude, set, negativity, threshold, none
+``growth``               :data:`GROWTHS`           random, gradient, momentum, none
+``redistribution``       :data:`REDISTRIBUTIONS`   none, nonzeros (DSR), momentum (SNFS)
+``gate_redistribution``  :data:`GATE_REDISTRIBUTIONS` joint (Selfish-RNN), none (per gate), magnitude, gradient
+``schedule``             :data:`SCHEDULES`         cosine, gmp, never
+======================== ========================= ===========================================================
 
 ``SelfishSparsityCallback(method=NAME, ...)`` starts from ``METHODS[NAME]``; every callback argument left at
-``None`` takes the preset's value, every argument given explicitly replaces it (:func:`resolve`). The table of
-presets, and where each follows its own paper or the Selfish-RNN authors' code, is in ``docs/methods.md``.
+``None`` takes the preset's value, every argument given explicitly replaces it (:func:`resolve`). A part argument
+is a registered name or a part object (a user's own part). The table of presets, and where each follows its own
+paper or the Selfish-RNN authors' code, is in ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_selfish import topology
-from lightning_selfish.redistribution import GATE_SCORES, LAYER_SCORES
-from lightning_selfish.schedules import SCHEDULES, scheduled_sparsity
+from lightning_selfish import redistribution, topology
+from lightning_selfish.optim_state import GROWN_OPTIMIZER_STATES
+from lightning_selfish.parts import (
+    GateRedistribution,
+    Growth,
+    Init,
+    LayerRedistribution,
+    MethodConfig,
+    Removal,
+    Schedule,
+)
+from lightning_selfish.schedules import COSINE, GMP, NEVER, scheduled_sparsity
 
 __all__ = [
-    "GATE_MODES",
+    "GATE_REDISTRIBUTIONS",
+    "GROWTHS",
+    "INITS",
     "METHODS",
+    "REDISTRIBUTIONS",
+    "REMOVALS",
+    "SCHEDULES",
+    "GROWN_OPTIMIZER_STATES",
     "MethodConfig",
     "MethodPreset",
-    "dense_gradient_every",
-    "needs_gradient",
     "resolve",
     "scheduled_sparsity",
 ]
 
-#: Gate handling inside a stacked recurrent tensor: one ranking over all gates, each gate its own count, or the
-#: tensor's regrowth shared over its gates by a Table 6 score.
-GATE_MODES: tuple[str, ...] = ("joint", "none", *GATE_SCORES)
+# --------------------------------------------------------------------------------------------------------------
+# registries: name -> part object (add an entry to make a name usable in presets, YAML and the CLI)
+# --------------------------------------------------------------------------------------------------------------
+
+INITS: dict[str, Init] = {
+    "uniform": Init("uniform", topology.uniform_counts),
+    # ER and ERK are one formula on matrices (density ∝ sum(shape) / prod(shape)), which all weights of the
+    # recurrent language models are.
+    "er": Init("er", topology.erdos_renyi_counts),
+    "erk": Init("erk", topology.erdos_renyi_counts),
+    "dense": Init("dense", topology.dense_counts),
+}
+
+REMOVALS: dict[str, Removal] = {
+    "magnitude": Removal("magnitude", topology.magnitude_removal),
+    "set": Removal("set", topology.set_removal),
+    "negativity": Removal("negativity", topology.negativity_removal),
+    "threshold": Removal("threshold", topology.threshold_removal, by_threshold=True),
+    "none": Removal("none", None),
+}
+
+GROWTHS: dict[str, Growth] = {
+    "random": Growth("random", topology.random_growth, reads="generator"),
+    "gradient": Growth("gradient", topology.gradient_growth, reads="gradient"),
+    "momentum": Growth("momentum", topology.momentum_growth, reads="momentum"),
+    "none": Growth("none", None),
+}
+
+REDISTRIBUTIONS: dict[str, LayerRedistribution] = {
+    "none": LayerRedistribution("none"),
+    "nonzeros": LayerRedistribution("nonzeros", redistribution.nonzeros_score),
+    "momentum": LayerRedistribution("momentum", redistribution.momentum_score, reads="momentum"),
+}
+
+GATE_REDISTRIBUTIONS: dict[str, GateRedistribution] = {
+    "joint": GateRedistribution("joint", joint=True),
+    "none": GateRedistribution("none"),
+    "magnitude": GateRedistribution("magnitude", score=redistribution.gate_magnitude_score),
+    "gradient": GateRedistribution("gradient", score=redistribution.gate_gradient_score, reads="gradient"),
+}
+
+SCHEDULES: dict[str, Schedule] = {schedule.name: schedule for schedule in (COSINE, GMP, NEVER)}
+
+
+_REGISTRIES: dict[str, tuple[Mapping[str, Any], type]] = {
+    "init": (INITS, Init),
+    "removal": (REMOVALS, Removal),
+    "growth": (GROWTHS, Growth),
+    "redistribution": (REDISTRIBUTIONS, LayerRedistribution),
+    "gate_redistribution": (GATE_REDISTRIBUTIONS, GateRedistribution),
+    "schedule": (SCHEDULES, Schedule),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MethodPreset:
-    """The parts of one sparse training method (see the module docstring for the registries)."""
+    """One sparse training method as registered names and default numbers (see :class:`MethodConfig`)."""
 
     name: str
     init: str
@@ -61,21 +128,18 @@ class MethodPreset:
     prune_rate: float
     min_prune_rate: float = 0.005
     update_every: str | int = "epoch"
-    update_until: float | None = None  # fraction of the run after which no update happens (RigL: 0.75)
-    pruning_start: int | float = 0.0  # GMP: first pruning step (int) or fraction of the run (float)
-    pruning_end: int | float = 0.75  # GMP: last pruning step, where the sparsity reaches the target
-    removed_and_regrown: str = "restart"  # "restart" (paper: starts at 0) or "keep" (the authors' code)
-    threshold: float = 1e-3  # DSR: initial global magnitude threshold
-    threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
+    update_until: float | None = None
+    pruning_start: int | float = 0.0
+    pruning_end: int | float = 0.75
+    removed_and_regrown: str = "restart"
+    threshold: float = 1e-3
+    threshold_tolerance: float = 0.02
+    removal_rounding: str = "ceil"
+    grown_optimizer_state: str = "zero"
+    grow_into_removed: bool = True  # DSR: False, growth only where weights were inactive before the update
+    min_updates: int = 0  # a run the default cadence gives fewer updates scales the cadence (callback docs)
     paper: str = ""
     notes: str = ""
-
-
-@dataclass(frozen=True)
-class MethodConfig(MethodPreset):
-    """A preset with the user's overrides applied and checked, plus the sparsity: what the callback runs."""
-
-    sparsity: float = 0.0
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -96,7 +160,13 @@ METHODS: dict[str, MethodPreset] = {
             notes="SET's own fraction is fixed (zeta = 0.3); the paper's comparison anneals it like Selfish-RNN",
         ),
         MethodPreset(
+            "set_selfish_rnn", "er", "negativity", "random", "none", "joint", "cosine", prune_rate=0.5,
+            paper="SET as the Selfish-RNN authors ran it (their magnitude_and_negativity death)",
+            notes="Table 3's SET row: removes the most negative weights, not each sign's closest to zero",
+        ),
+        MethodPreset(
             "dsr", "uniform", "threshold", "random", "nonzeros", "joint", "cosine", prune_rate=0.5,
+            grow_into_removed=False,
             paper="Mostafa & Wang, ICML 2019",
         ),
         MethodPreset(
@@ -105,27 +175,33 @@ METHODS: dict[str, MethodPreset] = {
         ),
         MethodPreset(
             "rigl", "erk", "magnitude", "gradient", "none", "joint", "cosine", prune_rate=0.3, min_prune_rate=0.0,
-            update_every=100, update_until=0.75,
+            update_every=100, update_until=0.75, removed_and_regrown="keep", removal_rounding="floor",
+            min_updates=10,
             paper="Evci et al., ICML 2020",
             notes="the authors' code updates RigL once per epoch: update_every='epoch', update_until=None",
         ),
         MethodPreset(
             "gmp", "dense", "magnitude", "none", "none", "joint", "gmp", prune_rate=0.0, update_every=100,
+            min_updates=10,
             paper="Zhu & Gupta, 2017",
         ),
     )
 }  # fmt: skip
 
+_DESCRIPTIONS = {"name", "paper", "notes", "min_updates"}  # describe a preset, are not overridable parts
+
 
 def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     """The preset ``METHODS[method]`` with every override that is not ``None`` applied, checked as a whole.
 
-    ``gate_redistribution`` also takes ``True`` (= ``"joint"``) and ``False`` (= ``"none"``).
+    A part override is a registered name or a part object of that kind. ``gate_redistribution`` also takes
+    ``True`` (= ``"joint"``) and ``False`` (= ``"none"``).
     """
     _number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    parts = {f.name for f in dataclasses.fields(MethodPreset)} - {"name", "paper", "notes"}  # (those describe it)
+    preset = METHODS[method]
+    parts = {f.name for f in dataclasses.fields(MethodPreset)} - _DESCRIPTIONS
     unknown = set(overrides) - parts
     if unknown:
         raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(parts)}")
@@ -133,29 +209,26 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     gate = chosen.get("gate_redistribution")
     if isinstance(gate, bool):
         chosen["gate_redistribution"] = "joint" if gate else "none"
-    config = MethodConfig(**{**dataclasses.asdict(METHODS[method]), **chosen, "sparsity": float(sparsity)})
+    values = {**{key: getattr(preset, key) for key in parts}, **chosen}
+    for key, (registry, kind) in _REGISTRIES.items():
+        values[key] = _part(key, values[key], registry, kind)
+    config = MethodConfig(
+        name=method,
+        sparsity=float(sparsity),
+        min_updates=preset.min_updates,
+        update_every_given="update_every" in chosen,
+        **values,
+    )
     _check(config)
     return config
 
 
-def needs_gradient(config: MethodConfig) -> bool:
-    """Whether an update reads the dense gradient of the last step (gradient growth, Table 6's gradient variant)."""
-    return config.growth == "gradient" or config.gate_redistribution == "gradient"
-
-
-def dense_gradient_every(config: MethodConfig) -> int | str | None:
-    """How often the method needs the dense weight gradient (the FLOPs of Appendix L).
-
-    ``1``: every step (SNFS: the momentum accumulates dense gradients); the update cadence (``int`` steps or
-    ``"epoch"``): on update steps only (RigL); ``None``: never (the backward pass may stay sparse).
-    """
-    if config.schedule == "never" or config.growth == "none":
-        return None
-    if config.growth == "momentum" or config.redistribution == "momentum":
-        return 1
-    if needs_gradient(config):
-        return config.update_every
-    return None
+def _part(key: str, value: Any, registry: Mapping[str, Any], kind: type) -> Any:
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str) and value in registry:
+        return registry[value]
+    raise ValueError(f"{key} must be one of {list(registry)} or a {kind.__name__} object, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,13 +237,9 @@ def dense_gradient_every(config: MethodConfig) -> int | str | None:
 
 
 def _check(config: MethodConfig) -> None:
-    _choice("init", config.init, tuple(topology.INIT_BUDGETS))
-    _choice("removal", config.removal, (*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, "none"))
-    _choice("growth", config.growth, (*topology.GROWTH_STRATEGIES, "none"))
-    _choice("redistribution", config.redistribution, ("none", *LAYER_SCORES))
-    _choice("gate_redistribution", config.gate_redistribution, GATE_MODES)  # (resolve turned True/False into modes)
-    _choice("schedule", config.schedule, tuple(SCHEDULES))
     _choice("removed_and_regrown", config.removed_and_regrown, ("restart", "keep"))
+    _choice("removal_rounding", config.removal_rounding, ("ceil", "floor"))
+    _choice("grown_optimizer_state", config.grown_optimizer_state, GROWN_OPTIMIZER_STATES)
     _number("prune_rate", config.prune_rate, 0.0, 1.0, "[0, 1]")
     _number("min_prune_rate", config.min_prune_rate, 0.0, 1.0, "[0, 1]")
     _number("threshold_tolerance", config.threshold_tolerance, 0.0, 1.0, "[0, 1]")
@@ -196,19 +265,20 @@ def _check(config: MethodConfig) -> None:
             raise ValueError(
                 f"{name} must be a step (int >= 0) or a fraction of the run (float in [0, 1]), got {value!r}"
             )
-    if config.schedule == "gmp" and config.growth != "none":
+    schedule, removal, growth = config.schedule, config.removal, config.growth
+    if schedule.prunes_to_target and growth.grows:
         raise ValueError(
-            f"schedule='gmp' prunes without regrowth: growth must be 'none', got {config.growth!r} "
+            f"schedule={schedule.name!r} prunes without regrowth: growth must be 'none', got {growth.name!r} "
             "(a sparse-to-sparse method uses schedule='cosine')"
         )
-    if config.schedule == "gmp" and config.removal not in topology.REMOVAL_STRATEGIES:
+    if schedule.prunes_to_target and (not removal.removes or removal.by_threshold):
+        counted = [name for name, part in REMOVALS.items() if part.removes and not part.by_threshold]
         raise ValueError(
-            f"schedule='gmp' prunes to exact counts: removal must be one of {list(topology.REMOVAL_STRATEGIES)}, "
-            f"got {config.removal!r}"
+            f"schedule={schedule.name!r} prunes to exact counts: removal must be one of {counted}, got {removal.name!r}"
         )
-    if config.schedule == "cosine" and config.growth == "none" and config.removal != "none":
+    if schedule.updates and not schedule.prunes_to_target and not growth.grows and removal.removes:
         raise ValueError(
-            f"growth='none' with removal={config.removal!r} would lose weights at every update: a sparse-to-sparse "
+            f"growth='none' with removal={removal.name!r} would lose weights at every update: a sparse-to-sparse "
             "schedule ('cosine') needs a growth, and pruning without regrowth is schedule='gmp'"
         )
 

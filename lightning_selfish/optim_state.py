@@ -8,20 +8,22 @@ After every topology update (and once when masks are first attached) the sparsit
 2. then, if the optimizer defines ``on_mask_update(param, update)``, calls it with a :class:`MaskUpdate`, so an
    optimizer that needs the topology itself (``SNTASGD`` averages each weight over its own lifetime) can react.
 
-That method is the whole protocol; it is optional and any ``torch.optim.Optimizer`` works without it. An optimizer
-whose own step already leaves its state zero at inactive positions (``SNTASGD``) may also set the class attribute
-``keeps_inactive_state_zero = True``: the engine then skips re-zeroing its state after every step (weights are
-still re-zeroed), which saves two passes over each sparse tensor per step.
+That method is the whole protocol (:class:`~lightning_selfish.protocols.MaskAwareOptimizer`); it is optional and
+any ``torch.optim.Optimizer`` works without it. An optimizer whose own step already leaves its state zero at
+inactive positions (``SNTASGD``) may also set the class attribute ``keeps_inactive_state_zero = True``
+(:class:`~lightning_selfish.protocols.KeepsInactiveStateZero`): the engine then skips re-zeroing its state after
+every step (weights are still re-zeroed), which saves two passes over each sparse tensor per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from lightning_selfish.protocols import MaskAwareOptimizer
 
 
 @dataclass(frozen=True)
@@ -51,26 +53,66 @@ class MaskUpdate:
         return self.old & ~self.kept
 
 
-@runtime_checkable
-class MaskAwareOptimizer(Protocol):
-    """An optimizer that wants to be told about topology changes (see the module docstring)."""
+#: The moments of the Adam family (Adam, AdamW, NAdam, RAdam, Adamax keep these names); ``grown_optimizer_state``
+#: decides what a grown weight's moments are.
+ADAM_MOMENTS: frozenset[str] = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf"})
+#: Second moments: the per-weight scale of Adam's step (``tensor_mean`` starts a grown weight's at its tensor's mean).
+SECOND_MOMENTS: frozenset[str] = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_inf"})
 
-    def on_mask_update(self, param: Tensor, update: MaskUpdate) -> None: ...
+#: ``grown_optimizer_state`` (a method setting; evidence in docs/methods.md, "Adam and grown weights"):
+#:
+#: * ``"zero"``: every state tensor is zero at inactive positions (re-zeroed after every step) and a grown weight
+#:   starts with zero state (RigL's code; with Adam its first steps are ~1/sqrt(1 - beta2^t) times larger).
+#: * ``"dense"``: Adam's moments are never masked: they keep accumulating the dense gradient at inactive positions,
+#:   and a grown weight starts with them (the Selfish-RNN authors' code, which masks only SGD's momentum).
+#: * ``"tensor_mean"``: as ``"zero"``, but a grown weight's second moment starts at the mean second moment of its
+#:   tensor's surviving weights, so its first steps are as large as theirs.
+GROWN_OPTIMIZER_STATES: tuple[str, ...] = ("zero", "dense", "tensor_mean")
+
+
+def state_items_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[tuple[str, Tensor]]:
+    """Every ``(key, tensor)`` in ``optimizer.state[param]`` whose tensor has the parameter's shape."""
+    for key, value in optimizer.state.get(param, {}).items():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            yield key, value
 
 
 def state_tensors_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
     """Every tensor in ``optimizer.state[param]`` that has the parameter's shape (momentum, moments, averages)."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            yield value
+    for _, value in state_items_like(optimizer, param):
+        yield value
 
 
-def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: Tensor, update: MaskUpdate) -> None:
-    """Zero state at removed and grown positions, then notify mask-aware optimizers that hold ``param``."""
+def dense_state_keys(grown_optimizer_state: str) -> frozenset[str]:
+    """The state entries that are never masked under ``grown_optimizer_state``."""
+    return ADAM_MOMENTS if grown_optimizer_state == "dense" else frozenset()
+
+
+def reset_optimizer_state(
+    optimizers: Iterable[torch.optim.Optimizer],
+    param: Tensor,
+    update: MaskUpdate,
+    grown_state: str = "zero",
+    keep_dense: bool = False,
+) -> None:
+    """Zero state at removed and grown positions (as ``grown_state`` says), then notify mask-aware optimizers.
+
+    ``keep_dense`` (SNFS: growth reads the momentum, which must keep accumulating where weights are inactive)
+    leaves the state untouched; mask-aware optimizers are told either way.
+    """
+    dense_keys = dense_state_keys(grown_state)
     for optimizer in optimizers:
         if not any(p is param for group in optimizer.param_groups for p in group["params"]):
             continue
-        for state in state_tensors_like(optimizer, param):
-            state.mul_(update.kept)
+        if not keep_dense:
+            for key, state in state_items_like(optimizer, param):
+                if key in dense_keys:
+                    continue
+                if grown_state == "tensor_mean" and key in SECOND_MOMENTS and update.old is not None:
+                    kept = update.kept.to(state.dtype)
+                    mean = (state * kept).sum() / kept.sum().clamp(min=1.0)  # (on the device: no host sync)
+                    state.mul_(kept).add_(update.grown.to(state.dtype) * mean)
+                    continue
+                state.mul_(update.kept)
         if isinstance(optimizer, MaskAwareOptimizer):
             optimizer.on_mask_update(param, update)

@@ -16,18 +16,22 @@ total)`` with a 0.99 cap and an exponentially smoothed residual, which only meet
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 
 import torch
 from torch import Tensor
 
+from lightning_selfish.protocols import momentum_is_gradient
+
 __all__ = [
-    "GATE_SCORES",
-    "LAYER_SCORES",
     "allocate_counts",
+    "gate_gradient_score",
+    "gate_magnitude_score",
     "mean_active_magnitude",
     "momentum_of",
+    "momentum_score",
+    "nonzeros_score",
 ]
 
 
@@ -85,10 +89,9 @@ def momentum_of(
     what: str = "growth='momentum'",
 ) -> Tensor:
     """The "momentum" of SNFS for ``param``: SGD's momentum buffer, Adam's ``exp_avg / (sqrt(exp_avg_sq) + 1e-8)``
-    (the authors' and sparselearning's choice), or, under SNT-ASGD (no momentum exists), the dense gradient
-    ``gradient``, as the paper does for SNFS (SNT-ASGD)."""
-    from lightning_selfish.sntasgd import SNTASGD
-
+    (the authors' and sparselearning's choice), or, under an optimizer that has none and says so
+    (:class:`~lightning_selfish.optim_state.GradientAsMomentum`: SNT-ASGD), the dense gradient ``gradient``, as the
+    paper does for SNFS (SNT-ASGD)."""
     for optimizer in optimizers:
         state = optimizer.state.get(param, {})
         if isinstance(state.get("exp_avg"), Tensor) and isinstance(state.get("exp_avg_sq"), Tensor):
@@ -96,7 +99,7 @@ def momentum_of(
         if isinstance(state.get("momentum_buffer"), Tensor):
             return state["momentum_buffer"]
     holds = [opt for opt in optimizers if any(p is param for g in opt.param_groups for p in g["params"])]
-    if any(isinstance(opt, SNTASGD) for opt in holds):
+    if any(momentum_is_gradient(opt) for opt in holds):
         if gradient is None:
             raise ValueError(
                 f"{what} under SNT-ASGD uses the dense gradient, but {name!r} has none at the topology update"
@@ -117,20 +120,27 @@ def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Scores
+# Scores (the parts that use them are registered in lightning_selfish.methods)
 # --------------------------------------------------------------------------------------------------------------
 
-#: Across-layer scores by name: ``fn(old_mask, kept_mask, signal) -> float`` with ``signal`` the tensor's momentum
-#: (``"momentum"``) or ``None``. ``LAYER_SIGNALS`` says which signal each needs.
-LAYER_SCORES: dict[str, Callable[[Tensor, Tensor, Tensor | None], float]] = {
-    "nonzeros": lambda old, kept, signal: float(int(kept.sum())),
-    "momentum": lambda old, kept, signal: mean_active_magnitude(signal, old),
-}
-LAYER_SIGNALS: Mapping[str, str | None] = {"nonzeros": None, "momentum": "momentum"}
 
-#: Across-gate scores by name (Table 6): ``fn(weight_block, old_block, gradient_block) -> float``.
-GATE_SCORES: dict[str, Callable[[Tensor, Tensor, Tensor | None], float]] = {
-    "magnitude": lambda weight, old, grad: mean_active_magnitude(weight, old),
-    "gradient": lambda weight, old, grad: mean_active_magnitude(grad, old),
-}
-GATE_SIGNALS: Mapping[str, str | None] = {"magnitude": None, "gradient": "gradient"}
+def nonzeros_score(old: Tensor, kept: Tensor, signal: Tensor | None) -> float:
+    """DSR across layers: a tensor's surviving weights after removal."""
+    return float(int(kept.sum()))
+
+
+def momentum_score(old: Tensor, kept: Tensor, signal: Tensor | None) -> float:
+    """SNFS across layers: the mean momentum magnitude of a tensor's active weights (before removal)."""
+    assert signal is not None  # (the part reads "momentum": the engine hands it in)
+    return mean_active_magnitude(signal, old)
+
+
+def gate_magnitude_score(weight: Tensor, old: Tensor, gradient: Tensor | None) -> float:
+    """Table 6 across gates: the mean |w| of a gate's active weights."""
+    return mean_active_magnitude(weight, old)
+
+
+def gate_gradient_score(weight: Tensor, old: Tensor, gradient: Tensor | None) -> float:
+    """Table 6 across gates: the mean |dense gradient| of a gate's active weights."""
+    assert gradient is not None  # (the part reads "gradient": the engine hands it in)
+    return mean_active_magnitude(gradient, old)

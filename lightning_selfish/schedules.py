@@ -1,8 +1,9 @@
 """When topology updates happen and how much each one changes: pure functions of the optimizer step.
 
-A schedule is ``fn(step, total_steps, config) -> UpdateAmount | None``, asked after optimizer step ``step`` at every
-candidate point of the update cadence (``config.update_every``: every epoch boundary, or every step when it is a
-number of steps); ``None`` means no update there. ``config`` is a :class:`lightning_selfish.methods.MethodConfig`.
+A schedule is a :class:`lightning_selfish.parts.Schedule`: ``amount(step, total_steps, config) -> UpdateAmount |
+None``, asked after optimizer step ``step`` at every candidate point of the update cadence (``config.update_every``:
+every epoch boundary, or every step when it is a number of steps; ``None`` means no update there), with the prune
+rate it uses, the sparsity it has in force and its check of the run's length beside it.
 
 * ``"cosine"`` (Selfish-RNN, SET, DSR, SNFS, RigL): every ``update_every`` steps or epochs, replace the fraction
   ``p`` of active weights, ``p`` cosine-annealed from ``prune_rate`` to ``min_prune_rate`` over the run, or, with
@@ -16,18 +17,17 @@ number of steps); ``None`` means no update there. ``config`` is a :class:`lightn
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
 
-from lightning_selfish.topology import cosine_prune_rate
-
-if TYPE_CHECKING:
-    from lightning_selfish.methods import MethodConfig
+from lightning_selfish.parts import MethodConfig, Schedule, UpdateAmount
 
 __all__ = [
-    "SCHEDULES",
+    "COSINE",
+    "GMP",
+    "NEVER",
     "UpdateAmount",
+    "check_run",
+    "cosine_prune_rate",
     "cosine_schedule",
     "gmp_schedule",
     "gmp_sparsity",
@@ -37,12 +37,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class UpdateAmount:
-    """What one update does: replace a fraction of the active weights, or prune each tensor down to a density."""
+def cosine_prune_rate(step: int, total_steps: int | float, initial: float, final: float = 0.005) -> float:
+    """Cosine annealing of the prune rate from ``initial`` at step 0 to ``final`` at ``total_steps``.
 
-    prune_rate: float = 0.0  # sparse-to-sparse: fraction of each block's active weights removed and regrown
-    target_density: float | None = None  # dense-to-sparse: each tensor is pruned to round(density * numel), no growth
+    This is ``CosineAnnealingLR(eta_min=0.005)`` stepped once per optimizer step, as in the authors' code. Past
+    ``total_steps`` the rate stays at ``final`` (the authors' schedule would start rising again: docs/methods.md,
+    "Where each preset follows its own paper"). A ``final`` above ``initial`` is clamped to ``initial`` so that
+    ``prune_rate=0`` means a static mask.
+    """
+    final = min(final, initial)
+    if total_steps <= 0:
+        return initial
+    progress = min(max(step, 0), total_steps) / total_steps
+    return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
 def step_of(position: int | float, total_steps: int) -> int:
@@ -56,15 +63,23 @@ def _on_cadence(step: int, every: str | int) -> bool:
     return every == "epoch" or step % every == 0
 
 
+def cosine_rate(step: int, total_steps: int, config: MethodConfig) -> float:
+    """The prune rate of an update at ``step``: the cosine over the run, or over its first ``update_until`` (RigL's
+    ``T_end``) and 0 after it."""
+    if config.update_until is None:
+        return cosine_prune_rate(step, total_steps, config.prune_rate, config.min_prune_rate)
+    horizon = config.update_until * total_steps
+    if step >= horizon:
+        return 0.0
+    return cosine_prune_rate(step, horizon, config.prune_rate, config.min_prune_rate)
+
+
 def cosine_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
     if not _on_cadence(step, config.update_every):
         return None
-    if config.update_until is None:
-        return UpdateAmount(cosine_prune_rate(step, total_steps, config.prune_rate, config.min_prune_rate))
-    horizon = config.update_until * total_steps
-    if step >= horizon:
+    if config.update_until is not None and step >= config.update_until * total_steps:
         return None
-    return UpdateAmount(cosine_prune_rate(step, horizon, config.prune_rate, config.min_prune_rate))
+    return UpdateAmount(cosine_rate(step, total_steps, config))
 
 
 def gmp_sparsity(step: int, total_steps: int, config: MethodConfig) -> float:
@@ -91,19 +106,9 @@ def gmp_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmo
     return UpdateAmount(target_density=1.0 - sparsity)
 
 
-def never(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
-    return None
-
-
-#: Schedules by name: ``fn(step, total_steps, config) -> UpdateAmount | None``.
-SCHEDULES: dict[str, Callable[[int, int, MethodConfig], UpdateAmount | None]] = {
-    "cosine": cosine_schedule,
-    "gmp": gmp_schedule,
-    "never": never,
-}
-
-
-def _gmp_sparsity_in_force(step: int, total_steps: int, config: MethodConfig) -> float:
+def gmp_sparsity_in_force(step: int, total_steps: int, config: MethodConfig) -> float:
+    """The sparsity of the last pruning step at or before ``step`` (exact with a step cadence; with epoch updates the
+    cubic's value at ``step``)."""
     if config.update_every == "epoch":
         return gmp_sparsity(step, total_steps, config)
     start = step_of(config.pruning_start, total_steps)
@@ -114,7 +119,15 @@ def _gmp_sparsity_in_force(step: int, total_steps: int, config: MethodConfig) ->
     return gmp_sparsity(last, total_steps, config)
 
 
-def _check_gmp_window(total_steps: int, config: MethodConfig) -> None:
+def gmp_prune_rate(step: int, total_steps: int, config: MethodConfig) -> float:
+    """The fraction of the active weights a pruning at ``step`` removes: from the sparsity in force before it to the
+    cubic's value at ``step``."""
+    before = gmp_sparsity_in_force(step - 1, total_steps, config) if step > 0 else 0.0
+    after = gmp_sparsity(step, total_steps, config)
+    return max(0.0, (after - before) / (1.0 - before)) if before < 1.0 else 0.0
+
+
+def check_gmp_window(total_steps: int, config: MethodConfig) -> None:
     start = step_of(config.pruning_start, total_steps)
     end = step_of(config.pruning_end, total_steps)
     if not 0 <= start <= end <= total_steps:
@@ -125,11 +138,24 @@ def _check_gmp_window(total_steps: int, config: MethodConfig) -> None:
         )
 
 
-#: Schedules whose sparsity changes over the run: ``fn(step, total_steps, config) -> sparsity in force``.
-SPARSITY_IN_FORCE: dict[str, Callable[[int, int, MethodConfig], float]] = {"gmp": _gmp_sparsity_in_force}
+def never(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
+    return None
 
-#: Checks of a schedule against the run's length, at fit start: ``fn(total_steps, config)`` raises if it cannot run.
-RUN_CHECKS: dict[str, Callable[[int, MethodConfig], None]] = {"gmp": _check_gmp_window}
+
+def _no_rate(step: int, total_steps: int, config: MethodConfig) -> float:
+    return 0.0
+
+
+#: Sparse-to-sparse: the cosine-annealed fraction of active weights, replaced on the cadence (Selfish-RNN, SET,
+#: DSR, SNFS; RigL with ``update_until``).
+COSINE = Schedule("cosine", cosine_schedule, cosine_rate)
+#: Dense-to-sparse: Zhu & Gupta's cubic, pruning only.
+GMP = Schedule(
+    "gmp", gmp_schedule, gmp_prune_rate, sparsity_in_force=gmp_sparsity_in_force, check_run=check_gmp_window,
+    prunes_to_target=True,
+)  # fmt: skip
+#: Static sparse training: the masks never change.
+NEVER = Schedule("never", never, _no_rate, updates=False)
 
 
 def scheduled_sparsity(step: int, total_steps: int, config: MethodConfig) -> float:
@@ -138,12 +164,11 @@ def scheduled_sparsity(step: int, total_steps: int, config: MethodConfig) -> flo
     GMP: the sparsity of the last pruning step at or before ``step`` (exact with a step cadence; with epoch updates
     the cubic's value at ``step``). Every other method: ``config.sparsity`` throughout.
     """
-    in_force = SPARSITY_IN_FORCE.get(config.schedule)
+    in_force = config.schedule.sparsity_in_force
     return config.sparsity if in_force is None else in_force(step, total_steps, config)
 
 
 def check_run(total_steps: int, config: MethodConfig) -> None:
     """Refuse, before any step, a schedule that cannot run in ``total_steps`` steps (e.g. a GMP window past the end)."""
-    check = RUN_CHECKS.get(config.schedule)
-    if check is not None:
-        check(total_steps, config)
+    if config.schedule.check_run is not None:
+        config.schedule.check_run(total_steps, config)

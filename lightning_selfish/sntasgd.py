@@ -71,7 +71,8 @@ class SNTASGD(Optimizer):
 
     #: ``step()`` never changes ``ax`` where an element does not exist and ``age`` is 0 there, so the sparsity
     #: engine need not re-zero this state after every step (see :mod:`lightning_selfish.optim_state`).
-    keeps_inactive_state_zero = True
+    keeps_inactive_state_zero = True  # (protocols.KeepsInactiveStateZero)
+    momentum_is_gradient = True  # no momentum: SNFS reads the dense gradient (protocols.GradientAsMomentum)
 
     def __init__(
         self,
@@ -307,7 +308,7 @@ class SNTASGD(Optimizer):
                     state["ax"].copy_(raw)
         self._swapped = not self._swapped
 
-    def _averaged_and_raw(self, param: Tensor) -> tuple[Tensor, Tensor] | None:
+    def averaged_and_raw(self, param: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(average, raw weights)`` of a parameter that has an average, whether swapped or not."""
         state = self.state.get(param, {})
         if "ax" not in state:

@@ -20,26 +20,20 @@ differ.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "GROWTH_SOURCES",
-    "GROWTH_STRATEGIES",
-    "INIT_BUDGETS",
-    "REMOVAL_STRATEGIES",
-    "THRESHOLD_REMOVALS",
     "adapt_threshold",
     "dense_counts",
-    "cosine_prune_rate",
     "erdos_renyi_counts",
     "gradient_growth",
     "lowest_positions",
     "magnitude_removal",
     "momentum_growth",
+    "negativity_removal",
     "random_growth",
     "random_mask",
     "removal_count",
@@ -129,8 +123,12 @@ def split_count(count: int, sizes: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def removal_count(active: int, prune_rate: float) -> int:
-    """Weights to remove: ``ceil(prune_rate * active)``, as the authors' code does (MODELS.md 8.4)."""
+def removal_count(active: int, prune_rate: float, rounding: str = "ceil") -> int:
+    """Weights to remove: ``ceil(prune_rate * active)``, as the authors' code does, or ``"floor"`` (RigL casts
+    ``drop_fraction * active`` to an integer). The 1e-9 keeps a product that is an integer in exact arithmetic from
+    moving to the next integer through floating-point error."""
+    if rounding == "floor":
+        return min(active, int(math.floor(prune_rate * active + 1e-9)))
     return min(active, int(math.ceil(prune_rate * active - 1e-9)))
 
 
@@ -230,7 +228,25 @@ def magnitude_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 
 
 def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
-    """SET removal: half of ``n`` from the smallest non-negative weights, half from the largest negative ones.
+    """SET removal (Mocanu et al. 2018, ``rewireMask``): the same fraction of each sign, closest to zero.
+
+    Of the ``n`` removals, each sign takes its share in proportion to its active weights (largest remainder, so
+    exactly ``n`` go): the smallest non-negative weights and the negative weights closest to zero. Mocanu's code
+    removes the fraction ζ of each sign; ``n = ceil(ζ × active)`` split this way is that rule with exact counts.
+    """
+    w = weight.detach()
+    positive = mask & (w >= 0)
+    n_positive = int(positive.count_nonzero())
+    n_negative = int(mask.count_nonzero()) - n_positive
+    take_positive, take_negative = split_count(n, [n_positive, n_negative]) if n > 0 else (0, 0)
+    kept_positive = _drop_lowest(w, positive, take_positive)
+    kept_negative = _drop_lowest(-w, mask & (w < 0), take_negative)
+    return kept_positive | kept_negative
+
+
+def negativity_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+    """SET as the Selfish-RNN authors ran it (their ``magnitude_and_negativity`` death): half of ``n``
+    (``ceil(n/2)``) from the smallest non-negative weights, the rest from the *most negative* ones.
 
     When one sign has too few active weights the other side makes up the difference, so exactly ``n`` go.
     """
@@ -239,8 +255,8 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
     n_positive = int(positive.count_nonzero())
     n_negative = int(mask.count_nonzero()) - n_positive
     take_positive = min(n_positive, max(n - n_negative, (n + 1) // 2))
-    kept = _drop_lowest(w, positive, take_positive) | (mask & ~positive)
-    return _drop_lowest(-w, kept & (w < 0), n - take_positive) | (kept & (w >= 0))
+    kept_positive = _drop_lowest(w, positive, take_positive)
+    return kept_positive | _drop_lowest(w, mask & (w < 0), n - take_positive)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,46 +310,8 @@ def momentum_growth(mask: Tensor, n: int, momentum: Tensor) -> Tensor:
     return _grow_highest(momentum.detach().abs(), mask, n)
 
 
-#: Removal strategies by name: ``fn(weight, mask, n) -> kept_mask``.
-REMOVAL_STRATEGIES: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
-    "magnitude": magnitude_removal,
-    "set": set_removal,
-}
-
-#: Growth strategies by name: ``fn(mask, n, source) -> grown_mask``, where ``source`` is the random generator
-#: (``random``), the dense gradient (``gradient``) or the momentum (``momentum``) of the same block.
-GROWTH_STRATEGIES: dict[str, Callable[[Tensor, int, Any], Tensor]] = {
-    "random": random_growth,
-    "gradient": gradient_growth,
-    "momentum": momentum_growth,
-}
-
-#: What each growth strategy reads: the random ``generator``, the dense ``gradient`` of the last step, or the
-#: optimizer's ``momentum`` (SNFS; the gradient under SNT-ASGD, which has none).
-GROWTH_SOURCES: dict[str, str] = {"random": "generator", "gradient": "gradient", "momentum": "momentum"}
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Prune-rate schedule
-# --------------------------------------------------------------------------------------------------------------
-
-
-def cosine_prune_rate(step: int, total_steps: int, initial: float, final: float = 0.005) -> float:
-    """Cosine annealing of the prune rate from ``initial`` at step 0 to ``final`` at ``total_steps``.
-
-    This is ``CosineAnnealingLR(eta_min=0.005)`` stepped once per optimizer step, as in the authors' code. Past
-    ``total_steps`` the rate stays at ``final`` (the authors' schedule would start rising again, MODELS.md 8.3). A
-    ``final`` above ``initial`` is clamped to ``initial`` so that ``prune_rate=0`` means a static mask.
-    """
-    final = min(final, initial)
-    if total_steps <= 0:
-        return initial
-    progress = min(max(step, 0), total_steps) / total_steps
-    return final + (initial - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Per-tensor budgets by name (initial masks), and DSR's global adaptive threshold
+# Per-tensor budgets (initial masks), and DSR's global adaptive threshold
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -345,17 +323,6 @@ def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[
 def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
     """Every tensor fully active, whatever ``density`` (dense-to-sparse methods such as GMP start here)."""
     return {name: math.prod(shape) for name, shape in shapes.items()}
-
-
-#: Initial per-tensor budgets by name: ``fn(shapes, density) -> {name: active count}``. ``"er"`` (SET) and
-#: ``"erk"`` (RigL) are one formula, density ∝ sum(shape) / prod(shape): Erdős–Rényi-Kernel reduces to Erdős–Rényi
-#: on matrices, which all weights of the recurrent language models are.
-INIT_BUDGETS: dict[str, Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]] = {
-    "uniform": uniform_counts,
-    "er": erdos_renyi_counts,
-    "erk": erdos_renyi_counts,
-    "dense": dense_counts,
-}
 
 
 def threshold_removal(weight: Tensor, mask: Tensor, threshold: float) -> Tensor:
@@ -371,7 +338,3 @@ def adapt_threshold(threshold: float, removed: int, expected: int, tolerance: fl
     if removed > (1.0 + tolerance) * expected:
         return threshold * 0.5
     return threshold
-
-
-#: Removal by one global threshold instead of a count: ``fn(weight, mask, threshold) -> kept_mask``.
-THRESHOLD_REMOVALS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {"threshold": threshold_removal}

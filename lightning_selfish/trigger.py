@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.protocols import AveragingOptimizer, SkipsTopologyUpdates
 
 __all__ = ["NonMonotonicTrigger"]
 
@@ -78,7 +78,7 @@ class NonMonotonicTrigger(Callback):
         self.history: list[float] = []
         self.averaging_started_epoch: int | None = None
         self.restarted_at_epochs: list[int] = []
-        self._optimizers: list[SNTASGD] = []
+        self._optimizers: list[AveragingOptimizer] = []
         self._swap: contextlib.ExitStack | None = None
 
     @property
@@ -95,7 +95,7 @@ class NonMonotonicTrigger(Callback):
     # ------------------------------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._optimizers = [opt for opt in trainer.optimizers if isinstance(opt, SNTASGD)]
+        self._optimizers = [opt for opt in trainer.optimizers if isinstance(opt, AveragingOptimizer)]
         if not self._optimizers:
             found = ", ".join(type(opt).__name__ for opt in trainer.optimizers)  # (Lightning always gives one)
             raise TypeError(
@@ -165,7 +165,7 @@ class NonMonotonicTrigger(Callback):
             if name not in state_dict:
                 continue
             for opt in self._optimizers:
-                pair = opt._averaged_and_raw(param)
+                pair = opt.averaged_and_raw(param)
                 if pair is not None:
                     averaged[name], raw[name] = pair
                     found = True
@@ -201,9 +201,8 @@ class NonMonotonicTrigger(Callback):
         for opt in self._optimizers:
             opt.start_averaging()
         for callback in trainer.callbacks:
-            skip = getattr(callback, "skip_next_update", None)
-            if callable(skip):
-                skip()
+            if isinstance(callback, SkipsTopologyUpdates):
+                callback.skip_next_update()
         epoch = trainer.current_epoch
         self.averaging_started_epoch = epoch
         for logger in trainer.loggers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -17,7 +18,9 @@ from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_selfish.engine import SparseEngine
+from lightning_selfish.engine import SparseEngine, UpdateContext
+from lightning_selfish.methods import GROWTHS, REDISTRIBUTIONS, REMOVALS, resolve
+from lightning_selfish.parts import UpdateAmount
 from lightning_selfish.sntasgd import SNTASGD
 
 # Hypothesis: CI (which sets CI=true) replays the same examples on every run, so a red build is reproducible;
@@ -201,3 +204,40 @@ def enforcement_calls(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(SparseEngine, "enforce_after_step_", counting)
     return calls
+
+
+def update_engine(
+    engine: SparseEngine,
+    prune_rate: float,
+    generator: torch.Generator,
+    removal: str = "magnitude",
+    growth: str = "random",
+    optimizers=(),
+    synchronize=None,
+    gradients=None,
+    *,
+    redistribution: str = "none",
+    target_density: float | None = None,
+    removed_and_regrown: str = "restart",
+    threshold: float | None = None,
+    threshold_tolerance: float = 0.02,
+    grown_optimizer_state: str = "zero",
+    grow_into_removed: bool = True,
+    removal_rounding: str = "ceil",
+):
+    """One engine update with the parts named as in the callback's arguments (the method built from the
+    registries, unchecked as a whole, so a test may combine parts freely)."""
+    config = dataclasses.replace(
+        resolve("selfish", 0.5),
+        removal=REMOVALS[removal],
+        growth=GROWTHS[growth],
+        redistribution=REDISTRIBUTIONS[redistribution],
+        removed_and_regrown=removed_and_regrown,
+        threshold_tolerance=threshold_tolerance,
+        grown_optimizer_state=grown_optimizer_state,
+        grow_into_removed=grow_into_removed,
+        removal_rounding=removal_rounding,
+    )
+    amount = UpdateAmount(prune_rate, target_density)
+    context = UpdateContext(generator, list(optimizers), gradients, synchronize, threshold)
+    return engine.update(amount, config, context)

@@ -89,9 +89,9 @@ def test_update_every_steps_and_schedule():
     cb = SelfishSparsityCallback(sparsity=0.5, prune_rate=0.5, seed=0, update_every=5)
     updates = []
     original = cb._update
-    cb._update = lambda trainer: (
+    cb._update = lambda trainer, amount: (
         updates.append((trainer.global_step, cb.current_prune_rate(trainer.global_step))),
-        original(trainer),
+        original(trainer, amount),
     )
     fit(cb, max_epochs=2)
     assert [s for s, _ in updates] == [5, 10, 15]
@@ -367,7 +367,7 @@ def test_skip_next_update():
     masks = checker.epoch_masks
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])  # skipped at the start of epoch 1
     assert not torch.equal(masks[1]["rnn.weight_hh_l0"], masks[2]["rnn.weight_hh_l0"])
-    assert cb._num_updates == 1
+    assert cb.num_updates == 1
 
 
 def test_gradient_growth_with_an_unsized_loader():
@@ -380,7 +380,7 @@ def test_gradient_growth_with_an_unsized_loader():
     loader = torch.utils.data.DataLoader(Unsized(), batch_size=4)
     cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=16, seed=0)
     make_trainer([cb], max_epochs=2).fit(TinyLM(), loader)
-    assert cb._num_updates == 1 and cb._running_gradient
+    assert cb.num_updates == 1 and cb.controller.running_gradient
     cb = SelfishSparsityCallback(sparsity=0.5, growth="gradient", total_steps=10, update_every=3, seed=0)
     model, checker, _ = fit(cb, max_epochs=1)
-    assert cb._num_updates == 2  # steps 3 and 6 of 8
+    assert cb.num_updates == 2  # steps 3 and 6 of 8

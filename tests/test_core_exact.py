@@ -6,15 +6,19 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
+from conftest import update_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from lightning_selfish import SNTASGD, SparseEngine, sntasgd, topology
+from lightning_selfish.methods import GROWTHS
 from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.schedules import cosine_prune_rate
 
 # --------------------------------------------------------------------------------------------------------------
 # topology
@@ -90,11 +94,11 @@ def test_growing_a_single_weight_picks_the_largest_score():
 
 
 def test_cosine_prune_rate_at_the_ends_of_short_schedules():
-    assert topology.cosine_prune_rate(5, 0, 0.5) == 0.5  # no schedule length: the initial rate
-    assert topology.cosine_prune_rate(1, 1, 0.7) == pytest.approx(0.005)  # a one-step schedule ends at the minimum
-    assert topology.cosine_prune_rate(0, 1, 0.7) == pytest.approx(0.7)
-    assert topology.cosine_prune_rate(-3, 10, 0.7) == pytest.approx(0.7)  # before the start: the initial rate
-    assert topology.cosine_prune_rate(3, 10, 0.2, final=0.5) == 0.2  # a final above the initial is clamped
+    assert cosine_prune_rate(5, 0, 0.5) == 0.5  # no schedule length: the initial rate
+    assert cosine_prune_rate(1, 1, 0.7) == pytest.approx(0.005)  # a one-step schedule ends at the minimum
+    assert cosine_prune_rate(0, 1, 0.7) == pytest.approx(0.7)
+    assert cosine_prune_rate(-3, 10, 0.7) == pytest.approx(0.7)  # before the start: the initial rate
+    assert cosine_prune_rate(3, 10, 0.2, final=0.5) == 0.2  # a final above the initial is clamped
 
 
 def test_random_growth_draws_from_the_given_generator_only():
@@ -111,10 +115,25 @@ def test_random_growth_draws_from_the_given_generator_only():
 
 
 def naive_set_removed_values(values: list[float], n: int) -> Counter:
-    """SET by its definition: half of n from the smallest non-negative, the rest from the largest negative values;
-    a side with too few makes the other side take more. Returns the multiset of removed values."""
+    """SET by Mocanu et al.'s rule (``rewireMask``): the same fraction of each sign, closest to zero. Exactly n go:
+    the non-negative side takes n * (its count) / (all) rounded by the largest remainder (a tie to that side), the
+    negative side the rest. Returns the multiset of removed values."""
     positive = sorted(v for v in values if v >= 0)
     negative = sorted((v for v in values if v < 0), reverse=True)  # closest to zero first
+    share = Fraction(n * len(positive), len(values)) if values else Fraction(0)
+    take_positive = math.floor(share)
+    negative_share = Fraction(n * len(negative), len(values)) if values else Fraction(0)
+    leftover = n - math.floor(share) - math.floor(negative_share)
+    if leftover and share - math.floor(share) >= negative_share - math.floor(negative_share):
+        take_positive += 1
+    return Counter(positive[:take_positive] + negative[: n - take_positive])
+
+
+def naive_negativity_removed_values(values: list[float], n: int) -> Counter:
+    """SET as the Selfish-RNN authors ran it: ceil(n/2) from the smallest non-negative values, the rest from the
+    *most negative*; a side with too few makes the other side take more."""
+    positive = sorted(v for v in values if v >= 0)
+    negative = sorted(v for v in values if v < 0)  # most negative first
     take_positive = min(len(positive), max(n - len(negative), (n + 1) // 2))
     return Counter(positive[:take_positive] + negative[: n - take_positive])
 
@@ -124,19 +143,25 @@ def naive_set_removed_values(values: list[float], n: int) -> Counter:
     values=st.lists(st.integers(-3, 3).map(float), min_size=1, max_size=12),
     fraction=st.floats(0.0, 1.0),
 )
-def test_set_removal_matches_its_definition_with_zeros_and_ties(values, fraction):
+def test_set_removals_match_their_definitions_with_zeros_and_ties(values, fraction):
     w = torch.tensor(values)
     mask = torch.ones(len(values), dtype=torch.bool)
     n = int(fraction * len(values))
-    kept = topology.set_removal(w, mask, n)
-    assert int(kept.sum()) == len(values) - n
-    assert Counter(w[mask & ~kept].tolist()) == naive_set_removed_values(values, n)
+    for removal, naive in (
+        (topology.set_removal, naive_set_removed_values),
+        (topology.negativity_removal, naive_negativity_removed_values),
+    ):
+        kept = removal(w, mask, n)
+        assert int(kept.sum()) == len(values) - n
+        assert Counter(w[mask & ~kept].tolist()) == naive(values, n), removal.__name__
 
 
-def test_set_removal_zeros_count_as_non_negative():
-    w = torch.tensor([0.0, 0.0, 0.5, -0.375, -0.125])
-    kept = topology.set_removal(w, torch.ones(5, dtype=torch.bool), 2)
-    assert sorted(w[~kept].tolist()) == [-0.125, 0.0]  # one zero (the smallest non-negative) and -0.125
+def test_set_removal_takes_each_signs_share_closest_to_zero():
+    w = torch.tensor([0.0, 0.5, 0.25, 1.0, -0.375, -0.125, -2.0, -4.0])  # 4 non-negative, 4 negative
+    kept = topology.set_removal(w, torch.ones(8, dtype=torch.bool), 4)
+    assert sorted(w[~kept].tolist()) == [-0.375, -0.125, 0.0, 0.25]  # two of each sign, closest to zero
+    kept = topology.negativity_removal(w, torch.ones(8, dtype=torch.bool), 4)
+    assert sorted(w[~kept].tolist()) == [-4.0, -2.0, 0.0, 0.25]  # the authors': the most negative
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,7 +235,7 @@ def test_gradient_growth_uses_the_kept_gradients_and_momentum_growth_the_buffer(
     engine = SparseEngine({"w": param}, {"w": mask})
     score = torch.zeros(3, 4)
     score[2, 3], score[1, 0] = 5.0, -4.0
-    engine.update(0.5, torch.Generator(), growth="gradient", gradients={"w": score})  # param.grad is None
+    update_engine(engine, 0.5, torch.Generator(), growth="gradient", gradients={"w": score})  # param.grad is None
     assert engine.tensors["w"].mask.nonzero().tolist() == [[0, 2], [0, 3], [1, 0], [2, 3]]
 
     opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
@@ -219,18 +244,18 @@ def test_gradient_growth_uses_the_kept_gradients_and_momentum_growth_the_buffer(
     opt.state[param]["momentum_buffer"][2, 0] = 8.0
     with torch.no_grad():
         param.copy_(torch.arange(1.0, 13.0).view(3, 4) * engine.tensors["w"].mask)
-    engine.update(0.5, torch.Generator(), growth="momentum", optimizers=[opt])
+    update_engine(engine, 0.5, torch.Generator(), growth="momentum", optimizers=[opt])
     assert engine.tensors["w"].mask.nonzero().tolist() == [[1, 0], [1, 3], [2, 0], [2, 3]]
     message = (
         "growth='gradient' needs the dense gradient of 'w', but it has none at the topology update (was the "
         "gradient freed by zero_grad(set_to_none=True)?)"
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        engine.update(0.5, torch.Generator(), growth="gradient", gradients={"other": score})
+        update_engine(engine, 0.5, torch.Generator(), growth="gradient", gradients={"other": score})
     with pytest.raises(
         ValueError, match=r"needs a momentum buffer for 'w' \(momentum_buffer, or Adam's exp_avg and exp_avg_sq, in the"
     ):
-        engine.update(0.5, torch.Generator(), growth="momentum", optimizers=[torch.optim.SGD([param], lr=1.0)])
+        update_engine(engine, 0.5, torch.Generator(), growth="momentum", optimizers=[torch.optim.SGD([param], lr=1.0)])
 
 
 def test_attach_masks_existing_state_and_follows_new_parameter_groups():
@@ -468,10 +493,10 @@ def test_sntasgd_averaged_and_raw_whether_swapped_or_not():
             p.grad = torch.randn_like(p)
         opt.step()
     average, raw = opt.state[params[0]]["ax"].clone(), params[0].detach().clone()
-    assert all(torch.equal(a, b) for a, b in zip(opt._averaged_and_raw(params[0]), (average, raw)))
+    assert all(torch.equal(a, b) for a, b in zip(opt.averaged_and_raw(params[0]), (average, raw)))
     with opt.swap_averaged():  # a checkpoint written while the averages are in the model
-        assert all(torch.equal(a, b) for a, b in zip(opt._averaged_and_raw(params[0]), (average, raw)))
-    assert opt._averaged_and_raw(nn.Parameter(torch.ones(2))) is None
+        assert all(torch.equal(a, b) for a, b in zip(opt.averaged_and_raw(params[0]), (average, raw)))
+    assert opt.averaged_and_raw(nn.Parameter(torch.ones(2))) is None
 
 
 def test_sntasgd_layout_messages():
@@ -493,7 +518,7 @@ def test_sntasgd_layout_messages():
 def test_growth_can_fill_every_inactive_position_and_no_more(growth):
     mask = torch.tensor([True, False, True, False, False])
     source = torch.Generator().manual_seed(0) if growth == "random" else torch.tensor([0.0, 3.0, 0.0, -1.0, 2.0])
-    grow = topology.GROWTH_STRATEGIES[growth]
+    grow = GROWTHS[growth].grow
     assert grow(mask, 3, source).all()
     with pytest.raises(ValueError, match="cannot grow 4 weights: only 3 positions are inactive"):
         grow(mask, 4, source)

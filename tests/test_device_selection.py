@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import update_engine
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_selfish import topology
+from lightning_selfish.methods import GROWTHS
 
 BIG = 4 * topology._SAMPLE + 1  # the smallest size that takes the sampled-band path
 
@@ -144,7 +146,7 @@ def test_score_growth_takes_the_largest_magnitudes_on_a_big_tensor(growth: str) 
     g = torch.Generator().manual_seed(11)
     mask = torch.rand(BIG, generator=g) < 0.3
     score = torch.randn(BIG, generator=g)
-    grown = topology.GROWTH_STRATEGIES[growth](mask, 5000, score)
+    grown = GROWTHS[growth].grow(mask, 5000, score)
     new = grown & ~mask
     assert int(new.sum()) == 5000
     assert score[new].abs().min() >= score[~grown].abs().max()
@@ -161,7 +163,7 @@ def test_growth_draws_from_every_position_inactive_after_removal_including_the_r
         param = torch.nn.Parameter(torch.randn(8, 10, generator=torch.Generator().manual_seed(seed)))
         engine = SparseEngine.initialize({"w": param}, 0.5, torch.Generator().manual_seed(seed))
         old = engine.masks["w"].clone()
-        stats = engine.update(0.4, torch.Generator().manual_seed(1000 + seed))
+        stats = update_engine(engine, 0.4, torch.Generator().manual_seed(1000 + seed))
         new = engine.masks["w"]
         # the kept weights: active before and not zeroed (removed ones are zeroed, regrown ones restart at 0)
         kept = old & (param.detach() != 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -49,7 +50,7 @@ def test_masks_generator_and_optimizer_state_live_on_the_parameters_device(devic
     make_trainer([callback], max_epochs=2, limit_train_batches=3, **accelerator(device)).fit(
         model, token_loader(), token_loader(1, windows=2)
     )
-    assert callback._generator.device.type == device
+    assert callback.controller.generator.device.type == device
     for record in callback.engine.tensors.values():
         assert record.mask.device == record.param.device == record.mask_as_param.device
         assert record.param.device.type == device
@@ -64,13 +65,14 @@ def test_checkpoint_records_the_generator_device_and_seed(device: str) -> None:
     make_trainer([callback], max_epochs=1, limit_train_batches=2, **accelerator(device)).fit(TinyLM(), token_loader())
     state = callback.state_dict()
     assert state["generator_device"] == device and state["seed"] == 7
-    assert torch.equal(state["generator"], callback._generator.get_state())
+    assert torch.equal(state["generator"], callback.controller.generator.get_state())
 
 
 @pytest.mark.parametrize("seed", [2**61 + 1, None], ids=["62-bit seed", "checkpoint without a seed"])
 def test_a_generator_state_from_another_device_reseeds_with_a_warning(seed, caplog: pytest.LogCaptureFixture) -> None:
     """A CUDA checkpoint resumed on the CPU: masks resume exactly, later growth draws from a new stream seeded
-    ``(seed * 1_000_003 + num_updates) mod 2**62`` (seed 0 for checkpoints that predate the key), said in a warning."""
+    by NumPy's ``SeedSequence(seed, spawn_key=(2, num_updates))`` (stream 2: the reseed; seed 0 for checkpoints that
+    predate the key), said in a warning."""
     first = SelfishSparsityCallback(sparsity=0.5, seed=2**61 + 1 if seed is None else seed)
     make_trainer([first], max_epochs=2, limit_train_batches=2).fit(TinyLM(), token_loader())
     state = first.state_dict()
@@ -84,12 +86,12 @@ def test_a_generator_state_from_another_device_reseeds_with_a_warning(seed, capl
     caplog.set_level("WARNING", logger="lightning_selfish")
     model = TinyLM()
     resumed.on_fit_start(make_trainer([resumed], max_epochs=1), model)
-    reseed = ((seed or 0) * 1_000_003 + 1) % 2**62
+    reseed = int(np.random.SeedSequence(seed or 0, spawn_key=(2, 1)).generate_state(1, np.uint64)[0]) % 2**63
     assert [record.getMessage() for record in caplog.records] == [
         "SelfishSparsityCallback: the checkpoint's random generator was on cuda, the parameters are now on cpu: later "
         f"random growth continues from a new stream seeded {reseed} (the masks themselves resume exactly)"
     ]
-    assert torch.equal(resumed._generator.get_state(), torch.Generator().manual_seed(reseed).get_state())
+    assert torch.equal(resumed.controller.generator.get_state(), torch.Generator().manual_seed(reseed).get_state())
     for name, mask in resumed.masks.items():
         assert torch.equal(mask, state["masks"][name])
 
@@ -112,7 +114,7 @@ def test_flat_lstm_weights_stay_valid_through_enforcement_and_updates(device: st
         )
     assert len(pointers) == 9 and all(p == pointers[0] for p in pointers)
     assert not [w for w in caught if "contiguous chunk of memory" in str(w.message)]
-    assert callback._num_updates == 2
+    assert callback.num_updates == 2
     assert_inactive_weights_are_zero(model, callback)
 
 
@@ -175,7 +177,7 @@ def test_torch_compile_trains_with_the_callback_and_keeps_the_masks(device: str)
     model.compile(backend="aot_eager" if device == "cpu" else "inductor")
     callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
     make_trainer([callback], max_epochs=2, limit_train_batches=3, **accelerator(device)).fit(model, token_loader())
-    assert callback._num_updates == 1
+    assert callback.num_updates == 1
     assert_inactive_weights_are_zero(model, callback)
     assert all(0 < int(mask.sum()) < mask.numel() for mask in callback.masks.values())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import update_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -32,7 +33,7 @@ def test_joint_ranking_removes_across_gates():
     engine = make(forget_gate_small(), 0.5, redistribution=True)
     record = engine.tensors["w"]
     before = [int(record.mask[rows].sum()) for _, rows in GATES]
-    stats = engine.update(0.2, torch.Generator().manual_seed(2))
+    stats = update_engine(engine, 0.2, torch.Generator().manual_seed(2))
     n = stats.removed["w"]
     assert n == 16  # ceil(0.2 * 80)
     after = [int(record.mask[rows].sum()) for _, rows in GATES]
@@ -47,7 +48,7 @@ def test_per_gate_ranking_keeps_every_gate_count():
     counts = [int(record.mask[rows].sum()) for _, rows in GATES]
     assert counts == [20, 20, 20, 20]  # exactly sparsity 0.5 in every gate
     for step in range(5):
-        engine.update(0.5, torch.Generator().manual_seed(step))
+        update_engine(engine, 0.5, torch.Generator().manual_seed(step))
         assert [int(record.mask[rows].sum()) for _, rows in GATES] == counts
 
 
@@ -60,7 +61,7 @@ def test_grown_weights_start_at_zero_even_when_regrown_in_place():
             record.param.add_(torch.randn(16, 10) * record.mask)  # training moved the active weights
         old = record.mask.clone()
         values = record.param.detach().clone()
-        engine.update(1.0, torch.Generator().manual_seed(seed))  # remove all, regrow all
+        update_engine(engine, 1.0, torch.Generator().manual_seed(seed))  # remove all, regrow all
         new = record.mask
         assert int(new.sum()) == 80
         assert (record.param[new] == 0).all()  # every weight of the new topology is a fresh zero
@@ -72,7 +73,7 @@ def test_update_keeps_surviving_weights_and_zeroes_the_rest():
     engine = make(torch.randn(16, 10), 0.6, redistribution=True)
     record = engine.tensors["w"]
     old, values = record.mask.clone(), record.param.detach().clone()
-    engine.update(0.3, torch.Generator().manual_seed(0))
+    update_engine(engine, 0.3, torch.Generator().manual_seed(0))
     stayed = old & record.mask & (record.param != 0)
     assert torch.equal(record.param[stayed], values[stayed])
     assert (record.param[~record.mask] == 0).all()
@@ -98,7 +99,7 @@ def test_optimizer_state_reset_and_hook():
     buf = opt.state[record.param]["momentum_buffer"]
     assert (buf[~record.mask] == 0).all() and (record.param[~record.mask] == 0).all()  # post-hook
     before, old, weights = buf.clone(), record.mask.clone(), record.param.detach().clone()
-    engine.update(0.5, torch.Generator().manual_seed(0), optimizers=[opt])
+    update_engine(engine, 0.5, torch.Generator().manual_seed(0), optimizers=[opt])
     update = opt.updates[-1]
     # what the optimizer was told, against an independent reference: the 40 active weights of smallest |w| go
     reference_kept = old.clone()
@@ -145,7 +146,7 @@ def test_cudnn_style_flat_weights_are_kept_in_place():
     engine = SparseEngine.initialize(
         params, 0.5, torch.Generator().manual_seed(0), "uniform", detect_gate_layouts(lstm)
     )
-    engine.update(0.5, torch.Generator().manual_seed(1))
+    update_engine(engine, 0.5, torch.Generator().manual_seed(1))
     assert {n: p.data_ptr() for n, p in params.items()} == pointers
     assert all(p is getattr(lstm, n) for n, p in params.items())
 
@@ -174,7 +175,7 @@ def test_active_count_never_changes(sparsity, redistribution, init, removal, rat
         with torch.no_grad():
             for p in params.values():
                 p.add_(torch.randn_like(p))
-        engine.update(rate, g, removal=removal)
+        update_engine(engine, rate, g, removal=removal)
         assert engine.active_counts() == counts
         for n, t in engine.tensors.items():
             assert (t.param[~t.mask] == 0).all()
@@ -185,10 +186,14 @@ def test_active_count_never_changes(sparsity, redistribution, init, removal, rat
 def test_gradient_growth_needs_a_gradient():
     engine = make(torch.randn(16, 10), 0.5, redistribution=True)
     with pytest.raises(ValueError, match="growth='gradient' needs the dense gradient of 'w'"):
-        engine.update(0.5, torch.Generator(), growth="gradient")
+        update_engine(engine, 0.5, torch.Generator(), growth="gradient")
     with pytest.raises(ValueError, match="growth='momentum' needs a momentum buffer for 'w'"):
-        engine.update(
-            0.5, torch.Generator(), growth="momentum", optimizers=[torch.optim.SGD([engine.tensors["w"].param], lr=1)]
+        update_engine(
+            engine,
+            0.5,
+            torch.Generator(),
+            growth="momentum",
+            optimizers=[torch.optim.SGD([engine.tensors["w"].param], lr=1)],
         )
 
 
@@ -225,13 +230,13 @@ def test_adam_moments_are_reset_at_removed_and_grown_positions():
     kept_seen = []
     original = engine_module.reset_optimizer_state
 
-    def spy(optimizers, param, update):
+    def spy(optimizers, param, update, **kwargs):
         kept_seen.append(update.kept.clone())
-        original(optimizers, param, update)
+        original(optimizers, param, update, **kwargs)
 
     engine_module.reset_optimizer_state = spy
     try:
-        engine.update(1.0, torch.Generator().manual_seed(3), optimizers=[opt])  # everything removed, regrown
+        update_engine(engine, 1.0, torch.Generator().manual_seed(3), optimizers=[opt])  # everything removed, regrown
     finally:
         engine_module.reset_optimizer_state = original
     assert not kept_seen[0].any()
@@ -252,7 +257,7 @@ def test_only_optimizers_that_hold_the_parameter_are_reset():
         p.grad = torch.ones(16, 10)
         opt.step()
     unrelated_buf = unrelated.state[other]["momentum_buffer"].clone()
-    engine.update(0.5, torch.Generator().manual_seed(0), optimizers=[unrelated, holder])
+    update_engine(engine, 0.5, torch.Generator().manual_seed(0), optimizers=[unrelated, holder])
     assert torch.equal(unrelated.state[other]["momentum_buffer"], unrelated_buf)  # same shape, not its parameter
     assert len(holder.updates) == 1  # the second optimizer is told, though the first does not hold the parameter
     assert (holder.state[record.param]["momentum_buffer"][~holder.updates[0].kept] == 0).all()

@@ -246,7 +246,7 @@ def test_the_total_follows_masks_that_change_and_survives_a_checkpoint() -> None
     trainer, _ = fit([sparsity, flops], epochs=2)
     # change a mask behind the run's back, as a dense-to-sparse schedule would, and book one more batch
     sparsity.engine.tensors["rnn.weight_hh_l0"].mask.zero_()
-    sparsity._num_updates += 1
+    sparsity.controller.num_updates += 1
     batch = next(iter(token_loader()))
     before = flops.train_flops + flops._pending_tokens * flops._step_cost
     flops.on_train_batch_start(trainer, trainer.lightning_module, batch, 0)

@@ -73,7 +73,7 @@ def test_tiny_fit_under_each_package(package: str, tmp_path) -> None:
         assert int(mask.sum()) == mask.numel() // 2
         assert (params[name][~mask] == 0).all()
     assert trigger.averaging_started_epoch == 2 and trigger.averaging
-    assert sparsity._num_updates == len(VAL_LOSSES) - 1 - 1  # one update per finished epoch, one skipped
+    assert sparsity.num_updates == len(VAL_LOSSES) - 1 - 1  # one update per finished epoch, one skipped
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert "raw_state_dict" in saved  # averaged weights as the state dict, the raw ones beside them
 
@@ -94,7 +94,16 @@ def test_unsupported_strategy_names_itself(package: str) -> None:
     trainer = type("T", (), {"strategy": fsdp, "callbacks": [cb]})()
     with pytest.raises(ValueError, match=rf"got {package}\.strategies\.fsdp\.FSDPStrategy: every rank must hold"):
         cb.setup(trainer, None, "fit")
-    single = type("T", (), {"strategy": strategies.SingleDeviceStrategy(torch.device("cpu")), "callbacks": [cb]})()
+    single = type(
+        "T",
+        (),
+        {
+            "strategy": strategies.SingleDeviceStrategy(torch.device("cpu")),
+            "callbacks": [cb],
+            "max_epochs": 1,
+            "max_steps": -1,
+        },
+    )()
     cb.setup(single, None, "fit")  # accepted
 
 
@@ -140,7 +149,7 @@ def test_unsized_loader_with_total_steps_follows_the_cosine() -> None:
     cb = SelfishSparsityCallback(sparsity=0.5, total_steps=16, update_every=8, seed=0)
     trainer = make_trainer([cb, Rates()], max_epochs=2)
     trainer.fit(TinyLM(), unsized_loader())
-    assert trainer.global_step == 16 and cb._num_updates == 2
+    assert trainer.global_step == 16 and cb.num_updates == 1  # at step 8 (never on the last step)
     assert rates[7] == pytest.approx(0.2525, abs=1e-4)  # at step 8
     assert rates[-1] == pytest.approx(0.005)
 
@@ -149,4 +158,4 @@ def test_unsized_loader_with_max_steps_is_a_known_length() -> None:
     cb = SelfishSparsityCallback(sparsity=0.5, update_every=4, seed=0)
     trainer = make_trainer([cb], max_epochs=-1, max_steps=12)
     trainer.fit(TinyLM(), unsized_loader())
-    assert cb._total_steps == 12 and trainer.global_step == 12
+    assert cb.controller.total_steps == 12 and trainer.global_step == 12

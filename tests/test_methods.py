@@ -11,14 +11,16 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyLM, make_trainer, token_loader
+from conftest import TinyLM, make_trainer, token_loader, update_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine, detect_gate_layouts, topology
-from lightning_selfish.methods import METHODS, dense_gradient_every, resolve
+from lightning_selfish.engine import UpdateContext
+from lightning_selfish.methods import METHODS, resolve
+from lightning_selfish.parts import UpdateAmount
 from lightning_selfish.redistribution import allocate_counts, momentum_of
 from lightning_selfish.schedules import gmp_sparsity, scheduled_sparsity
 
@@ -44,6 +46,7 @@ def test_presets_are_the_paper_table():
         "selfish": ("uniform", "magnitude", "random", "none", "joint", "cosine"),
         "static": ("uniform", "none", "none", "none", "joint", "never"),
         "set": ("er", "set", "random", "none", "joint", "cosine"),
+        "set_selfish_rnn": ("er", "negativity", "random", "none", "joint", "cosine"),
         "dsr": ("uniform", "threshold", "random", "nonzeros", "joint", "cosine"),
         "snfs": ("uniform", "magnitude", "momentum", "momentum", "joint", "cosine"),
         "rigl": ("erk", "magnitude", "gradient", "none", "joint", "cosine"),
@@ -51,11 +54,13 @@ def test_presets_are_the_paper_table():
     }
     rigl = METHODS["rigl"]
     assert (rigl.prune_rate, rigl.min_prune_rate, rigl.update_every, rigl.update_until) == (0.3, 0.0, 100, 0.75)
+    assert (rigl.removed_and_regrown, rigl.removal_rounding) == ("keep", "floor")  # RigL's code
+    assert not METHODS["dsr"].grow_into_removed and METHODS["selfish"].grow_into_removed
 
 
 def test_explicit_arguments_override_the_preset_and_none_keeps_it():
     cb = SelfishSparsityCallback(sparsity=0.5, method="rigl", update_every="epoch", prune_rate=None)
-    assert (cb.update_every, cb.prune_rate, cb.growth, cb.init, cb.update_until) == (
+    assert (cb.update_every, cb.prune_rate, cb.growth.name, cb.init.name, cb.update_until) == (
         "epoch",
         0.3,
         "gradient",
@@ -64,7 +69,7 @@ def test_explicit_arguments_override_the_preset_and_none_keeps_it():
     )
     assert cb.config.update_every == "epoch" and cb.method == "rigl"
     cb = SelfishSparsityCallback(sparsity=0.5, method="snfs", growth="random", gate_redistribution=False)
-    assert (cb.growth, cb.redistribution, cb.gate_redistribution) == ("random", "momentum", "none")
+    assert (cb.growth.name, cb.redistribution.name, cb.gate_redistribution.name) == ("random", "momentum", "none")
     default = SelfishSparsityCallback(sparsity=0.5)
     assert (default.method, default.prune_rate, default.min_prune_rate, default.update_every) == (
         "selfish",
@@ -72,16 +77,16 @@ def test_explicit_arguments_override_the_preset_and_none_keeps_it():
         0.005,
         "epoch",
     )
-    assert resolve("selfish", 0.5, gate_redistribution=True).gate_redistribution == "joint"
+    assert resolve("selfish", 0.5, gate_redistribution=True).gate_redistribution.name == "joint"
 
 
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(method="lottery"), ValueError, r"method must be one of \['selfish', 'static', 'set', 'dsr', 'snfs', "),
+        (dict(method="lottery"), ValueError, r"method must be one of \['selfish', 'static', 'set', 'set_selfish"),
         (dict(redistribution="gates"), ValueError, r"redistribution must be one of \['none', 'nonzeros', 'momentum'\]"),
         (dict(gate_redistribution="mean"), ValueError, r"gate_redistribution must be one of \['joint', 'none', 'mag"),
-        (dict(schedule="linear"), ValueError, r"schedule must be one of \['cosine', 'gmp', 'never'\], got 'linear'"),
+        (dict(schedule="linear"), ValueError, r"schedule must be one of \['cosine', 'gmp', 'never'\] or a Sched"),
         (dict(method="gmp", growth="random"), ValueError, "schedule='gmp' prunes without regrowth: growth must be"),
         (dict(growth="none"), ValueError, "growth='none' with removal='magnitude' would lose weights"),
         (dict(update_until=1.5), ValueError, r"update_until must be in \(0, 1\] or None, got 1.5"),
@@ -104,9 +109,9 @@ def test_gmp_window_must_fit_the_run():
 
 def test_dense_gradient_every_for_flops():
     def every(method, **kw):
-        return dense_gradient_every(resolve(method, 0.5, **kw))
+        return resolve(method, 0.5, **kw).dense_gradient_every
 
-    assert [every(m) for m in METHODS] == [None, None, None, None, 1, 100, None]
+    assert [every(m) for m in METHODS] == [None, None, None, None, None, 1, 100, None]
     assert every("rigl", update_every="epoch") == "epoch"
 
 
@@ -152,7 +157,7 @@ def test_allocate_counts_edges():
 def test_set_removes_from_both_signs():
     w = torch.tensor([[-3.0, -0.2, -0.1, 0.05, 0.3, 2.0, -1.0, 0.7]])
     engine = engine_of({"w": w}, 0.0)
-    stats = engine.update(0.5, torch.Generator().manual_seed(0), removal="set", growth="random")
+    stats = update_engine(engine, 0.5, torch.Generator().manual_seed(0), removal="set", growth="random")
     record = engine.tensors["w"]
     # 4 removed: the 2 smallest non-negative (0.05, 0.3) and the 2 largest negative (-0.1, -0.2) weights
     zeroed = (record.param.detach() == 0).nonzero()[:, 1].tolist()
@@ -166,7 +171,7 @@ def test_dsr_moves_counts_to_layers_that_keep_more_and_adapts_its_threshold():
     small = torch.randn(20, 20, generator=g) * 0.01
     engine = engine_of({"big": big, "small": small}, 0.5)
     before = engine.active_counts()
-    stats = engine.update(0.3, torch.Generator().manual_seed(1), removal="threshold", redistribution="nonzeros",
+    stats = update_engine(engine, 0.3, torch.Generator().manual_seed(1), removal="threshold", redistribution="nonzeros",
                           threshold=0.5)  # fmt: skip
     after = engine.active_counts()
     assert sum(after.values()) == sum(before.values())
@@ -175,7 +180,9 @@ def test_dsr_moves_counts_to_layers_that_keep_more_and_adapts_its_threshold():
     # threshold rule: 200 removed vs ceil(0.3 * 400) = 120 expected: too many, halve
     assert stats.threshold == 0.25
     engine = engine_of({"big": big, "small": small}, 0.5)
-    stats = engine.update(0.3, torch.Generator(), removal="threshold", redistribution="nonzeros", threshold=1e-9)
+    stats = update_engine(
+        engine, 0.3, torch.Generator(), removal="threshold", redistribution="nonzeros", threshold=1e-9
+    )
     assert stats.total_removed == 0 and stats.threshold == 2e-9  # too few: double
 
 
@@ -186,7 +193,7 @@ def test_dsr_shares_regrowth_by_surviving_weights():
     engine = engine_of({"a": a, "b": b}, 0.8)
     before = engine.active_counts()
     kept = {n: int((t.mask & (t.param.abs() >= 0.2)).sum()) for n, t in engine.tensors.items()}
-    stats = engine.update(0.3, torch.Generator(), removal="threshold", redistribution="nonzeros", threshold=0.2)
+    stats = update_engine(engine, 0.3, torch.Generator(), removal="threshold", redistribution="nonzeros", threshold=0.2)
     total_removed = sum(before.values()) - sum(kept.values())
     assert stats.grown == dict(
         zip(kept, allocate_counts(total_removed, list(kept.values()), [900 - k for k in kept.values()]))
@@ -208,7 +215,9 @@ def test_snfs_grows_where_momentum_is_largest_and_moves_counts_to_high_momentum_
         n: topology.magnitude_removal(t.param, t.mask, topology.removal_count(t.active, 0.5))
         for n, t in engine.tensors.items()
     }
-    stats = engine.update(0.5, torch.Generator(), growth="momentum", redistribution="momentum", optimizers=[opt])
+    stats = update_engine(
+        engine, 0.5, torch.Generator(), growth="momentum", redistribution="momentum", optimizers=[opt]
+    )
     after = engine.active_counts()
     assert (
         sum(after.values()) == sum(before.values()) and after["hot"] > before["hot"] and after["cold"] < before["cold"]
@@ -241,7 +250,7 @@ def test_rigl_grows_at_the_largest_dense_gradients():
     record = engine.tensors["w"]
     grad = torch.randn(10, 12, generator=g)
     kept = topology.magnitude_removal(record.param, record.mask, topology.removal_count(record.active, 0.3))
-    stats = engine.update(0.3, torch.Generator(), growth="gradient", gradients={"w": grad})
+    stats = update_engine(engine, 0.3, torch.Generator(), growth="gradient", gradients={"w": grad})
     top = torch.topk(grad.abs().masked_fill(kept, -1).flatten(), stats.grown["w"]).indices
     expected = kept.clone()
     expected.view(-1)[top] = True
@@ -261,7 +270,7 @@ def test_table6_gate_redistribution_shares_regrowth_by_gate_scores(mode):
     grads = {"weight_hh_l0": torch.ones(32, 8)}
     grads["weight_hh_l0"][16:24] *= 20
     gate_counts = [int(record.mask[r].sum()) for _, r in layouts["weight_hh_l0"]]
-    stats = engine.update(0.5, torch.Generator().manual_seed(1), gradients=grads)
+    stats = update_engine(engine, 0.5, torch.Generator().manual_seed(1), gradients=grads)
     after = [int(record.mask[r].sum()) for _, r in layouts["weight_hh_l0"]]
     assert sum(after) == sum(gate_counts) and stats.total_removed == stats.total_grown
     assert after[2] == 64 and all(a < c for i, (a, c) in enumerate(zip(after, gate_counts)) if i != 2)
@@ -279,7 +288,7 @@ def test_removed_and_regrown_keeps_value_and_averaging_window_only_when_asked():
             record.param.grad = torch.zeros(1, 8)
             opt.step()
         # remove everything and regrow everything: every weight is removed and regrown in the same update
-        engine.update(1.0, torch.Generator(), optimizers=[opt], removed_and_regrown=policy)
+        update_engine(engine, 1.0, torch.Generator(), optimizers=[opt], removed_and_regrown=policy)
         age = opt.state[record.param]["age"]
         if policy == "restart":
             assert (record.param == 0).all() and (opt.state[record.param]["ax"] == 0).all() and (age == 1).all()
@@ -302,14 +311,14 @@ def test_removed_and_regrown_keeps_value_and_averaging_window_only_when_asked():
     seed=st.integers(0, 1000),
 )
 def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, regrown, sparsity, rates, seed):
-    config = resolve(method, sparsity, gate_redistribution=gate)
+    config = resolve(method, sparsity, gate_redistribution=gate, removed_and_regrown=regrown)
     torch.manual_seed(seed)
     lstm = nn.LSTM(5, 4, num_layers=2)
     params = {n: p for n, p in lstm.named_parameters() if p.dim() == 2}
     g = torch.Generator().manual_seed(seed)
     engine = SparseEngine.initialize(params, sparsity, g, config.init, detect_gate_layouts(lstm), gate)
     opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
-    engine.attach(opt, mask_state=config.growth != "momentum")
+    engine.attach(opt, mask_state=not config.reads_momentum)
     counts = engine.active_counts()
     total = sum(counts.values())
     threshold = config.threshold
@@ -317,14 +326,12 @@ def test_sparse_to_sparse_methods_keep_the_total_exactly(method, gate, regrown, 
         for p in params.values():
             p.grad = torch.randn_like(p)
         opt.step()
-        stats = engine.update(
-            rate, g, config.removal, config.growth, [opt], redistribution=config.redistribution,
-            threshold=threshold, gradients={n: p.grad for n, p in params.items()}, removed_and_regrown=regrown,
-        )  # fmt: skip
+        gradients = {n: p.grad for n, p in params.items()}
+        stats = engine.update(UpdateAmount(rate), config, UpdateContext(g, [opt], gradients, None, threshold))
         threshold = stats.threshold
         assert sum(engine.active_counts().values()) == total
         assert stats.total_removed == stats.total_grown
-        if config.redistribution == "none":
+        if config.redistribution.score is None:
             assert engine.active_counts() == counts  # without across-layer redistribution every tensor keeps its own
         for t in engine.tensors.values():
             assert (t.param[~t.mask] == 0).all() and torch.equal(t.mask_as_param, t.mask.float())
@@ -338,6 +345,7 @@ METHOD_KWARGS = {
     "selfish": dict(prune_rate=0.6),
     "static": {},
     "set": {},
+    "set_selfish_rnn": {},
     "dsr": dict(threshold=0.05),
     "snfs": {},
     "rigl": dict(update_every=3),
@@ -582,7 +590,7 @@ def test_pruning_to_a_density_is_exact_and_masks_only_shrink(gate, removal, dens
     for density in densities:
         target = min(target, density)  # GMP's schedule only goes down
         before = {n: t.mask.clone() for n, t in engine.tensors.items()}
-        stats = engine.update(0.0, torch.Generator(), removal, "none", target_density=target)
+        stats = update_engine(engine, 0.0, torch.Generator(), removal, "none", target_density=target)
         assert stats.total_grown == 0
         for name, t in engine.tensors.items():
             assert int(t.mask.sum()) == topology.uniform_count(t.mask.numel(), target)

@@ -161,7 +161,7 @@ def test_step_updates_and_masks_that_start_dense(tmp_path: Path):
     logger = TensorBoardLogger(tmp_path, name="dense")
     trainer = make_trainer([sparse, monitor, history], max_epochs=2, logger=logger)
     trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
-    assert monitor.num_updates == sparse._num_updates == 5  # steps 3, 6, ..., 15
+    assert monitor.num_updates == sparse.num_updates == 5  # steps 3, 6, ..., 15
     acc = events(logger.log_dir)
     assert {e.value for e in acc.Scalars("exploration/overall")} == {1.0}
     assert {e.value for e in acc.Scalars("drift/overall")} == {0.0}

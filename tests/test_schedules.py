@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_selfish.methods import dense_gradient_every, needs_gradient, resolve
+from lightning_selfish.methods import resolve
 from lightning_selfish.redistribution import allocate_counts, mean_active_magnitude, momentum_of
 from lightning_selfish.schedules import check_run, cosine_schedule, gmp_schedule, gmp_sparsity, scheduled_sparsity
 
@@ -96,9 +96,10 @@ def test_an_optimizer_with_only_a_first_moment_has_no_snfs_momentum() -> None:
         (
             dict(paper="mine"),  # what describes a preset is not a part of it
             TypeError,
-            "unknown method parts ['paper']; the parts are ['gate_redistribution', 'growth', 'init', 'min_prune_rate', "
-            "'prune_rate', 'pruning_end', 'pruning_start', 'redistribution', 'removal', 'removed_and_regrown', "
-            "'schedule', 'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
+            "unknown method parts ['paper']; the parts are ['gate_redistribution', 'grow_into_removed', "
+            "'grown_optimizer_state', 'growth', 'init', 'min_prune_rate', 'prune_rate', 'pruning_end', "
+            "'pruning_start', 'redistribution', 'removal', 'removal_rounding', 'removed_and_regrown', 'schedule', "
+            "'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
         ),
         (dict(threshold_tolerance=1.5), ValueError, "threshold_tolerance must be in [0, 1], got 1.5"),
         (dict(threshold="0.1"), TypeError, "threshold must be a number in (0, inf), got str '0.1'"),
@@ -106,12 +107,14 @@ def test_an_optimizer_with_only_a_first_moment_has_no_snfs_momentum() -> None:
         (
             dict(gate_redistribution="mean"),
             ValueError,
-            "gate_redistribution must be one of ['joint', 'none', 'magnitude', 'gradient'], got 'mean'",
+            "gate_redistribution must be one of ['joint', 'none', 'magnitude', 'gradient'] or a GateRedistribution "
+            "object, got 'mean'",
         ),
         (
             dict(schedule="gmp", growth="none", removal="threshold"),
             ValueError,
-            "schedule='gmp' prunes to exact counts: removal must be one of ['magnitude', 'set'], got 'threshold'",
+            "schedule='gmp' prunes to exact counts: removal must be one of ['magnitude', 'set', 'negativity'], got "
+            "'threshold'",
         ),
         (
             dict(schedule="gmp"),
@@ -140,17 +143,17 @@ def test_the_gmp_window_accepts_its_whole_range() -> None:
 
 
 def test_which_methods_read_the_dense_gradient() -> None:
-    assert not needs_gradient(resolve("selfish", 0.5))
-    assert needs_gradient(resolve("selfish", 0.5, gate_redistribution="gradient"))
-    assert needs_gradient(resolve("rigl", 0.5))
+    assert not resolve("selfish", 0.5).reads_gradient
+    assert resolve("selfish", 0.5, gate_redistribution="gradient").reads_gradient
+    assert resolve("rigl", 0.5).reads_gradient
     # FLOPs: dense gradient every step for momentum (growth or across-layer redistribution), never without growth
-    assert dense_gradient_every(resolve("dsr", 0.5, redistribution="momentum")) == 1
-    assert dense_gradient_every(resolve("static", 0.5, growth="gradient")) is None  # schedule "never"
-    assert dense_gradient_every(resolve("rigl", 0.5, schedule="gmp", growth="none")) is None
-    assert dense_gradient_every(resolve("gmp", 0.5, redistribution="momentum")) is None  # nothing regrows
+    assert resolve("dsr", 0.5, redistribution="momentum").dense_gradient_every == 1
+    assert resolve("static", 0.5, growth="gradient").dense_gradient_every is None  # schedule "never"
+    assert resolve("rigl", 0.5, schedule="gmp", growth="none").dense_gradient_every is None
+    assert resolve("gmp", 0.5, redistribution="momentum").dense_gradient_every is None  # nothing regrows
 
 
 def test_a_cosine_schedule_that_neither_removes_nor_grows_is_allowed() -> None:
     config = resolve("selfish", 0.5, removal="none", growth="none")
-    assert (config.removal, config.growth, config.schedule) == ("none", "none", "cosine")
-    assert dense_gradient_every(resolve("selfish", 0.5, gate_redistribution="gradient")) == "epoch"
+    assert (config.removal.name, config.growth.name, config.schedule.name) == ("none", "none", "cosine")
+    assert resolve("selfish", 0.5, gate_redistribution="gradient").dense_gradient_every == "epoch"

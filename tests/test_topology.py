@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_selfish import topology
+from lightning_selfish.methods import REMOVALS
+from lightning_selfish.schedules import cosine_prune_rate
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -114,12 +116,12 @@ def test_gradient_and_momentum_growth_pick_largest_inactive():
 
 
 def test_cosine_prune_rate():
-    assert topology.cosine_prune_rate(0, 100, 0.7) == pytest.approx(0.7)
-    assert topology.cosine_prune_rate(50, 100, 0.7) == pytest.approx((0.7 + 0.005) / 2)
-    assert topology.cosine_prune_rate(100, 100, 0.7) == pytest.approx(0.005)
-    assert topology.cosine_prune_rate(150, 100, 0.7) == pytest.approx(0.005)  # stays down past the end
-    assert topology.cosine_prune_rate(30, 100, 0.0) == 0.0  # static sparse
-    rates = [topology.cosine_prune_rate(s, 100, 0.5) for s in range(101)]
+    assert cosine_prune_rate(0, 100, 0.7) == pytest.approx(0.7)
+    assert cosine_prune_rate(50, 100, 0.7) == pytest.approx((0.7 + 0.005) / 2)
+    assert cosine_prune_rate(100, 100, 0.7) == pytest.approx(0.005)
+    assert cosine_prune_rate(150, 100, 0.7) == pytest.approx(0.005)  # stays down past the end
+    assert cosine_prune_rate(30, 100, 0.0) == 0.0  # static sparse
+    rates = [cosine_prune_rate(s, 100, 0.5) for s in range(101)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
 
 
@@ -136,7 +138,7 @@ def test_removal_then_growth_keeps_the_count(rows, cols, density, rate, seed):
     count = topology.uniform_count(rows * cols, density)
     mask = topology.random_mask((rows, cols), count, g)
     w = torch.randn(rows, cols, generator=g) * mask
-    for removal in topology.REMOVAL_STRATEGIES.values():
+    for removal in (part.remove for part in REMOVALS.values() if part.removes and not part.by_threshold):
         n = topology.removal_count(count, rate)
         kept = removal(w, mask, n)
         assert int(kept.sum()) == count - n and not (kept & ~mask).any()

@@ -41,7 +41,10 @@ class Record(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         self.history.append({n: m.clone() for n, m in self.cb.masks.items()})
         self.history.append(
-            {"generator": self.cb._generator.get_state(), "threshold": torch.tensor(self.cb._threshold)}
+            {
+                "generator": self.cb.controller.generator.get_state(),
+                "threshold": torch.tensor(self.cb.controller.threshold),
+            }
         )
         torch.save(self.history, Path(sys.argv[1]) / f"masks_rank{trainer.global_rank}.pt")
 

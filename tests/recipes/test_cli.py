@@ -184,8 +184,8 @@ def test_command_line_overrides(known_vocab: None) -> None:
     args += ["--model.method", "rigl", "--model.gate_redistribution", "magnitude"]
     cli = build_cli(args=args, run=False)
     rigl = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
-    assert (rigl.method, rigl.growth, rigl.init, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
-    assert rigl.gate_redistribution == "magnitude" and rigl.update_every == 100
+    assert (rigl.method, rigl.growth.name, rigl.init.name, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
+    assert rigl.gate_redistribution.name == "magnitude" and rigl.update_every == 100
     with pytest.raises(ValueError, match=r"method must be one of \['selfish', .*got 'pruning'"):
         build_cli(args=[*args, "--model.method", "pruning"], run=False)
 

@@ -310,7 +310,7 @@ def test_callbacks_follow_the_arguments() -> None:
     )
     callbacks = {type(cb): cb for cb in lm.configure_callbacks()}
     sparse = callbacks[SelfishSparsityCallback]
-    assert (sparse.sparsity, sparse.prune_rate, sparse.gate_redistribution, sparse.init, sparse.seed) == (
+    assert (sparse.sparsity, sparse.prune_rate, sparse.gate_redistribution.name, sparse.init.name, sparse.seed) == (
         0.6,
         0.3,
         "none",  # gate_redistribution=False resolves to "none" (per-gate counts)
@@ -336,7 +336,7 @@ def test_prune_schedule_length_for_variable_bptt(corpus_dir: Path) -> None:
     lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5, checkpoint=False)
     trainer(max_epochs=2, limit_val_batches=1).fit(lm, datamodule=dm)
     # The authors' T_max = epochs * train_rows // bptt, as the run's length is not known in advance.
-    assert lm._sparsity_callback._total_steps == 2 * dm.split_rows("train") // 6
+    assert lm._sparsity_callback.controller.total_steps == 2 * dm.split_rows("train") // 6
 
 
 def test_standard_ntasgd_ignores_lifetimes() -> None:

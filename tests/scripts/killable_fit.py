@@ -48,7 +48,7 @@ def main(mode: str, out: Path, ckpt_path: str | None) -> None:
             "masks": {name: m.clone() for name, m in sparsity.masks.items()},
             "optimizer": trainer.optimizers[0].state_dict(),
             "averaging_started_epoch": trigger.averaging_started_epoch,
-            "num_updates": sparsity._num_updates,
+            "num_updates": sparsity.num_updates,
         },
         out / "final.pt",
     )

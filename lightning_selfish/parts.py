@@ -1,0 +1,210 @@
+"""The parts a sparse training method is made of, as objects that carry what they need.
+
+A method (:class:`MethodConfig`) is one part of each kind plus a few numbers. Every part holds its function *and*
+what that function needs (what a growth reads, whether a removal is by count or by threshold, which sparsity a
+schedule has in force, what a schedule needs of the run's length), so everything the engine, the run controller
+and the FLOPs count need to know is derived from the parts: a user's own part is one object, with nothing else to
+keep in step.
+
+The built-in parts are registered by name in :mod:`lightning_selfish.methods` (names are what YAML and the CLI
+use); a part object can also be handed to the callback directly::
+
+    from lightning_selfish import SelfishSparsityCallback
+    from lightning_selfish.parts import Growth
+    from lightning_selfish.topology import gradient_growth
+
+    mine = Growth("gradient_v2", gradient_growth, reads="gradient")
+    SelfishSparsityCallback(sparsity=0.67, growth=mine)
+
+This module depends on nothing else of the library, so every other module can import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+__all__ = [
+    "GateRedistribution",
+    "Growth",
+    "Init",
+    "LayerRedistribution",
+    "MethodConfig",
+    "Removal",
+    "Schedule",
+    "UpdateAmount",
+]
+
+#: What a growth or a score reads: the callback's random generator, the dense gradient of the optimizer step before
+#: the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
+#: optimizer without momentum such as SNT-ASGD).
+Signal = Literal["generator", "gradient", "momentum"]
+
+
+@dataclass(frozen=True)
+class Init:
+    """Initial per-tensor budgets: ``budgets(shapes, density) -> {name: active count}``, exact counts."""
+
+    name: str
+    budgets: Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Which active weights an update removes.
+
+    ``by_threshold=False``: ``remove(weight, mask, n) -> kept`` drops exactly ``n`` per block (the count comes from
+    the prune rate). ``by_threshold=True`` (DSR): ``remove(weight, mask, threshold) -> kept`` with one global
+    threshold for all tensors, adapted after every update. ``remove=None``: nothing is removed (static).
+    """
+
+    name: str
+    remove: Callable[[Tensor, Tensor, Any], Tensor] | None
+    by_threshold: bool = False
+
+    @property
+    def removes(self) -> bool:
+        return self.remove is not None
+
+
+@dataclass(frozen=True)
+class Growth:
+    """Which inactive weights an update grows: ``grow(mask, n, source) -> grown`` with ``source`` what ``reads``
+    names (the generator, or the block's dense gradient or momentum). ``grow=None``: no growth."""
+
+    name: str
+    grow: Callable[[Tensor, int, Any], Tensor] | None
+    reads: Signal | None = None
+
+    def __post_init__(self) -> None:
+        if self.grow is not None and self.reads not in ("generator", "gradient", "momentum"):
+            raise ValueError(
+                f"Growth {self.name!r}: reads must be 'generator', 'gradient' or 'momentum', got {self.reads!r}"
+            )
+
+    @property
+    def grows(self) -> bool:
+        return self.grow is not None
+
+
+@dataclass(frozen=True)
+class LayerRedistribution:
+    """How the total regrowth is shared over tensors: ``score(old_mask, kept_mask, signal) -> float`` with
+    ``signal`` the tensor's momentum when ``reads == "momentum"``; ``score=None``: each tensor regrows its own
+    removals."""
+
+    name: str
+    score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
+    reads: Literal["momentum"] | None = None
+
+
+@dataclass(frozen=True)
+class GateRedistribution:
+    """How the gates of a stacked recurrent tensor share its removal and regrowth.
+
+    ``joint=True``: one ranking over all gates (Selfish-RNN's cell-gate redistribution). Otherwise every gate
+    removes its own count and the tensor's regrowth is shared by ``score(weight_block, old_block, gradient_block)``
+    (Table 6's variants), or, with ``score=None``, every gate regrows what it removed (the paper's ablation).
+    """
+
+    name: str
+    joint: bool = False
+    score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
+    reads: Literal["gradient"] | None = None
+
+
+@dataclass(frozen=True)
+class UpdateAmount:
+    """What one update does: replace a fraction of the active weights, or prune each tensor down to a density."""
+
+    prune_rate: float = 0.0  # sparse-to-sparse: fraction of each block's active weights removed and regrown
+    target_density: float | None = None  # dense-to-sparse: each tensor is pruned to round(density * numel), no growth
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When updates happen and how much each changes, as functions of the optimizer step and the run's length.
+
+    ``amount(step, total_steps, config)`` is asked at every candidate point of the cadence (every epoch boundary, or
+    every ``update_every`` steps) and returns ``None`` where no update happens. ``prune_rate(step, ...)`` is the
+    fraction of active weights an update at ``step`` replaces (what is logged). ``sparsity_in_force`` (dense-to-
+    sparse schedules) gives the overall sparsity after ``step``; ``None`` means ``config.sparsity`` throughout.
+    ``check_run(total_steps, config)`` refuses, before any step, a run the schedule cannot work in.
+    ``prunes_to_target=True``: updates prune to ``UpdateAmount.target_density`` and never regrow (GMP).
+    """
+
+    name: str
+    amount: Callable[[int, int, MethodConfig], UpdateAmount | None]
+    prune_rate: Callable[[int, int, MethodConfig], float]
+    sparsity_in_force: Callable[[int, int, MethodConfig], float] | None = None
+    check_run: Callable[[int, MethodConfig], None] | None = None
+    prunes_to_target: bool = False
+    updates: bool = True  # False: the masks never change (static sparse training)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A resolved method: its parts, its numbers and the sparsity; what the callback and the engine run.
+
+    Built by :func:`lightning_selfish.methods.resolve` (a preset with the user's overrides, checked as a whole);
+    read-only, the one source of truth of a run's method.
+    """
+
+    name: str
+    sparsity: float
+    init: Init
+    removal: Removal
+    growth: Growth
+    redistribution: LayerRedistribution
+    gate_redistribution: GateRedistribution
+    schedule: Schedule
+    prune_rate: float
+    min_prune_rate: float = 0.005
+    update_every: str | int = "epoch"
+    update_until: float | None = None  # fraction of the run after which no update happens (RigL: 0.75)
+    pruning_start: int | float = 0.0  # GMP: first pruning step (int) or fraction of the run (float)
+    pruning_end: int | float = 0.75  # GMP: last pruning step, where the sparsity reaches the target
+    removed_and_regrown: str = "restart"  # "restart" (paper: starts at 0) or "keep" (the authors' code, RigL)
+    threshold: float = 1e-3  # DSR: initial global magnitude threshold
+    threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
+    removal_rounding: str = "ceil"  # count of a removal: ceil(p * active) (the authors' code) or floor (RigL)
+    grown_optimizer_state: str = "zero"  # optimizer state of grown weights; see lightning_selfish.optim_state
+    grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
+    min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
+    update_every_given: bool = False  # the user chose update_every (it is then never scaled)
+
+    @property
+    def reads_gradient(self) -> bool:
+        """An update reads the dense gradient of the step before it (gradient growth, Table 6's gradient score)."""
+        return self.growth.reads == "gradient" or self.gate_redistribution.reads == "gradient"
+
+    @property
+    def reads_momentum(self) -> bool:
+        """An update reads the optimizer's momentum (SNFS's growth or its across-layer redistribution)."""
+        return self.growth.reads == "momentum" or self.redistribution.reads == "momentum"
+
+    @property
+    def dense_gradient_every(self) -> int | str | None:
+        """How often the method needs the dense weight gradient (the FLOPs of Appendix L): ``1`` every step (the
+        momentum of SNFS accumulates dense gradients), the update cadence (RigL: on update steps), or ``None``."""
+        if not self.schedule.updates or not self.growth.grows:
+            return None
+        if self.reads_momentum:
+            return 1
+        if self.reads_gradient:
+            return self.update_every
+        return None
+
+    def part_names(self) -> dict[str, str]:
+        """The name of every part (what a checkpoint, a log or ``selfish-rnn results`` records)."""
+        return {
+            "init": self.init.name,
+            "removal": self.removal.name,
+            "growth": self.growth.name,
+            "redistribution": self.redistribution.name,
+            "gate_redistribution": self.gate_redistribution.name,
+            "schedule": self.schedule.name,
+        }

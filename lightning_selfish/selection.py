@@ -1,0 +1,106 @@
+"""Which parameters a sparse run trains sparse, and what it finds in them before its first step.
+
+Plain PyTorch over a module: the sparsity callback calls these at fit start. They refuse what would silently train
+something other than what was asked: a pattern that matches nothing, a weight that another pruning system already
+reparametrises (its masks would multiply with ours), and weights that are already sparse in a pattern that is not
+the one asked for (re-drawing masks over them would zero trained weights).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["adopt_existing_masks", "check_no_other_pruning", "select_parameters"]
+
+#: A tensor with at least this share of exact zeros (and not all zeros) was made sparse: random initialisations
+#: give no exact zeros.
+SPARSE_ZERO_SHARE = 0.1
+
+
+def select_parameters(module: nn.Module, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[str, Tensor]:
+    """The parameters with 2 or more dimensions matched by ``include`` (all by default) and not by ``exclude``."""
+    candidates = {name: p for name, p in module.named_parameters() if p.dim() >= 2}
+    for arg, patterns in (("include", include or []), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+                raise ValueError(
+                    f"{arg} pattern {pattern!r} matches no parameter with 2 or more dimensions; "
+                    f"these are: {sorted(candidates)}"
+                )
+    chosen = {
+        name: p
+        for name, p in candidates.items()
+        if (include is None or any(fnmatch.fnmatchcase(name, pat) for pat in include))
+        and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+    }
+    if not chosen:
+        raise ValueError(
+            f"no parameter left to sparsify (include={include}, exclude={list(exclude)}); "
+            f"parameters with 2 or more dimensions: {sorted(candidates)}"
+        )
+    return chosen
+
+
+def check_no_other_pruning(module: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Refuse weights that ``torch.nn.utils.prune`` or ``torch.nn.utils.parametrize`` already reparametrise.
+
+    Their masks (or functions) would apply on top of ours: ``ModelPruning(amount=0.3)`` beside a callback at
+    sparsity 0.5 trains with about 0.66 of the weights zero while the callback reports 0.5.
+    """
+    from torch.nn.utils import parametrize, prune
+
+    for module_name, child in module.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for hook in child._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod) and f"{prefix}{hook._tensor_name}_orig" in params:
+                raise ValueError(
+                    f"{prefix}{hook._tensor_name} is pruned by torch.nn.utils.prune ({type(hook).__name__}): its "
+                    "mask would multiply with SelfishSparsityCallback's, so the model would be sparser than the "
+                    "callback reports. Remove that pruning (torch.nn.utils.prune.remove) or exclude the weight "
+                    "(exclude=[...])"
+                )
+        if parametrize.is_parametrized(child):
+            for tensor_name in child.parametrizations:
+                original = f"{prefix}parametrizations.{tensor_name}.original"
+                if original in params:
+                    raise ValueError(
+                        f"{prefix}{tensor_name} is reparametrised by torch.nn.utils.parametrize: the callback "
+                        f"would mask {original}, not the weight the module uses. Remove the parametrization "
+                        "or exclude the weight (exclude=[...])"
+                    )
+
+
+@torch.no_grad()
+def adopt_existing_masks(params: Mapping[str, Tensor], budgets: Mapping[str, int]) -> dict[str, Tensor] | None:
+    """The weights' own zero pattern as masks when they are already sparse with exactly the asked-for counts.
+
+    Returns ``None`` when no tensor looks sparse (a fresh model: draw masks). Raises when some tensor is already
+    sparse but the counts differ from ``budgets`` (a model trained at another sparsity or init): drawing masks over
+    it would zero trained weights, adopting it would train another sparsity than the one asked for.
+    """
+    nonzero = {name: int(p.count_nonzero()) for name, p in params.items()}
+    sparse = [
+        name
+        for name, p in params.items()
+        if nonzero[name] > 0 and (p.numel() - nonzero[name]) >= SPARSE_ZERO_SHARE * p.numel()
+    ]
+    if not sparse:
+        return None
+    if all(nonzero[name] == budgets[name] for name in params):
+        return {name: p != 0 for name, p in params.items()}
+    differ = [
+        f"{name}: {nonzero[name]} nonzero, {budgets[name]} asked" for name in params if nonzero[name] != budgets[name]
+    ]
+    zeros = ", ".join(f"{n} {1 - nonzero[n] / params[n].numel():.3f} zero" for n in sparse[:3])
+    zeros += ", ..." if len(sparse) > 3 else ""
+    counts = "; ".join(differ[:3]) + ("; ..." if len(differ) > 3 else "")
+    raise ValueError(
+        f"the model's weights are already sparse ({zeros}) but not with the counts this callback asks for "
+        f"({counts}): new random masks would zero trained weights. Give the sparsity and init the weights were "
+        "trained with (their zero pattern is then adopted as the masks), resume with fit(ckpt_path=...), or start "
+        "from dense weights"
+    )
