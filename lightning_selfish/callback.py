@@ -272,11 +272,14 @@ class SelfishSparsityCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse, before any work, a strategy that shards weights, a second pruning system and a run of no step."""
+        """Refuse, before any work, a strategy that shards weights, a second pruning system, weight averaging across
+        topology updates and a run of no step."""
         if stage != "fit":
             return
         _check_strategy(trainer)  # (Lightning itself refuses two callbacks with the same state_key)
         _check_no_pruning_callback(trainer)
+        if self.config.schedule.updates:
+            _check_no_weight_averaging(trainer)
         if trainer.max_epochs == 0 or trainer.max_steps == 0:  # (Lightning then skips on_fit_start: refuse here)
             self._run_length(trainer)
 
@@ -583,6 +586,19 @@ def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
                 f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
                 "ModelPruning's masks would multiply with this callback's, so the model would be sparser than "
                 "reported (e.g. 0.66-0.68 zero at sparsity=0.5 with amount=0.3). Use one of the two"
+            )
+
+
+def _check_no_weight_averaging(trainer: pl.Trainer) -> None:
+    for callback in trainer.callbacks:
+        names = {cls.__name__ for cls in type(callback).__mro__}
+        if names & {"WeightAveraging", "StochasticWeightAveraging"}:
+            raise ValueError(
+                f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
+                f"{type(callback).__name__} averages weights across topology updates, so the averaged model is not "
+                "sparse (a removed weight keeps its average, a grown one starts from another's). Use "
+                "lightning_selfish.SNTASGD with NonMonotonicTrigger, which averages every weight over its own "
+                "lifetime (the paper's SNT-ASGD), or method='static', whose masks never change"
             )
 
 
