@@ -595,3 +595,41 @@ def test_pruning_to_a_density_is_exact_and_masks_only_shrink(gate, removal, dens
         for name, t in engine.tensors.items():
             assert int(t.mask.sum()) == topology.uniform_count(t.mask.numel(), target)
             assert not (t.mask & ~before[name]).any() and (t.param[~t.mask] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a user's own part (docs/methods.md, "Adding a part")
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_growth_part_registered_as_documented_gives_the_builtin_gradient_masks(monkeypatch) -> None:
+    """docs/methods.md: a growth rule is one object carrying what it reads. Wrapping the built-in gradient growth
+    must give its masks exactly, registered by name or handed over as the object (the dense gradient copy is made
+    because the part says it reads the gradient, not because of its name)."""
+    from lightning_selfish.methods import GROWTHS
+    from lightning_selfish.parts import Growth
+
+    mine = Growth("gradient_v2", topology.gradient_growth, reads="gradient")
+    monkeypatch.setitem(GROWTHS, "gradient_v2", mine)
+    masks = []
+    for growth in ("gradient", "gradient_v2", mine):
+        cb = SelfishSparsityCallback(sparsity=0.6, method="rigl", growth=growth, seed=1, update_every=3)
+        pl.seed_everything(0, verbose=False)
+        make_trainer([cb], max_epochs=2).fit(TinyLM(), token_loader())
+        assert cb.num_updates == 3 and cb.controller.needs_gradient  # steps 3, 6, 9 (RigL stops at 75 %)
+        masks.append({name: mask.clone() for name, mask in cb.masks.items()})
+    for other in masks[1:]:
+        assert all(torch.equal(masks[0][name], other[name]) for name in masks[0])
+    # and the dense gradient matters: growing from the masked gradient would give other masks
+    masked = Growth("masked", lambda mask, n, grad: topology.gradient_growth(mask, n, grad * mask), reads="gradient")
+    cb = SelfishSparsityCallback(sparsity=0.6, method="rigl", growth=masked, seed=1, update_every=3)
+    pl.seed_everything(0, verbose=False)
+    make_trainer([cb], max_epochs=2).fit(TinyLM(), token_loader())
+    assert any(not torch.equal(masks[0][name], cb.masks[name]) for name in masks[0])
+
+
+def test_a_part_that_reads_nothing_known_is_refused() -> None:
+    from lightning_selfish.parts import Growth
+
+    with pytest.raises(ValueError, match=r"Growth 'mine': reads must be 'generator', 'gradient' or 'momentum'"):
+        Growth("mine", topology.gradient_growth, reads="grad")
