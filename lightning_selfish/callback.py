@@ -345,9 +345,9 @@ class SelfishSparsityCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch cadence: the update of the previous epoch's end.
 
-        It belongs after that epoch's validation *and* checkpointing (docs/callback.md, "When updates happen"): a
-        checkpoint then holds the weights that were validated, and resuming from it replays the update. No step
-        happens in between, so this is the same point in training as the end of the previous epoch.
+        It belongs after that epoch's validation *and* checkpointing (docs/callback.md, "When exactly is once per
+        epoch?"): a checkpoint then holds the weights that were validated, and resuming from it replays the update.
+        No step happens in between, so this is the same point in training as the end of the previous epoch.
         """
         amount = self.controller.update_due_at_epoch_start(trainer.current_epoch - 1, trainer.global_step)
         if amount is not None:

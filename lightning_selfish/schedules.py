@@ -41,8 +41,8 @@ def cosine_prune_rate(step: int, total_steps: int | float, initial: float, final
     """Cosine annealing of the prune rate from ``initial`` at step 0 to ``final`` at ``total_steps``.
 
     This is ``CosineAnnealingLR(eta_min=0.005)`` stepped once per optimizer step, as in the authors' code. Past
-    ``total_steps`` the rate stays at ``final`` (the authors' schedule would start rising again: docs/methods.md,
-    "Where each preset follows its own paper"). A ``final`` above ``initial`` is clamped to ``initial`` so that
+    ``total_steps`` the rate stays at ``final`` (the authors' ``CosineAnnealingLR`` would start rising again:
+    docs/callback.md, "What happens, and when", item 4). A ``final`` above ``initial`` is clamped to ``initial`` so that
     ``prune_rate=0`` means a static mask.
     """
     final = min(final, initial)
