@@ -71,9 +71,10 @@ class SelfishSparsityCallback(Callback):
             gradient clipping. ``False`` (default) clips the dense gradient, as the authors' code does (clipping
             over the masked gradient makes every clipped step about 1/sqrt(density) times larger).
         min_prune_rate: where the cosine schedule ends (the authors' ``eta_min``, 0.005; RigL: 0).
-        total_steps: length of the run in optimizer steps for the schedules; default the trainer's
-            ``estimated_stepping_batches``. Give it when that is unknown (an iterable without a length, such as
-            variable-length BPTT: the authors use ``epochs * train_rows // bptt``).
+        total_steps: length of the run in optimizer steps for the schedules, or a callable ``fn(trainer)`` that
+            returns it (or None) at fit start; default the trainer's ``estimated_stepping_batches``. Give it when
+            that is unknown (an iterable without a length, such as variable-length BPTT: the authors use
+            ``epochs * train_rows // bptt``).
         verbose: log a per-tensor, per-gate text summary at every update.
         method: the preset: ``"selfish"``, ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"``, ``"gmp"``.
         redistribution: across layers: ``"none"``, ``"nonzeros"`` (DSR: by surviving weights) or ``"momentum"``
@@ -139,9 +140,13 @@ class SelfishSparsityCallback(Callback):
             threshold=threshold,
             threshold_tolerance=threshold_tolerance,
         )
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
-            raise TypeError(f"total_steps must be a positive int or None, got {total_steps!r}")
-        if total_steps is not None and total_steps < 1:
+        if (
+            total_steps is not None
+            and not callable(total_steps)
+            and (isinstance(total_steps, bool) or not isinstance(total_steps, int))
+        ):
+            raise TypeError(f"total_steps must be a positive int, a callable or None, got {total_steps!r}")
+        if total_steps is not None and not callable(total_steps) and total_steps < 1:
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
@@ -524,8 +529,14 @@ class SelfishSparsityCallback(Callback):
         return self._batch_idx + 1 >= trainer.num_training_batches
 
     def _run_length(self, trainer: pl.Trainer) -> int:
-        if self.total_steps is not None:
-            return self.total_steps
+        # total_steps may be a callable fn(trainer) -> int | None, asked at fit start (None: the trainer's estimate)
+        given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, int):
+                raise TypeError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
+            if given < 1:
+                raise ValueError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
+            return given
         total = trainer.estimated_stepping_batches
         # Lightning gives inf without max_epochs/max_steps, and -1 (its max_steps default) for max_epochs with a
         # train dataloader that has no length: a cosine over either would stay at the initial rate for ever.

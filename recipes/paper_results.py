@@ -45,8 +45,8 @@ METHOD_OVERLAYS = {
     "gmp": "methods/gmp.yaml",
     "dense": "methods/dense.yaml",
     "no_redistribution": "methods/no_redistribution.yaml",
-    "gates_magnitude": None,  # Table 6: --model.gate_redistribution magnitude
-    "gates_gradient": None,  # Table 6: --model.gate_redistribution gradient
+    "gates_magnitude": None,  # Table 6: --model.sparsity.gate_redistribution magnitude
+    "gates_gradient": None,  # Table 6: --model.sparsity.gate_redistribution gradient
 }
 OPTIMIZER_OVERLAYS = {
     "sntasgd": None,  # the model configs' optimizer
@@ -98,7 +98,7 @@ class PaperRow:
         if OPTIMIZER_OVERLAYS[self.optimizer] is not None:
             args += ["--config", f"{CONFIGS}/{OPTIMIZER_OVERLAYS[self.optimizer]}"]
         if self.sparsity is not None and self.sparsity != DEFAULT_SPARSITY[self.model]:
-            args += ["--model.sparsity", f"{self.sparsity:g}"]
+            args += ["--model.sparsity.sparsity", f"{self.sparsity:g}"]
         return args + list(self.extra_args)
 
     def command(self) -> str:
@@ -129,17 +129,19 @@ def signature_of_config(config: dict[str, Any]) -> tuple[Any, ...] | None:
     if not matches:
         return None
     name = matches[0]
-    sparsity = model.get("sparsity")
-    method = str(model.get("method") or "selfish")
+    group = model.get("sparsity")  # SelfishSparsityCallback's arguments (model.sparsity.*), or None: dense
+    sparse = group if isinstance(group, dict) else {}
+    sparsity = sparse.get("sparsity")
+    method = str(sparse.get("method") or "selfish")
     if sparsity is None:
         # the small_dense/ overlays log under "<model>_small_dense": a narrower debugging run stays "dense"
         method = "small_dense" if "small_dense" in _logger_name(config) else "dense"
-    elif method == "static" and model.get("sparse_init") == "er":
+    elif method == "static" and sparse.get("init") == "er":
         method = "static_er"
-    elif method == "selfish" and model.get("gate_redistribution") in (False, "none"):
+    elif method == "selfish" and sparse.get("gate_redistribution") in (False, "none"):
         method = "no_redistribution"
-    elif method == "selfish" and model.get("gate_redistribution") in ("magnitude", "gradient"):
-        method = f"gates_{model['gate_redistribution']}"
+    elif method == "selfish" and sparse.get("gate_redistribution") in ("magnitude", "gradient"):
+        method = f"gates_{sparse['gate_redistribution']}"
     optimizer = str(model.get("optimizer") or "sntasgd")
     restarts = tuple(int(epoch) for epoch in model.get("restart_at_epochs") or ())
     return (name, method, optimizer, None if sparsity is None else float(sparsity), restarts)
@@ -366,7 +368,7 @@ def _rows() -> list[PaperRow]:
             "21.8M",
             val,
             test,
-            extra_args=("--model.gate_redistribution", gate_mode),
+            extra_args=("--model.sparsity.gate_redistribution", gate_mode),
         )
     add("6", lstm, "Ours (joint ranking)", "selfish", "sntasgd", 0.67, "21.8M", 73.76, 71.65)
 

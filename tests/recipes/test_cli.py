@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -149,13 +150,14 @@ def test_every_config_parses_and_instantiates(composition: tuple[str, str], know
     if variant in ("dense", "small_dense"):
         assert model.sparsity is None
         return
-    assert model.sparsity == sparsity
-    arguments = model.sparsity_arguments()
-    assert arguments.get("prune_rate") == (None if variant == "static" else prune_rate)
-    assert arguments.get("method") == {"static": "static", "no_redistribution": "selfish"}.get(variant)
-    assert arguments.get("gate_redistribution", True) is (variant != "no_redistribution")
-    assert "init" not in arguments and "update_every" not in arguments, "the model configs leave these to the method"
-    assert model.sparsity_exclude == (["prior.weight"] if cls is AWDLSTMMoS else [])
+    assert model.sparsity.sparsity == sparsity
+    group = model.sparsity
+    assert group.prune_rate == (None if variant == "static" else prune_rate)
+    assert group.method == {"static": "static"}.get(variant, "selfish")
+    assert group.gate_redistribution is (False if variant == "no_redistribution" else None)
+    assert group.init is None and group.update_every is None, "the model configs leave these to the method"
+    assert group.verbose is True  # the recipes log the per-gate summary
+    assert model.sparsity_arguments()["exclude"] == (["network.prior.weight"] if cls is AWDLSTMMoS else [])
 
 
 def test_command_line_overrides(known_vocab: None) -> None:
@@ -165,7 +167,7 @@ def test_command_line_overrides(known_vocab: None) -> None:
         str(config),
         "--trainer.max_epochs",
         "3",
-        "--model.sparsity",
+        "--model.sparsity.sparsity",
         "0.62",
         "--model.network.init_args.nhid",
         "16",
@@ -175,19 +177,37 @@ def test_command_line_overrides(known_vocab: None) -> None:
         "20",
     ]
     cli = build_cli(args=args, run=False)
-    assert cli.trainer.max_epochs == 3 and cli.model.sparsity == 0.62
+    assert cli.trainer.max_epochs == 3 and cli.model.sparsity.sparsity == 0.62
     assert cli.model.network.nhid == 16 and cli.model.bptt == 20
     sparse = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert sparse.sparsity == 0.62 and sparse.prune_rate == 0.7
 
-    # --model.method picks a preset; the model config's prune rate and explicit parts override it
-    args += ["--model.method", "rigl", "--model.gate_redistribution", "magnitude"]
+    # --model.sparsity.method picks a preset; the model config's prune rate and explicit parts override it
+    args += ["--model.sparsity.method", "rigl", "--model.sparsity.gate_redistribution", "magnitude"]
     cli = build_cli(args=args, run=False)
     rigl = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert (rigl.method, rigl.growth, rigl.init, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
     assert rigl.gate_redistribution == "magnitude" and rigl.update_every == 100
-    with pytest.raises(ValueError, match=r"method must be one of \['selfish', .*got 'pruning'"):
-        build_cli(args=[*args, "--model.method", "pruning"], run=False)
+    with pytest.raises(ValueError, match=r"sparsity.method must be one of \['selfish', .*got 'pruning'"):
+        build_cli(args=[*args, "--model.sparsity.method", "pruning"], run=False)
+
+
+def test_the_sparsity_group_composes_and_refuses_unknown_keys(known_vocab: None, tmp_path: Path) -> None:
+    base = ["--config", str(CONFIG_DIR / "stacked_lstm_ptb.yaml")]
+    # an overlay sets only the keys it names; the command line wins over both
+    rigl = ["--config", str(CONFIG_DIR / "methods/rigl.yaml"), "--model.sparsity.min_prune_rate", "0.01"]
+    with torch.device("meta"):
+        group = build_cli(args=[*base, *rigl], run=False).model.sparsity
+    assert (group.sparsity, group.prune_rate, group.method, group.update_every) == (0.67, 0.7, "rigl", "epoch")
+    assert (group.update_until, group.min_prune_rate) == (1.0, 0.01)
+    with torch.device("meta"):
+        assert build_cli(args=[*base, "--model.sparsity", "null"], run=False).model.sparsity is None
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text("model:\n  sparsity:\n    sparsty: 0.5\n")
+    with pytest.raises(argparse.ArgumentError, match="Option 'sparsty' is not accepted"):
+        build_cli(args=[*base, "--config", str(misspelt)], run=False, exit_on_error=False)
+    with pytest.raises(argparse.ArgumentError, match="prune_rate"):
+        build_cli(args=[*base, "--model.sparsity.prune_rate", "high"], run=False, exit_on_error=False)
 
 
 def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,9 +215,16 @@ def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for argument in ("--model.sparsity", "--model.optimizer", "--model.prune_rate", "--data.bptt", "--ckpt_path"):
+    for argument in ("--model.sparsity", "--model.sparsity.help", "--model.optimizer", "--data.bptt", "--ckpt_path"):
         assert argument in text
-    assert "gate_redistribution" in text and "SNT-ASGD" in text
+    assert "SNT-ASGD" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.sparsity.help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out  # the callback's arguments, their types, defaults and docs
+    for argument in ("--model.sparsity.sparsity", "--model.sparsity.prune_rate", "--model.sparsity.method"):
+        assert argument in text
+    assert "gate_redistribution" in text and "cosine schedule ends" in text
 
 
 # ----------------------------------------------------------------------------------------------------- runs
