@@ -3,7 +3,7 @@
 ::
 
     selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml
-    selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml --trainer.max_epochs 3 --model.sparsity.sparsity 0.62
+    selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml --model.sparsity.sparsity 0.62
     selfish-rnn test --config recipes/configs/stacked_lstm_ptb.yaml --ckpt_path best
     selfish-rnn fit  --help
 
