@@ -1,4 +1,4 @@
-"""Language-modelling data for the Selfish-RNN recipes: PTB and WikiText-2 (docs/MODELS.md section 1).
+"""Language-modelling data for the Selfish-RNN recipes: PTB and WikiText-2 (docs/data.md).
 
 Everything here reproduces the data pipeline shared by the reference implementations (Selfish-RNN,
 awd-lstm-lm, MoS, ON-LSTM) exactly, because the published perplexities depend on it:
@@ -553,7 +553,7 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 def variable_bptt_windows(
     rows: int, bptt: int, rng: np.random.Generator, max_seq_len: int | None = None
 ) -> list[tuple[int, int]]:
-    """``(start, seq_len)`` of one variable-BPTT epoch (awd-lstm-lm; docs/MODELS.md 1.3).
+    """``(start, seq_len)`` of one variable-BPTT epoch (awd-lstm-lm; docs/data.md#variable-length-bptt-on-lstm-mos).
 
     Per window: ``base = bptt`` w.p. 0.95 else ``bptt / 2``; ``seq_len = max(5, int(Normal(base, 5)))``
     (truncated toward zero); then ``min(seq_len, max_seq_len)`` if a cap is given (MoS uses

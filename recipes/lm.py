@@ -2,7 +2,7 @@
 
 It wraps any network with the interface of :mod:`recipes.models` (``init_hidden(B)`` and
 ``forward(input (T, B), hidden) -> LMOutput(log_probs, hidden, ar, tar)``) and reproduces the loop the four
-reference codebases share (MODELS.md sections 1.4, 1.5, 2, 7 and 10):
+reference codebases share (docs/models.md#the-training-loop):
 
 * the hidden state is carried from window to window, detached each step (truncated BPTT), and zeroed at the start
   of every training epoch and of every evaluation pass;
@@ -282,7 +282,7 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
-        self._train_hidden = None  # every epoch starts from a zero state (MODELS.md 1.4)
+        self._train_hidden = None  # every epoch starts from a zero state (docs/models.md#hidden-state)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seq_len = batch[2] if len(batch) > 2 else batch[0].size(0)
@@ -448,7 +448,7 @@ class LanguageModel(pl.LightningModule):
         self._log_split("test", self.test_ce)
 
     def _log_split(self, split: str, metric: TokenWeightedCrossEntropy) -> None:
-        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1) (MODELS.md 1.5).
+        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1) (docs/models.md#loss-and-perplexity).
         if metric.update_count:
             mean = metric.compute()
             self.log(f"{split}_loss", mean, prog_bar=split != "val")

@@ -21,7 +21,7 @@ from tests.conftest import write_random_corpus
 MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 
-# The paper's models (MODELS.md, [verified] parameter counts) and their small dense counterparts.
+# The paper's models (docs/models.md#parameter-counts) and their small dense counterparts.
 PARAMETERS = {StackedLSTM: 66_034_000, RHN: 23_484_060, ONLSTM: 25_232_180, AWDLSTMMoS: 34_909_528}
 SMALL_DENSE = {"stacked_lstm_ptb": 21_861_200, "rhn_ptb": 11_104_524, "onlstm_ptb": 11_433_668}
 # Table 4: (class, sparsity, prune rate, lr, epochs, seed, batch, eval batch, test batch, bptt, variable).
