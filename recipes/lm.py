@@ -448,7 +448,8 @@ class LanguageModel(pl.LightningModule):
         self._log_split("test", self.test_ce)
 
     def _log_split(self, split: str, metric: TokenWeightedCrossEntropy) -> None:
-        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1) (docs/models.md#loss-and-perplexity).
+        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1)
+        # (docs/models.md#loss-and-perplexity).
         if metric.update_count:
             mean = metric.compute()
             self.log(f"{split}_loss", mean, prog_bar=split != "val")

@@ -230,7 +230,8 @@ def _rows() -> list[PaperRow]:
     ):
         add("2", lstm, f"{label} (SNT-ASGD)", method, "sntasgd", s, "25.2M", val, test, train_flops=tf, test_flops=sf)
 
-    # ---- Table 2: RHN, right side (sparsity 0.53 is the configs' 0.528: density 0.472, docs/models.md#parameter-counts)
+    # ---- Table 2: RHN, right side (sparsity 0.53 is the configs' 0.528: density 0.472;
+    # docs/models.md#parameter-counts)
     zilly = "Zilly et al. (2017)"
     add("2", rhn, "Dense*", "dense", "sgd", None, "23.5M", 67.90, 65.40, train_flops=1, test_flops=1, quoted=zilly)
     add("2", rhn, "Dense (NT-ASGD)", "dense", "ntasgd", None, "23.5M", 63.44, 61.84, train_flops=1, test_flops=1)

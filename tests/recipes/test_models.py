@@ -361,7 +361,7 @@ def test_stacked_lstm_matches_gate_equations():
 
 
 def rhn_reference(model: RHN, x: Tensor, s: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """docs/models.md#model-b-rhn-ptb: the recurrence, gates H and T read from the declared rows; one mask for all steps and blocks."""
+    """The recurrence (docs/models.md#model-b-rhn-ptb), H and T read from the declared rows; one mask for all steps."""
     layouts = {n: lookup(lay) for n, lay in detect_gate_layouts(model).items()}
     outs = []
     for t in range(x.size(0)):
@@ -416,7 +416,7 @@ def test_rhn_gate_rows_by_marker():
 
 
 def onlstm_reference(cell, x, h, c, w_hh):
-    """docs/models.md#model-c-on-lstm-ptb: the cell's equations, every gate read from the declared rows; c kept flat as (B, H)."""
+    """The cell's equations (docs/models.md#model-c-on-lstm-ptb), every gate read from its declared rows."""
     lay_ih, lay_hh = lookup(cell.gate_layouts["ih.0.weight"]), lookup(cell.gate_layouts["hh.weight"])
     w_ih, b_ih, b_hh = cell.ih[0].weight, cell.ih[0].bias, cell.hh.bias
     c = c.reshape(c.size(0), -1)
