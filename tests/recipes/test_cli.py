@@ -284,6 +284,45 @@ def test_fit_then_test_the_best_checkpoint_in_another_process(
     assert resumed.trainer.current_epoch == 3 and resumed.trainer.global_step == 9
 
 
+@pytest.mark.parametrize(
+    "limit,match",
+    [
+        ("--trainer.max_epochs=0", r"--trainer.max_epochs 0 trains nothing \(0 epochs\)"),
+        ("--trainer.max_steps=0", r"--trainer.max_steps 0 trains nothing \(0 optimizer steps\)"),
+        ("--trainer.limit_train_batches=0", r"--trainer.limit_train_batches 0(\.0)? trains nothing"),
+        ("--trainer.limit_train_batches=0.0", r"--trainer.limit_train_batches 0.0 trains nothing"),
+    ],
+)
+def test_a_fit_that_trains_nothing_is_an_error(
+    limit: str, match: str, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It used to end with "selfish-rnn fit: done", exit status 0 and an empty log folder.
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIG_DIR / "quickstart.yaml"), *tiny_data(corpus_dir), limit]
+    with pytest.raises(ValueError, match=match):
+        build_cli(args=args, exit_on_error=False)
+    assert not (tmp_path / "lightning_logs").exists(), "refused before anything was created"
+
+
+def test_a_resume_of_a_finished_run_says_nothing_was_trained(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--config",
+        str(CONFIG_DIR / "stacked_lstm_ptb.yaml"),
+        *TINY["stacked_lstm_ptb"],
+        *tiny_data(corpus_dir),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    ]
+    build_cli(args=["fit", *common])
+    with pytest.raises(ValueError, match=r"nothing was trained: the checkpoint .*last.ckpt is already at epoch 1, "):
+        build_cli(args=["fit", *common, "--ckpt_path", "last"])
+
+
 def test_best_without_an_earlier_run_is_a_clear_error(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
