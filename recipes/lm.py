@@ -16,7 +16,9 @@ reference codebases share (docs/models.md#the-training-loop):
 
 The callbacks a run needs come from :meth:`LanguageModel.configure_callbacks`, so the module alone decides them
 from its arguments: ``SelfishSparsityCallback`` when ``sparsity`` is given, ``NonMonotonicTrigger`` for the
-averaged-SGD optimizers, and a ``ModelCheckpoint`` that keeps the best validation model.
+averaged-SGD optimizers, a ``ModelCheckpoint`` that keeps the best validation model, and ``RandomStateCheckpoint``.
+A checkpoint also holds the hidden state carried to the next training window, so together with the DataModule's
+position in the epoch a resumed fit is exactly the uninterrupted one, dropout included (docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.history import MaskHistory
 from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.random_state import RandomStateCheckpoint
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
 from recipes.compat import module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
 
 Callback = pl.Callback
+rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
 ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
@@ -284,6 +288,35 @@ class LanguageModel(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_hidden = None  # every epoch starts from a zero state (docs/models.md#hidden-state)
 
+    def on_train_start(self) -> None:
+        # a state restored from a mid-epoch checkpoint (on_load_checkpoint) goes to the device the model is on now
+        if self._train_hidden is not None:
+            self._train_hidden = _to_device(self._train_hidden, self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the hidden state carried to the next training window, so a mid-epoch resume carries it on."""
+        hidden = _to_device(self._train_hidden, "cpu")
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * trainer.world_size  # every rank carries its own columns' states
+            torch.distributed.all_gather_object(ranks, hidden)
+        else:
+            ranks = [hidden]
+        checkpoint["train_hidden"] = ranks
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ranks = checkpoint.get("train_hidden")  # absent from older checkpoints: the state starts at zero
+        trainer = self._trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_hidden = None
+        if isinstance(ranks, list) and len(ranks) == world_size:
+            self._train_hidden = ranks[rank]
+        elif isinstance(ranks, list):
+            rank_zero_warn(
+                f"the checkpoint holds the carried hidden states of {len(ranks)} process(es), this run has "
+                f"{world_size}: a resume in the middle of an epoch starts the hidden state at zero"
+            )
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seq_len = batch[2] if len(batch) > 2 else batch[0].size(0)
         self._lr_scale = float(seq_len) / self.bptt
@@ -495,6 +528,7 @@ class LanguageModel(pl.LightningModule):
                 callbacks.append(MaskHistory())
         if self.flops:
             callbacks.append(FlopsCallback())
+        callbacks.append(RandomStateCheckpoint())  # resumes draw the dropout masks the saved run would have
         if self.optimizer_name in AVERAGING_OPTIMIZERS:
             callbacks.append(
                 NonMonotonicTrigger(monitor="val_loss", nonmono=self.nonmono, restart_at_epochs=self.restart_at_epochs)
@@ -629,6 +663,15 @@ def detach_hidden(hidden: Any) -> Any:
         return tuple(detach_hidden(h) for h in hidden)
     if isinstance(hidden, list):
         return [detach_hidden(h) for h in hidden]
+    return hidden
+
+
+def _to_device(hidden: Any, device: Any) -> Any:
+    """A carried hidden state (tensors nested in tuples and lists, with ints beside them) on ``device``."""
+    if isinstance(hidden, Tensor):
+        return hidden.to(device)
+    if isinstance(hidden, (tuple, list)):
+        return type(hidden)(_to_device(h, device) for h in hidden)
     return hidden
 
 

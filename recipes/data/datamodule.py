@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -49,6 +50,9 @@ class LanguageModelingDataModule(pl.LightningDataModule):
     ``batch_size / world_size`` columns with the same windows (so every rank takes the same number of steps),
     while validation and test run over all columns on every rank (identical metrics on every rank, no
     sampler, batch size 1 allowed).
+
+    A checkpoint holds the epoch and the number of its windows already trained (:meth:`state_dict`), so a fit resumed
+    from a checkpoint written in the middle of an epoch goes on with the next window, as the saved run did.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         self.verify = verify
         self._corpus: Corpus | None = None
         self._resolved: Path | None = None
+        self._position = (-1, 0)  # (epoch, windows of it handed to training so far)
+        self._resume: tuple[int, int] | None = None  # a checkpoint's position, for the next training pass
 
     # -- corpus -------------------------------------------------------------------------------------------------
 
@@ -192,7 +198,7 @@ class LanguageModelingDataModule(pl.LightningDataModule):
         world_size, rank = self._world()
         columns = rank_columns(self.batch_size, world_size, rank)
         source = self.batchified("train")[:, columns].contiguous()
-        return BPTTWindows(
+        windows = BPTTWindows(
             source,
             self.bptt,
             variable=self.variable_bptt,
@@ -200,6 +206,35 @@ class LanguageModelingDataModule(pl.LightningDataModule):
             seed=self.seed,
             epoch=self._current_epoch,
         )
+        if self._resume is not None:
+            windows.resume_at(*self._resume)
+            self._position, self._resume = self._resume, None
+        return windows
+
+    # -- resuming ---------------------------------------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training windows of the epoch as Lightning hands them to the training step."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch, done = self._position
+            epoch_now = self._current_epoch()
+            self._position = (epoch_now, done + 1 if epoch == epoch_now else 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch, how many of its windows were trained, and whether that was
+        its last one (Lightning decides, e.g. with ``limit_train_batches``). Lightning saves it in checkpoints."""
+        epoch, done = self._position
+        trainer = self.trainer
+        finished = trainer is not None and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        return {"epoch": epoch, "windows_trained": done, "epoch_finished": finished}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training pass go on where the checkpoint's run was (older checkpoints hold no position)."""
+        if {"epoch", "windows_trained", "epoch_finished"} <= set(state_dict) and state_dict["epoch"] >= 0:
+            epoch, done = int(state_dict["epoch"]), int(state_dict["windows_trained"])
+            self._resume = (epoch + 1, 0) if state_dict["epoch_finished"] else (epoch, done)
 
     def num_train_windows(self, epoch: int = 0) -> int:
         """Exact number of training steps in ``epoch`` (the same on every rank)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
@@ -176,7 +177,22 @@ class BPTTWindows(Dataset):
         self.max_seq_len = max_seq_len
         self.seed = seed
         self._epoch = epoch
+        self._resume: tuple[int, int] | None = None
         epoch_rng(seed, 0)  # validate the seed now rather than at the first epoch
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Make the next pass the windows of ``epoch`` from its window ``done`` on (a resume); later passes are
+        whole epochs again.
+
+        The epoch is given, not read: a resumed fit may start its iterator before Lightning has restored its epoch
+        count (a callback that reads ``trainer.estimated_stepping_batches`` at fit start loads the dataloader then).
+        """
+        self._resume = (int(epoch), int(done))
+
+    def _next_pass(self) -> tuple[int, int]:
+        """``(epoch, first window)`` of the pass that starts now: a pending resume's, else the current epoch's."""
+        resume, self._resume = self._resume, None
+        return resume if resume is not None else (self.epoch, 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the epoch whose windows the next iteration yields (for use outside a Trainer)."""
@@ -206,7 +222,8 @@ class BPTTWindows(Dataset):
         return BPTTBatch(inp, target, seq_len)
 
     def __iter__(self) -> Iterator[BPTTBatch]:
-        for start, seq_len in self.windows():
+        epoch, first = self._next_pass()
+        for start, seq_len in self.windows(epoch)[first:]:
             yield self._window(start, seq_len)
 
     def __getitem__(self, index: int) -> BPTTBatch:
@@ -230,14 +247,28 @@ class BPTTWindows(Dataset):
         Fixed BPTT: the windows as a sized map-style dataset, read in order by a one-replica
         ``DistributedSampler`` (Lightning replaces any other sampler by a distributed one under DDP, which would
         split the windows between ranks; here each rank already holds its own columns and must see every
-        window). Variable BPTT: an unsized ``IterableDataset`` view, run to exhaustion every epoch.
+        window). Variable BPTT: an unsized ``IterableDataset`` view, run to exhaustion every epoch. Either starts
+        at the window :meth:`resume_at` names.
         """
         # batch_size=None: each item already is a whole batch. num_workers=0: the data is an in-memory tensor
-        # (slicing is free), and worker processes would copy the trainer and read a stale epoch.
+        # (slicing is free), and worker processes would copy the trainer and read a stale epoch. generator: starting
+        # an iterator draws a (here unused) seed, from this generator instead of torch's global one, so the global
+        # random state a resumed run restores is not moved by the data (lightning_selfish.RandomStateCheckpoint).
+        generator = torch.Generator()
         if self.variable:
-            return DataLoader(_UnsizedWindows(self), batch_size=None, num_workers=0)
-        in_order = DistributedSampler(self, num_replicas=1, rank=0, shuffle=False)
-        return DataLoader(self, batch_size=None, sampler=in_order, num_workers=0)
+            return DataLoader(_UnsizedWindows(self), batch_size=None, num_workers=0, generator=generator)
+        return DataLoader(self, batch_size=None, sampler=_InOrder(self), num_workers=0, generator=generator)
+
+
+class _InOrder(DistributedSampler):
+    """Every window of a :class:`BPTTWindows`, in order, from the one a resume names; one replica, no shuffling."""
+
+    def __init__(self, windows: BPTTWindows) -> None:
+        super().__init__(windows, num_replicas=1, rank=0, shuffle=False)
+        self.windows = windows
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.windows._next_pass()[1], len(self.windows)))
 
 
 class _UnsizedWindows(IterableDataset):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.random_state import RandomStateCheckpoint
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
 from recipes.data import BPTTBatch, LanguageModelingDataModule
@@ -324,9 +325,9 @@ def test_callbacks_follow_the_arguments() -> None:
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val_loss", "min", True)
 
     dense = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False)
-    assert [type(cb) for cb in dense.configure_callbacks()] == [FlopsCallback]
+    assert [type(cb) for cb in dense.configure_callbacks()] == [FlopsCallback, RandomStateCheckpoint]
     no_flops = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False, flops=False)
-    assert no_flops.configure_callbacks() == []
+    assert [type(cb) for cb in no_flops.configure_callbacks()] == [RandomStateCheckpoint]
 
 
 def sparsity_callback(**group) -> SelfishSparsityCallback:
@@ -462,24 +463,36 @@ def test_averages_of_a_sparse_model_have_its_topology(optimizer: str, corpus_dir
         assert (ax[~mask] == 0).all() and (ax[mask] != 0).any()
 
 
+class ValLossPerEpoch(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.losses[trainer.current_epoch] = float(trainer.callback_metrics["val_loss"])
+
+
 def test_snt_asgd_validates_and_checkpoints_the_averaged_sparse_model(corpus_dir: Path, tmp_path: Path) -> None:
     dm = datamodule(corpus_dir)
     pl.seed_everything(0, verbose=False)
     lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=5.0, bptt=6, sparsity={"sparsity": 0.5}, nonmono=1)
-    t = trainer(max_epochs=5, limit_train_batches=4, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    losses = ValLossPerEpoch()
+    where = dict(enable_checkpointing=True, default_root_dir=str(tmp_path))
+    t = trainer(max_epochs=5, limit_train_batches=4, callbacks=[losses], **where)
     t.fit(lm, datamodule=dm)
     trigger = next(cb for cb in t.callbacks if isinstance(cb, NonMonotonicTrigger))
     assert trigger.averaging_started_epoch is not None, "lr 5 on this corpus stops improving within 5 epochs"
-    final_val = float(t.callback_metrics["val_loss"])
+    # last.ckpt: the end of the last epoch whose validation improved (Lightning 2.6 writes last.ckpt only beside a
+    # top-k checkpoint), so it is read with the masks and the validation loss of its own epoch
     last = Path(t.checkpoint_callback.dirpath) / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
-    masks = lm._sparsity_callback.masks
+    assert checkpoint["epoch"] > trigger.averaging_started_epoch, "written while averaging"
+    masks = checkpoint["callbacks"]["SelfishSparsityCallback"]["masks"]
     for name, mask in masks.items():
         assert (checkpoint["state_dict"][name][~mask] == 0).all(), "the averaged model is exactly sparse"
         assert not torch.equal(checkpoint["state_dict"][name], checkpoint["raw_state_dict"][name])
-    # The last validation ran on the averages: validating the checkpoint again gives the same loss.
+    # The validation of that epoch ran on the averages: validating the checkpoint again gives the same loss.
     again = trainer().validate(lm, datamodule=dm, ckpt_path=str(last), verbose=False)[0]
-    assert again["val_loss"] == pytest.approx(final_val, rel=1e-6)
+    assert again["val_loss"] == pytest.approx(losses.losses[checkpoint["epoch"]], rel=1e-6)
 
 
 def test_checkpoint_keeps_the_best_validation_model(corpus_dir: Path, tmp_path: Path) -> None:
@@ -510,3 +523,76 @@ def test_argument_errors() -> None:
         LanguageModel(tiny_lstm(), lr=0)
     with pytest.raises(TypeError, match="init_hidden"):
         LanguageModel(nn.Linear(2, 2), lr=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- resuming
+
+
+class Crash(Exception):
+    """Stands for a killed process: the run stops where it is, with only its checkpoints left."""
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+        self.step, self.epoch = step, epoch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step or trainer.current_epoch == self.epoch:
+            raise Crash
+
+
+def fit_with_dropout(
+    corpus_dir: Path, variable: bool, extra=(), ckpt_path=None, root: Path | None = None
+) -> LanguageModel:
+    """A recipe run with dropout 0.5: sparse, variable or fixed BPTT, SNT-ASGD, 3 epochs; with ``root``, the recipe's
+    own checkpoint (best and last) under it."""
+    pl.seed_everything(7, verbose=False)
+    dm = datamodule(corpus_dir, bptt=6, variable_bptt=variable, seed=3)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size, dropout=0.5),
+        lr=2.0,
+        bptt=6,
+        sparsity={"sparsity": 0.5, "seed": 1, "update_every": 5},
+        nonmono=1,
+        checkpoint=root is not None,
+        topology_monitor=False,
+        flops=False,
+    )
+    where = dict(default_root_dir=str(root)) if root else {}
+    checkpointing = root is not None or any(isinstance(cb, ModelCheckpoint) for cb in extra)
+    run = trainer(max_epochs=3, limit_val_batches=2, callbacks=list(extra), enable_checkpointing=checkpointing, **where)
+    run.fit(lm, datamodule=dm, ckpt_path=ckpt_path)
+    return lm
+
+
+@pytest.mark.parametrize(
+    "variable,where",
+    [(True, "mid-epoch"), (False, "mid-epoch"), (True, "end of epoch"), (False, "last.ckpt")],
+    ids=["variable-mid-epoch", "fixed-mid-epoch", "variable-end-of-epoch", "fixed-recipe-last"],
+)
+def test_a_resume_with_dropout_is_exact(variable: bool, where: str, corpus_dir: Path, tmp_path: Path) -> None:
+    """Issue 15.7: with dropout a resumed run drew other masks (Lightning restores no global random state); it also
+    started the hidden state at zero, re-read a mid-epoch checkpoint's epoch from its first window, and, with variable
+    BPTT, an end-of-epoch checkpoint's next epoch read the windows of the epoch before."""
+    straight = fit_with_dropout(corpus_dir, variable)
+    root = None
+    if where == "mid-epoch":  # a checkpoint at step 20, in the middle of the second epoch, then the process dies
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=20, save_top_k=-1, filename="{step}")]
+        crash, path = CrashAt(step=20), tmp_path / "step=20.ckpt"
+    elif where == "end of epoch":  # a checkpoint at the end of the first epoch, then the process dies in the second
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")]
+        crash, path = CrashAt(epoch=1), tmp_path / "epoch=0.ckpt"
+    else:  # the recipe's own last.ckpt (written after validation), what selfish-rnn fit --ckpt_path last resumes
+        saver, root = [], tmp_path / "run"
+        crash, path = CrashAt(step=30), None
+    with pytest.raises(Crash):
+        fit_with_dropout(corpus_dir, variable, extra=[*saver, crash], root=root)
+    path = path or next(root.rglob("last.ckpt"))
+    saved = torch.load(path, weights_only=False)
+    assert saved["global_step"] == 20 if where == "mid-epoch" else saved["epoch"] in (0, 1)
+    resumed = fit_with_dropout(corpus_dir, variable, ckpt_path=path, root=root and tmp_path / "resumed")
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, mask in straight._sparsity_callback.masks.items():
+        assert torch.equal(mask, resumed._sparsity_callback.masks[name]), name
