@@ -90,7 +90,7 @@ def network(args: argparse.Namespace, vocab: int) -> StackedLSTM:
 def recipe_run(args: argparse.Namespace, data: LanguageModelingDataModule, averaging: bool, seed: int) -> Stopwatch:
     pl.seed_everything(seed, verbose=False)
     model = LanguageModel(
-        network(args, data.vocab_size), lr=20.0, sparsity=1 - args.density, prune_rate=0.5, verbose_sparsity=False
+        network(args, data.vocab_size), lr=20.0, sparsity={"sparsity": 1 - args.density, "prune_rate": 0.5}
     )
     watch = Stopwatch(args.device, args.warmup, averaging)
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())  # progress bar

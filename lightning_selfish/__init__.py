@@ -8,6 +8,7 @@ from lightning_selfish.history import MaskHistory, load_mask_history
 from lightning_selfish.methods import METHODS, MethodConfig, MethodPreset
 from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskAwareOptimizer, MaskUpdate
+from lightning_selfish.random_state import RandomStateCheckpoint
 from lightning_selfish.sntasgd import SNTASGD, sntasgd
 from lightning_selfish.trigger import NonMonotonicTrigger
 
@@ -21,6 +22,7 @@ __all__ = [
     "MaskHistory",
     "MaskUpdate",
     "NonMonotonicTrigger",
+    "RandomStateCheckpoint",
     "SelfishSparsityCallback",
     "SparseEngine",
     "TopologyMonitor",

@@ -501,7 +501,9 @@ class SelfishSparsityCallback(Callback):
     def _run_length(self, trainer: pl.Trainer) -> int:
         given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
         if given is not None:
-            if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            if isinstance(given, bool) or not isinstance(given, int):
+                raise TypeError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
+            if given < 1:
                 raise ValueError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
             return given
         trains_nothing = trainer.max_epochs == 0 or trainer.max_steps == 0

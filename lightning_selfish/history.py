@@ -9,6 +9,7 @@ alone. ``init.pt`` holds the masks at the start of the run. :func:`load_mask_his
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,11 @@ class MaskHistory(Callback):
     """
 
     def __init__(self, dirpath: str | Path | None = None, every_n_epochs: int = 1) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise TypeError(f"dirpath must be a path (str or os.PathLike) or None, got {dirpath!r}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
+            raise TypeError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_epochs = every_n_epochs

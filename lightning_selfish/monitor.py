@@ -10,6 +10,7 @@ Nothing runs in the per-step hot path.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -62,20 +63,26 @@ class TopologyMonitor(Callback):
         image_resolution: int = 64,
         gate_chart: bool = True,
     ) -> None:
-        if magnitude_threshold is not None and (
-            isinstance(magnitude_threshold, bool)
-            or not isinstance(magnitude_threshold, (int, float))
-            or magnitude_threshold < 0
-        ):
-            raise ValueError(f"magnitude_threshold must be a number >= 0 or None, got {magnitude_threshold!r}")
+        if magnitude_threshold is not None:
+            if isinstance(magnitude_threshold, bool) or not isinstance(magnitude_threshold, (int, float)):
+                raise TypeError(f"magnitude_threshold must be a number >= 0 or None, got {magnitude_threshold!r}")
+            if not (math.isfinite(magnitude_threshold) and magnitude_threshold >= 0):
+                raise ValueError(
+                    f"magnitude_threshold must be a finite number >= 0 or None, got {magnitude_threshold!r}"
+                )
         for name, value in (("images_every_n_updates", images_every_n_updates), ("image_resolution", image_resolution)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a positive int, got {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, flag in (("mask_images", mask_images), ("gate_chart", gate_chart)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.magnitude_threshold = None if magnitude_threshold is None else float(magnitude_threshold)
-        self.mask_images = bool(mask_images)
+        self.mask_images = mask_images
         self.images_every_n_updates = images_every_n_updates
         self.image_resolution = image_resolution
-        self.gate_chart = bool(gate_chart)
+        self.gate_chart = gate_chart
 
         self.engine: SparseEngine | None = None
         self.initial: dict[str, Tensor] = {}

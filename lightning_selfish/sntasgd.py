@@ -84,6 +84,10 @@ class SNTASGD(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         _check_hyperparameters(lr, weight_decay)
+        if not isinstance(maximize, bool):
+            raise TypeError(f"SNTASGD: maximize must be True or False, got {maximize!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"SNTASGD: foreach must be True, False or None, got {foreach!r}")
         self._masks: dict[Tensor, Tensor] = {}
         self._swapped = False
         defaults = {
@@ -164,10 +168,17 @@ class SNTASGD(Optimizer):
         """
         self._refuse_while_swapped("on_mask_update()")
         index = self._index_of(param)
+        if not isinstance(update, MaskUpdate):
+            raise TypeError(f"SNTASGD.on_mask_update: update must be a MaskUpdate, got {type(update).__name__}")
         for name in ("kept", "new"):
             mask = getattr(update, name)
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != param.shape:
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            if not isinstance(mask, Tensor):
+                raise TypeError(
+                    f"SNTASGD.on_mask_update: update.{name} for parameter {index} must be a bool tensor of shape "
+                    f"{tuple(param.shape)}, got {type(mask).__name__}"
+                )
+            if mask.dtype != torch.bool or mask.shape != param.shape:
+                got = f"{mask.dtype} {tuple(mask.shape)}"
                 raise ValueError(
                     f"SNTASGD.on_mask_update: update.{name} for parameter {index} must be a bool tensor of shape "
                     f"{tuple(param.shape)}, got {got}"
@@ -192,10 +203,19 @@ class SNTASGD(Optimizer):
         The masks are not copied when already on the parameter's device: change one in place, then call
         :meth:`on_mask_update` with a :class:`MaskUpdate` to tell the optimizer which elements were grown.
         """
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"SNTASGD.set_masks: masks must be a mapping {{param: bool mask}}, got {type(masks).__name__}"
+            )
         for param, mask in masks.items():  # check everything before changing anything
             index = self._index_of(param)
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != param.shape:
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            if not isinstance(mask, Tensor):
+                raise TypeError(
+                    f"SNTASGD.set_masks: the mask of parameter {index} must be a bool tensor of shape "
+                    f"{tuple(param.shape)}, got {type(mask).__name__}"
+                )
+            if mask.dtype != torch.bool or mask.shape != param.shape:
+                got = f"{mask.dtype} {tuple(mask.shape)}"
                 raise ValueError(
                     f"SNTASGD.set_masks: the mask of parameter {index} must be a bool tensor of shape "
                     f"{tuple(param.shape)}, got {got}"
@@ -338,6 +358,11 @@ class SNTASGD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved from the same parameter layout; refuses any other before changing anything."""
         self._refuse_while_swapped("load_state_dict()")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "SNTASGD.load_state_dict: expected an optimizer state dict (a mapping), "
+                f"got {type(state_dict).__name__}"
+            )
         groups = self.param_groups
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), Mapping):

@@ -67,7 +67,12 @@ class NonMonotonicTrigger(Callback):
                 "NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs), "
                 f"got {restart_at_epochs!r}"
             )
-        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restart_at_epochs):
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in restart_at_epochs):
+            raise TypeError(
+                "NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs), "
+                f"got {restart_at_epochs!r}"
+            )
+        if not all(e >= 1 for e in restart_at_epochs):
             raise ValueError(
                 "NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs), "
                 f"got {restart_at_epochs!r}"

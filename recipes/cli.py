@@ -3,7 +3,7 @@
 ::
 
     selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml
-    selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml --trainer.max_epochs 3 --model.sparsity 0.62
+    selfish-rnn fit  --config recipes/configs/stacked_lstm_ptb.yaml --model.sparsity.sparsity 0.62
     selfish-rnn test --config recipes/configs/stacked_lstm_ptb.yaml --ckpt_path best
     selfish-rnn fit  --help
 
@@ -97,6 +97,8 @@ class SelfishRNNCLI(LightningCLI):
         # Argument mistakes must surface right after parsing, before the corpus is read (seconds for WikiText-2).
         subcommand = self.config.get("subcommand")
         check_model_arguments(self.config[subcommand]["model"] if subcommand else self.config["model"])
+        if subcommand == "fit":
+            check_trains_something(self.config[subcommand]["trainer"])
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -141,9 +143,22 @@ class SelfishRNNCLI(LightningCLI):
                 rank_zero_info(f"selfish-rnn: --ckpt_path {ckpt_path} is {resolved}")
             arguments["ckpt_path"] = None if resolved is None else str(resolved)
 
+    def before_fit(self) -> None:
+        self._steps_before_fit = _checkpoint_global_step(self.config_init[self.subcommand].get("ckpt_path"))
+
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            log.info("%s", fit_summary(self.trainer, self.model))
+        trainer = self.trainer
+        if not trainer.interrupted and trainer.global_step == self._steps_before_fit:
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"nothing was trained: the checkpoint {ckpt_path} is already at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}, the end of this run (--trainer.max_epochs {trainer.max_epochs}, "
+                f"--trainer.max_steps {trainer.max_steps}); raise them to train on"
+                if ckpt_path
+                else "nothing was trained: the run ended before its first optimizer step"
+            )
+        if trainer.is_global_zero and not trainer.interrupted:
+            log.info("%s", fit_summary(trainer, self.model))
 
     def after_test(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:
@@ -155,6 +170,37 @@ def check_model_arguments(model_config: Any) -> None:
     arguments = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
     arguments = {key: value for key, value in arguments.items() if key != "network" and not key.startswith("__")}
     LanguageModel(_StandInNetwork(), **arguments).configure_callbacks()
+
+
+#: Trainer arguments whose 0 leaves a fit nothing to train, with what they count.
+_RUN_LENGTH_ARGUMENTS = (
+    ("max_epochs", "epochs"),
+    ("max_steps", "optimizer steps"),
+    ("limit_train_batches", "training batches per epoch"),
+)
+
+
+def check_trains_something(trainer_config: Any) -> None:
+    """Refuse a ``fit`` that cannot train a single step, before anything is created.
+
+    Lightning ends such a fit at once and reports success (``selfish-rnn fit: done``, exit status 0, an empty log
+    folder): ``--trainer.max_epochs 0``, ``--trainer.max_steps 0`` or ``--trainer.limit_train_batches 0``.
+    """
+    for key, counted in _RUN_LENGTH_ARGUMENTS:
+        value = trainer_config.get(key)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ValueError(
+                f"--trainer.{key} {value} trains nothing (0 {counted}): selfish-rnn fit needs at least one training "
+                f"step; give a positive --trainer.{key} (or leave it out)"
+            )
+
+
+def _checkpoint_global_step(ckpt_path: Any) -> int:
+    """The optimizer steps a checkpoint has already trained (0 without one)."""
+    if not ckpt_path:
+        return 0
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return int(checkpoint.get("global_step", 0))
 
 
 class _StandInNetwork(nn.Module):
@@ -356,6 +402,7 @@ __all__ = [
     "SelfishRNNCLI",
     "build_cli",
     "check_model_arguments",
+    "check_trains_something",
     "configure_logging",
     "main",
     "resolve_checkpoint",

@@ -100,10 +100,12 @@ Start here:  selfish-rnn fit --config {CONFIG_DIR / "quickstart.yaml"}
 Configs:     {CONFIG_DIR}
 
 The project's arguments (all of them in 'selfish-rnn fit --help'):
-  --model.sparsity S            fraction of every sparsified weight that is zero, in [0, 1); null trains dense
-  --model.prune_rate P          initial fraction of active weights replaced at each topology update
-  --model.static true           keep the initial masks (static sparse training)
-  --model.gate_redistribution false   every gate keeps its own count (the paper's ablation)
+  --model.sparsity.sparsity S   fraction of every sparsified weight that is zero, in [0, 1)
+  --model.sparsity null         train dense (no sparsity callback)
+  --model.sparsity.method NAME  selfish (default), static, set, dsr, snfs, rigl or gmp
+  --model.sparsity.prune_rate P initial fraction of active weights replaced at each topology update
+  --model.sparsity.gate_redistribution false   every gate keeps its own count (the paper's ablation)
+  --model.sparsity.help         every argument of the sparsity callback (SelfishSparsityCallback)
   --model.optimizer NAME        sntasgd (default), ntasgd, sgd, momentum or adam
   --model.lr LR                 learning rate
   --data.corpus NAME            ptb or wikitext-2 (bundled), or your own with --data.data_dir DIR

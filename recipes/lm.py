@@ -2,7 +2,7 @@
 
 It wraps any network with the interface of :mod:`recipes.models` (``init_hidden(B)`` and
 ``forward(input (T, B), hidden) -> LMOutput(log_probs, hidden, ar, tar)``) and reproduces the loop the four
-reference codebases share (MODELS.md sections 1.4, 1.5, 2, 7 and 10):
+reference codebases share (docs/models.md#the-training-loop):
 
 * the hidden state is carried from window to window, detached each step (truncated BPTT), and zeroed at the start
   of every training epoch and of every evaluation pass;
@@ -16,12 +16,18 @@ reference codebases share (MODELS.md sections 1.4, 1.5, 2, 7 and 10):
 
 The callbacks a run needs come from :meth:`LanguageModel.configure_callbacks`, so the module alone decides them
 from its arguments: ``SelfishSparsityCallback`` when ``sparsity`` is given, ``NonMonotonicTrigger`` for the
-averaged-SGD optimizers, and a ``ModelCheckpoint`` that keeps the best validation model.
+averaged-SGD optimizers, a ``ModelCheckpoint`` that keeps the best validation model, and ``RandomStateCheckpoint``.
+A checkpoint also holds the hidden state carried to the next training window, so together with the DataModule's
+position in the epoch a resumed fit is exactly the uninterrupted one, dropout included (docs/recipes.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -31,15 +37,16 @@ from torch import Tensor, nn
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.history import MaskHistory
-from lightning_selfish.methods import METHODS
 from lightning_selfish.monitor import TopologyMonitor
 from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.random_state import RandomStateCheckpoint
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
 from recipes.compat import module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
 
 Callback = pl.Callback
+rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
 ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
@@ -48,6 +55,41 @@ AVERAGING_OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd")
 
 #: Table 4's learning-rate drops "(A x, B)": divide by A after B epochs without improvement of ``val_loss``.
 PLATEAU_DEFAULTS: dict[str, tuple[float, int]] = {"adam": (0.5, 2), "momentum": (1.0 / 1.33, 1)}
+
+
+def _keyword_arguments_of(cls: type, name: str) -> type:
+    """A frozen dataclass whose fields are the arguments of ``cls.__init__``: same names, types and defaults.
+
+    Typed with it, a parameter is one nested group on the command line and in YAML (jsonargparse reads the fields,
+    their types and the ``Args:`` of ``cls``'s docstring for the help), validated field by field, and never out of
+    step with ``cls``: there is no second list of its arguments to keep.
+    """
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is parameter.empty:
+            field = dataclasses.field()
+        elif isinstance(parameter.default, (list, dict, set)):
+            field = dataclasses.field(default_factory=lambda default=parameter.default: type(default)(default))
+        else:
+            field = dataclasses.field(default=parameter.default)
+        fields.append((parameter.name, hints[parameter.name], field))
+    made = dataclasses.make_dataclass(name, fields, kw_only=True, frozen=True)
+    made.__module__ = __name__
+    summary, _, details = (inspect.getdoc(cls) or "").partition("\n\n")
+    made.__doc__ = f"The arguments of {cls.__name__} (its names, types and defaults).\n\n{details}"
+    return made
+
+
+SparsityArguments = _keyword_arguments_of(SelfishSparsityCallback, "SparsityArguments")
+"""``LanguageModel(sparsity=...)``: the arguments of :class:`~lightning_selfish.SelfishSparsityCallback`, as a
+frozen dataclass made from its signature (``SparsityArguments(sparsity=0.67, method="rigl")``). On the command line
+they are ``--model.sparsity.<argument>``, in YAML ``model: {sparsity: {sparsity: 0.67, method: rigl}}``."""
+
+SPARSITY_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(SparsityArguments))
+"""The names of :data:`SparsityArguments`' fields (the callback's arguments)."""
 
 
 class MaskBlindNTASGD(SNTASGD):
@@ -90,33 +132,23 @@ class LanguageModel(pl.LightningModule):
             ``Trainer(gradient_clip_val=...)`` takes precedence.
         bptt: the mean window length; a window of ``seq_len`` steps trains at ``lr * seq_len / bptt`` (the CLI links
             it to ``data.bptt``).
-        sparsity: fraction of every sparsified weight tensor that is zero; None trains dense.
-        method: the sparse training method, a preset of ``SelfishSparsityCallback(method=...)``: ``"selfish"``,
-            ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"`` or ``"gmp"``; None leaves the callback's
-            default (Selfish-RNN). The arguments below override parts of the preset when given (None = the
-            preset's value).
-        prune_rate: initial fraction of active weights replaced at each epoch's topology update (cosine-annealed).
-        static: keep the initial random masks for the whole run (static sparse training; ``prune_rate`` ignored).
-        gate_redistribution: rank removal jointly over the gates of a stacked recurrent tensor (the method);
-            False keeps each gate at its own count (the ablation); ``"magnitude"``/``"gradient"`` share a tensor's
-            regrowth over its gates by the mean magnitude / gradient of their active weights (Table 6).
-        sparse_init: ``"uniform"`` (the same sparsity in every tensor) or ``"er"`` (Erdős–Rényi).
-        removal: ``"magnitude"`` (Selfish-RNN) or ``"set"``; growth: ``"random"`` (Selfish-RNN), ``"gradient"``
-            (RigL) or ``"momentum"`` (SNFS), for the paper's comparisons.
-        growth: see ``removal``.
-        sparsity_options: further keyword arguments of ``SelfishSparsityCallback`` (e.g. a method's own schedule
-            settings), passed through unchanged.
+        sparsity: the arguments of :class:`~lightning_selfish.SelfishSparsityCallback`, with its own names and
+            defaults, as one group (a :data:`SparsityArguments` or a mapping of the same names, e.g.
+            ``{"sparsity": 0.67, "method": "rigl", "prune_rate": 0.7}``); None trains dense. ``method`` picks the
+            sparse training method (``"selfish"``, ``"static"``, ``"set"``, ``"dsr"``, ``"snfs"``, ``"rigl"``,
+            ``"gmp"``; ``docs/methods.md``), the other arguments override parts of its preset. Three of them are read
+            in the network's terms: the parameter names in ``include``, ``exclude`` and ``gate_layouts`` are those of
+            ``network.named_parameters()`` (the module adds the ``network.`` prefix), and ``exclude=None`` keeps the
+            network's own ``sparsity_exclude`` patterns dense (e.g. the MoS prior; a list replaces them).
+            ``total_steps=None`` lets the module decide the prune-rate cosine's length at fit start: the trainer's
+            estimate, or the authors' ``max_epochs * train_rows // bptt`` for variable BPTT, whose length Lightning
+            cannot know.
+            On the command line ``--model.sparsity.<argument>`` (``--model.sparsity.help`` lists them), in YAML
+            ``sparsity: {sparsity: 0.67, method: rigl}``.
         flops: add a :class:`~lightning_selfish.FlopsCallback` (``flops/train_vs_dense``, ``flops/inference_vs_dense``).
         small_batch_size: split every training batch into column groups of this many sequences, each with its own
             hidden state and dropout masks, and accumulate their gradients before one step (AWD-LSTM-MoS's
             ``small_batch_size``); None trains on the whole batch at once.
-        sparsity_exclude: name patterns to keep dense, as in ``network.named_parameters()``; None uses the
-            network's ``sparsity_exclude`` (e.g. the MoS prior).
-        sparsity_seed: seed of the masks; None derives it from the global seed.
-        update_every: topology updates once per epoch (``"epoch"``, the paper) or every this many optimizer steps.
-        total_steps: length of the prune-rate cosine in optimizer steps; None uses the trainer's estimate, or the
-            authors' ``max_epochs * train_rows // bptt`` when the length is unknown (variable BPTT).
-        verbose_sparsity: log a per-tensor, per-gate summary after every topology update.
         nonmono: NT-ASGD's non-monotone interval (epochs).
         restart_at_epochs: epochs at which averaging restarts from the current weights (ON-LSTM: ``[500]``, and
             ``[500, 1000]`` for its 1300-epoch run).
@@ -142,22 +174,9 @@ class LanguageModel(pl.LightningModule):
         plateau_patience: int | None = None,
         clip: float | None = 0.25,
         bptt: int = 35,
-        sparsity: float | None = None,
-        method: str | None = None,
-        prune_rate: float | None = None,
-        static: bool = False,
-        gate_redistribution: bool | Literal["joint", "none", "magnitude", "gradient"] | None = None,
-        sparse_init: Literal["uniform", "er"] | None = None,
-        removal: Literal["magnitude", "set"] | None = None,
-        growth: Literal["random", "gradient", "momentum"] | None = None,
-        sparsity_exclude: list[str] | None = None,
-        sparsity_seed: int | None = None,
-        update_every: int | Literal["epoch"] | None = None,
-        sparsity_options: dict[str, Any] | None = None,
+        sparsity: SparsityArguments | None = None,
         flops: bool = True,
         small_batch_size: int | None = None,
-        total_steps: int | None = None,
-        verbose_sparsity: bool = True,
         nonmono: int = 5,
         restart_at_epochs: list[int] | None = None,
         checkpoint: bool = True,
@@ -177,8 +196,6 @@ class LanguageModel(pl.LightningModule):
             _check_positive_number("clip", clip)
         if not isinstance(bptt, int) or isinstance(bptt, bool) or bptt < 1:
             raise ValueError(f"bptt must be a positive int, got {bptt!r}")
-        if sparsity is not None and not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) or None (dense), got {sparsity!r}")
         if not isinstance(nonmono, int) or isinstance(nonmono, bool) or nonmono < 1:
             raise ValueError(f"nonmono must be an int >= 1, got {nonmono!r}")
         if plateau_factor is not None and not 0.0 < plateau_factor < 1.0:
@@ -197,30 +214,13 @@ class LanguageModel(pl.LightningModule):
         self.plateau_patience = int(plateau_patience) if plateau_patience is not None else patience
         self.clip = clip
         self.bptt = bptt
-        if method is not None and method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)} or None (Selfish-RNN), got {method!r}")
         if small_batch_size is not None and (
             isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1
         ):
             raise ValueError(f"small_batch_size must be a positive int or None, got {small_batch_size!r}")
-        self.sparsity = sparsity
-        self.method = method
-        self.prune_rate = 0.0 if static else (None if prune_rate is None else float(prune_rate))
-        self.static = static
-        self.gate_redistribution = gate_redistribution
-        self.sparse_init = sparse_init
-        self.removal = removal
-        self.growth = growth
-        self.sparsity_exclude = list(
-            sparsity_exclude if sparsity_exclude is not None else getattr(network, "sparsity_exclude", [])
-        )
-        self.sparsity_seed = sparsity_seed
-        self.update_every = update_every
-        self.sparsity_options = dict(sparsity_options or {})
+        self.sparsity: SparsityArguments | None = _sparsity_arguments(sparsity)
         self.flops = flops
         self.small_batch_size = small_batch_size
-        self.total_steps = total_steps
-        self.verbose_sparsity = verbose_sparsity
         self.nonmono = nonmono
         self.restart_at_epochs = list(restart_at_epochs or [])
         self.checkpoint = checkpoint
@@ -241,6 +241,8 @@ class LanguageModel(pl.LightningModule):
         self._lr_scale = 1.0
         self._group_grads: dict[Tensor, Tensor | None] | None = None  # small_batch_size: earlier groups' gradients
         self._sparsity_callback: SelfishSparsityCallback | None = None
+        if self.sparsity is not None:
+            self._sparsity_callback_or_error()  # the callback's own checks of the group, before any work
 
     def _save_hyperparameters(self, network: nn.Module) -> None:
         # Under LightningCLI the hyperparameters are the parsed config, where ``network`` is a class path with its
@@ -284,7 +286,36 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
-        self._train_hidden = None  # every epoch starts from a zero state (MODELS.md 1.4)
+        self._train_hidden = None  # every epoch starts from a zero state (docs/models.md#hidden-state)
+
+    def on_train_start(self) -> None:
+        # a state restored from a mid-epoch checkpoint (on_load_checkpoint) goes to the device the model is on now
+        if self._train_hidden is not None:
+            self._train_hidden = _to_device(self._train_hidden, self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the hidden state carried to the next training window, so a mid-epoch resume carries it on."""
+        hidden = _to_device(self._train_hidden, "cpu")
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * trainer.world_size  # every rank carries its own columns' states
+            torch.distributed.all_gather_object(ranks, hidden)
+        else:
+            ranks = [hidden]
+        checkpoint["train_hidden"] = ranks
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ranks = checkpoint.get("train_hidden")  # absent from older checkpoints: the state starts at zero
+        trainer = self._trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_hidden = None
+        if isinstance(ranks, list) and len(ranks) == world_size:
+            self._train_hidden = ranks[rank]
+        elif isinstance(ranks, list):
+            rank_zero_warn(
+                f"the checkpoint holds the carried hidden states of {len(ranks)} process(es), this run has "
+                f"{world_size}: a resume in the middle of an epoch starts the hidden state at zero"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seq_len = batch[2] if len(batch) > 2 else batch[0].size(0)
@@ -450,7 +481,8 @@ class LanguageModel(pl.LightningModule):
         self._log_split("test", self.test_ce)
 
     def _log_split(self, split: str, metric: TokenWeightedCrossEntropy) -> None:
-        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1) (MODELS.md 1.5).
+        # Σ_windows tokens·CE / Σ tokens: exactly Selfish main.py's Σ L·CE / (rows - 1)
+        # (docs/models.md#loss-and-perplexity).
         if metric.update_count:
             mean = metric.compute()
             self.log(f"{split}_loss", mean, prog_bar=split != "val")
@@ -488,7 +520,7 @@ class LanguageModel(pl.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = []
         if self.sparsity is not None:
-            self._sparsity_callback = SelfishSparsityCallback(**self.sparsity_arguments())
+            self._sparsity_callback = self._sparsity_callback_or_error()
             callbacks.append(self._sparsity_callback)
             if self.topology_monitor:
                 callbacks.append(TopologyMonitor())
@@ -496,6 +528,7 @@ class LanguageModel(pl.LightningModule):
                 callbacks.append(MaskHistory())
         if self.flops:
             callbacks.append(FlopsCallback())
+        callbacks.append(RandomStateCheckpoint())  # resumes draw the dropout masks the saved run would have
         if self.optimizer_name in AVERAGING_OPTIMIZERS:
             callbacks.append(
                 NonMonotonicTrigger(monitor="val_loss", nonmono=self.nonmono, restart_at_epochs=self.restart_at_epochs)
@@ -523,26 +556,35 @@ class LanguageModel(pl.LightningModule):
             ]
 
     def sparsity_arguments(self) -> dict[str, Any]:
-        """The ``SelfishSparsityCallback`` arguments: the method, and only the overrides that were given."""
-        overrides = {
-            "method": self.method,
-            "prune_rate": self.prune_rate,
-            "init": self.sparse_init,
-            "removal": self.removal,
-            "growth": self.growth,
-            "gate_redistribution": self.gate_redistribution,
-            "update_every": self.update_every,
-        }
-        arguments: dict[str, Any] = {"sparsity": self.sparsity}
-        arguments.update({key: value for key, value in overrides.items() if value is not None})
-        arguments.update(
-            exclude=[f"network.{pattern}" for pattern in self.sparsity_exclude] or None,
-            seed=self.sparsity_seed,
-            total_steps=self.total_steps,
-            verbose=self.verbose_sparsity,
-        )
-        arguments.update(self.sparsity_options)
+        """The keyword arguments of the run's ``SelfishSparsityCallback``: the ``sparsity`` group in the module's terms.
+
+        The parameter names of ``include``, ``exclude`` and ``gate_layouts`` get the ``network.`` prefix, ``exclude``
+        defaults to the network's ``sparsity_exclude``, and ``total_steps=None`` becomes :meth:`_schedule_length`,
+        which the callback asks at fit start. Raises ``RuntimeError`` for a dense model.
+        """
+        if self.sparsity is None:
+            raise RuntimeError("sparsity_arguments(): this LanguageModel trains dense (sparsity=None)")
+        arguments = {name: getattr(self.sparsity, name) for name in SPARSITY_ARGUMENTS}
+        exclude = arguments["exclude"]
+        if exclude is None:
+            exclude = getattr(self.network, "sparsity_exclude", None) or []
+        arguments["exclude"] = [f"network.{pattern}" for pattern in exclude]
+        if arguments["include"] is not None:
+            arguments["include"] = [f"network.{pattern}" for pattern in arguments["include"]]
+        if arguments["gate_layouts"] is not None:
+            arguments["gate_layouts"] = {f"network.{name}": spec for name, spec in arguments["gate_layouts"].items()}
+        if arguments["total_steps"] is None:
+            arguments["total_steps"] = self._schedule_length
         return arguments
+
+    def _sparsity_callback_or_error(self) -> SelfishSparsityCallback:
+        # The callback checks its arguments; its messages name them as "sparsity.<argument>" (--model.sparsity.*).
+        try:
+            return SelfishSparsityCallback(**self.sparsity_arguments())
+        except (TypeError, ValueError) as error:
+            message = str(error)
+            named = message.split(" ", 1)[0] in SPARSITY_ARGUMENTS
+            raise type(error)(f"sparsity.{message}" if named else f"sparsity: {message}") from error
 
     def _trainer_has_logger(self) -> bool:
         trainer = self._trainer
@@ -561,16 +603,15 @@ class LanguageModel(pl.LightningModule):
                 f"which is only supported on a single device, not with {self.trainer.world_size} processes: give "
                 "each process a smaller data.batch_size instead, or small_batch_size=None"
             )
-        # The prune-rate cosine needs the run's length in steps before the sparsity callback's on_fit_start. With
-        # variable BPTT Lightning cannot know it (the windows have no len()); the authors use
-        # epochs * train_rows // bptt for every model, which is what is given here.
-        callback = self._sparsity_callback
-        if stage != "fit" or callback is None or callback.total_steps is not None:
-            return
-        callback.total_steps = self._schedule_length()
 
-    def _schedule_length(self) -> int | None:
-        trainer = self.trainer
+    def _schedule_length(self, trainer: Any = None) -> int | None:
+        """The prune-rate cosine's length in optimizer steps (the callback's ``total_steps``, asked at fit start).
+
+        With fixed windows None: the trainer's ``estimated_stepping_batches`` is exact. Variable BPTT has no length
+        Lightning can know; the authors use ``max_epochs * train_rows // bptt`` for every model, which is returned
+        (capped by ``max_steps``).
+        """
+        trainer = self.trainer if trainer is None else trainer
         datamodule = getattr(trainer, "datamodule", None)
         if not getattr(datamodule, "variable_bptt", False):
             return None  # the trainer's estimated_stepping_batches is exact
@@ -589,6 +630,31 @@ class LanguageModel(pl.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _sparsity_arguments(sparsity: Any) -> SparsityArguments | None:
+    """``LanguageModel(sparsity=...)`` as :data:`SparsityArguments` (a mapping of the same names is accepted)."""
+    if sparsity is None or isinstance(sparsity, SparsityArguments):
+        return sparsity
+    if isinstance(sparsity, (bool, int, float)):
+        raise TypeError(
+            f"sparsity must be the SelfishSparsityCallback arguments (e.g. {{'sparsity': {sparsity!r}}}) or None "
+            f"(dense), got {sparsity!r}"
+        )
+    if not isinstance(sparsity, Mapping):
+        raise TypeError(
+            f"sparsity must be a SparsityArguments, a mapping of SelfishSparsityCallback arguments or None (dense), "
+            f"got {type(sparsity).__name__}"
+        )
+    unknown = [str(name) for name in sparsity if name not in SPARSITY_ARGUMENTS]
+    if unknown:
+        raise TypeError(
+            f"sparsity has no argument {', '.join(map(repr, unknown))}: the arguments of SelfishSparsityCallback "
+            f"are {', '.join(SPARSITY_ARGUMENTS)}"
+        )
+    if "sparsity" not in sparsity:
+        raise TypeError("sparsity.sparsity is required: the fraction of the sparsified weights that is zero")
+    return SparsityArguments(**sparsity)
+
+
 def detach_hidden(hidden: Any) -> Any:
     """Detach a hidden state made of tensors nested in tuples and lists (truncated BPTT)."""
     if isinstance(hidden, Tensor):
@@ -597,6 +663,15 @@ def detach_hidden(hidden: Any) -> Any:
         return tuple(detach_hidden(h) for h in hidden)
     if isinstance(hidden, list):
         return [detach_hidden(h) for h in hidden]
+    return hidden
+
+
+def _to_device(hidden: Any, device: Any) -> Any:
+    """A carried hidden state (tensors nested in tuples and lists, with ints beside them) on ``device``."""
+    if isinstance(hidden, Tensor):
+        return hidden.to(device)
+    if isinstance(hidden, (tuple, list)):
+        return type(hidden)(_to_device(h, device) for h in hidden)
     return hidden
 
 

@@ -1,4 +1,7 @@
-"""Token-weighted mean cross-entropy over a whole split: perplexity is ``exp`` of it (MODELS.md 1.5)."""
+"""Token-weighted mean cross-entropy over a whole split: perplexity is ``exp`` of it.
+
+See docs/models.md#loss-and-perplexity.
+"""
 
 from __future__ import annotations
 

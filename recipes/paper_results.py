@@ -45,8 +45,8 @@ METHOD_OVERLAYS = {
     "gmp": "methods/gmp.yaml",
     "dense": "methods/dense.yaml",
     "no_redistribution": "methods/no_redistribution.yaml",
-    "gates_magnitude": None,  # Table 6: --model.gate_redistribution magnitude
-    "gates_gradient": None,  # Table 6: --model.gate_redistribution gradient
+    "gates_magnitude": None,  # Table 6: --model.sparsity.gate_redistribution magnitude
+    "gates_gradient": None,  # Table 6: --model.sparsity.gate_redistribution gradient
 }
 OPTIMIZER_OVERLAYS = {
     "sntasgd": None,  # the model configs' optimizer
@@ -98,7 +98,7 @@ class PaperRow:
         if OPTIMIZER_OVERLAYS[self.optimizer] is not None:
             args += ["--config", f"{CONFIGS}/{OPTIMIZER_OVERLAYS[self.optimizer]}"]
         if self.sparsity is not None and self.sparsity != DEFAULT_SPARSITY[self.model]:
-            args += ["--model.sparsity", f"{self.sparsity:g}"]
+            args += ["--model.sparsity.sparsity", f"{self.sparsity:g}"]
         return args + list(self.extra_args)
 
     def command(self) -> str:
@@ -129,17 +129,19 @@ def signature_of_config(config: dict[str, Any]) -> tuple[Any, ...] | None:
     if not matches:
         return None
     name = matches[0]
-    sparsity = model.get("sparsity")
-    method = str(model.get("method") or "selfish")
+    group = model.get("sparsity")  # SelfishSparsityCallback's arguments (model.sparsity.*), or None: dense
+    sparse = group if isinstance(group, dict) else {}
+    sparsity = sparse.get("sparsity")
+    method = str(sparse.get("method") or "selfish")
     if sparsity is None:
         # the small_dense/ overlays log under "<model>_small_dense": a narrower debugging run stays "dense"
         method = "small_dense" if "small_dense" in _logger_name(config) else "dense"
-    elif method == "static" and model.get("sparse_init") == "er":
+    elif method == "static" and sparse.get("init") == "er":
         method = "static_er"
-    elif method == "selfish" and model.get("gate_redistribution") in (False, "none"):
+    elif method == "selfish" and sparse.get("gate_redistribution") in (False, "none"):
         method = "no_redistribution"
-    elif method == "selfish" and model.get("gate_redistribution") in ("magnitude", "gradient"):
-        method = f"gates_{model['gate_redistribution']}"
+    elif method == "selfish" and sparse.get("gate_redistribution") in ("magnitude", "gradient"):
+        method = f"gates_{sparse['gate_redistribution']}"
     optimizer = str(model.get("optimizer") or "sntasgd")
     restarts = tuple(int(epoch) for epoch in model.get("restart_at_epochs") or ())
     return (name, method, optimizer, None if sparsity is None else float(sparsity), restarts)
@@ -228,7 +230,8 @@ def _rows() -> list[PaperRow]:
     ):
         add("2", lstm, f"{label} (SNT-ASGD)", method, "sntasgd", s, "25.2M", val, test, train_flops=tf, test_flops=sf)
 
-    # ---- Table 2: RHN, right side (sparsity 0.53 is the configs' 0.528: density 0.472, MODELS.md 4)
+    # ---- Table 2: RHN, right side (sparsity 0.53 is the configs' 0.528: density 0.472;
+    # docs/models.md#parameter-counts)
     zilly = "Zilly et al. (2017)"
     add("2", rhn, "Dense*", "dense", "sgd", None, "23.5M", 67.90, 65.40, train_flops=1, test_flops=1, quoted=zilly)
     add("2", rhn, "Dense (NT-ASGD)", "dense", "ntasgd", None, "23.5M", 63.44, 61.84, train_flops=1, test_flops=1)
@@ -366,7 +369,7 @@ def _rows() -> list[PaperRow]:
             "21.8M",
             val,
             test,
-            extra_args=("--model.gate_redistribution", gate_mode),
+            extra_args=("--model.sparsity.gate_redistribution", gate_mode),
         )
     add("6", lstm, "Ours (joint ranking)", "selfish", "sntasgd", 0.67, "21.8M", 73.76, 71.65)
 

@@ -3,7 +3,9 @@
 Composed configs (``--config <model>.yaml --config methods/rigl.yaml --config optimizers/adam.yaml``) keep the model
 config's logger name. ``selfish-rnn`` therefore logs a run under ``<save_dir>/<name>/<label>/version_N``, where the
 label spells out what distinguishes it: the method (or ``dense``), the optimizer, the sparsity and prune rate, every
-method part given explicitly, the averaging restarts and the seed, e.g. ``rigl-adam-s0.67-p0.7-every_epoch-seed1111``.
+other argument of the ``sparsity`` group given a value other than the callback's default (the method parts; the
+masks' ``seed`` and ``verbose`` excepted), the averaging restarts and the seed, e.g.
+``rigl-adam-s0.67-p0.7-every_epoch-seed1111``.
 The number of epochs is not part of it: a shortened run and the ``test`` of its checkpoint need not repeat it. Then
 ``--ckpt_path best``/``last`` find the run of the same composition, and ``selfish-rnn results`` can group runs.
 A logger name that already contains ``/`` is left as it is.
@@ -11,45 +13,51 @@ A logger name that already contains ``/`` is left as it is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from lightning_selfish.callback import SelfishSparsityCallback
+
 __all__ = ["label_run_logger", "run_label"]
 
-#: LanguageModel arguments that override a method's parts, with the short prefix they get in a label.
+#: Sparsity arguments (``model.sparsity.*``) that override a method's parts, with the short prefix they get in a label.
 _OVERRIDES = (
-    ("sparse_init", "init_"),
+    ("init", "init_"),
     ("removal", "removal_"),
     ("growth", "growth_"),
     ("update_every", "every_"),
 )
+#: Sparsity arguments that do not change what is trained (the masks' seed is not part of a label either).
+_NOT_IN_LABEL = ("verbose", "seed")
 
 
 def run_label(model: Mapping[str, Any] | Any, seed: int | None = None) -> str:
     """The label of a run from its ``model`` config section (a mapping or a jsonargparse Namespace)."""
     get = _getter(model)
     parts: list[str] = []
-    sparsity = get("sparsity")
-    parts.append("dense" if sparsity is None else str(get("method") or "selfish"))
+    group = get("sparsity")  # SelfishSparsityCallback's arguments, or None (dense)
+    sparse = _getter(group) if group is not None else None
+    parts.append("dense" if sparse is None else str(sparse("method") or "selfish"))
     parts.append(str(get("optimizer") or "sntasgd"))
-    if sparsity is not None:
-        parts.append(f"s{_number(sparsity)}")
-        if get("static"):
-            parts.append("static")
-        elif get("prune_rate") is not None:
-            parts.append(f"p{_number(get('prune_rate'))}")
+    if sparse is not None:
+        parts.append(f"s{_number(sparse('sparsity'))}")
+        if sparse("prune_rate") is not None:
+            parts.append(f"p{_number(sparse('prune_rate'))}")
         for key, prefix in _OVERRIDES:
-            value = get(key)
+            value = sparse(key)
             if value is not None:
                 parts.append(f"{prefix}{value}")
-        gates = get("gate_redistribution")
+        gates = sparse("gate_redistribution")
         if gates is False or gates == "none":
             parts.append("no_redistribution")
         elif isinstance(gates, str) and gates != "joint":
             parts.append(f"gates_{gates}")
-        options = get("sparsity_options") or {}
-        for key in sorted(options):
-            parts.append(f"{key}{_number(options[key])}")
+        named = {"sparsity", "method", "prune_rate", "gate_redistribution", *_NOT_IN_LABEL, *dict(_OVERRIDES)}
+        for key in sorted(set(_CALLBACK_DEFAULTS) - named):
+            value = sparse(key)
+            if value is not None and value != _CALLBACK_DEFAULTS[key]:
+                parts.append(f"{key}{_number(value)}")
     restarts = get("restart_at_epochs") or []
     if restarts:
         parts.append("restart" + "_".join(str(epoch) for epoch in restarts))
@@ -72,6 +80,13 @@ def label_run_logger(config: Any) -> str | None:
     seed = getattr(config, "seed_everything", None)
     init_args.name = f"{name}/{run_label(config.model, seed)}"
     return init_args.name
+
+
+_CALLBACK_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in list(inspect.signature(SelfishSparsityCallback.__init__).parameters.items())[1:]
+    if parameter.default is not parameter.empty
+}
 
 
 def _getter(section: Mapping[str, Any] | Any):

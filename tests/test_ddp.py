@@ -31,3 +31,8 @@ def test_masks_identical_on_every_rank(tmp_path: Path):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{name} differs between ranks at epoch {epoch}"
     assert not torch.equal(rank0[0]["rnn.weight_hh_l0"], rank0[-1]["rnn.weight_hh_l0"])  # the masks did evolve
+    # RandomStateCheckpoint gathers every rank's own random state into the one checkpoint rank 0 writes
+    ranks = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["RandomStateCheckpoint"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert torch.equal(ranks[0]["torch"], saved0["random_state"])
+    assert torch.equal(ranks[1]["torch"], saved1["random_state"])

@@ -195,7 +195,8 @@ def test_bad_gate_layouts(spec, match):
         (dict(restart_at_epochs="500"), TypeError, r"restart_at_epochs must be a list of epoch numbers >= 1"),
         (dict(restart_at_epochs=500), TypeError, r"restart_at_epochs must be a list of epoch numbers >= 1.*got 500"),
         (dict(restart_at_epochs=[500, 0]), ValueError, r"restart_at_epochs must be a list of epoch numbers >= 1"),
-        (dict(restart_at_epochs=[1.5]), ValueError, r"restart_at_epochs must be .*got \[1.5\]"),
+        (dict(restart_at_epochs=[1.5]), TypeError, r"restart_at_epochs must be .*got \[1.5\]"),
+        (dict(restart_at_epochs=[500, True]), TypeError, r"restart_at_epochs must be .*got \[500, True\]"),
     ],
 )
 def test_trigger_arguments(kwargs, error, match):
@@ -229,6 +230,16 @@ def test_sntasgd_hyperparameter_types(hyperparameter, value, error, match):
     kwargs = {"lr": 0.1, hyperparameter: value}
     with pytest.raises(error, match=f"SNTASGD: {hyperparameter} {match}"):
         SNTASGD([nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_sntasgd_flags_and_state_dict_types():
+    param = nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="SNTASGD: maximize must be True or False, got 'no'"):
+        SNTASGD([param], lr=0.1, maximize="no")
+    with pytest.raises(TypeError, match="SNTASGD: foreach must be True, False or None, got 1"):
+        SNTASGD([param], lr=0.1, foreach=1)
+    with pytest.raises(TypeError, match=r"expected an optimizer state dict \(a mapping\), got list"):
+        SNTASGD([param], lr=0.1).load_state_dict([])
 
 
 def test_sntasgd_load_state_dict_errors():
@@ -265,12 +276,21 @@ def test_sntasgd_load_state_dict_errors():
 def test_sntasgd_mask_update_errors():
     params, opt = params_and_optimizer()
     good = torch.ones(3, 4, dtype=torch.bool)
+    # not a tensor: TypeError; a tensor of the wrong dtype or shape: ValueError (the rule of docs/callback.md)
     with pytest.raises(
-        ValueError, match=r"update.kept for parameter 0 must be a bool tensor of shape \(3, 4\), got list"
+        TypeError, match=r"update.kept for parameter 0 must be a bool tensor of shape \(3, 4\), got list"
     ):
         opt.on_mask_update(params[0], MaskUpdate(None, [True], good))
-    with pytest.raises(ValueError, match=r"the mask of parameter 1 must be a bool tensor of shape \(4,\), got str"):
+    with pytest.raises(
+        ValueError, match=r"update.new for parameter 0 must be a bool tensor of shape \(3, 4\), got torch.float32"
+    ):
+        opt.on_mask_update(params[0], MaskUpdate(None, good, good.float()))
+    with pytest.raises(TypeError, match=r"SNTASGD.on_mask_update: update must be a MaskUpdate, got tuple"):
+        opt.on_mask_update(params[0], (None, good, good))
+    with pytest.raises(TypeError, match=r"the mask of parameter 1 must be a bool tensor of shape \(4,\), got str"):
         opt.set_masks({params[1]: "all"})
+    with pytest.raises(TypeError, match=r"SNTASGD.set_masks: masks must be a mapping \{param: bool mask\}, got list"):
+        opt.set_masks([(params[1], torch.ones(4, dtype=torch.bool))])
     with pytest.raises(ValueError, match=r"not a parameter of this optimizer \(it holds 2 parameters\)"):
         opt.on_mask_update(nn.Parameter(torch.ones(3, 4)), MaskUpdate(None, good, good))
 

@@ -20,7 +20,7 @@ from lightning_selfish.flops_callback import FlopsCallback, tokens_in_batch
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
 from tests.conftest import BATCH, STEPS, WINDOWS, RecordingLogger, TinyLM, make_trainer, token_loader
 
-PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (MODELS.md 1.2)
+PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (docs/data.md#batching)
 
 
 def costs_of(model_cls: type, **kwargs) -> dict[str, WeightCost]:

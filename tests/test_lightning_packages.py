@@ -154,6 +154,27 @@ def test_unsized_loader_with_total_steps_follows_the_cosine() -> None:
     assert rates[-1] == pytest.approx(0.005)
 
 
+def test_total_steps_given_as_a_callable_is_asked_at_fit_start() -> None:
+    # fn(trainer) -> int | None: an int is the run's length, None falls back to the trainer's estimate
+    asked: list[int] = []
+
+    def length(trainer) -> int:
+        asked.append(trainer.max_epochs)
+        return 16
+
+    cb = SelfishSparsityCallback(sparsity=0.5, total_steps=length, update_every=8, seed=0)
+    make_trainer([cb], max_epochs=2).fit(TinyLM(), unsized_loader())
+    assert asked == [2] and cb._total_steps == 16
+    sized = SelfishSparsityCallback(sparsity=0.5, total_steps=lambda trainer: None, seed=0)
+    trainer = make_trainer([sized], max_epochs=1, limit_train_batches=3)
+    trainer.fit(TinyLM(), token_loader())
+    assert sized._total_steps == 3 == trainer.estimated_stepping_batches
+    for wrong, error in ((0, ValueError), (2.5, TypeError)):
+        refused = SelfishSparsityCallback(sparsity=0.5, total_steps=lambda trainer, wrong=wrong: wrong, seed=0)
+        with pytest.raises(error, match=f"total_steps\\(trainer\\) must return a positive int or None, got {wrong}"):
+            make_trainer([refused], max_epochs=1, limit_train_batches=3).fit(TinyLM(), token_loader())
+
+
 def test_unsized_loader_with_max_steps_is_a_known_length() -> None:
     cb = SelfishSparsityCallback(sparsity=0.5, update_every=4, seed=0)
     trainer = make_trainer([cb], max_epochs=-1, max_steps=12)

@@ -182,6 +182,43 @@ def test_monitor_without_a_sparsity_callback_and_bad_arguments():
         MaskHistory(every_n_epochs=0)
 
 
+def test_argument_types_follow_the_error_rule() -> None:
+    # docs/callback.md "Errors": TypeError for a wrong type, ValueError for a wrong value; a flag is a bool, never
+    # anything truthy ("no" used to mean True).
+    for kwargs, error, message in [
+        (dict(magnitude_threshold="0.1"), TypeError, "magnitude_threshold must be a number >= 0 or None, got '0.1'"),
+        (dict(magnitude_threshold=True), TypeError, "magnitude_threshold must be a number >= 0 or None, got True"),
+        (
+            dict(magnitude_threshold=-0.5),
+            ValueError,
+            "magnitude_threshold must be a finite number >= 0 or None, got -0.5",
+        ),
+        (
+            dict(magnitude_threshold=float("nan")),
+            ValueError,
+            "magnitude_threshold must be a finite number >= 0 or None, got nan",
+        ),
+        (dict(mask_images="no"), TypeError, "mask_images must be True or False, got 'no'"),
+        (dict(gate_chart=1), TypeError, "gate_chart must be True or False, got 1"),
+        (dict(images_every_n_updates=2.0), TypeError, "images_every_n_updates must be a positive int, got 2.0"),
+        (dict(image_resolution=True), TypeError, "image_resolution must be a positive int, got True"),
+        (dict(image_resolution=0), ValueError, "image_resolution must be a positive int, got 0"),
+    ]:
+        with pytest.raises(error) as raised:
+            TopologyMonitor(**kwargs)
+        assert str(raised.value) == message
+    for kwargs, error, message in [
+        (dict(every_n_epochs=1.0), TypeError, "every_n_epochs must be a positive int, got 1.0"),
+        (dict(every_n_epochs=True), TypeError, "every_n_epochs must be a positive int, got True"),
+        (dict(every_n_epochs=0), ValueError, "every_n_epochs must be a positive int, got 0"),
+        (dict(dirpath=3), TypeError, "dirpath must be a path (str or os.PathLike) or None, got 3"),
+    ]:
+        with pytest.raises(error) as raised:
+            MaskHistory(**kwargs)
+        assert str(raised.value) == message
+    assert TopologyMonitor(mask_images=False, gate_chart=False).mask_images is False
+
+
 @pytest.mark.parametrize("method", ["gmp", "dsr", "rigl"])
 def test_other_methods_dense_start_and_moving_counts(method: str, tmp_path: Path):
     pl.seed_everything(0, verbose=False)
@@ -261,21 +298,24 @@ def test_mask_history_refuses_what_it_cannot_read(tmp_path: Path) -> None:
         "MaskHistory saves the masks of a SelfishSparsityCallback, but none told it about its masks: add "
         "SelfishSparsityCallback(...) to the trainer's callbacks"
     )
-    for bad in (0, True, 1.0):
-        with pytest.raises(ValueError, match="every_n_epochs must be a positive int"):
+    for bad, error in ((0, ValueError), (True, TypeError), (1.0, TypeError)):
+        with pytest.raises(error, match="every_n_epochs must be a positive int"):
             MaskHistory(every_n_epochs=bad)
 
 
 def test_monitor_arguments_and_states_are_checked_word_for_word() -> None:
     assert TopologyMonitor(magnitude_threshold=0).magnitude_threshold == 0.0  # 0: count every nonzero weight
     assert TopologyMonitor(magnitude_threshold=None).magnitude_threshold is None
-    for bad in ("0.1", -0.5, True):
-        with pytest.raises(ValueError) as error:
+    for bad, kind in (("0.1", TypeError), (True, TypeError)):
+        with pytest.raises(kind) as error:
             TopologyMonitor(magnitude_threshold=bad)
         assert str(error.value) == f"magnitude_threshold must be a number >= 0 or None, got {bad!r}"
+    with pytest.raises(ValueError) as error:
+        TopologyMonitor(magnitude_threshold=-0.5)
+    assert str(error.value) == "magnitude_threshold must be a finite number >= 0 or None, got -0.5"
     for name in ("images_every_n_updates", "image_resolution"):
-        for bad in (0, 2.0, True):
-            with pytest.raises(ValueError) as error:
+        for bad, kind in ((0, ValueError), (2.0, TypeError), (True, TypeError)):
+            with pytest.raises(kind) as error:
                 TopologyMonitor(**{name: bad})
             assert str(error.value) == f"{name} must be a positive int, got {bad!r}"
     for keys in (["initial"], ["ever_active"]):

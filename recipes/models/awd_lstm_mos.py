@@ -1,4 +1,7 @@
-"""Model D: AWD-LSTM with a Mixture-of-Softmaxes output (Yang et al. 2018) on WikiText-2 (MODELS.md section 6)."""
+"""Model D: AWD-LSTM with a Mixture-of-Softmaxes output (Yang et al. 2018) on WikiText-2.
+
+See docs/models.md#model-d-awd-lstm-mos-wikitext-2.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from recipes.models.common import LMOutput, LockedDropout, WeightDrop, embedded_
 class AWDLSTMMoS(nn.Module):
     """Embedding (tied) -> 3 WeightDrop single-layer LSTMs -> latent tanh projection -> K-expert softmax mixture.
 
-    Forward (MODELS.md 6.1): embedded dropout, locked dropout ``dropout_i``; LSTMs with locked dropout
-    ``dropout_h`` between them; locked dropout ``dropout_o`` on the top output (``output``, ``(T, B, nhidlast)``);
+    Forward (docs/models.md#model-d-awd-lstm-mos-wikitext-2): embedded dropout, locked dropout ``dropout_i``; LSTMs
+    with locked dropout ``dropout_h`` between them; locked dropout ``dropout_o`` on the top output (``output``,
+    ``(T, B, nhidlast)``);
     ``latent = tanh(Linear(nhidlast, K·ninp)(output))`` with locked dropout ``dropout_l`` over the ``K·ninp``
     features; per-expert logits ``decoder(latent.view(-1, ninp))``; mixture weights
     ``softmax(prior(output))`` (``prior`` has no bias and reads the *dropped* output); log-probs are

@@ -1,4 +1,4 @@
-"""Building blocks shared by the four language models (MODELS.md section 2).
+"""Building blocks shared by the four language models (docs/models.md#shared-regularisers-and-initialisation).
 
 Everything here is a plain ``torch.nn`` module or function; no Lightning. The regularisers reproduce the
 published awd-lstm-lm / Ordered-Neurons / Selfish-RNN code, except that :class:`WeightDrop` does not rely on the

@@ -1,4 +1,4 @@
-"""Model C: ON-LSTM (Ordered Neurons, Shen et al. 2019) on PTB (MODELS.md section 5)."""
+"""Model C: ON-LSTM (Ordered Neurons, Shen et al. 2019) on PTB (docs/models.md#model-c-on-lstm-ptb)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class ONLSTM(nn.Module):
 
     Layer sizes ``ninp -> nhid -> … -> nhid -> ninp`` (the last layer returns to ``ninp`` for the tie), chunk
     size 10, DropConnect ``wdrop`` on every ``hh``. AR and TAR both act on the *undropped* top-layer output
-    (an ON-LSTM code quirk, MODELS.md 5.4).
+    (an ON-LSTM code quirk, docs/models.md#model-c-on-lstm-ptb).
 
     Parameters: ``encoder.weight`` (= ``decoder.weight``), ``rnn.cells.{k}.ih.0.{weight,bias}``,
     ``rnn.cells.{k}.hh.{weight,bias}``, ``decoder.bias``. Gate layouts are declared on each

@@ -1,4 +1,4 @@
-"""Model B: Recurrent Highway Network, one layer of depth 10, coupled carry gate (MODELS.md section 4)."""
+"""Model B: Recurrent Highway Network, one layer of depth 10, coupled carry gate (docs/models.md#model-b-rhn-ptb)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Model A: the stacked ("Zaremba-large") LSTM of the PyTorch word_language_model (MODELS.md section 3)."""
+"""Model A: the stacked ("Zaremba-large") LSTM of the PyTorch word_language_model .
+
+See docs/models.md#model-a-stacked-lstm-ptb.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Run by tests/test_ddp.py as ``python sparsity_ddp.py OUT_DIR``. Rank 1 perturbs its weights before every update so
 that, without the rank-0 broadcast, magnitude removal would pick different weights on the two ranks. Each rank seeds
 its global RNG differently (as independent processes would be) and the callback gets ``seed=None``, so its masks
-agree only if the callback shares rank 0's seed.
+agree only if the callback shares rank 0's seed. At the end every rank takes part in saving ``OUT_DIR/last.ckpt``,
+whose ``RandomStateCheckpoint`` state holds the random state of each rank.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 from conftest import TinyLM, make_trainer, token_loader  # noqa: E402
 
-from lightning_selfish import SelfishSparsityCallback  # noqa: E402
+from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback  # noqa: E402
+from lightning_selfish.random_state import capture_random_state  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -39,8 +41,10 @@ class Record(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.history.append({n: m.clone() for n, m in self.cb.masks.items()})
+        random_state = capture_random_state()["torch"]  # what this rank's RandomStateCheckpoint saves next
+        trainer.save_checkpoint(Path(sys.argv[1]) / "last.ckpt")  # every rank takes part; rank 0 writes
         torch.save(
-            {"global_seed": self.global_seed, "history": self.history},
+            {"global_seed": self.global_seed, "history": self.history, "random_state": random_state},
             Path(sys.argv[1]) / f"masks_rank{trainer.global_rank}.pt",
         )
 
@@ -49,7 +53,7 @@ def main() -> None:
     # Lightning starts rank 1 by running this script again with LOCAL_RANK=1 in its environment.
     pl.seed_everything(100 + int(os.environ.get("LOCAL_RANK", "0")), verbose=False)
     cb = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.7, seed=None)
-    trainer = make_trainer([cb, Record(cb)], max_epochs=4, devices=2, strategy="ddp")
+    trainer = make_trainer([cb, RandomStateCheckpoint(), Record(cb)], max_epochs=4, devices=2, strategy="ddp")
     trainer.fit(TinyLM(), token_loader(windows=16))
 
 

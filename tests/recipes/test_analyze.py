@@ -44,7 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             "--config",
             str(extra),
             f"--seed_everything={seed}",
-            "--model.sparsity_seed=5",
+            "--model.sparsity.seed=5",
             "--model.network.init_args.ninp=8",
             "--model.network.init_args.nhid=8",
             "--data.corpus=tiny",
@@ -162,8 +162,10 @@ def test_sparse_recipes_monitor_and_save_masks_by_default():
         model = LanguageModel(StackedLSTM(ntoken=10, ninp=4, nhid=4, dropout=0.0), lr=1.0, **kwargs)
         return {type(cb) for cb in model.configure_callbacks()}
 
-    assert {TopologyMonitor, MaskHistory} <= kinds(sparsity=0.5)
-    assert not {TopologyMonitor, MaskHistory} & kinds(sparsity=0.5, topology_monitor=False, mask_history=False)
+    assert {TopologyMonitor, MaskHistory} <= kinds(sparsity={"sparsity": 0.5})
+    assert not {TopologyMonitor, MaskHistory} & kinds(
+        sparsity={"sparsity": 0.5}, topology_monitor=False, mask_history=False
+    )
     assert not {TopologyMonitor, MaskHistory} & kinds()  # dense: nothing to watch
 
 
@@ -180,7 +182,9 @@ def test_recipes_save_masks_only_beside_a_logger(tmp_path: Path, monkeypatch: py
     for split in ("train", "valid", "test"):
         (corpus / f"{split}.txt").write_text("a b c d e f\nb c d e f a\n" * 4)
     data = LanguageModelingDataModule("tiny", data_dir=str(corpus), batch_size=2, eval_batch_size=2, bptt=4)
-    model = LanguageModel(StackedLSTM(ntoken=8, ninp=4, nhid=4, dropout=0.0), lr=1.0, sparsity=0.5, checkpoint=False)
+    model = LanguageModel(
+        StackedLSTM(ntoken=8, ninp=4, nhid=4, dropout=0.0), lr=1.0, sparsity={"sparsity": 0.5}, checkpoint=False
+    )
     trainer = pl.Trainer(
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.conftest import write_random_corpus
 MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 
-# The paper's models (MODELS.md, [verified] parameter counts) and their small dense counterparts.
+# The paper's models (docs/models.md#parameter-counts) and their small dense counterparts.
 PARAMETERS = {StackedLSTM: 66_034_000, RHN: 23_484_060, ONLSTM: 25_232_180, AWDLSTMMoS: 34_909_528}
 SMALL_DENSE = {"stacked_lstm_ptb": 21_861_200, "rhn_ptb": 11_104_524, "onlstm_ptb": 11_433_668}
 # Table 4: (class, sparsity, prune rate, lr, epochs, seed, batch, eval batch, test batch, bptt, variable).
@@ -149,13 +150,14 @@ def test_every_config_parses_and_instantiates(composition: tuple[str, str], know
     if variant in ("dense", "small_dense"):
         assert model.sparsity is None
         return
-    assert model.sparsity == sparsity
-    arguments = model.sparsity_arguments()
-    assert arguments.get("prune_rate") == (None if variant == "static" else prune_rate)
-    assert arguments.get("method") == {"static": "static", "no_redistribution": "selfish"}.get(variant)
-    assert arguments.get("gate_redistribution", True) is (variant != "no_redistribution")
-    assert "init" not in arguments and "update_every" not in arguments, "the model configs leave these to the method"
-    assert model.sparsity_exclude == (["prior.weight"] if cls is AWDLSTMMoS else [])
+    assert model.sparsity.sparsity == sparsity
+    group = model.sparsity
+    assert group.prune_rate == (None if variant == "static" else prune_rate)
+    assert group.method == {"static": "static"}.get(variant, "selfish")
+    assert group.gate_redistribution is (False if variant == "no_redistribution" else None)
+    assert group.init is None and group.update_every is None, "the model configs leave these to the method"
+    assert group.verbose is True  # the recipes log the per-gate summary
+    assert model.sparsity_arguments()["exclude"] == (["network.prior.weight"] if cls is AWDLSTMMoS else [])
 
 
 def test_command_line_overrides(known_vocab: None) -> None:
@@ -165,7 +167,7 @@ def test_command_line_overrides(known_vocab: None) -> None:
         str(config),
         "--trainer.max_epochs",
         "3",
-        "--model.sparsity",
+        "--model.sparsity.sparsity",
         "0.62",
         "--model.network.init_args.nhid",
         "16",
@@ -175,19 +177,37 @@ def test_command_line_overrides(known_vocab: None) -> None:
         "20",
     ]
     cli = build_cli(args=args, run=False)
-    assert cli.trainer.max_epochs == 3 and cli.model.sparsity == 0.62
+    assert cli.trainer.max_epochs == 3 and cli.model.sparsity.sparsity == 0.62
     assert cli.model.network.nhid == 16 and cli.model.bptt == 20
     sparse = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert sparse.sparsity == 0.62 and sparse.prune_rate == 0.7
 
-    # --model.method picks a preset; the model config's prune rate and explicit parts override it
-    args += ["--model.method", "rigl", "--model.gate_redistribution", "magnitude"]
+    # --model.sparsity.method picks a preset; the model config's prune rate and explicit parts override it
+    args += ["--model.sparsity.method", "rigl", "--model.sparsity.gate_redistribution", "magnitude"]
     cli = build_cli(args=args, run=False)
     rigl = next(cb for cb in cli.model.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
     assert (rigl.method, rigl.growth.name, rigl.init.name, rigl.prune_rate) == ("rigl", "gradient", "erk", 0.7)
     assert rigl.gate_redistribution.name == "magnitude" and rigl.update_every == 100
-    with pytest.raises(ValueError, match=r"method must be one of \['selfish', .*got 'pruning'"):
-        build_cli(args=[*args, "--model.method", "pruning"], run=False)
+    with pytest.raises(ValueError, match=r"sparsity.method must be one of \['selfish', .*got 'pruning'"):
+        build_cli(args=[*args, "--model.sparsity.method", "pruning"], run=False)
+
+
+def test_the_sparsity_group_composes_and_refuses_unknown_keys(known_vocab: None, tmp_path: Path) -> None:
+    base = ["--config", str(CONFIG_DIR / "stacked_lstm_ptb.yaml")]
+    # an overlay sets only the keys it names; the command line wins over both
+    rigl = ["--config", str(CONFIG_DIR / "methods/rigl.yaml"), "--model.sparsity.min_prune_rate", "0.01"]
+    with torch.device("meta"):
+        group = build_cli(args=[*base, *rigl], run=False).model.sparsity
+    assert (group.sparsity, group.prune_rate, group.method, group.update_every) == (0.67, 0.7, "rigl", "epoch")
+    assert (group.update_until, group.min_prune_rate) == (1.0, 0.01)
+    with torch.device("meta"):
+        assert build_cli(args=[*base, "--model.sparsity", "null"], run=False).model.sparsity is None
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text("model:\n  sparsity:\n    sparsty: 0.5\n")
+    with pytest.raises(argparse.ArgumentError, match="Option 'sparsty' is not accepted"):
+        build_cli(args=[*base, "--config", str(misspelt)], run=False, exit_on_error=False)
+    with pytest.raises(argparse.ArgumentError, match="prune_rate"):
+        build_cli(args=[*base, "--model.sparsity.prune_rate", "high"], run=False, exit_on_error=False)
 
 
 def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,9 +215,16 @@ def test_help_explains_the_arguments(capsys: pytest.CaptureFixture[str]) -> None
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for argument in ("--model.sparsity", "--model.optimizer", "--model.prune_rate", "--data.bptt", "--ckpt_path"):
+    for argument in ("--model.sparsity", "--model.sparsity.help", "--model.optimizer", "--data.bptt", "--ckpt_path"):
         assert argument in text
-    assert "gate_redistribution" in text and "SNT-ASGD" in text
+    assert "SNT-ASGD" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.sparsity.help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out  # the callback's arguments, their types, defaults and docs
+    for argument in ("--model.sparsity.sparsity", "--model.sparsity.prune_rate", "--model.sparsity.method"):
+        assert argument in text
+    assert "gate_redistribution" in text and "cosine schedule ends" in text
 
 
 # ----------------------------------------------------------------------------------------------------- runs
@@ -255,6 +282,45 @@ def test_fit_then_test_the_best_checkpoint_in_another_process(
         args=["fit", *common, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--ckpt_path", "last"]
     )
     assert resumed.trainer.current_epoch == 3 and resumed.trainer.global_step == 9
+
+
+@pytest.mark.parametrize(
+    "limit,match",
+    [
+        ("--trainer.max_epochs=0", r"--trainer.max_epochs 0 trains nothing \(0 epochs\)"),
+        ("--trainer.max_steps=0", r"--trainer.max_steps 0 trains nothing \(0 optimizer steps\)"),
+        ("--trainer.limit_train_batches=0", r"--trainer.limit_train_batches 0(\.0)? trains nothing"),
+        ("--trainer.limit_train_batches=0.0", r"--trainer.limit_train_batches 0.0 trains nothing"),
+    ],
+)
+def test_a_fit_that_trains_nothing_is_an_error(
+    limit: str, match: str, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It used to end with "selfish-rnn fit: done", exit status 0 and an empty log folder.
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIG_DIR / "quickstart.yaml"), *tiny_data(corpus_dir), limit]
+    with pytest.raises(ValueError, match=match):
+        build_cli(args=args, exit_on_error=False)
+    assert not (tmp_path / "lightning_logs").exists(), "refused before anything was created"
+
+
+def test_a_resume_of_a_finished_run_says_nothing_was_trained(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--config",
+        str(CONFIG_DIR / "stacked_lstm_ptb.yaml"),
+        *TINY["stacked_lstm_ptb"],
+        *tiny_data(corpus_dir),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    ]
+    build_cli(args=["fit", *common])
+    with pytest.raises(ValueError, match=r"nothing was trained: the checkpoint .*last.ckpt is already at epoch 1, "):
+        build_cli(args=["fit", *common, "--ckpt_path", "last"])
 
 
 def test_best_without_an_earlier_run_is_a_clear_error(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from recipes import data as d
+from recipes.data import sources
 
 # sha256sum of the canonical files (Mikolov's PTB, WikiText-2 v1 tokens), as the reference data lists them.
 CANONICAL_SHA256SUMS = """\
@@ -221,7 +222,7 @@ def test_custom_corpus_checksums(synthetic: Path) -> None:
 
 @pytest.fixture
 def no_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(d, "_bundled_archive", lambda name: None)
+    monkeypatch.setattr(sources, "_bundled_archive", lambda name: None)
 
 
 @pytest.mark.usefixtures("no_bundle")
@@ -230,7 +231,7 @@ def test_download_ptb(cache_root: Path, tmp_path: Path, monkeypatch: pytest.Monk
     mirror.mkdir()
     for split in d.SPLITS:
         (mirror / f"ptb.{split}.txt").write_bytes((cache_root / "ptb" / f"{split}.txt").read_bytes())
-    monkeypatch.setattr(d, "PTB_URLS", {s: (mirror / f"ptb.{s}.txt").as_uri() for s in d.SPLITS})
+    monkeypatch.setattr(sources, "PTB_URLS", {s: (mirror / f"ptb.{s}.txt").as_uri() for s in d.SPLITS})
 
     with pytest.raises(d.CorpusNotFoundError, match="download=False"):
         d.resolve_corpus("ptb", cache_dir=tmp_path / "cache", download=False)
@@ -253,7 +254,7 @@ def test_download_wikitext2(cache_root: Path, tmp_path: Path, monkeypatch: pytes
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
         for split in d.SPLITS:
             zf.write(cache_root / "wikitext-2" / f"{split}.txt", f"wikitext-2/wiki.{split}.tokens")
-    monkeypatch.setattr(d, "WIKITEXT2_URL", archive.as_uri())
+    monkeypatch.setattr(sources, "WIKITEXT2_URL", archive.as_uri())
     target = d.resolve_corpus("wikitext-2", cache_dir=tmp_path / "cache")
     for split, digest in d.expected_digests("wikitext-2").items():
         assert sha256(target / f"{split}.txt") == digest

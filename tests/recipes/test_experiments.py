@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import re
 import shlex
@@ -23,7 +22,6 @@ DOC = (ROOT / "docs" / "experiments.md").read_text()
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 TRAINED = [row for row in PAPER_ROWS if row.trained]
 COMMANDS = sorted({row.command() for row in TRAINED})
-CALLBACK_HAS_METHODS = "method" in inspect.signature(SelfishSparsityCallback).parameters
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +82,7 @@ def test_every_row_command_trains_what_its_row_says(command: str, run_directorie
     model = cli.model
     assert isinstance(model, LanguageModel)
     assert model.optimizer_name == row.optimizer
-    assert model.sparsity == row.sparsity
+    assert (model.sparsity and model.sparsity.sparsity) == row.sparsity
     assert cli.trainer.max_epochs == (row.epochs or cli.trainer.max_epochs)
     if row.optimizer == "adam":
         assert model.lr == 0.001
@@ -98,14 +96,13 @@ def test_every_row_command_trains_what_its_row_says(command: str, run_directorie
     if row.method.startswith("gates_"):  # Table 6: Selfish-RNN with another way of sharing regrowth over gates
         preset = "selfish"
         assert arguments["gate_redistribution"] == row.method.removeprefix("gates_")
-    assert arguments.get("method", "selfish") == preset
+    assert arguments["method"] == preset
     if row.method == "static_er":
         assert arguments["init"] == "er"
     if row.method == "no_redistribution":
         assert arguments["gate_redistribution"] is False
-    if CALLBACK_HAS_METHODS:  # the presets themselves (issue 7's engine half) resolve these arguments
-        callback = SelfishSparsityCallback(**arguments)
-        assert callback.method == preset and callback.sparsity == row.sparsity
+    callback = SelfishSparsityCallback(**arguments)
+    assert callback.method == preset and callback.sparsity == row.sparsity
 
 
 def test_every_documented_row_command_is_a_row() -> None:
@@ -145,8 +142,8 @@ SWEEPS = sweep_commands()
 
 def test_the_sweeps_are_documented() -> None:
     loops = " ".join(command for command, _ in SWEEPS)
-    assert "--model.update_every" in loops and "--model.growth gradient" in loops  # Figure 5
-    assert "--model.sparsity 0.9" in loops and "--model.prune_rate 0.3" in loops  # Figure 6
+    assert "--model.sparsity.update_every" in loops and "--model.sparsity.growth gradient" in loops  # Figure 5
+    assert "--model.sparsity.sparsity 0.9" in loops and "--model.sparsity.prune_rate 0.3" in loops  # Figure 6
     assert "optimizers/momentum.yaml" in loops and "awd_lstm_mos_wt2.yaml" in loops
 
 
@@ -155,9 +152,9 @@ def test_every_sweep_command_builds_with_its_loop_values(sweep) -> None:
     command, env = sweep
     model = build(fit_arguments(command)).model
     if "sparsity" in env:
-        assert model.sparsity == float(env["sparsity"])
+        assert model.sparsity.sparsity == float(env["sparsity"])
     if "prune_rate" in env:
-        assert model.prune_rate == float(env["prune_rate"])
+        assert model.sparsity.prune_rate == float(env["prune_rate"])
     if "growth" in env:
-        assert model.growth == env["growth"] and model.update_every == int(env["interval"])
+        assert model.sparsity.growth == env["growth"] and model.sparsity.update_every == int(env["interval"])
         assert model.optimizer_name == env["optimizer"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from pathlib import Path
 
@@ -16,10 +18,11 @@ from torch.utils.data import DataLoader
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.random_state import RandomStateCheckpoint
 from lightning_selfish.sntasgd import SNTASGD
 from lightning_selfish.trigger import NonMonotonicTrigger
 from recipes.data import BPTTBatch, LanguageModelingDataModule
-from recipes.lm import LanguageModel, MaskBlindNTASGD, detach_hidden
+from recipes.lm import SPARSITY_ARGUMENTS, LanguageModel, MaskBlindNTASGD, SparsityArguments, detach_hidden
 from recipes.models import ONLSTM, LMOutput, StackedLSTM
 
 V = 12
@@ -232,7 +235,9 @@ def test_variable_bptt_scales_the_lr_for_one_step_and_restores_it(corpus_dir: Pa
 
 def test_the_dense_gradient_is_clipped_before_the_step(corpus_dir: Path) -> None:
     dm = datamodule(corpus_dir)
-    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, clip=0.01, sparsity=0.5, checkpoint=False)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, clip=0.01, sparsity={"sparsity": 0.5}, checkpoint=False
+    )
     log = StepLog()
     trainer(max_steps=5, callbacks=[log]).fit(lm, datamodule=dm)
     # The global norm over all gradients, masked positions included, is at the clip value at the step.
@@ -300,13 +305,9 @@ def test_callbacks_follow_the_arguments() -> None:
     lm = LanguageModel(
         net,
         lr=1.0,
-        sparsity=0.6,
-        prune_rate=0.3,
-        gate_redistribution=False,
-        sparse_init="er",
+        sparsity={"sparsity": 0.6, "prune_rate": 0.3, "gate_redistribution": False, "init": "er", "seed": 7},
         nonmono=3,
         restart_at_epochs=[4],
-        sparsity_seed=7,
     )
     callbacks = {type(cb): cb for cb in lm.configure_callbacks()}
     sparse = callbacks[SelfishSparsityCallback]
@@ -323,20 +324,95 @@ def test_callbacks_follow_the_arguments() -> None:
     checkpoint = callbacks[ModelCheckpoint]
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val_loss", "min", True)
 
-    static = LanguageModel(tiny_lstm(), lr=1.0, sparsity=0.5, prune_rate=0.7, static=True)
-    assert next(cb for cb in static.configure_callbacks() if isinstance(cb, SelfishSparsityCallback)).prune_rate == 0
     dense = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False)
-    assert [type(cb) for cb in dense.configure_callbacks()] == [FlopsCallback]
+    assert [type(cb) for cb in dense.configure_callbacks()] == [FlopsCallback, RandomStateCheckpoint]
     no_flops = LanguageModel(tiny_lstm(), lr=1.0, optimizer="adam", checkpoint=False, flops=False)
-    assert no_flops.configure_callbacks() == []
+    assert [type(cb) for cb in no_flops.configure_callbacks()] == [RandomStateCheckpoint]
+
+
+def sparsity_callback(**group) -> SelfishSparsityCallback:
+    lm = LanguageModel(tiny_lstm(), lr=1.0, sparsity=group, checkpoint=False)
+    return next(cb for cb in lm.configure_callbacks() if isinstance(cb, SelfishSparsityCallback))
+
+
+def test_the_sparsity_group_is_the_callbacks_arguments_under_their_own_names() -> None:
+    # One group, the callback's names and defaults: nothing can silently override an argument (issue 19.5: the
+    # flat arguments had init twice, sparse_init="er" with sparsity_options={"init": "uniform"} trained uniform).
+    assert tuple(inspect.signature(SelfishSparsityCallback.__init__).parameters)[1:] == SPARSITY_ARGUMENTS
+    for field in dataclasses.fields(SparsityArguments):
+        default = inspect.signature(SelfishSparsityCallback.__init__).parameters[field.name].default
+        assert field.default == default or (field.default is dataclasses.MISSING and default is inspect._empty)
+    assert sparsity_callback(sparsity=0.5, init="er").init == "er"
+    assert sparsity_callback(sparsity=0.5, init="er", update_until=0.5).update_until == 0.5
+    # the same group from Python (a mapping or SparsityArguments) and from the CLI (a SparsityArguments)
+    given = SparsityArguments(sparsity=0.5, method="rigl", update_every="epoch")
+    rigl = LanguageModel(tiny_lstm(), lr=1.0, sparsity=given).sparsity_arguments()
+    assert rigl == LanguageModel(tiny_lstm(), lr=1.0, sparsity=dataclasses.asdict(given)).sparsity_arguments() | {
+        "total_steps": rigl["total_steps"]
+    }
+    callback = sparsity_callback(sparsity=0.5, method="rigl", update_every="epoch")
+    assert (callback.method, callback.growth, callback.update_every) == ("rigl", "gradient", "epoch")
+
+
+def test_static_is_the_static_method() -> None:
+    # There is no static flag: method="static" is static sparse training (no update, nothing logged as one).
+    static = sparsity_callback(sparsity=0.5, method="static")
+    assert (static.method, static.schedule) == ("static", "never")
+    with pytest.raises(TypeError, match=r"sparsity has no argument 'static': the arguments of SelfishSparsityCallback"):
+        LanguageModel(tiny_lstm(), lr=1.0, sparsity={"sparsity": 0.5, "static": True})
+
+
+def test_names_in_the_sparsity_group_are_the_networks() -> None:
+    net = tiny_lstm()
+    net.sparsity_exclude = ["decoder.weight"]
+    lm = LanguageModel(
+        net,
+        lr=1.0,
+        sparsity={
+            "sparsity": 0.5,
+            "include": ["rnns.*"],
+            "gate_layouts": {"rnns.0.weight_hh_l0": ["i", "f", "g", "o"]},
+        },
+    )
+    arguments = lm.sparsity_arguments()
+    assert arguments["include"] == ["network.rnns.*"]
+    assert arguments["exclude"] == ["network.decoder.weight"]  # None: the network's own patterns
+    assert arguments["gate_layouts"] == {"network.rnns.0.weight_hh_l0": ["i", "f", "g", "o"]}
+    replaced = LanguageModel(net, lr=1.0, sparsity={"sparsity": 0.5, "exclude": ["encoder.weight"]})
+    assert replaced.sparsity_arguments()["exclude"] == ["network.encoder.weight"]  # a list replaces them
+    assert callable(arguments["total_steps"])  # None: the module's schedule length, asked at fit start
+    fixed = LanguageModel(net, lr=1.0, sparsity={"sparsity": 0.5, "total_steps": 40})
+    assert fixed.sparsity_arguments()["total_steps"] == 40
+
+
+@pytest.mark.parametrize(
+    "sparsity,error,match",
+    [
+        (
+            0.5,
+            TypeError,
+            r"sparsity must be the SelfishSparsityCallback arguments \(e.g. \{'sparsity': 0.5\}\) or None",
+        ),
+        ("0.5", TypeError, "sparsity must be a SparsityArguments, a mapping of SelfishSparsityCallback arguments"),
+        ({"prune_rate": 0.5}, TypeError, "sparsity.sparsity is required"),
+        ({"sparsity": 0.5, "sparse_init": "er"}, TypeError, "sparsity has no argument 'sparse_init'"),
+        ({"sparsity": 1.0}, ValueError, r"^sparsity.sparsity must be in \[0, 1\), got 1.0"),
+        ({"sparsity": 0.5, "method": "lottery"}, ValueError, r"^sparsity.method must be one of \['selfish'"),
+        ({"sparsity": 0.5, "seed": "1"}, TypeError, r"^sparsity.seed must be an int or None, got str"),
+    ],
+)
+def test_the_sparsity_group_is_checked_at_construction(sparsity, error, match) -> None:
+    with pytest.raises(error, match=match):
+        LanguageModel(tiny_lstm(), lr=1.0, sparsity=sparsity)
 
 
 def test_prune_schedule_length_for_variable_bptt(corpus_dir: Path) -> None:
     dm = datamodule(corpus_dir, bptt=6, variable_bptt=True)
-    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5, checkpoint=False)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity={"sparsity": 0.5}, checkpoint=False)
     trainer(max_epochs=2, limit_val_batches=1).fit(lm, datamodule=dm)
     # The authors' T_max = epochs * train_rows // bptt, as the run's length is not known in advance.
     assert lm._sparsity_callback.controller.total_steps == 2 * dm.split_rows("train") // 6
+    assert lm._sparsity_callback.total_steps == lm._schedule_length, "asked by the callback, never written into it"
 
 
 def test_standard_ntasgd_ignores_lifetimes() -> None:
@@ -373,7 +449,9 @@ class StartAveraging(Callback):
 @pytest.mark.parametrize("optimizer", ["sntasgd", "ntasgd"])
 def test_averages_of_a_sparse_model_have_its_topology(optimizer: str, corpus_dir: Path) -> None:
     dm = datamodule(corpus_dir)
-    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5, optimizer=optimizer, checkpoint=False)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity={"sparsity": 0.5}, optimizer=optimizer, checkpoint=False
+    )
     trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, callbacks=[StartAveraging()]).fit(
         lm, datamodule=dm
     )
@@ -385,29 +463,41 @@ def test_averages_of_a_sparse_model_have_its_topology(optimizer: str, corpus_dir
         assert (ax[~mask] == 0).all() and (ax[mask] != 0).any()
 
 
+class ValLossPerEpoch(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.losses[trainer.current_epoch] = float(trainer.callback_metrics["val_loss"])
+
+
 def test_snt_asgd_validates_and_checkpoints_the_averaged_sparse_model(corpus_dir: Path, tmp_path: Path) -> None:
     dm = datamodule(corpus_dir)
     pl.seed_everything(0, verbose=False)
-    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=5.0, bptt=6, sparsity=0.5, nonmono=1)
-    t = trainer(max_epochs=5, limit_train_batches=4, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=5.0, bptt=6, sparsity={"sparsity": 0.5}, nonmono=1)
+    losses = ValLossPerEpoch()
+    where = dict(enable_checkpointing=True, default_root_dir=str(tmp_path))
+    t = trainer(max_epochs=5, limit_train_batches=4, callbacks=[losses], **where)
     t.fit(lm, datamodule=dm)
     trigger = next(cb for cb in t.callbacks if isinstance(cb, NonMonotonicTrigger))
     assert trigger.averaging_started_epoch is not None, "lr 5 on this corpus stops improving within 5 epochs"
-    final_val = float(t.callback_metrics["val_loss"])
+    # last.ckpt: the end of the last epoch whose validation improved (Lightning 2.6 writes last.ckpt only beside a
+    # top-k checkpoint), so it is read with the masks and the validation loss of its own epoch
     last = Path(t.checkpoint_callback.dirpath) / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
-    masks = lm._sparsity_callback.masks
+    assert checkpoint["epoch"] > trigger.averaging_started_epoch, "written while averaging"
+    masks = checkpoint["callbacks"]["SelfishSparsityCallback"]["masks"]
     for name, mask in masks.items():
         assert (checkpoint["state_dict"][name][~mask] == 0).all(), "the averaged model is exactly sparse"
         assert not torch.equal(checkpoint["state_dict"][name], checkpoint["raw_state_dict"][name])
-    # The last validation ran on the averages: validating the checkpoint again gives the same loss.
+    # The validation of that epoch ran on the averages: validating the checkpoint again gives the same loss.
     again = trainer().validate(lm, datamodule=dm, ckpt_path=str(last), verbose=False)[0]
-    assert again["val_loss"] == pytest.approx(final_val, rel=1e-6)
+    assert again["val_loss"] == pytest.approx(losses.losses[checkpoint["epoch"]], rel=1e-6)
 
 
 def test_checkpoint_keeps_the_best_validation_model(corpus_dir: Path, tmp_path: Path) -> None:
     dm = datamodule(corpus_dir)
-    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity=0.5)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, bptt=6, sparsity={"sparsity": 0.5})
     t = trainer(
         max_epochs=2,
         limit_train_batches=3,
@@ -428,8 +518,81 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="optimizer"):
         LanguageModel(tiny_lstm(), lr=1.0, optimizer="rmsprop")
     with pytest.raises(ValueError, match="sparsity"):
-        LanguageModel(tiny_lstm(), lr=1.0, sparsity=1.0)
+        LanguageModel(tiny_lstm(), lr=1.0, sparsity={"sparsity": 1.0})
     with pytest.raises(ValueError, match="lr"):
         LanguageModel(tiny_lstm(), lr=0)
     with pytest.raises(TypeError, match="init_hidden"):
         LanguageModel(nn.Linear(2, 2), lr=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- resuming
+
+
+class Crash(Exception):
+    """Stands for a killed process: the run stops where it is, with only its checkpoints left."""
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+        self.step, self.epoch = step, epoch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step or trainer.current_epoch == self.epoch:
+            raise Crash
+
+
+def fit_with_dropout(
+    corpus_dir: Path, variable: bool, extra=(), ckpt_path=None, root: Path | None = None
+) -> LanguageModel:
+    """A recipe run with dropout 0.5: sparse, variable or fixed BPTT, SNT-ASGD, 3 epochs; with ``root``, the recipe's
+    own checkpoint (best and last) under it."""
+    pl.seed_everything(7, verbose=False)
+    dm = datamodule(corpus_dir, bptt=6, variable_bptt=variable, seed=3)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size, dropout=0.5),
+        lr=2.0,
+        bptt=6,
+        sparsity={"sparsity": 0.5, "seed": 1, "update_every": 5},
+        nonmono=1,
+        checkpoint=root is not None,
+        topology_monitor=False,
+        flops=False,
+    )
+    where = dict(default_root_dir=str(root)) if root else {}
+    checkpointing = root is not None or any(isinstance(cb, ModelCheckpoint) for cb in extra)
+    run = trainer(max_epochs=3, limit_val_batches=2, callbacks=list(extra), enable_checkpointing=checkpointing, **where)
+    run.fit(lm, datamodule=dm, ckpt_path=ckpt_path)
+    return lm
+
+
+@pytest.mark.parametrize(
+    "variable,where",
+    [(True, "mid-epoch"), (False, "mid-epoch"), (True, "end of epoch"), (False, "last.ckpt")],
+    ids=["variable-mid-epoch", "fixed-mid-epoch", "variable-end-of-epoch", "fixed-recipe-last"],
+)
+def test_a_resume_with_dropout_is_exact(variable: bool, where: str, corpus_dir: Path, tmp_path: Path) -> None:
+    """Issue 15.7: with dropout a resumed run drew other masks (Lightning restores no global random state); it also
+    started the hidden state at zero, re-read a mid-epoch checkpoint's epoch from its first window, and, with variable
+    BPTT, an end-of-epoch checkpoint's next epoch read the windows of the epoch before."""
+    straight = fit_with_dropout(corpus_dir, variable)
+    root = None
+    if where == "mid-epoch":  # a checkpoint at step 20, in the middle of the second epoch, then the process dies
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=20, save_top_k=-1, filename="{step}")]
+        crash, path = CrashAt(step=20), tmp_path / "step=20.ckpt"
+    elif where == "end of epoch":  # a checkpoint at the end of the first epoch, then the process dies in the second
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")]
+        crash, path = CrashAt(epoch=1), tmp_path / "epoch=0.ckpt"
+    else:  # the recipe's own last.ckpt (written after validation), what selfish-rnn fit --ckpt_path last resumes
+        saver, root = [], tmp_path / "run"
+        crash, path = CrashAt(step=30), None
+    with pytest.raises(Crash):
+        fit_with_dropout(corpus_dir, variable, extra=[*saver, crash], root=root)
+    path = path or next(root.rglob("last.ckpt"))
+    saved = torch.load(path, weights_only=False)
+    assert saved["global_step"] == 20 if where == "mid-epoch" else saved["epoch"] in (0, 1)
+    resumed = fit_with_dropout(corpus_dir, variable, ckpt_path=path, root=root and tmp_path / "resumed")
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, mask in straight._sparsity_callback.masks.items():
+        assert torch.equal(mask, resumed._sparsity_callback.masks[name]), name

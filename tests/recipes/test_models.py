@@ -1,4 +1,4 @@
-"""The four language models: sizes, interface, gate layouts against the spec equations, and the regularisers."""
+"""The four language models: sizes, interface, gate layouts against the equations of docs/models.md, regularisers."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_paper_size_parameter_counts_and_smoke_forward(cls, total, n_maskable):
 
 
 def test_sparsified_tensor_names_follow_the_spec():
-    """MODELS.md 8.1: which tensors carry a mask (names as in docs/models.md)."""
+    """docs/models.md#which-tensors-are-sparse: which tensors carry a mask (names as in docs/models.md)."""
     assert sorted(maskable(tiny("lstm"))) == sorted(
         ["encoder.weight", "decoder.weight"] + [f"rnn.weight_{k}_l{j}" for k in ("ih", "hh") for j in (0, 1)]
     )
@@ -361,7 +361,7 @@ def test_stacked_lstm_matches_gate_equations():
 
 
 def rhn_reference(model: RHN, x: Tensor, s: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """MODELS.md 4 recurrence, gates H and T read from the declared rows; one mask for all steps and blocks."""
+    """The recurrence (docs/models.md#model-b-rhn-ptb), H and T read from the declared rows; one mask for all steps."""
     layouts = {n: lookup(lay) for n, lay in detect_gate_layouts(model).items()}
     outs = []
     for t in range(x.size(0)):
@@ -416,7 +416,7 @@ def test_rhn_gate_rows_by_marker():
 
 
 def onlstm_reference(cell, x, h, c, w_hh):
-    """MODELS.md 5.1 equations, every gate read from the declared rows; c kept flat as (B, H)."""
+    """The cell's equations (docs/models.md#model-c-on-lstm-ptb), every gate read from its declared rows."""
     lay_ih, lay_hh = lookup(cell.gate_layouts["ih.0.weight"]), lookup(cell.gate_layouts["hh.weight"])
     w_ih, b_ih, b_hh = cell.ih[0].weight, cell.ih[0].bias, cell.hh.bias
     c = c.reshape(c.size(0), -1)

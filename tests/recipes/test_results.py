@@ -51,7 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         rows = {method: row_of(method) for method in METHODS}
         rows["dense"] = next(r for r in PAPER_ROWS if r.model == "stacked_lstm_ptb" and r.row == "Dense (NT-ASGD)")
         for method, row in rows.items():
-            extra = ["--model.update_every=1"] if method == "gmp" else []  # prune within the tiny run
+            extra = ["--model.sparsity.update_every=1"] if method == "gmp" else []  # prune within the tiny run
             args = ["fit", *absolute(row.command_args()), *TINY, *data, *QUIET, "--trainer.max_epochs=2", *extra]
             cli = build_cli(args=args)
             results[method] = (row, cli, extra)
