@@ -164,11 +164,11 @@ def test_total_steps_given_as_a_callable_is_asked_at_fit_start() -> None:
 
     cb = SelfishSparsityCallback(sparsity=0.5, total_steps=length, update_every=8, seed=0)
     make_trainer([cb], max_epochs=2).fit(TinyLM(), unsized_loader())
-    assert asked == [2] and cb._total_steps == 16
+    assert asked == [2] and cb.controller.total_steps == 16
     sized = SelfishSparsityCallback(sparsity=0.5, total_steps=lambda trainer: None, seed=0)
     trainer = make_trainer([sized], max_epochs=1, limit_train_batches=3)
     trainer.fit(TinyLM(), token_loader())
-    assert sized._total_steps == 3 == trainer.estimated_stepping_batches
+    assert sized.controller.total_steps == 3 == trainer.estimated_stepping_batches
     for wrong, error in ((0, ValueError), (2.5, TypeError)):
         refused = SelfishSparsityCallback(sparsity=0.5, total_steps=lambda trainer, wrong=wrong: wrong, seed=0)
         with pytest.raises(error, match=f"total_steps\\(trainer\\) must return a positive int or None, got {wrong}"):
