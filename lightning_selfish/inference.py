@@ -24,8 +24,8 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "BUILTIN_CONVERTERS",
     "CPU_CROSSOVER",
+    "ConversionContext",
+    "Converter",
+    "apply_masks_",
+    "choose_format",
+    "measure_product",
+    "qualified_name",
     "SparseLinear",
     "SparseRNN",
     "SparseRNNCell",
@@ -335,6 +342,33 @@ class SparseRNNCell(_InferenceOnly):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ConversionContext:
+    """What a converter needs: the workload, and :meth:`choose`, which decides a tensor's format and records it."""
+
+    batch_size: int
+    steps: int
+    choose_mode: Choose
+    crossover: Sequence[tuple[int, float]]
+    decisions: list[TensorChoice] = field(default_factory=list)
+
+    def choose(self, name: str, weight: Tensor, rows: int) -> TensorChoice:
+        """CSR or dense for ``weight`` (named ``name`` in the report) multiplying ``rows`` rows at a time."""
+        choice = choose_format(name, weight, rows, self.choose_mode, self.crossover)
+        self.decisions.append(choice)
+        return choice
+
+
+Converter = Callable[[nn.Module, str, ConversionContext], "nn.Module | None"]
+"""``converter(module, name, context)``: the module's replacement, or None to keep it (``name`` is the module's name
+in the model, ``""`` for the model itself; see :func:`qualified_name`)."""
+
+
+def qualified_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or ``name`` when ``prefix`` is the model itself (``""``)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def to_sparse(
     model: nn.Module,
     masks: Mapping[str, Tensor] | None = None,
@@ -344,6 +378,7 @@ def to_sparse(
     choose: Choose = "crossover",
     crossover: Sequence[tuple[int, float]] = CPU_CROSSOVER,
     exclude: Sequence[str] = (),
+    converters: Mapping[type, Converter] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """``model`` with its RNN, RNN-cell and ``nn.Linear`` modules computing with CSR weights where that is faster.
@@ -361,10 +396,12 @@ def to_sparse(
         crossover: the ``(rows, density)`` table of ``"crossover"``.
         exclude: module names (``fnmatch`` patterns, as in ``model.named_modules()``) to leave unchanged, e.g.
             layers whose weights the model reads directly instead of calling the module.
+        converters: ``{module type: converter}`` for other module types (exact types; tried before the built-in
+            ones), e.g. a model's own recurrent cell; see :class:`ConversionContext`.
         inplace: convert ``model`` itself instead of a deep copy.
 
     Returns the converted model, in eval mode; :func:`sparse_inference_report` lists every decision. Only exact
-    ``nn.Linear`` / ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` / cell types convert (subclasses may compute
+    ``nn.Linear`` / ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` / cell types convert (a subclass may compute
     differently); bidirectional RNNs and LSTMs with ``proj_size`` keep their dense module (reported).
     """
     if not isinstance(model, nn.Module):
@@ -381,24 +418,30 @@ def to_sparse(
     model.eval()
     if masks is not None:
         apply_masks_(model, masks)
-    decisions: list[TensorChoice] = []
+    context = ConversionContext(batch_size, steps, choose, crossover)
+    table = {**BUILTIN_CONVERTERS, **dict(converters or {})}
+    replaced: list[str] = []
     for module_name, module in list(model.named_modules()):
+        if any(module_name.startswith(f"{done}.") or not done for done in replaced):
+            continue  # inside a module already replaced
         if any(fnmatch.fnmatchcase(module_name, pattern) for pattern in exclude):
             continue
-        replacement = _convert(module_name, module, batch_size, steps, choose, crossover, decisions)
+        converter = table.get(type(module))
+        replacement = None if converter is None else converter(module, module_name, context)
         if replacement is None:
             continue
+        replaced.append(module_name)
         if module_name:
             _set_submodule(model, module_name, replacement)
         else:  # the model itself is an RNN, a cell or a linear layer
             model = replacement
     model.eval()  # the new modules too
-    object.__setattr__(model, _REPORT, tuple(decisions))  # a plain attribute, never a submodule or buffer
-    sparse = [d for d in decisions if d.sparse]
+    object.__setattr__(model, _REPORT, tuple(context.decisions))  # a plain attribute, never a submodule or buffer
+    sparse = [d for d in context.decisions if d.sparse]
     log.info(
         "to_sparse: %d of %d weight tensors as CSR (batch_size=%d, steps=%d, choose=%s)",
         len(sparse),
-        len(decisions),
+        len(context.decisions),
         batch_size,
         steps,
         choose,
@@ -423,56 +466,65 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             params[name].mul_(mask.to(params[name].device))
 
 
-def _convert(
-    prefix: str,
-    module: nn.Module,
-    batch_size: int,
-    steps: int,
-    choose: Choose,
-    crossover: Sequence[tuple[int, float]],
-    decisions: list[TensorChoice],
-) -> nn.Module | None:
-    kind = type(module)
-    name = f"{prefix}." if prefix else ""  # parameter names as in the model's named_parameters()
-    if kind is nn.Linear:
-        choice = _choose(f"{name}weight", module.weight, batch_size * steps, choose, crossover)
-        decisions.append(choice)
-        return SparseLinear.from_linear(module, choice=choice) if choice.sparse else None
-    if kind in (nn.LSTM, nn.GRU, nn.RNN):
-        if module.bidirectional or getattr(module, "proj_size", 0):
-            reason = "bidirectional" if module.bidirectional else "proj_size"
-            for w in module._flat_weights_names:
-                if w.startswith("weight"):
-                    weight = getattr(module, w)
-                    why = f"kept dense: {reason} {kind.__name__} is not supported"
-                    decisions.append(TensorChoice(f"{name}{w}", tuple(weight.shape), _density(weight), 1, False, why))
-            return None
-        tensors = {}
-        for k in range(module.num_layers):
-            tensors[f"weight_ih_l{k}"] = batch_size * steps
-            tensors[f"weight_hh_l{k}"] = batch_size
-        return _convert_recurrent(name, module, tensors, choose, crossover, decisions, SparseRNN)
-    if kind in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):
-        tensors = {"weight_ih": batch_size, "weight_hh": batch_size}
-        return _convert_recurrent(name, module, tensors, choose, crossover, decisions, SparseRNNCell)
-    return None
+def _convert_linear(module: nn.Linear, prefix: str, context: ConversionContext) -> nn.Module | None:
+    rows = context.batch_size * context.steps
+    choice = context.choose(qualified_name(prefix, "weight"), module.weight, rows)
+    return SparseLinear.from_linear(module, choice=choice) if choice.sparse else None
 
 
-def _convert_recurrent(name, module, tensors, choose, crossover, decisions, cls) -> nn.Module | None:
-    choices = {w: _choose(f"{name}{w}", getattr(module, w), rows, choose, crossover) for w, rows in tensors.items()}
-    decisions.extend(choices.values())
+def _convert_rnn(module: nn.RNNBase, prefix: str, context: ConversionContext) -> nn.Module | None:
+    if module.bidirectional or getattr(module, "proj_size", 0):
+        reason = "bidirectional" if module.bidirectional else "proj_size"
+        why = f"kept dense: {reason} {type(module).__name__} is not supported"
+        for w in module._flat_weights_names:
+            if w.startswith("weight"):
+                weight = getattr(module, w)
+                name = qualified_name(prefix, w)
+                context.decisions.append(TensorChoice(name, tuple(weight.shape), _density(weight), 1, False, why))
+        return None
+    rows = {}
+    for k in range(module.num_layers):
+        rows[f"weight_ih_l{k}"] = context.batch_size * context.steps
+        rows[f"weight_hh_l{k}"] = context.batch_size
+    return _convert_recurrent(module, prefix, context, rows, SparseRNN)
+
+
+def _convert_cell(module: nn.RNNCellBase, prefix: str, context: ConversionContext) -> nn.Module | None:
+    rows = {"weight_ih": context.batch_size, "weight_hh": context.batch_size}
+    return _convert_recurrent(module, prefix, context, rows, SparseRNNCell)
+
+
+def _convert_recurrent(module, prefix, context, rows, cls) -> nn.Module | None:
+    choices = {w: context.choose(qualified_name(prefix, w), getattr(module, w), n) for w, n in rows.items()}
     if not any(c.sparse for c in choices.values()):
         return None
     return cls(module, {w: c.sparse for w, c in choices.items()}, choices)
+
+
+BUILTIN_CONVERTERS: dict[type, Converter] = {
+    nn.Linear: _convert_linear,
+    nn.LSTM: _convert_rnn,
+    nn.GRU: _convert_rnn,
+    nn.RNN: _convert_rnn,
+    nn.LSTMCell: _convert_cell,
+    nn.GRUCell: _convert_cell,
+    nn.RNNCell: _convert_cell,
+}
+"""The module types :func:`to_sparse` converts by itself (exact types)."""
 
 
 def _density(weight: Tensor) -> float:
     return float(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
 
 
-def _choose(
-    name: str, weight: Tensor, rows: int, choose: Choose, crossover: Sequence[tuple[int, float]]
+def choose_format(
+    name: str,
+    weight: Tensor,
+    rows: int,
+    choose: Choose = "crossover",
+    crossover: Sequence[tuple[int, float]] = CPU_CROSSOVER,
 ) -> TensorChoice:
+    """CSR or dense for ``weight`` multiplying ``rows`` rows at a time, and why (see :func:`to_sparse`'s ``choose``)."""
     density = _density(weight)
     shape = tuple(weight.shape)
     if choose == "sparse":
