@@ -169,7 +169,7 @@ class SparseLinear(_InferenceOnly):
             out = self.weight @ rows.t()
         else:
             out = torch.addmm(self.bias.unsqueeze(1), self.weight, rows.t())
-        return out.t().reshape(*input.shape[:-1], self.out_features)
+        return out.t().contiguous().view(*input.shape[:-1], self.out_features)  # contiguous, as F.linear's
 
     def addmm(self, base: Tensor, rows: Tensor) -> Tensor:
         """``base + rows W^T`` (``base`` ``(N, out)``, ``rows`` ``(N, in)``; the bias is not added)."""
