@@ -233,3 +233,21 @@ class SparseInference(pl.Callback):
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         if self._start is not None:
             rank_zero_info(f"selfish-rnn test: the sparse test loop took {time.perf_counter() - self._start:.1f} s")
+
+
+def add_sparse_inference_argument(parser: Any) -> None:
+    """``selfish-rnn test --sparse_inference``: the option, added to the ``test`` subcommand's parser."""
+    parser.add_argument(
+        "--sparse_inference",
+        type=bool,
+        default=False,
+        help="Test the network converted for sparse CPU inference (CSR or dense per weight tensor, by density and "
+        "the test batch size; lightning_selfish.inference.to_sparse): the same perplexity within float "
+        "rounding, the per-tensor choice and the test loop's time are printed.",
+    )
+
+
+def enable_sparse_inference(trainer: Any, test_config: Any) -> None:
+    """Add :class:`SparseInference` to the trainer when ``--sparse_inference true`` was given."""
+    if test_config.get("sparse_inference"):
+        trainer.callbacks.append(SparseInference())
