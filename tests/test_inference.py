@@ -206,15 +206,13 @@ def test_measured_choice_keeps_the_faster_of_the_two_timings() -> None:
 def test_to_sparse_reports_every_tensor_and_converts_only_where_csr_pays() -> None:
     model = TinyLM().eval()  # encoder, 2-layer nn.LSTM 12 -> 16, decoder 16 -> 40
     exact_density_(model, 0.25)
-    # rows: generation at batch 2 -> input products and linear layers 2, recurrent 2; table says CSR up to 0.3 at
-    # 2 rows; min_elements=500 keeps every tensor under 500 entries dense: weight_ih_l0 (64 x 12 = 768) and the
-    # decoder (40 x 16 = 640) qualify, weight_hh_l0, weight_ih_l1, weight_hh_l1 (64 x 16 = 1024) too.
+    # Generation at batch 2: every product multiplies 2 rows, where the table allows CSR up to density 0.3;
+    # min_elements=700 keeps the decoder (40 x 16 = 640 entries) dense, not the LSTM's (64 x 12 = 768, 64 x 16).
     converted = to_sparse(model, batch_size=2, crossover=[(2, 0.3), (10, 0.2)], min_elements=700)
     report = {c.name: c for c in sparse_inference_report(converted)}
-    assert set(report) == {f"rnn.weight_{w}_l{k}" for w in ("ih", "hh") for k in (0, 1)} | {"decoder.weight"}
-    assert {name for name, c in report.items() if c.sparse} == {
-        f"rnn.weight_{w}_l{k}" for w in ("ih", "hh") for k in (0, 1)
-    }
+    lstm = {f"rnn.weight_{w}_l{k}" for w in ("ih", "hh") for k in (0, 1)}
+    assert set(report) == lstm | {"decoder.weight"}
+    assert {name for name, c in report.items() if c.sparse} == lstm
     assert report["decoder.weight"].reason == "640 entries < 700: a small matrix is faster dense"
     assert isinstance(converted.rnn, SparseRNN) and type(converted.decoder) is nn.Linear
     assert type(model.rnn) is nn.LSTM, "the original is left as it was (a copy was converted)"
