@@ -371,8 +371,9 @@ class ConversionContext:
 
 
 Converter = Callable[[nn.Module, str, ConversionContext], "nn.Module | None"]
-"""``converter(module, name, context)``: the module's replacement, or None to keep it (``name`` is the module's name
-in the model, ``""`` for the model itself; see :func:`qualified_name`)."""
+"""``converter(module, name, context)``: the module's replacement; the module itself to keep it and leave its
+submodules alone; or None to keep it and convert its submodules (``name`` is the module's name in the model, ``""``
+for the model itself; see :func:`qualified_name`)."""
 
 
 def qualified_name(prefix: str, name: str) -> str:
@@ -443,7 +444,9 @@ def to_sparse(
         replacement = None if converter is None else converter(module, module_name, context)
         if replacement is None:
             continue
-        replaced.append(module_name)
+        replaced.append(module_name)  # its submodules are its converter's business
+        if replacement is module:
+            continue
         if module_name:
             _set_submodule(model, module_name, replacement)
         else:  # the model itself is an RNN, a cell or a linear layer

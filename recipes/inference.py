@@ -132,7 +132,7 @@ class SparseRHN(nn.Module):
 def _convert_weight_drop(wrapper: WeightDrop, prefix: str, context: ConversionContext) -> nn.Module | None:
     lstm = wrapper.module
     if type(lstm) not in (nn.LSTM, nn.GRU, nn.RNN):
-        return None
+        return wrapper  # (its RNN's own weights live on the wrapper: nothing inside converts on its own)
     extra = {"nonlinearity": lstm.nonlinearity} if type(lstm) is nn.RNN else {}
     reference = next(lstm.parameters())
     plain = type(lstm)(
@@ -150,16 +150,18 @@ def _convert_weight_drop(wrapper: WeightDrop, prefix: str, context: ConversionCo
                 choices[name] = context.choose(qualified_name(prefix, shown), value, rows)
                 sparse[name] = choices[name].sparse
     if not any(sparse.values()):
-        return None
+        return wrapper  # dense: the wrapper as it is (its LSTM reads the raw weight through the wrapper)
     return SparseRNN(plain, sparse, choices)
 
 
 def _convert_onlstm_cell(cell: ONLSTMCell, prefix: str, context: ConversionContext) -> nn.Module | None:
-    return SparseONLSTMCell(cell, context, prefix)
+    converted = SparseONLSTMCell(cell, context, prefix)
+    return converted if converted.ih.sparse or converted.hh.sparse else cell
 
 
 def _convert_rhn(rhn: RHN, prefix: str, context: ConversionContext) -> nn.Module | None:
-    return SparseRHN(rhn, context, prefix)
+    converted = SparseRHN(rhn, context, prefix)
+    return converted if any(layer.sparse for layer in (converted.W, converted.fc1, *converted.R)) else rhn
 
 
 RECIPE_CONVERTERS: dict[type, Converter] = {
