@@ -83,7 +83,7 @@ def kernel_part(args: argparse.Namespace, device: torch.device, threads: int) ->
     generator = torch.Generator().manual_seed(0)
     shape = (4 * args.hidden, args.hidden)
     for rows in args.rows:
-        best_density = None
+        best_density = previous = None
         for density in sorted(args.kernel_densities):
             weight = masked_weight(shape, density, generator).to(device)
             x = torch.randn(rows, shape[1], device=device)
@@ -92,7 +92,7 @@ def kernel_part(args: argparse.Namespace, device: torch.device, threads: int) ->
             formats["csr"] = csr_product(csr_matrix(weight), x, xt)
             if device.type == "cpu":
                 formats["csr_int64"] = csr_product(weight.to_sparse_csr(), x, xt)
-                for block in args.bsr_blocks:
+                for block in args.bsr_blocks if rows <= args.bsr_max_rows else ():  # (BSR is slow on the CPU)
                     bsr = weight.to_sparse_bsr((block, block))
                     formats[f"bsr{block}"] = lambda b=bsr, xt=xt: b @ xt
             semi = semi_structured(weight, rows, x) if device.type == "cuda" else None
@@ -101,15 +101,18 @@ def kernel_part(args: argparse.Namespace, device: torch.device, threads: int) ->
             elif semi is not None:
                 formats["dense_fp16"], formats["semi_structured_2_4"] = semi
             with torch.no_grad():
-                for function in formats.values():
+                repeats = {}
+                for name, function in formats.items():
                     for _ in range(args.warmup_calls):
                         function()
-                repeats = max(1, args.kernel_repeats)
-                timed = alternate({k: _repeat(f, repeats) for k, f in formats.items()}, args.rounds, device)
-            ms = {k: round(v / repeats * 1e3, 4) for k, v in timed.items()}
+                    once = alternate({name: function}, 1, device)[name]
+                    repeats[name] = max(1, min(args.kernel_repeats, round(args.kernel_min_ms / 1e3 / once)))
+                timed = alternate({k: _repeat(f, repeats[k]) for k, f in formats.items()}, args.rounds, device)
+            ms = {k: round(v / repeats[k] * 1e3, 4) for k, v in timed.items()}
             speedup = {k: round(ms["dense"] / v, 3) for k, v in ms.items() if k != "dense"}
-            if ms["csr"] < ms["dense"]:
+            if ms["csr"] < ms["dense"] and best_density == previous:  # CSR won at every density up to this one
                 best_density = density
+            previous = density
             emit(
                 part="kernel",
                 shape=list(shape),
@@ -287,7 +290,7 @@ def main() -> None:
     parser.add_argument("--parts", default="kernel,generation,evaluation")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--densities", default="0.33,0.2,0.1,0.05")
-    parser.add_argument("--kernel-densities", default="0.05,0.1,0.2,0.25,0.3,0.33,0.4,0.5")
+    parser.add_argument("--kernel-densities", default="0.05,0.1,0.2,0.3,0.33,0.4,0.5")
     parser.add_argument("--rows", default="1,4,20,100,700")
     parser.add_argument("--bsr-blocks", default="4,16")
     parser.add_argument("--hidden", type=int, default=1500)
@@ -296,7 +299,9 @@ def main() -> None:
     parser.add_argument("--onednn-words", type=int, default=8, help="words per round of the (slow) oneDNN model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--warmup-calls", type=int, default=2)
-    parser.add_argument("--kernel-repeats", type=int, default=5)
+    parser.add_argument("--kernel-repeats", type=int, default=50, help="at most this many calls per timing")
+    parser.add_argument("--kernel-min-ms", type=float, default=20.0, help="calls per timing to last this long")
+    parser.add_argument("--bsr-max-rows", type=int, default=20, help="BSR only up to this many rows")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--eval-batch", type=int, default=20)
     parser.add_argument("--bptt", type=int, default=35)
