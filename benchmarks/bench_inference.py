@@ -93,6 +93,8 @@ def kernel_part(args: argparse.Namespace, device: torch.device, threads: int) ->
             if device.type == "cpu":
                 formats["csr_int64"] = csr_product(weight.to_sparse_csr(), x, xt)
                 for block in args.bsr_blocks if rows <= args.bsr_max_rows else ():  # (BSR is slow on the CPU)
+                    if shape[0] % block or shape[1] % block:
+                        continue  # (the blocks must tile the matrix)
                     bsr = weight.to_sparse_bsr((block, block))
                     formats[f"bsr{block}"] = lambda b=bsr, xt=xt: b @ xt
             semi = semi_structured(weight, rows, x) if device.type == "cuda" else None
@@ -292,7 +294,7 @@ def main() -> None:
     parser.add_argument("--densities", default="0.33,0.2,0.1,0.05")
     parser.add_argument("--kernel-densities", default="0.05,0.1,0.2,0.3,0.33,0.4,0.5")
     parser.add_argument("--rows", default="1,4,20,100,700")
-    parser.add_argument("--bsr-blocks", default="4,16")
+    parser.add_argument("--bsr-blocks", default="4,20", help="BSR block sizes (those that tile the matrix are run)")
     parser.add_argument("--hidden", type=int, default=1500)
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--words", type=int, default=40, help="words per timed generation round")
