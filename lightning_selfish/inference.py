@@ -8,9 +8,9 @@ density and the number of rows each product multiplies (see :data:`CPU_CROSSOVER
 time both on the machine at conversion). A module none of whose tensors pays keeps its dense original. The
 outputs equal the dense model's within float tolerance (the same math; only the summation order differs).
 
-Sparsity pays only below some density: one CPU thread, a 6000 x 1500 matrix (docs/performance.md) is faster as
-CSR below about 0.4 of its weights for one row at a time (generation), 0.3 for 20 rows (a recurrent step at
-batch 20) and 0.1 for 700 rows (the input projection of a 35-step window at batch 20).
+Sparsity pays only below some density: on one CPU thread a 6000 x 1500 matrix is faster as CSR at densities up to
+about 0.3 for 1 to 20 rows at a time (generation; a recurrent step at batch 20), 0.2 for 100 rows and 0.1 for 700
+rows (the input projection of a 35-step window at batch 20); docs/performance.md has the measurements.
 
 Only inference: the converted modules have no parameters and raise in training mode; dropout is off. Convert a
 copy (the default) of a model whose weights are final, e.g. the averaged weights of SNT-ASGD.
@@ -61,7 +61,7 @@ Choose = Literal["crossover", "measure", "sparse"]
 #: most ``density`` of their entries non-zero when it multiplies ``rows`` rows at once (measured on a 6000 x 1500
 #: matrix, benchmarks/bench_inference.py --crossover, docs/performance.md). Between two entries the next larger
 #: ``rows`` applies (the smaller threshold: keep dense where unsure).
-CPU_CROSSOVER: tuple[tuple[int, float], ...] = ((1, 0.40), (4, 0.40), (20, 0.30), (100, 0.20), (700, 0.10))
+CPU_CROSSOVER: tuple[tuple[int, float], ...] = ((1, 0.30), (4, 0.30), (20, 0.30), (100, 0.20), (700, 0.10))
 
 #: Below this many entries a weight stays dense under ``choose="crossover"``: a small matrix sits in the CPU's
 #: caches, where the dense product wins at every density (an 800 x 200 LSTM weight: 0.5x to 0.8x as CSR at one
