@@ -324,12 +324,14 @@ def _results(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
+    """Export a run's model with its masks applied: dense, or compressed (bit masks and the active values)."""
     from recipes.export import main as export_main
 
     return export_main(argv)
 
 
 def _generate(argv: list[str]) -> int:
+    """Sample text word by word from a trained model, dense and sparse, and compare their speed."""
     from recipes.generate import main as generate_main
 
     return generate_main(argv)
