@@ -427,6 +427,12 @@ def to_sparse(
         raise ValueError(f"to_sparse: choose must be 'crossover', 'measure' or 'sparse', got {choose!r}")
     if isinstance(exclude, str):
         raise TypeError(f"to_sparse: exclude must be a list of module-name patterns, got the string {exclude!r}")
+    devices = {p.device.type for p in model.parameters()}
+    if choose == "crossover" and devices - {"cpu"}:
+        raise ValueError(
+            f"to_sparse: choose='crossover' uses a crossover measured on the CPU, but the model is on "
+            f"{sorted(devices - {'cpu'})}: use choose='measure' (time both formats on the device) or 'sparse'"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -564,7 +570,8 @@ def measure_product(weight: Tensor, rows: int, rounds: int = 7, min_seconds: flo
     """Median ms of ``x W^T`` for ``x`` ``(rows, in)``: dense, then CSR, alternated round by round."""
     dense = SparseLinear(weight, sparse=False).eval()
     sparse = SparseLinear(weight, sparse=True).eval()
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    generator = torch.Generator(device=weight.device).manual_seed(0)  # (the global RNG is left alone)
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device, generator=generator)
     synchronize = torch.cuda.synchronize if weight.device.type == "cuda" else (lambda: None)
 
     def once(module: nn.Module, repeats: int) -> float:

@@ -93,7 +93,7 @@ def export_run(source: str | Path, format: str, out: str | Path | None = None, w
     if format not in ("dense", "compressed"):
         raise ValueError(f"format must be 'dense' or 'compressed', got {format!r}")
     ckpt_path = find_checkpoint(source, which)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     hyper = _plain(checkpoint.get("hyper_parameters"))
     if not isinstance(hyper, dict) or "network" not in hyper:
         raise ExportError(f"{ckpt_path} is not a checkpoint of a selfish-rnn run (no network in its hyper_parameters)")

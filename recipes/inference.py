@@ -209,9 +209,11 @@ class SparseInference(pl.Callback):
 
     The conversion runs at the start of the test loop, after Lightning has loaded the checkpoint, for the test
     batch size and window length of the datamodule; the per-tensor choice and the test loop's time are logged.
+    ``choose`` is :func:`~lightning_selfish.inference.to_sparse`'s; None: the crossover table on the CPU, measured
+    on other devices.
     """
 
-    def __init__(self, choose: str = "crossover") -> None:
+    def __init__(self, choose: Choose | None = None) -> None:
         self.choose = choose
         self._start: float | None = None
 
@@ -219,7 +221,9 @@ class SparseInference(pl.Callback):
         datamodule = trainer.datamodule
         batch = int(getattr(datamodule, "test_batch_size", None) or 1)
         steps = int(getattr(datamodule, "bptt", None) or 1)
-        pl_module.network = sparse_network(pl_module.network, batch_size=batch, steps=steps, choose=self.choose)
+        # The crossover table was measured on a CPU; elsewhere each tensor's two formats are timed on the device.
+        choose = self.choose or ("crossover" if pl_module.device.type == "cpu" else "measure")
+        pl_module.network = sparse_network(pl_module.network, batch_size=batch, steps=steps, choose=choose)
         report = sparse_inference_report(pl_module.network)
         csr = [c for c in report if c.sparse]
         rank_zero_info(

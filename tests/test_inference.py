@@ -294,3 +294,18 @@ def test_the_default_choice_keeps_the_papers_density_dense_and_sparsifies_lower_
     assert {c.name for c in generation if c.sparse} == csr_generation
     assert {c.name for c in evaluation if c.sparse} == csr_evaluation
     assert {c.name for c in generation} == LSTM_WEIGHTS | {"decoder.weight"}
+
+
+def test_the_cpu_crossover_is_refused_for_a_model_on_another_device() -> None:
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"crossover measured on the CPU, but the model is on \['meta'\]"):
+        to_sparse(model)
+
+
+def test_measuring_leaves_the_global_random_stream_alone() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    choose_format("w", torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), 2, "measure")
+    assert torch.equal(torch.rand(3), expected)
