@@ -1,8 +1,8 @@
-"""Sparse inference of the paper's stacked LSTM: dense vs CSR, per token (batch 1) and per window (batch 20).
+"""Sparse inference and export of the paper's stacked LSTM: dense vs CSR per word (batch 1) and per window (batch 20).
 
 Prints JSON lines, one per measurement. The model is Table 4's stacked LSTM (embedding 10,000 x 1,500, 2 x 1,500
 ``nn.LSTM``, decoder 1,500 -> 10,000) with every 2-D weight masked uniformly at random to each ``--densities``
-(the trained masks' density per tensor; their pattern is unstructured like these). Three parts:
+(the trained masks' density per tensor; their pattern is unstructured like these). The parts:
 
 * ``kernel``: one 6000 x 1500 weight (an LSTM layer's stacked gates) times ``rows`` rows: dense, CSR with 32-bit
   indices (ours), CSR with torch's default 64-bit indices, BSR with ``--bsr-blocks``; on CUDA also cuSPARSE CSR and
@@ -14,7 +14,9 @@ Prints JSON lines, one per measurement. The model is Table 4's stacked LSTM (emb
   oneDNN, the faster dense), ``dense_onednn`` (PyTorch's default CPU path, which re-packs the LSTM weights on every
   call), ``sparse`` (``to_sparse`` with the crossover table) and ``sparse_all_csr`` (every weight CSR).
 * ``evaluation``: tokens per second over 35-step windows at batch 20, the same four models (the conversion is
-  made for batch 20 and 35 steps).
+  made for batch 20 and 35 steps);
+* ``export``: bytes of the dense and the compressed export (``lightning_selfish.export``) at each density, and
+  whether the compressed file loads back exactly (``torch.equal``).
 
 Each part runs at every ``--threads`` count (default ``1`` and all cores). On CUDA (``--device cuda``) the models
 are timed on the GPU: ``dense`` is cuDNN and ``sparse`` is ``to_sparse(choose="measure")`` (cuSPARSE where faster).
@@ -286,10 +288,62 @@ def evaluation_part(args: argparse.Namespace, device: torch.device, threads: int
         )
 
 
+def export_part(args: argparse.Namespace, device: torch.device, threads: int) -> None:
+    """Bytes of the dense and the compressed export at each density, and whether the round trip is exact."""
+    import tempfile
+    from pathlib import Path
+
+    from lightning_selfish.export import (
+        compress_state_dict,
+        compressed_sizes,
+        load_compressed,
+        masked_state_dict,
+        save_compressed,
+        save_dense,
+    )
+
+    for density in args.densities:
+        model = build_model(args, 1.0, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(1)
+        masks = {
+            name: torch.rand(p.shape, generator=generator) < density
+            for name, p in model.named_parameters()
+            if p.dim() == 2
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            start = time.perf_counter()
+            dense = save_dense(model, masks, Path(directory) / "dense.pt")
+            middle = time.perf_counter()
+            compressed = save_compressed(model, masks, Path(directory) / "compressed.pt")
+            end = time.perf_counter()
+            loaded = load_compressed(compressed)
+            load_s = time.perf_counter() - end
+            reference = torch.load(dense, weights_only=True)
+            exact = list(reference) == list(loaded.state_dict) and all(
+                torch.equal(value, loaded.state_dict[key]) for key, value in reference.items()
+            )
+            sizes = compressed_sizes(compress_state_dict(masked_state_dict(model, masks), masks))
+            emit(
+                part="export",
+                density=density,
+                dense_file_bytes=dense.stat().st_size,
+                compressed_file_bytes=compressed.stat().st_size,
+                file_ratio=round(compressed.stat().st_size / dense.stat().st_size, 4),
+                masked_tensors_ratio=round(
+                    sizes["masked_tensors_compressed_bytes"] / sizes["masked_tensors_dense_bytes"], 4
+                ),
+                exact_round_trip=exact,
+                save_dense_s=round(middle - start, 2),
+                save_compressed_s=round(end - middle, 2),
+                load_compressed_s=round(load_s, 2),
+                **sizes,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--parts", default="kernel,generation,evaluation")
+    parser.add_argument("--parts", default="export,kernel,generation,evaluation")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--densities", default="0.33,0.2,0.1,0.05")
     parser.add_argument("--kernel-densities", default="0.05,0.1,0.2,0.3,0.33,0.4,0.5")
@@ -339,10 +393,17 @@ def main() -> None:
         quick=args.quick,
     )
     parts = {"kernel": kernel_part, "generation": generation_part, "evaluation": evaluation_part}
+    chosen = args.parts.split(",")
+    unknown = sorted(set(chosen) - {*parts, "export"})
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; allowed: {sorted({*parts, 'export'})}")
+    if "export" in chosen:  # (bytes, not speed: once, whatever the threads)
+        export_part(args, device, threads[0])
     for count in threads:
         torch.set_num_threads(count)
-        for name in args.parts.split(","):
-            parts[name](args, device, count)
+        for name in chosen:
+            if name != "export":
+                parts[name](args, device, count)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def test_run_all_quick_on_cpu_prints_every_figure_and_a_summary() -> None:
     update = next(line for line in lines if line.get("figure") == "topology_update" and "update_s" in line)
     assert update["update_s"] > 0 and update["previous_update_s"] > 0
     inference = [line for line in lines if line.get("figure") == "inference" and "part" in line]
-    assert {line["part"] for line in inference} == {"kernel", "crossover", "generation", "evaluation"}
+    assert {line["part"] for line in inference} == {"export", "kernel", "crossover", "generation", "evaluation"}
+    assert all(line["exact_round_trip"] for line in inference if line["part"] == "export")
+    assert "compressed / dense bytes of the masked tensors, density 0.33" in names
     generation = [line for line in inference if line["part"] == "generation"]
     assert sorted(line["density"] for line in generation) == [0.05, 0.1, 0.2, 0.33]
     assert all(line["same_words"] for line in generation)
