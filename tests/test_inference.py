@@ -309,3 +309,18 @@ def test_measuring_leaves_the_global_random_stream_alone() -> None:
     torch.manual_seed(5)
     choose_format("w", torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), 2, "measure")
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_on_cuda_the_sparse_lstm_uses_cusparse_csr_and_equals_cudnn() -> None:
+    lstm = nn.LSTM(64, 48, num_layers=2).eval()
+    exact_density_(lstm, 0.2)
+    lstm = lstm.cuda()
+    sparse = to_sparse(lstm, choose="sparse", batch_size=3, steps=5)
+    assert sparse.hh[0].weight.is_cuda and sparse.hh[0].weight.layout == torch.sparse_csr
+    x = torch.randn(5, 3, 64, device="cuda")
+    torch.testing.assert_close(sparse(x), lstm(x), rtol=1e-4, atol=1e-5)
+    measured = to_sparse(lstm, choose="measure", batch_size=1)
+    assert all(c.dense_ms > 0 and c.sparse_ms > 0 for c in sparse_inference_report(measured))
