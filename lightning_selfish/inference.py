@@ -115,18 +115,6 @@ class TensorChoice:
     dense_ms: float | None = None
     sparse_ms: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "density": round(self.density, 6),
-            "rows": self.rows,
-            "format": "csr" if self.sparse else "dense",
-            "reason": self.reason,
-            "dense_ms": self.dense_ms,
-            "sparse_ms": self.sparse_ms,
-        }
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # modules
