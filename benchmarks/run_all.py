@@ -18,6 +18,10 @@ each). Figures, with their targets:
 * ``sntasgd_step``: SNT-ASGD's averaging step with masks against ``torch.optim.ASGD`` (target: <= 1.15x);
 * ``recipe_epoch``: the recipe's epoch (``selfish-rnn fit``'s loop) against a plain PyTorch loop, before and after
   the NT-ASGD trigger, and validation on the averages (target: <= 1.10x on a GPU, <= 1.05x on the CPU);
+* ``inference``: sparse inference of the stacked LSTM at densities 0.33 to 0.05, per word (batch 1) and per window
+  (batch 20): dense vs CSR (cuSPARSE on a GPU; 2:4 semi-structured as a kernel reference); on the CPU, time per
+  word sparse / dense <= 0.5 at density 0.1 and <= 1 at 0.33 (one thread); the compressed export <= 0.4x the dense
+  bytes of the masked tensors at density 0.33;
 * ``gpu_tests``: ``pytest -m gpu`` (on the CPU: the CPU variants of the same tests).
 
 A final ``summary`` line lists every figure against its target.
@@ -51,6 +55,8 @@ def figures(device: str, quick: bool) -> list[tuple[str, list[str]]]:
     epoch = [python, str(HERE / "bench_epoch.py"), "--device", device, "--hidden", hidden, *threads]
     epoch += ["--phases", "sgd,averaging"]
     epoch += ["--steps", "12", "--warmup", "2", "--rounds", "1", "--val-batches", "3"] if quick else []
+    inference = [python, str(HERE / "bench_inference.py"), "--device", device, *threads]
+    inference += ["--quick"] if quick else []
     if device == "cuda":
         tests = [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")]
     else:
@@ -60,6 +66,7 @@ def figures(device: str, quick: bool) -> list[tuple[str, list[str]]]:
         ("topology_update", update),
         ("sntasgd_step", sntasgd),
         ("recipe_epoch", epoch),
+        ("inference", inference),
         ("gpu_tests", tests),
     ]
 
@@ -78,6 +85,15 @@ def targets(name: str, line: dict, device: str) -> list[dict]:
         checks.append((f"recipe / plain loop ({line['phase']})", line["ratio"], 1.10 if gpu else 1.05))
         if "validation_ratio" in line:
             checks.append(("recipe / plain validation", line["validation_ratio"], 1.10 if gpu else 1.05))
+    if name == "inference" and line.get("part") == "export" and line["density"] == 0.33:
+        what = "compressed / dense bytes of the masked tensors, density 0.33"
+        checks.append((what, line["masked_tensors_ratio"], 0.4))
+    if name == "inference" and not gpu and line.get("part") == "generation" and line.get("threads") == 1:
+        # as time per word: sparse / dense <= 0.5 (at least 2x the words per second) at density 0.1, <= 1 at 0.33
+        limit = {0.1: 0.5, 0.33: 1.0}.get(line["density"])
+        if limit is not None:
+            what = f"sparse / dense time per word, density {line['density']}"
+            checks.append((what, 1 / line["sparse_vs_dense"], limit))
     return [{"figure": what, "value": value, "target": limit, "met": value <= limit} for what, value, limit in checks]
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from recipes import console, experiments
 from recipes.compat import module
 from recipes.data import LanguageModelingDataModule
+from recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from recipes.lm import LanguageModel
 from recipes.runs import label_run_logger
 from recipes.runtime import keep_freed_memory_for_reuse
@@ -163,6 +164,15 @@ class SelfishRNNCLI(LightningCLI):
     def after_test(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             log.info("%s", test_summary(self.trainer))
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            add_sparse_inference_argument(parser)
+        return parser
+
+    def before_test(self) -> None:
+        enable_sparse_inference(self.trainer, self.config_init["test"])
 
 
 def check_model_arguments(model_config: Any) -> None:
@@ -359,10 +369,26 @@ def _results(argv: list[str]) -> int:
     return results_main(argv)
 
 
+def _export(argv: list[str]) -> int:
+    """Export a run's model with its masks applied: dense, or compressed (bit masks and the active values)."""
+    from recipes.export import main as export_main
+
+    return export_main(argv)
+
+
+def _generate(argv: list[str]) -> int:
+    """Sample text word by word from a trained model, dense and sparse, and compare their speed."""
+    from recipes.generate import main as generate_main
+
+    return generate_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": experiments.list_command,
     "results": _results,
     "analyze": _analyze,
+    "export": _export,
+    "generate": _generate,
 }
 """Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
 
