@@ -158,6 +158,11 @@ class LanguageModel(pl.LightningModule):
             weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
         mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
             ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
+        training_seed: reseed the global random generators (torch, Python, NumPy: dropout, shuffling) with this
+            seed when a fresh fit starts, after the network's weights were drawn under ``seed_everything``. Two runs
+            with the same ``seed_everything`` and ``sparsity.seed`` and different ``training_seed`` (and
+            ``sparsity.growth_seed``, ``data.seed``) start from the same weights and masks and train apart: the
+            paper's Figure 4 (right), docs/analysis.md. None: the run's ``seed_everything`` stream goes on.
     """
 
     def __init__(
@@ -182,6 +187,7 @@ class LanguageModel(pl.LightningModule):
         checkpoint: bool = True,
         topology_monitor: bool = True,
         mask_history: bool = True,
+        training_seed: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
@@ -226,6 +232,9 @@ class LanguageModel(pl.LightningModule):
         self.checkpoint = checkpoint
         self.topology_monitor = topology_monitor
         self.mask_history = mask_history
+        if training_seed is not None and (isinstance(training_seed, bool) or not isinstance(training_seed, int)):
+            raise TypeError(f"training_seed must be an int or None, got {training_seed!r}")
+        self.training_seed = training_seed
 
         self.alpha = float(getattr(network, "alpha", 0.0) or 0.0)
         self.beta = float(getattr(network, "beta", 0.0) or 0.0)
@@ -287,6 +296,11 @@ class LanguageModel(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_hidden = None  # every epoch starts from a zero state (docs/models.md#hidden-state)
+
+    def on_fit_start(self) -> None:
+        # A fresh fit only: a resumed one restores the random states it saved (RandomStateCheckpoint).
+        if self.training_seed is not None and self.trainer.ckpt_path is None:
+            pl.seed_everything(self.training_seed, verbose=False)
 
     def on_train_start(self) -> None:
         # a state restored from a mid-epoch checkpoint (on_load_checkpoint) goes to the device the model is on now

@@ -596,3 +596,46 @@ def test_a_resume_with_dropout_is_exact(variable: bool, where: str, corpus_dir: 
         assert torch.equal(a, b), name
     for name, mask in straight._sparsity_callback.masks.items():
         assert torch.equal(mask, resumed._sparsity_callback.masks[name]), name
+
+
+def figure4_run(corpus_dir: Path, training_seed: int, growth_seed: int) -> tuple[dict, dict, dict, dict]:
+    """One run of the Figure 4 (right) pair: the same seed_everything and sparsity.seed, its own training seed."""
+    pl.seed_everything(7, verbose=False)
+    dm = datamodule(corpus_dir, bptt=6, seed=training_seed)
+    lm = LanguageModel(
+        tiny_lstm(dm.vocab_size, dropout=0.5),
+        lr=2.0,
+        bptt=6,
+        optimizer="sgd",
+        sparsity={"sparsity": 0.5, "seed": 1, "growth_seed": growth_seed, "update_every": 3},
+        training_seed=training_seed,
+        checkpoint=False,
+        topology_monitor=False,
+        flops=False,
+    )
+    start: dict = {}
+
+    class Start(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            cb = pl_module._sparsity_callback
+            start["masks"] = {n: m.clone() for n, m in cb.masks.items()}
+            start["weights"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    trainer(max_epochs=2, limit_val_batches=1, callbacks=[Start()]).fit(lm, datamodule=dm)
+    masks = {n: m.clone() for n, m in lm._sparsity_callback.masks.items()}
+    return start["masks"], start["weights"], masks, {n: p.detach().clone() for n, p in lm.named_parameters()}
+
+
+def test_the_figure_4_pair_shares_initial_weights_and_masks_and_trains_apart(corpus_dir: Path) -> None:
+    """Paper, Figure 4 (right): two runs from the same initial masks and weights with different training seeds."""
+    masks_a, weights_a, end_masks_a, end_a = figure4_run(corpus_dir, training_seed=1, growth_seed=1)
+    masks_b, weights_b, end_masks_b, end_b = figure4_run(corpus_dir, training_seed=2, growth_seed=2)
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    assert any(not torch.equal(end_masks_a[n], end_masks_b[n]) for n in end_masks_a)  # grown apart
+    assert any(not torch.equal(end_a[n], end_b[n]) for n in end_a)
+    _, _, _, dropout_only = figure4_run(corpus_dir, training_seed=2, growth_seed=1)  # the training seed alone
+    assert any(not torch.equal(dropout_only[n], end_a[n]) for n in end_a)
+    _, _, again_masks, again = figure4_run(corpus_dir, training_seed=1, growth_seed=1)  # and a run repeats exactly
+    assert all(torch.equal(again_masks[n], end_masks_a[n]) for n in again_masks)
+    assert all(torch.equal(again[n], end_a[n]) for n in again)
