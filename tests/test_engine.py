@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_selfish import MaskUpdate, SparseEngine
-from lightning_selfish import engine as engine_module
+from lightning_selfish import update as engine_module  # (the update steps reset the optimizer state)
 from lightning_selfish.gates import detect_gate_layouts
 
 GATES = [("i", slice(0, 4)), ("f", slice(4, 8)), ("g", slice(8, 12)), ("o", slice(12, 16))]

@@ -1,0 +1,331 @@
+"""One topology update, in steps: remove, budget per tensor, grow per block, apply, statistics.
+
+:meth:`lightning_selfish.engine.SparseEngine.update` runs :func:`topology_update` over its masks. The parts of the
+method (:mod:`lightning_selfish.parts`) decide what each step does; nothing here branches on a method's name.
+
+1. :func:`_remove`, per block (the whole tensor, or each gate unless gates are ranked jointly).
+2. :func:`_tensor_budgets`: how many each tensor regrows (its removals, or shared by an across-layer score).
+3. :func:`_grow`: the tensor's regrowth split over its blocks (:func:`_block_budgets`), grown per block.
+4. :func:`_apply`: rank 0's outcome on every rank (DDP), the new masks, the weights and optimizer states.
+5. :func:`_statistics`: the counts read back in one host transfer, and DSR's next threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_selfish import topology
+from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.parts import Growth, MethodConfig, UpdateAmount
+from lightning_selfish.redistribution import allocate_counts, momentum_of
+
+if TYPE_CHECKING:
+    from lightning_selfish.engine import SparseEngine, SparseTensor
+
+__all__ = ["UpdateContext", "UpdateStats", "topology_update"]
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one topology update did, per tensor and in total."""
+
+    prune_rate: float
+    removed: dict[str, int]
+    grown: dict[str, int]
+    newly_active: dict[str, int]  # active now, inactive before the update (regrown-in-place ones not counted)
+    active: dict[str, int]
+    threshold: float | None = None  # DSR: the global threshold for the next update
+
+    @property
+    def total_removed(self) -> int:
+        return sum(self.removed.values())
+
+    @property
+    def total_grown(self) -> int:
+        return sum(self.grown.values())
+
+    @property
+    def changed_fraction(self) -> dict[str, float]:
+        """Per tensor: the share of its active weights that were not active before the update."""
+        return {name: self.newly_active[name] / n if n else 0.0 for name, n in self.active.items()}
+
+    @property
+    def total_changed_fraction(self) -> float:
+        active = sum(self.active.values())
+        return sum(self.newly_active.values()) / active if active else 0.0
+
+
+@dataclass
+class UpdateContext:
+    """What one update reads besides the method: the run's random generator, the optimizers (state to reset,
+    momentum to read), the dense gradients of the step before (``None``: the parameters' ``.grad``), DDP's
+    ``synchronize`` (overwrites a tensor in place with rank 0's; ``None`` on one process) and DSR's threshold."""
+
+    generator: torch.Generator
+    optimizers: Sequence[torch.optim.Optimizer] = ()
+    gradients: Mapping[str, Tensor] | None = None
+    synchronize: Callable[[Tensor], None] | None = None
+    threshold: float | None = None
+
+
+@dataclass
+class _Removed:
+    kept: dict[str, Tensor]  # per tensor: the mask after removal
+    per_block: dict[str, list[int]]  # per tensor: how many each block removed
+    expected: int  # threshold removal: the count the prune rate asked for (DSR's threshold adapts to it)
+
+
+@torch.no_grad()
+def topology_update(
+    engine: SparseEngine, amount: UpdateAmount, method: MethodConfig, context: UpdateContext
+) -> UpdateStats:
+    """One topology update: removal, then growth of exactly as many weights as were removed.
+
+    1. :meth:`_remove`, per block (the whole tensor, or each gate unless gates are ranked jointly): the
+       ``ceil(prune_rate * active)`` (or ``floor``: ``method.removal_rounding``) weights named by
+       ``method.removal``; with ``amount.target_density`` (dense-to-sparse, GMP) the weights above
+       ``round(target_density * numel)``; with a threshold removal (DSR) every active weight below
+       ``context.threshold``, one threshold for all tensors.
+    2. :meth:`_tensor_budgets`: as many as each tensor removed, or the total shared out by
+       ``method.redistribution`` (exact, capped by each tensor's free room); nothing when pruning to a target
+       or without growth.
+    3. :meth:`_grow`: inside a tensor, the regrowth goes to its blocks (one block; each gate its own removals;
+       or shared by the gate score of Table 6), then ``method.growth`` picks the positions per block.
+    4. :meth:`_apply`: rank 0's outcome on every rank (DDP), the new masks, the weights and optimizer states.
+
+    Grown weights start at zero, also one removed and regrown in the same update, unless
+    ``method.removed_and_regrown == "keep"`` (the authors' code, RigL: such a weight keeps its value and its
+    optimizer state, e.g. its SNT-ASGD averaging window). The returned stats carry DSR's next threshold.
+    """
+    old = {name: record.mask.clone() for name, record in engine.tensors.items()}
+    removal = _remove(engine, amount, method, context, old)
+    budgets = _tensor_budgets(engine, amount, method, context, old, removal)
+    counts: dict[str, Tensor] = {}
+    for name, record in engine.tensors.items():
+        kept = removal.kept[name]
+        new = _grow(engine, record, budgets[name], method, context, old[name], kept, removal.per_block[name])
+        counts[name] = _apply(engine, record, old[name], kept, new, method, context)
+    if context.synchronize is not None and engine.tensors:
+        device = next(iter(engine.tensors.values())).param.device
+        _synchronize_generator(context.generator, context.synchronize, device)
+    return _statistics(amount, method, context, counts, removal.expected)
+
+
+def _remove(
+    engine: SparseEngine, amount: UpdateAmount, method: MethodConfig, context: UpdateContext, old: Mapping[str, Tensor]
+) -> _Removed:
+    """Step 1: the mask after removal per tensor, the count removed per block, and (DSR) the count expected."""
+    removed = _Removed({}, {}, 0)
+    part = method.removal
+    for name, record in engine.tensors.items():
+        if not part.removes:
+            removed.kept[name], removed.per_block[name] = record.mask.clone(), [0] * len(record.groups)
+        elif part.by_threshold:  # (the count-based ones know their counts; these read them back, once per block)
+            if context.threshold is None:
+                raise ValueError(f"removal={part.name!r} needs the current threshold (UpdateContext.threshold)")
+            removed.kept[name] = part.remove(record.param, record.mask, context.threshold)
+            gone = old[name] & ~removed.kept[name]
+            removed.per_block[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
+            removed.expected += topology.removal_count(record.active, amount.prune_rate, method.removal_rounding)
+        else:
+            removed.kept[name], removed.per_block[name] = _remove_blocks(engine, record, amount, method)
+    return removed
+
+
+def _remove_blocks(
+    engine: SparseEngine, record: SparseTensor, amount: UpdateAmount, method: MethodConfig
+) -> tuple[Tensor, list[int]]:
+    """Count-based removal per block: ``ceil(prune_rate * active)``, or down to ``target_density``."""
+    mask = record.mask
+    block_active = [int(mask[rows].count_nonzero()) for rows in record.groups]
+    if amount.target_density is None:
+        counts = [topology.removal_count(n, amount.prune_rate, method.removal_rounding) for n in block_active]
+    else:
+        excess = max(0, sum(block_active) - topology.uniform_count(mask.numel(), amount.target_density))
+        counts = allocate_counts(excess, block_active, block_active)
+    kept = mask.clone()
+    for rows, n in zip(record.groups, counts):
+        kept[rows] = method.removal.remove(record.param[rows], mask[rows], n)
+    return kept, counts
+
+
+def _tensor_budgets(
+    engine: SparseEngine,
+    amount: UpdateAmount,
+    method: MethodConfig,
+    context: UpdateContext,
+    old: Mapping[str, Tensor],
+    removed: _Removed,
+) -> dict[str, int]:
+    """Step 2: how many each tensor regrows: its own removals, or the total shared by an across-layer score
+    (none above its free room)."""
+    totals = {name: sum(blocks) for name, blocks in removed.per_block.items()}
+    if not method.growth.grows or amount.target_density is not None:
+        return dict.fromkeys(engine.tensors, 0)
+    part = method.redistribution
+    if part.score is None:
+        return totals
+    names = list(engine.tensors)
+    scores = []
+    for name in names:
+        record = engine.tensors[name]
+        signal = None
+        if part.reads == "momentum":
+            gradient = _gradient_of(record, context.gradients, None)
+            signal = momentum_of(context.optimizers, record.param, gradient, name, f"redistribution={part.name!r}")
+        scores.append(part.score(old[name], removed.kept[name], signal))
+    candidates = {name: _candidates(method, old[name], removed.kept[name]) for name in names}
+    caps = [int(candidates[name].count_nonzero()) for name in names]
+    return dict(zip(names, allocate_counts(sum(totals.values()), scores, caps)))
+
+
+def _candidates(method: MethodConfig, old: Tensor, kept: Tensor) -> Tensor:
+    """Where growth may go: every position inactive after removal, or (``grow_into_removed=False``, DSR) only
+    those inactive before the update."""
+    return ~kept if method.grow_into_removed else ~old
+
+
+def _grow(
+    engine: SparseEngine,
+    record: SparseTensor,
+    budget: int,
+    method: MethodConfig,
+    context: UpdateContext,
+    old: Tensor,
+    kept: Tensor,
+    removed_per_block: list[int],
+) -> Tensor:
+    """Step 3: the mask after growth: the tensor's regrowth split over its blocks, then grown per block."""
+    if budget <= 0:
+        return kept.clone()
+    part = method.growth
+    # Growth functions grow into the inactive positions of the mask they are handed: hand them the mask with
+    # the just-removed positions still set where those may not be regrown (DSR), and take those out after.
+    base = kept if method.grow_into_removed else old
+    source = _growth_input(record, part, context)
+    new = base.clone()
+    for rows, n in zip(record.groups, _block_budgets(engine, record, budget, removed_per_block, old, base, context)):
+        block_source = source if isinstance(source, torch.Generator) else source[rows]
+        new[rows] = part.grow(base[rows], n, block_source)
+    return new if method.grow_into_removed else new & ~(old & ~kept)
+
+
+def _block_budgets(
+    engine: SparseEngine,
+    record: SparseTensor,
+    budget: int,
+    removed: list[int],
+    old: Tensor,
+    base: Tensor,
+    context: UpdateContext,
+) -> list[int]:
+    """A tensor's regrowth split over its blocks (one block when gates are ranked jointly)."""
+    if len(record.groups) == 1:
+        return [budget]
+    part = engine.gate_redistribution
+    caps = [base[rows].numel() - int(base[rows].count_nonzero()) for rows in record.groups]
+    if part.score is None:  # each gate regrows its own count unless the tensor's changed (shared as removals)
+        return allocate_counts(budget, removed, caps)
+    signal = None
+    if part.reads == "gradient":
+        signal = _gradient_of(record, context.gradients, f"gate_redistribution={part.name!r}")
+    scores = [
+        part.score(record.param[rows], old[rows], None if signal is None else signal[rows]) for rows in record.groups
+    ]
+    return allocate_counts(budget, scores, caps)
+
+
+def _apply(
+    engine: SparseEngine,
+    record: SparseTensor,
+    old: Tensor,
+    kept: Tensor,
+    new: Tensor,
+    method: MethodConfig,
+    context: UpdateContext,
+) -> Tensor:
+    """Step 4: take rank 0's outcome, set the mask, zero what restarts, reset the optimizer state; returns the
+    tensor's counts (removed, grown, newly active, active, removed by the rule) as one device tensor."""
+    if context.synchronize is not None:
+        code = kept.to(torch.uint8) + 2 * new.to(torch.uint8)
+        context.synchronize(code)
+        kept, new = (code & 1).bool(), (code >= 2)
+    by_rule = (old & ~kept).count_nonzero()
+    if method.removed_and_regrown == "keep":
+        kept = kept | (old & new)
+    param, mask = record.param, record.mask
+    param.mul_(kept.to(param.dtype))
+    mask.copy_(new)
+    record.mask_as_param.copy_(new)
+    reset_optimizer_state(
+        context.optimizers,
+        param,
+        MaskUpdate(old, kept, mask),
+        grown_state=method.grown_optimizer_state,
+        keep_dense=method.reads_momentum,
+    )
+    return torch.stack(
+        [
+            (old & ~kept).count_nonzero(),
+            (new & ~kept).count_nonzero(),
+            (new & ~old).count_nonzero(),
+            new.count_nonzero(),
+            by_rule,
+        ]
+    )
+
+
+def _statistics(
+    amount: UpdateAmount,
+    method: MethodConfig,
+    context: UpdateContext,
+    counts: Mapping[str, Tensor],
+    expected_removed: int,
+) -> UpdateStats:
+    """The update's counts read back in one host transfer, and DSR's next threshold."""
+    table = dict(zip(counts, torch.stack(list(counts.values())).tolist())) if counts else {}
+    removed, grown, newly_active, active, by_rule = ({name: row[k] for name, row in table.items()} for k in range(5))
+    threshold = context.threshold
+    if method.removal.by_threshold and threshold is not None:
+        threshold = topology.adapt_threshold(
+            threshold, sum(by_rule.values()), expected_removed, method.threshold_tolerance
+        )
+    return UpdateStats(amount.prune_rate, removed, grown, newly_active, active, threshold)
+
+
+def _synchronize_generator(
+    generator: torch.Generator, synchronize: Callable[[Tensor], None], device: torch.device
+) -> None:
+    # Counts that depend on the data (DSR's threshold, redistribution scores) may make ranks draw different
+    # amounts of randomness before rank 0's masks are taken: take rank 0's generator state too (on the
+    # parameters' device, where the collective backend can send it).
+    state = generator.get_state().to(device)
+    synchronize(state)
+    generator.set_state(state.cpu())
+
+
+def _gradient_of(record: SparseTensor, gradients: Mapping[str, Tensor] | None, what: str | None) -> Tensor | None:
+    if gradients is not None and record.name in gradients:
+        return gradients[record.name].to(record.param.device)
+    if record.param.grad is not None:
+        return record.param.grad
+    if what is None:
+        return None
+    raise ValueError(
+        f"{what} needs the dense gradient of {record.name!r}, but it has none at the topology update (was the "
+        "gradient freed by zero_grad(set_to_none=True)?)"
+    )
+
+
+def _growth_input(record: SparseTensor, part: Growth, context: UpdateContext) -> Tensor | torch.Generator:
+    if part.reads == "generator":
+        return context.generator
+    if part.reads == "gradient":
+        return _gradient_of(record, context.gradients, f"growth={part.name!r}")
+    gradient = _gradient_of(record, context.gradients, None)
+    return momentum_of(context.optimizers, record.param, gradient, record.name, f"growth={part.name!r}")
