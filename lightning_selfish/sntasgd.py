@@ -60,6 +60,10 @@ class SNTASGD(Optimizer):
     weights. Without masks this is standard NT-ASGD (the dense baseline). Masks reach it through
     :meth:`on_mask_update` (the sparsity engine calls it) or :meth:`set_masks` (plain PyTorch).
 
+    (One class of ~380 lines on purpose, as ``torch.optim`` optimizers are: the phase, the averages, their swap for
+    evaluation and the complete ``state_dict`` round trip share one state and must change together; the math is the
+    function :func:`sntasgd` on lists of tensors.)
+
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         lr: the constant learning rate (the same before and after the trigger).
