@@ -112,6 +112,10 @@ class MaskBlindNTASGD(SNTASGD):
 class LanguageModel(pl.LightningModule):
     r"""A stateful RNN language model trained as in Selfish-RNN, dense or sparse.
 
+    (One class of ~500 lines on purpose: it is the authors' training loop as one LightningModule, whose hooks share
+    the carried hidden state, the variable-BPTT learning-rate scaling, MoS's column groups and the split metrics;
+    the networks, data, optimizers and sparse training live in their own modules.)
+
     Args:
         network: the language model (e.g. :class:`recipes.models.StackedLSTM`); see the module docstring for the
             interface. Its ``alpha``/``beta`` attributes weight AR/TAR, its ``sparsity_exclude`` patterns (names
