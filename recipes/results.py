@@ -165,6 +165,8 @@ class Line:
         return statistics.stdev(values) if len(values) > 1 else None
 
     def epochs(self) -> str:
+        if not self.runs:
+            return ""
         total = paper_epochs(self.row)
         return ", ".join(
             f"{run.epochs_done}/{total}" + ("" if self.finished(run) else " unfinished") for run in self.runs
