@@ -242,9 +242,10 @@ def magnitude_figure(
     if positive and max(positive) > 50 * min(positive):  # tensors of very different sizes: keep all readable
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs
     ax.set_ylabel(f"weights with |w| > {threshold:g}")
     ax.set_title("Weights above the magnitude threshold", fontsize="medium")
-    ax.add_artist(ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="tensor"))
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="tensor")
     if compare:
         width = figure.get_figwidth() - 0.8
         styles = [
@@ -265,18 +266,16 @@ def distance_heatmap(
 ) -> Any:
     """The paper's Figure 4: a heatmap of topology distances in [0, 1], rows = tensors (or gates), columns = epochs.
 
-    The title is wrapped to the figure's width; ``marked_column`` (e.g. the reference epoch) is outlined.
+    The title is wrapped to the figure's width; ``marked_column`` (e.g. the reference epoch) is labelled "ref.".
     """
     data = torch.tensor(values, dtype=torch.float64).reshape(len(row_labels), len(col_labels))
     width = max(5.0, 1.8 + 0.32 * len(col_labels))
     figure = _figure(width, max(2.4, 1.4 + 0.3 * len(row_labels) + 0.18 * title.count("\n")))
     ax = figure.add_subplot()
     image = ax.imshow(data.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], fontsize="small")
+    ticks = [str(c) + ("\nref." if k == marked_column else "") for k, c in enumerate(col_labels)]
+    ax.set_xticks(range(len(col_labels)), ticks, fontsize="small")
     ax.set_yticks(range(len(row_labels)), list(row_labels), fontsize="small")
-    if marked_column is not None:
-        ax.axvline(marked_column - 0.5, color="white", linewidth=1.5)
-        ax.axvline(marked_column + 0.5, color="white", linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_title(wrap(title, width - 1.2, _TITLE_POINTS), fontsize="medium")
     figure.colorbar(image, ax=ax, label="distance")
