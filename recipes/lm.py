@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_selfish import topology
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops_callback import FlopsCallback
 from lightning_selfish.history import MaskHistory
@@ -43,6 +44,10 @@ Callback = pl.Callback
 ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
+# The sparsity callback's choices, from the library's registries: the CLI offers exactly what the callback takes.
+SparseInit = Literal[tuple(topology.INIT_BUDGETS)]  # type: ignore[valid-type]
+Removal = Literal[(*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, "none")]  # type: ignore[valid-type]
+Growth = Literal[(*topology.GROWTH_STRATEGIES, "none")]  # type: ignore[valid-type]
 OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
 AVERAGING_OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd")
 
@@ -100,9 +105,11 @@ class LanguageModel(pl.LightningModule):
         gate_redistribution: rank removal jointly over the gates of a stacked recurrent tensor (the method);
             False keeps each gate at its own count (the ablation); ``"magnitude"``/``"gradient"`` share a tensor's
             regrowth over its gates by the mean magnitude / gradient of their active weights (Table 6).
-        sparse_init: ``"uniform"`` (the same sparsity in every tensor) or ``"er"`` (Erdős–Rényi).
-        removal: ``"magnitude"`` (Selfish-RNN) or ``"set"``; growth: ``"random"`` (Selfish-RNN), ``"gradient"``
-            (RigL) or ``"momentum"`` (SNFS), for the paper's comparisons.
+        sparse_init: ``"uniform"`` (the same sparsity in every tensor), ``"er"`` / ``"erk"`` (Erdős–Rényi(-Kernel))
+            or ``"dense"`` (GMP: all weights active at the start).
+        removal: ``"magnitude"`` (Selfish-RNN), ``"set"``, ``"threshold"`` (DSR) or ``"none"``; growth:
+            ``"random"`` (Selfish-RNN), ``"gradient"`` (RigL), ``"momentum"`` (SNFS) or ``"none"``, for the paper's
+            comparisons.
         growth: see ``removal``.
         sparsity_options: further keyword arguments of ``SelfishSparsityCallback`` (e.g. a method's own schedule
             settings), passed through unchanged.
@@ -147,9 +154,9 @@ class LanguageModel(pl.LightningModule):
         prune_rate: float | None = None,
         static: bool = False,
         gate_redistribution: bool | Literal["joint", "none", "magnitude", "gradient"] | None = None,
-        sparse_init: Literal["uniform", "er"] | None = None,
-        removal: Literal["magnitude", "set"] | None = None,
-        growth: Literal["random", "gradient", "momentum"] | None = None,
+        sparse_init: SparseInit | None = None,
+        removal: Removal | None = None,
+        growth: Growth | None = None,
         sparsity_exclude: list[str] | None = None,
         sparsity_seed: int | None = None,
         update_every: int | Literal["epoch"] | None = None,

@@ -427,3 +427,31 @@ def test_unfinished_runs_are_marked_and_not_averaged_with_finished_ones(command_
     row = next(r for r in text.splitlines() if r.startswith("| stacked_lstm_ptb | Selfish-RNN (SNT-ASGD) |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[3] == "75.00 ± 1.41" and cells[9] == "100/100, 100/100, 37/100 unfinished"
+
+
+def test_tensorboard_gets_no_placeholders_and_an_hparams_tab_by_perplexity(runs: dict) -> None:
+    """No ``hp_metric`` (one point, -1), no ``_instantiator`` in the logged hyperparameters; HParams by perplexity."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, cli, _ = runs["runs"]["selfish"]
+    version = runs["root"] / cli.trainer.log_dir
+    accumulator = EventAccumulator(str(version))
+    accumulator.Reload()
+    assert "hp_metric" not in accumulator.Tags()["scalars"] and "val_ppl" in accumulator.Tags()["scalars"]
+    hparams = yaml.safe_load((version / "hparams.yaml").read_text())
+    assert "_instantiator" not in hparams and hparams["sparsity"] == 0.67
+    checkpoint = torch.load(next((version / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
+    assert "_instantiator" in checkpoint["hyper_parameters"], "load_from_checkpoint still rebuilds the network"
+    experiments = [
+        plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).experiment
+        for events in version.glob("events.out.tfevents.*")
+        for event in EventFileLoader(str(events)).Load()
+        for value in event.summary.value
+        if value.tag == "_hparams_/experiment"
+    ]
+    assert len(experiments) == 1
+    assert [metric.name.tag for metric in experiments[0].metric_infos] == ["val_ppl", "test_ppl"]
+    names = {info.name for info in experiments[0].hparam_infos}
+    assert {"sparsity", "lr", "optimizer", "corpus"} <= names and "_instantiator" not in names
