@@ -35,6 +35,7 @@ from torch import Tensor
 GateLayout = Sequence[tuple[str, slice]]
 
 __all__ = [
+    "CONSTANT_SPREAD",
     "CorrelationAccumulator",
     "chance_distance",
     "correlation_matrix",
@@ -42,6 +43,7 @@ __all__ = [
     "gate_sparsity",
     "gate_sparsity_markdown",
     "magnitude_above",
+    "match_quality",
     "mask_distance",
     "pack_mask",
     "pack_masks",
@@ -220,19 +222,25 @@ def mask_distance(a: Tensor, b: Tensor, gates: GateLayout | None = None) -> dict
 def chance_distance(a: Tensor, b: Tensor, gates: GateLayout | None = None) -> dict[str, float]:
     """The distance two *unrelated* random topologies with the densities of ``a`` and ``b`` would have, per part.
 
-    For independent uniform masks of densities ``p`` and ``q`` a unit's expected edit distance is close to
-    ``(p + q - 2pq) / (p + q - pq)`` (exact as the number of edges per unit grows): ``2(1 - d) / (2 - d)`` at equal
-    density ``d``, 0.80 at the paper's sparsity 0.67 and 0.67 at sparsity 0.5. A measured distance near it means
-    the two topologies share no more than chance does.
+    For independent random masks of densities ``p`` and ``q``, a unit with ``n`` incoming positions has
+    ``r = p + q - pq`` of them in the union on average, a fraction ``s / r`` of which (``s = p + q - 2pq``) in the
+    symmetric difference, and distance 0 when its union is empty (probability ``(1 - r)^n``). Its expected edit
+    distance is therefore ``(s / r) * (1 - (1 - r)^n)``: ``2(1 - d) / (2 - d)`` at equal density ``d`` for long
+    rows (0.80 at the paper's sparsity 0.67, 0.67 at sparsity 0.5), less for short sparse rows (0.85, not 0.97,
+    at density 0.05 and 20 positions). ``n`` is the length of a unit's row: every gate's row of a hidden unit for
+    ``"all"`` (:func:`unit_view`), the columns for a gate. A measured distance near it means the two topologies
+    share no more than chance does.
     """
 
     def level(x: Tensor, y: Tensor) -> float:
         p, q = float(x.float().mean()), float(y.float().mean())
         union = p + q - p * q
-        return (p + q - 2 * p * q) / union if union > 0 else 0.0
+        if union <= 0:
+            return 0.0
+        return (p + q - 2 * p * q) / union * (1.0 - (1.0 - union) ** x.shape[1])
 
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    result = {"all": level(a2, b2)}
+    result = {"all": level(unit_view(a2, gates), unit_view(b2, gates))}
     for gate, rows in gates or []:
         result[gate] = level(a2[rows], b2[rows])
     return result
@@ -258,14 +266,23 @@ def correlation_matrix(x: Tensor, y: Tensor) -> Tensor:
     return accumulator.correlation()
 
 
+#: A unit whose spread is below this fraction of its magnitude (root mean square) is constant: float32
+#: activations cannot resolve a finer spread.
+CONSTANT_SPREAD = 1e-6
+
+
 class CorrelationAccumulator:
     """Streams activation batches of two networks and returns their unit-by-unit Pearson correlation.
 
-    Sums are kept in float64 on the activations' device: ``(n1, n2)`` memory, independent of the data size.
+    Sums are kept in float64 on the activations' device: ``(n1, n2)`` memory, independent of the data size. They are
+    taken around each unit's mean over the first batch, so a unit with a large mean and a small spread keeps its
+    spread (raw sums would lose it to cancellation). A unit whose spread is below :data:`CONSTANT_SPREAD` of its
+    magnitude never varies: it correlates 0 with everything.
     """
 
     def __init__(self) -> None:
         self.count = 0
+        self._cx = self._cy = None  # the shift: each unit's mean over the first batch
         self._sx = self._sy = self._sxx = self._syy = self._sxy = None
 
     @torch.no_grad()
@@ -273,6 +290,9 @@ class CorrelationAccumulator:
         x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"activations of {x.shape[0]} and {y.shape[0]} samples: give the same samples to both")
+        if self._cx is None:
+            self._cx, self._cy = x.mean(0), y.mean(0)
+        x, y = x - self._cx, y - self._cy
         if self._sx is None:
             self._sx, self._sy = x.sum(0), y.sum(0)
             self._sxx, self._syy, self._sxy = (x * x).sum(0), (y * y).sum(0), x.T @ y
@@ -291,19 +311,42 @@ class CorrelationAccumulator:
         cov = self._sxy - torch.outer(self._sx, self._sy) / n
         var_x = (self._sxx - self._sx**2 / n).clamp(min=0)
         var_y = (self._syy - self._sy**2 / n).clamp(min=0)
-        # A unit whose spread is at the level of rounding error of its raw sums is constant.
-        varies = torch.outer(var_x > 1e-9 * self._sxx, var_y > 1e-9 * self._syy)
+        varies = torch.outer(_varies(var_x, self._sx, self._cx, n), _varies(var_y, self._sy, self._cy, n))
         scale = torch.outer(var_x.sqrt(), var_y.sqrt())
         return torch.where(varies, cov / scale.clamp(min=1e-300), 0.0)
 
 
+def _varies(var: Tensor, shifted_sum: Tensor, shift: Tensor, n: int) -> Tensor:
+    """Units whose variance is above :data:`CONSTANT_SPREAD` squared of their mean square."""
+    mean = shift + shifted_sum / n
+    return var / n > CONSTANT_SPREAD**2 * (mean * mean + var / n)
+
+
 def semi_matching(similarity: Tensor) -> Tensor:
-    """Li et al.'s semi-matching: for each row unit, the column unit it is most similar to (ties: the lowest index).
+    """Li et al.'s semi-matching: for each row unit, the column unit it is most similar to.
 
     With a correlation matrix this pairs units by maximum activation correlation; with ``-pairwise_edit_distance``
-    it pairs them by the nearest topology (no data needed).
+    it pairs them by the nearest topology (no data needed). Ties go to the unit's own position when it is among the
+    best (so a unit that correlates with nothing, a constant one, keeps its position), else to the lowest index.
     """
-    return similarity.argmax(dim=1)
+    best = similarity.argmax(dim=1)
+    n = min(similarity.shape)
+    own = torch.arange(n, device=similarity.device)
+    own_is_best = similarity[own, own] >= similarity[:n].max(dim=1).values
+    best[:n] = torch.where(own_is_best, own, best[:n])
+    return best
+
+
+def match_quality(similarity: Tensor, matching: Tensor) -> dict[str, float]:
+    """How good a semi-matching is: ``distinct`` partners (of ``units``), their fraction, the mean similarity.
+
+    A collapsed matching (many units paired with the same few partners) cannot align two topologies: the
+    distance it gives compares each unit with somebody else's edges.
+    """
+    units = similarity.shape[0]
+    distinct = int(torch.unique(matching).numel())
+    mean = float(similarity.gather(1, matching.view(-1, 1)).mean()) if units else 0.0
+    return {"units": units, "distinct": distinct, "distinct_fraction": distinct / max(units, 1), "mean": mean}
 
 
 # --------------------------------------------------------------------------------------------------------------

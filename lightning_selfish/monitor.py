@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +24,7 @@ from lightning_selfish.engine import SparseEngine, UpdateStats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TopologyMonitor"]
+__all__ = ["TopologyMonitor", "scalar_layout"]
 
 
 class TopologyMonitor(Callback):
@@ -44,8 +45,12 @@ class TopologyMonitor(Callback):
     Images (loggers whose ``experiment`` has ``add_image``, such as TensorBoard; others are skipped with one info
     line): ``masks/<param>`` for every tensor with a gate layout (recurrent weights), at the start and at every
     ``images_every_n_updates``-th update: the mask's density over a grid of row and column blocks, gates separated
-    by white lines; ``gates/sparsity`` at the end of training: the final sparsity of every gate of every layer
+    by white lines, named on the left, with a colour scale (with matplotlib; without it, the bare picture);
+    ``gates/sparsity`` at the end of training: the final sparsity of every gate of every layer
     (the paper's Figure 10, needs matplotlib: ``pip install "lightning-selfish[analysis]"``).
+
+    A custom-scalars layout (:func:`scalar_layout`, TensorBoard's *Custom Scalars* tab) is written at fit start: a
+    tensor's gates share one chart for sparsity, exploration and drift, and the overall figures one chart.
 
     Args:
         magnitude_threshold: threshold of ``magnitude_above``; None switches it off.
@@ -91,6 +96,8 @@ class TopologyMonitor(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._magnitude_epoch = -1
         self._skipped_loggers: set[str] = set()
+        self._renderer: plots.MaskImageRenderer | None = None
+        self._said_plain = False
 
     @property
     def state_key(self) -> str:
@@ -114,6 +121,8 @@ class TopologyMonitor(Callback):
                 self.ever_active[name] |= mask
         if not trainer.is_global_zero:
             return
+        if stats is None:
+            self._log_layout(trainer)
         self._log_metrics(trainer, analysis.exploration_report(self.ever_active, masks, self.initial, self._gates()))
         if self.mask_images and (stats is None or self.num_updates % self.images_every_n_updates == 0):
             self._log_mask_images(trainer)
@@ -219,12 +228,41 @@ class TopologyMonitor(Callback):
         if not writers:
             return
         assert self.engine is not None
+        render = self._mask_renderer()
         for name, record in self.engine.tensors.items():
             if not record.gates:
                 continue
-            image = plots.mask_density_image(record.mask, record.gates, self.image_resolution)
+            if render is not None:
+                image = render(name, record.mask, record.gates)
+            else:
+                image = plots.mask_density_image(record.mask, record.gates, self.image_resolution)
             for add_image in writers:
                 add_image(f"masks/{name}", image, trainer.global_step, dataformats="HWC")
+
+    def _mask_renderer(self) -> plots.MaskImageRenderer | None:
+        """Labelled pictures (gate names, colour scale) with matplotlib; plain ones, said once, without it."""
+        if self._renderer is None and plots.matplotlib_available():
+            self._renderer = plots.MaskImageRenderer(self.image_resolution)
+        if self._renderer is None and not self._said_plain:
+            self._said_plain = True
+            log.info(
+                "TopologyMonitor: mask pictures without gate labels and colour scale (they need matplotlib: "
+                'pip install "lightning-selfish[analysis]"): dark blue is empty, yellow full, white lines part gates'
+            )
+        return self._renderer
+
+    def _log_layout(self, trainer: pl.Trainer) -> None:
+        """TensorBoard's custom-scalars layout: one chart per tensor with its gates, one of the overall figures."""
+        writers = []
+        for logger in trainer.loggers:
+            add_custom_scalars = getattr(getattr(logger, "experiment", None), "add_custom_scalars", None)
+            if callable(add_custom_scalars):
+                writers.append(add_custom_scalars)
+        if not writers or self.engine is None:
+            return
+        layout = scalar_layout({name: [gate for gate, _ in t.gates or []] for name, t in self.engine.tensors.items()})
+        for add_custom_scalars in writers:
+            add_custom_scalars(layout)
 
     def _log_gate_chart(self, trainer: pl.Trainer) -> None:
         writers = self._image_writers(trainer)
@@ -239,3 +277,29 @@ class TopologyMonitor(Callback):
         image = plots.figure_to_array(plots.gate_sparsity_figure(table))
         for add_image in writers:
             add_image("gates/sparsity", image, trainer.global_step, dataformats="HWC")
+
+
+def scalar_layout(gates: dict[str, list[str]]) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout (TensorBoard's *Custom Scalars* tab) of a sparse run's tags.
+
+    ``overall``: the whole network's sparsity, exploration and drift in one chart, and the topology updates' prune
+    rate and changed fraction in another. Then one chart per tensor, whole tensor and gates together, for
+    ``sparsity``, ``exploration`` and ``drift``; and the weights above the magnitude threshold of every tensor.
+    """
+
+    def tags(kind: str, name: str, names: list[str]) -> list[str]:
+        return [f"^{re.escape(f'{kind}/{name}')}$"] + [f"^{re.escape(f'{kind}/{name}/{gate}')}$" for gate in names]
+
+    layout: dict[str, dict[str, list]] = {
+        "overall": {
+            "sparsity, exploration, drift": [
+                "Multiline",
+                ["^sparsity/overall$", "^exploration/overall$", "^drift/overall$"],
+            ],
+            "topology updates": ["Multiline", ["^topology/prune_rate$", "^topology/changed_fraction$"]],
+            "weights above the magnitude threshold": ["Multiline", ["^magnitude_above/"]],
+        }
+    }
+    for kind in ("sparsity", "exploration", "drift"):
+        layout[f"{kind} per gate"] = {name: ["Multiline", tags(kind, name, names)] for name, names in gates.items()}
+    return layout

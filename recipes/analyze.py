@@ -6,25 +6,32 @@
     selfish-rnn analyze RUN --compare OTHER_RUN            # two seeds from one initialisation; SNT- vs NT-ASGD
     selfish-rnn analyze RUN --compare OTHER_RUN --align activations --max-batches 20
 
-Writes into ``--out`` (default ``RUN/analysis``):
+Writes into ``--out`` (default ``RUN/analysis``), and says on stderr what it left out and why:
 
 * ``distance_within.png/.csv`` (Figure 4, left): the topology distance of every saved epoch to the reference
-  epoch (``--reference-epoch``, default the paper's 5th epoch, i.e. index 4, or the earliest saved one), per
-  tensor and per gate; from the bit-packed masks that ``MaskHistory`` saves in ``RUN/masks``.
+  epoch (``--reference-epoch``; default the paper's 5th epoch, index 4, when the run saved it and a later one,
+  else the earliest saved), per tensor and per gate; from the bit-packed masks that ``MaskHistory`` saves in
+  ``RUN/masks``. Epochs before the reference are drawn too; the reference column is labelled "ref.". Needs two
+  saved epochs.
 * ``distance_between.png/.csv`` (Figure 4, right; with ``--compare``): the distance between the two runs at
   every epoch both saved.
-* ``magnitude.png`` (Figure 3): weights above the magnitude threshold over training, from the TensorBoard logs
-  (``magnitude_above/*``); with ``--compare`` the other run is drawn dashed.
+* ``magnitude.png`` (Figure 3): weights above the magnitude threshold per epoch, from the TensorBoard logs
+  (``magnitude_above/*``); with ``--compare`` the other run is drawn dashed. Needs two logged epochs.
 * ``gate_sparsity.png`` and ``gate_sparsity.md`` (Figure 10 and its table): the final sparsity of every gate, from
   the logged ``sparsity/<param>/<gate>`` scalars (or the last saved masks).
+* ``masks_<tensor>_start.png`` and ``masks_<tensor>_epoch<N>.png``: the density of every gated tensor's mask at
+  the start and at the last saved epoch, gates labelled, with a colour scale.
 
 Distances are the graph edit distance of :mod:`lightning_selfish.analysis`. ``--align none`` (default) pairs units
 by position: exact within one run, where a unit keeps its identity. ``--align activations`` is Appendix J in
 full: units are paired by the maximum correlation of their activations on the test split (Li et al.'s
 semi-matching), which needs the weights of every compared epoch, i.e. a checkpoint per epoch in
 ``RUN/checkpoints`` (``ModelCheckpoint(every_n_epochs=1, save_top_k=-1)``, see docs/analysis.md), and the run's
-``config.yaml`` for the data. It aligns the units of every ``nn.LSTM`` in the network (the stacked LSTM); the CSV
-says for each tensor whether it was aligned.
+``config.yaml`` for the data. It aligns the units of every ``nn.LSTM`` in the network (the stacked LSTM) and every
+tensor whose rows or columns are those units (the embedding's columns feed the first layer, the decoder's columns
+read the last one). The CSV says for each tensor whether it was aligned, its distance by position, and how good
+the matching was (the fraction of units with distinct partners, the mean correlation with the partner); a poor
+matching is reported on stderr and in the figure's title.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import csv
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfish import analysis, plots
-from lightning_selfish.history import MaskSnapshot, load_mask_history
+from lightning_selfish.history import MaskSnapshot, load_mask_history, load_mask_snapshot
 
 PAPER_REFERENCE_EPOCH = 4  # "We start alignment at the 5th epoch" (Appendix J), counting from 0 here
 _CHECKPOINT_EPOCH = re.compile(r"epoch[=_]?(\d+)")
@@ -65,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference-epoch",
         type=int,
-        help=f"epoch the within-run distances compare to (default {PAPER_REFERENCE_EPOCH}, or the earliest saved)",
+        help=f"epoch the within-run distances compare to (default {PAPER_REFERENCE_EPOCH}, the paper's 5th, when it "
+        "and a later epoch were saved; else the earliest saved)",
     )
     parser.add_argument(
         "--align",
@@ -91,10 +100,10 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``selfish-rnn analyze ARGS``; returns the exit code."""
+    """Draw the paper's analysis figures (topology distances, large weights, gate sparsity) from a run's files."""
     args = build_parser().parse_args(list(argv))
     try:
-        written = analyze(
+        result = analyze(
             args.run,
             compare=args.compare,
             out=args.out,
@@ -106,9 +115,29 @@ def main(argv: Sequence[str]) -> int:
     except (AnalyzeError, FileNotFoundError, ImportError) as error:
         print(f"selfish-rnn analyze: error: {error}", file=sys.stderr)
         return 2
-    for path in written:
+    for note in result.notes:
+        print(f"selfish-rnn analyze: {note}", file=sys.stderr)
+    for path in result.written:
         print(path)
     return 0
+
+
+#: Below this fraction of units with distinct partners, a semi-matching has collapsed: its aligned distances
+#: compare units with other units' edges.
+POOR_MATCHING = 0.5
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyze` did: the files written, what it left out or warns about, and the figures drawn."""
+
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure
+
+    def save(self, figure: Any, path: Path) -> None:
+        self.figures[path.name] = figure
+        self.written.append(plots.save_figure(figure, path))
 
 
 def analyze(
@@ -119,8 +148,8 @@ def analyze(
     align: str = "none",
     max_batches: int = 50,
     threshold: float = 0.1,
-) -> list[Path]:
-    """Write every figure the run's files allow; returns the written paths. Raises when none is possible."""
+) -> Analysis:
+    """Write every figure the run's files allow. Raises when none is possible."""
     run = Path(run)
     if not run.is_dir():
         raise AnalyzeError(f"run directory {str(run)!r} does not exist")
@@ -131,7 +160,7 @@ def analyze(
     plots._require_matplotlib()
     out = Path(out) if out is not None else run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    result = Analysis()
 
     history = load_mask_history(run / "masks") if (run / "masks").is_dir() else {}
     if align == "activations":
@@ -139,15 +168,19 @@ def analyze(
     else:
         source = HistoryTopologies(history)
     epochs = source.epochs()
-    if epochs:
+    if len(epochs) >= 2:
         reference = _reference_epoch(epochs, reference_epoch)
-        rows = [
-            (epoch, *entry) for epoch in epochs if epoch >= reference for entry in source.distance(reference, epoch)
-        ]
-        written += _write_distances(
-            out / "distance_within",
-            rows,
-            f"Distance to epoch {reference} ({'aligned units' if align != 'none' else 'units by position'})",
+        rows = [(epoch, entry) for epoch in epochs for entry in source.distance(reference, epoch)]
+        how = "units aligned by activations" if align != "none" else "units by position"
+        paper = " (the paper's 5th)" if reference == PAPER_REFERENCE_EPOCH else ""
+        _write_distances(
+            result, out / "distance_within", rows, f"Distance to epoch {reference}{paper}, {how}", reference
+        )
+    elif epochs:
+        _reference_epoch(epochs, reference_epoch)  # a wrong --reference-epoch is still an error
+        result.notes.append(
+            f"distance_within.png left out: the run saved one epoch ({epochs[0]}); the distance to a reference "
+            "epoch needs two"
         )
     if compare is not None:
         other: TopologySource = (
@@ -158,47 +191,91 @@ def analyze(
         common = [epoch for epoch in epochs if epoch in set(other.epochs())]
         if not common:
             raise AnalyzeError(f"{run} and {compare} have no saved epoch in common")
-        rows = [(epoch, *entry) for epoch in common for entry in source.distance_to(other, epoch)]
-        written += _write_distances(out / "distance_between", rows, "Distance between the two runs")
+        rows = [(epoch, entry) for epoch in common for entry in source.distance_to(other, epoch)]
+        _write_distances(result, out / "distance_between", rows, "Distance between the two runs")
 
     scalars = _read_scalars(run)
-    magnitude = {tag.split("/", 1)[1]: points for tag, points in scalars.items() if tag.startswith("magnitude_above/")}
-    if magnitude:
-        compared = _read_scalars(Path(compare)) if compare is not None else {}
-        other_magnitude = {t.split("/", 1)[1]: p for t, p in compared.items() if t.startswith("magnitude_above/")}
-        figure = plots.magnitude_figure(
-            magnitude,
-            other_magnitude or None,
-            threshold=threshold,
-            labels=(_label(run), _label(Path(compare)) if compare else ""),
-            xlabel="optimizer step",
-        )
-        written.append(plots.save_figure(figure, out / "magnitude.png"))
+    _magnitude(result, scalars, run, compare, out, threshold)
+    _gate_sparsity(result, scalars, history, out)
+    _mask_pictures(result, run, history, out)
 
-    table = _gate_table_from_scalars(scalars)
-    if not table and history:
-        last = history[max(history)]
-        table = analysis.gate_sparsity(last.masks, last.gates)
-    if table:
-        written.append(plots.save_figure(plots.gate_sparsity_figure(table), out / "gate_sparsity.png"))
-        markdown = out / "gate_sparsity.md"
-        markdown.write_text(analysis.gate_sparsity_markdown(table))
-        written.append(markdown)
-
-    if not written:
+    if not result.written:
         raise AnalyzeError(
             f"nothing to analyse in {run}: no mask history (masks/), no TensorBoard scalars "
             "(magnitude_above/*, sparsity/*) and no checkpoints; train with the TopologyMonitor and MaskHistory "
             "callbacks (the recipes add them to sparse runs) and a TensorBoard logger"
         )
-    return written
+    return result
+
+
+def _magnitude(result: Analysis, scalars: dict, run: Path, compare: Path | None, out: Path, threshold: float) -> None:
+    series = _magnitude_by_epoch(scalars)
+    if not series:
+        return
+    if max(len(points) for points in series.values()) < 2:
+        result.notes.append(
+            "magnitude.png left out: the run logged the weights above the threshold for one epoch; a curve needs two"
+        )
+        return
+    other = _magnitude_by_epoch(_read_scalars(Path(compare))) if compare is not None else {}
+    figure = plots.magnitude_figure(
+        series,
+        other or None,
+        threshold=threshold,
+        labels=(_label(run), _label(Path(compare)) if compare else ""),
+        xlabel="epoch",
+    )
+    result.save(figure, out / "magnitude.png")
+
+
+def _gate_sparsity(result: Analysis, scalars: dict, history: dict[int, MaskSnapshot], out: Path) -> None:
+    table = _gate_table_from_scalars(scalars)
+    if not table and history:
+        last = history[max(history)]
+        table = analysis.gate_sparsity(last.masks, last.gates)
+    if table:
+        result.save(plots.gate_sparsity_figure(table), out / "gate_sparsity.png")
+        markdown = out / "gate_sparsity.md"
+        markdown.write_text(analysis.gate_sparsity_markdown(table))
+        result.written.append(markdown)
+
+
+def _mask_pictures(result: Analysis, run: Path, history: dict[int, MaskSnapshot], out: Path) -> None:
+    """The masks of every gated tensor at the start (``init.pt``) and at the last saved epoch."""
+    snapshots: list[tuple[str, MaskSnapshot]] = []
+    if (run / "masks" / "init.pt").is_file():
+        snapshots.append(("start", load_mask_snapshot(run / "masks" / "init.pt")))
+    if history:
+        last = max(history)
+        snapshots.append((f"epoch{last:04d}", history[last]))
+    for label, snapshot in snapshots:
+        for name, mask in snapshot.masks.items():
+            gates = snapshot.gates.get(name)
+            if not gates:
+                continue
+            title = f"{name}, {'start' if label == 'start' else f'after epoch {int(label[5:])}'}"
+            figure = plots.mask_density_figure(mask, gates, title)
+            result.save(figure, out / f"masks_{plots.short_name(name)}_{label}.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # topologies: from the mask history (units by position) or from checkpoints (units aligned by activations)
 # ----------------------------------------------------------------------------------------------------------------
 
-DistanceRow = tuple[str, str, float, bool, float]  # tensor, part ("all" or a gate), distance, aligned, chance
+
+@dataclass(frozen=True)
+class DistanceRow:
+    """One part (``"all"`` or a gate) of one tensor compared: the distance and what it is worth."""
+
+    tensor: str
+    part: str
+    distance: float
+    aligned: bool
+    chance: float
+    by_position: float  # the distance with units paired by position (equal to ``distance`` when not aligned)
+    partners: float | None = None  # aligned: the smallest fraction of units with distinct partners it used
+    correlation: float | None = None  # aligned: the smallest mean correlation with the partner it used
+    poor: tuple[str, ...] = ()  # aligned: what was poor about its matchings, one line per matching
 
 
 class TopologySource:
@@ -237,7 +314,7 @@ def _mask_rows(a: MaskSnapshot, b: MaskSnapshot) -> list[DistanceRow]:
         gates = a.gates.get(name)
         chance = analysis.chance_distance(mask, b.masks[name], gates)
         for part, value in analysis.mask_distance(mask, b.masks[name], gates).items():
-            rows.append((name, part, value, False, chance[part]))
+            rows.append(DistanceRow(name, part, value, False, chance[part], value))
     return rows
 
 
@@ -336,11 +413,14 @@ def lstm_unit_activations(model: nn.Module, batches: list[Tensor]) -> tuple[dict
     Groups are ``<lstm>.input`` (the features fed to the first layer) and ``<lstm>.l<k>`` (layer ``k``'s hidden
     output); each layer is replayed on its own from the module's weights, so the per-layer outputs that a
     multi-layer cuDNN LSTM keeps inside are available. Returns the activations and, per tensor name, the
-    (row group, column group) that :func:`lightning_selfish.analysis.topology_distance` aligns it by.
+    (row group, column group) that :func:`lightning_selfish.analysis.topology_distance` aligns it by (None: by
+    position). Besides the LSTM tensors, every embedding whose output is a group (its columns are those units:
+    the features fed to the first layer) and every linear layer whose input is one (the decoder reading the last
+    layer) is aligned: found by comparing, in eval mode, what the module produced or read with each group.
     """
     lstms = {name: module for name, module in model.named_modules() if type(module) is nn.LSTM}
     recorded: dict[str, list[Tensor]] = {}
-    groups: dict[str, tuple[str, str]] = {}
+    groups: dict[str, tuple[str | None, str | None]] = {}
     for name, lstm in lstms.items():
         if lstm.bidirectional or lstm.proj_size:
             continue
@@ -364,7 +444,19 @@ def lstm_unit_activations(model: nn.Module, batches: list[Tensor]) -> tuple[dict
 
         return hook
 
+    seen: dict[str, list[Tensor]] = {}  # what every embedding produced and every linear layer read
+
+    def watch(name: str, produced: bool):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            value = output if produced else args[0]
+            seen.setdefault(name, []).append(value.reshape(-1, value.shape[-1]).float())
+
+        return hook
+
     handles = [lstm.register_forward_hook(record(name, lstm)) for name, lstm in lstms.items()]
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(getattr(module, "weight", None), Tensor):
+            handles.append(module.register_forward_hook(watch(name, isinstance(module, nn.Embedding))))
     try:
         network = getattr(model, "network", model)
         hidden = None
@@ -375,7 +467,16 @@ def lstm_unit_activations(model: nn.Module, batches: list[Tensor]) -> tuple[dict
     finally:
         for handle in handles:
             handle.remove()
-    return {group: torch.cat(chunks) for group, chunks in recorded.items()}, groups
+    activations = {group: torch.cat(chunks) for group, chunks in recorded.items()}
+    for name, chunks in seen.items():
+        values = torch.cat(chunks)
+        group = next(
+            (g for g, acts in activations.items() if acts.shape == values.shape and torch.allclose(acts, values)),
+            None,
+        )
+        if group is not None:
+            groups[f"{name}.weight"] = (None, group)  # rows: tokens (embedding) or outputs, kept by position
+    return activations, groups
 
 
 def _batch_size(hidden: Any) -> int:
@@ -388,28 +489,47 @@ def _aligned_rows(first: tuple, second: tuple) -> list[DistanceRow]:
     masks_a, gates, acts_a, groups = first
     masks_b, _, acts_b, _ = second
     matches: dict[str, tuple[Tensor, Tensor]] = {}
+    quality: dict[str, list[tuple[str, dict[str, float]]]] = {}
     for group in acts_a:
         correlation = analysis.correlation_matrix(acts_a[group], acts_b[group])
-        matches[group] = (analysis.semi_matching(correlation), analysis.semi_matching(correlation.T))
+        forward, backward = analysis.semi_matching(correlation), analysis.semi_matching(correlation.T)
+        matches[group] = (forward, backward)
+        quality[group] = [
+            ("first to second", analysis.match_quality(correlation, forward)),
+            ("second to first", analysis.match_quality(correlation.T, backward)),
+        ]
     rows = []
     for name, mask in masks_a.items():
         layout = gates.get(name)
-        if name in groups and all(g in matches for g in groups[name]):
+        by_position = analysis.mask_distance(mask, masks_b[name], layout)
+        used = [g for g in groups.get(name, (None, None)) if g is not None]
+        chance = analysis.chance_distance(mask, masks_b[name], layout)
+        if used and all(g in matches for g in used):
             row_group, col_group = groups[name]
             distance = analysis.topology_distance(
                 mask,
                 masks_b[name],
                 layout,
-                rows_ab=matches[row_group][0],
-                cols_ab=matches[col_group][0],
-                rows_ba=matches[row_group][1],
-                cols_ba=matches[col_group][1],
+                rows_ab=matches[row_group][0] if row_group else None,
+                cols_ab=matches[col_group][0] if col_group else None,
+                rows_ba=matches[row_group][1] if row_group else None,
+                cols_ba=matches[col_group][1] if col_group else None,
             )
-            aligned = True
+            found = [(g, way, q) for g in used for way, q in quality[g]]
+            partners = min(q["distinct_fraction"] for _, _, q in found)
+            correlation = min(q["mean"] for _, _, q in found)
+            poor = tuple(
+                f"{g} ({way}): {q['distinct']} of {q['units']} units have distinct partners, mean correlation "
+                f"{q['mean']:.2f}"
+                for g, way, q in found
+                if q["distinct_fraction"] < POOR_MATCHING
+            )
+            rows += [
+                DistanceRow(name, part, value, True, chance[part], by_position[part], partners, correlation, poor)
+                for part, value in distance.items()
+            ]
         else:
-            distance, aligned = analysis.mask_distance(mask, masks_b[name], layout), False
-        chance = analysis.chance_distance(mask, masks_b[name], layout)
-        rows += [(name, part, value, aligned, chance[part]) for part, value in distance.items()]
+            rows += [DistanceRow(name, part, value, False, chance[part], value) for part, value in by_position.items()]
     return rows
 
 
@@ -419,31 +539,81 @@ def _aligned_rows(first: tuple, second: tuple) -> list[DistanceRow]:
 
 
 def _reference_epoch(epochs: list[int], requested: int | None) -> int:
+    """``requested``, or the paper's 5th epoch when the run saved it and a later one, or the earliest saved."""
     if requested is None:
-        return PAPER_REFERENCE_EPOCH if PAPER_REFERENCE_EPOCH in epochs else epochs[0]
+        if PAPER_REFERENCE_EPOCH in epochs and max(epochs) > PAPER_REFERENCE_EPOCH:
+            return PAPER_REFERENCE_EPOCH
+        return epochs[0]
     if requested not in epochs:
         raise AnalyzeError(f"--reference-epoch {requested}: that epoch was not saved; saved epochs: {epochs}")
     return requested
 
 
-def _write_distances(stem: Path, rows: list[tuple[int, str, str, float, bool, float]], title: str) -> list[Path]:
+CSV_COLUMNS = (
+    "epoch",
+    "tensor",
+    "part",
+    "distance",
+    "aligned",
+    "chance",
+    "distance_by_position",
+    "distinct_partners",
+    "match_correlation",
+)
+
+
+def _write_distances(
+    result: Analysis,
+    stem: Path,
+    rows: list[tuple[int, DistanceRow]],
+    title: str,
+    reference: int | None = None,
+) -> None:
     csv_path = stem.with_suffix(".csv")
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "tensor", "part", "distance", "aligned", "chance"])
-        for epoch, tensor, part, value, aligned, chance in rows:
-            writer.writerow([epoch, tensor, part, f"{value:.6f}", int(aligned), f"{chance:.6f}"])
-    epochs = sorted({row[0] for row in rows})
-    tensors = list(dict.fromkeys(row[1] for row in rows))
-    values = {(row[0], row[1]): row[3] for row in rows if row[2] == "all"}
+        writer.writerow(CSV_COLUMNS)
+        for epoch, row in rows:
+            writer.writerow(
+                [
+                    epoch,
+                    row.tensor,
+                    row.part,
+                    f"{row.distance:.6f}",
+                    int(row.aligned),
+                    f"{row.chance:.6f}",
+                    f"{row.by_position:.6f}",
+                    "" if row.partners is None else f"{row.partners:.4f}",
+                    "" if row.correlation is None else f"{row.correlation:.4f}",
+                ]
+            )
+    result.written.append(csv_path)
+    epochs = sorted({epoch for epoch, _ in rows})
+    tensors = list(dict.fromkeys(row.tensor for _, row in rows))
+    values = {(epoch, row.tensor): row.distance for epoch, row in rows if row.part == "all"}
     matrix = [[values[(epoch, tensor)] for epoch in epochs] for tensor in tensors]
-    chances = [row[5] for row in rows if row[2] == "all"]
+    chances = [row.chance for _, row in rows if row.part == "all"]
     if chances:  # the level of two unrelated random topologies of the same densities
         title += f"; chance level {min(chances):.2f}" + (
             f"-{max(chances):.2f}" if max(chances) - min(chances) > 0.005 else ""
         )
-    figure = plots.distance_heatmap(matrix, [plots.short_name(t) for t in tensors], epochs, title)
-    return [csv_path, plots.save_figure(figure, stem.with_suffix(".png"))]
+    poor = sorted({epoch for epoch, row in rows if row.poor})
+    if poor:
+        title += f"\npoor alignment (collapsed matching) at epoch {', '.join(map(str, poor))}: see the CSV"
+        lines = dict.fromkeys(f"epoch {epoch}: {line}" for epoch, row in rows for line in row.poor)
+        result.notes.append(
+            f"{stem.name}: the semi-matching collapsed (fewer than {POOR_MATCHING:.0%} of the units have distinct "
+            "partners), so the aligned distance compares units with other units' edges; distance_by_position in "
+            "the CSV is the unaligned one:\n  " + "\n  ".join(lines)
+        )
+    figure = plots.distance_heatmap(
+        matrix,
+        [plots.short_name(t) for t in tensors],
+        epochs,
+        title,
+        marked_column=epochs.index(reference) if reference is not None else None,
+    )
+    result.save(figure, stem.with_suffix(".png"))
 
 
 def _label(run: Path) -> str:
@@ -461,8 +631,23 @@ def _read_scalars(run: Path) -> dict[str, list[tuple[float, float]]]:
     return {
         tag: [(float(e.step), float(e.value)) for e in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
-        if tag.startswith(("magnitude_above/", "sparsity/"))
+        if tag.startswith(("magnitude_above/", "sparsity/")) or tag == "epoch"
     }
+
+
+def _magnitude_by_epoch(scalars: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """``magnitude_above/<tensor>`` against the epoch (Lightning's ``epoch`` scalar at the same step; the monitor
+    logs once per epoch, so without it the k-th distinct step is epoch k). A resumed run's repeated step: the later
+    value."""
+    epoch_at = {step: value for step, value in scalars.get("epoch", [])}
+    series = {}
+    for tag, points in scalars.items():
+        if not tag.startswith("magnitude_above/"):
+            continue
+        by_step = dict(points)
+        steps = sorted(by_step)
+        series[tag.split("/", 1)[1]] = [(epoch_at.get(step, float(k)), by_step[step]) for k, step in enumerate(steps)]
+    return series
 
 
 def _gate_table_from_scalars(scalars: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:

@@ -24,6 +24,7 @@ subcommands are dispatched from :data:`TOOL_COMMANDS`. Mistakes in arguments, co
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import re
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from recipes import console, experiments
 from recipes.compat import module
 from recipes.data import LanguageModelingDataModule
+from recipes.hparams import PerplexityHParams
 from recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from recipes.lm import LanguageModel
 from recipes.runs import label_run_logger
@@ -76,8 +78,44 @@ class _SaveFitConfig(_cli.SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+#: The Trainer options ``selfish-rnn fit --help`` shows; ``--help-all`` shows them all.
+BRIEF_TRAINER_OPTIONS = (
+    "max_epochs",
+    "accelerator",
+    "devices",
+    "precision",
+    "limit_train_batches",
+    "limit_val_batches",
+    "logger",
+    "callbacks",
+)
+
+
 class SelfishRNNCLI(LightningCLI):
-    """LightningCLI with the data -> network links, TensorBoard by default and cross-process ``best``/``last``."""
+    """LightningCLI with the data -> network links, TensorBoard by default and cross-process ``best``/``last``.
+
+    A subcommand's help lists the project's options first (model, data, checkpoint), then the Trainer's: a few of
+    them (:data:`BRIEF_TRAINER_OPTIONS`), or all with ``help_all``.
+    """
+
+    def __init__(self, *args: Any, help_all: bool = False, **kwargs: Any) -> None:
+        self.help_all = help_all
+        super().__init__(*args, **kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.usage = f"selfish-rnn {subcommand} --config CONFIG [--ARGUMENT VALUE ...] [--help | --help-all]"
+        groups = parser._action_groups
+        trainer = [g for g in groups if any(a.dest.startswith("trainer.") for a in g._group_actions)]
+        parser._action_groups = [g for g in groups if g not in trainer] + trainer
+        if not self.help_all:
+            for group in trainer:
+                group.title = f"Trainer (a few options; all of them: selfish-rnn {subcommand} --help-all)"
+                group.description = None
+                for action in group._group_actions:
+                    if action.dest.removeprefix("trainer.").split(".")[0] not in BRIEF_TRAINER_OPTIONS:
+                        action.help = argparse.SUPPRESS
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The vocabulary is only known once the corpus is read: link it when the classes are instantiated.
@@ -107,6 +145,9 @@ class SelfishRNNCLI(LightningCLI):
         config = self.config[self.subcommand]
         # Composed configs share the model config's logger name: give each composition its own run directory.
         label_run_logger(config)
+        logger_args = getattr(config["trainer"].get("logger"), "init_args", None)
+        if logger_args is not None and "default_hp_metric" in logger_args:
+            logger_args["default_hp_metric"] = False  # no placeholder hp_metric: see recipes.hparams
         root = _config_log_root(config["trainer"])
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("best", "last") and root is not None:
@@ -130,10 +171,14 @@ class SelfishRNNCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            trainer["callbacks"] = [*callbacks, progress_bar()]
+            callbacks = [*callbacks, progress_bar()]
+        trainer["callbacks"] = [*callbacks, PerplexityHParams()]  # TensorBoard's HParams tab, by perplexity
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
+        # LightningCLI's `_instantiator` stays in the checkpoint (load_from_checkpoint needs it), not in the logs.
+        for component in (self.model, self.datamodule):
+            getattr(component, "_hparams_initial", {}).pop("_instantiator", None)
         if self.subcommand is None:
             return
         arguments = self.config_init[self.subcommand]
@@ -328,11 +373,14 @@ def progress_bar(refresh_rate: int = PROGRESS_BAR_REFRESH_RATE) -> ProgressBar:
     return TQDMProgressBar(refresh_rate=refresh_rate)
 
 
-def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = True) -> SelfishRNNCLI:
+def build_cli(
+    args: ArgsType = None, run: bool = True, exit_on_error: bool = True, help_all: bool = False
+) -> SelfishRNNCLI:
     """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand; returns the CLI object.
 
     ``exit_on_error=False`` makes a parsing error raise ``jsonargparse.ArgumentError`` instead of printing the
-    usage and exiting (:func:`main` turns it into one ``error:`` line).
+    usage and exiting (:func:`main` turns it into one ``error:`` line). ``help_all``: ``--help`` lists every
+    Trainer option, not only :data:`BRIEF_TRAINER_OPTIONS`.
     """
     return SelfishRNNCLI(
         LanguageModel,
@@ -349,6 +397,7 @@ def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = Tru
             },
             "num_sanity_val_steps": 0,  # a sanity pass must not enter NT-ASGD's history
         },
+        help_all=help_all,
         parser_kwargs={
             "description": DESCRIPTION,
             "exit_on_error": exit_on_error,
@@ -358,12 +407,14 @@ def build_cli(args: ArgsType = None, run: bool = True, exit_on_error: bool = Tru
 
 
 def _analyze(argv: list[str]) -> int:
+    """Draw the paper's analysis figures (topology distances, large weights, gate sparsity) from a run's files."""
     from recipes.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
 
     return analyze_main(argv)
 
 
 def _results(argv: list[str]) -> int:
+    """Fill the paper's tables in with the runs under a directory: ours, the paper's, the differences."""
     from recipes.results import main as results_main
 
     return results_main(argv)
@@ -390,7 +441,8 @@ TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "export": _export,
     "generate": _generate,
 }
-"""Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code."""
+"""Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit code.
+The first line of each function's docstring describes it in the overview ``selfish-rnn`` prints."""
 
 
 def main(args: ArgsType = None) -> None:
@@ -407,15 +459,24 @@ def main(args: ArgsType = None) -> None:
         return
     if argv[0] in TOOL_COMMANDS:
         raise SystemExit(TOOL_COMMANDS[argv[0]](argv[1:]))
+    commands = [*SelfishRNNCLI.subcommands(), *TOOL_COMMANDS]
+    if not argv[0].startswith("-") and argv[0] not in commands:
+        sys.stderr.write(
+            f"error: unknown command {argv[0]!r}; the commands are {', '.join(commands)} "
+            "('selfish-rnn' alone describes them)\n"
+        )
+        raise SystemExit(2)
+    help_all = "--help-all" in argv
+    argv = ["--help" if a == "--help-all" else a for a in argv]
     configure_logging()
     console.quiet_dependency_noise()
     keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
     if args is None:
-        sys.argv[1:] = argv  # without --debug; LightningCLI reads sys.argv itself
+        sys.argv[1:] = argv  # without --debug (and --help-all as --help); LightningCLI reads sys.argv itself
     try:
-        build_cli(None if args is None else argv, exit_on_error=False)
+        build_cli(None if args is None else argv, exit_on_error=False, help_all=help_all)
     except Exception as error:
-        message = None if debug else console.user_error_message(error, argv)
+        message = None if debug else console.user_error_message(error, argv, commands)
         if message is None:
             raise
         sys.stderr.write(f"error: {message}\n")

@@ -45,20 +45,88 @@ _MAX_MESSAGE = 600
 # ------------------------------------------------------------------------------------------------- user errors
 
 
-def user_error_message(error: BaseException, argv: Sequence[str] = ()) -> str | None:
-    """One line that states the user error ``error``, or None when ``error`` is a bug (see the module docstring)."""
+def user_error_message(
+    error: BaseException, argv: Sequence[str] = (), commands: Sequence[str] | None = None
+) -> str | None:
+    """One line that states the user error ``error``, or None when ``error`` is a bug (see the module docstring).
+
+    A parsing error ends with the help command of the subcommand in ``argv`` when it is one of ``commands``.
+    """
     kind = {cls.__name__ for cls in type(error).__mro__}
     if isinstance(error, argparse.ArgumentError):  # what jsonargparse raises (exit_on_error=False)
         message = _one_line(str(error))
         message = re.sub(r'^Parser key "([^"]+)":', r"--\1:", message)
+        message = _plain_type_error(message)
         subcommand = next((a for a in argv if not a.startswith("-")), None)
-        hint = f" (selfish-rnn {subcommand} --help lists the arguments)" if subcommand else ""
+        known = subcommand is not None and (commands is None or subcommand in commands)
+        hint = f" (selfish-rnn {subcommand} --help lists the arguments)" if known else ""
         return _shorten(message) + hint
     if isinstance(error, FileNotFoundError) or "CorpusError" in kind or "MisconfigurationException" in kind:
         return _shorten(_one_line(str(error)))
     if isinstance(error, (ValueError, TypeError)) and _raised_deliberately(error):
         return _shorten(_one_line(str(error)))
     return None
+
+
+_UNION = re.compile(
+    r"^(?P<key>--\S+): Does not validate against any of the Union subtypes Subtypes: \[(?P<types>.*)\] "
+    r"Errors: .* Given value type: .* Given value: (?P<value>.*)$"
+)
+_EXPECTED = re.compile(
+    r"^(?P<key>--\S+): Expected a (?P<type><class '\w+'>|typing\.Literal\[.*\])\.? Got value: (?P<value>.*)$"
+)
+_TYPE_NAMES = {
+    "float": "a number",
+    "int": "a whole number",
+    "bool": "true or false",
+    "str": "a string",
+    "NoneType": "null",
+    "PositiveInt": "a positive whole number",
+}
+
+
+def _type_name(text: str) -> str:
+    """``<class 'float'>`` -> "a number", ``typing.Literal['a', 'b']`` -> "one of 'a', 'b'"."""
+    text = text.strip()
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    if literal:
+        return f"one of {literal.group(1)}"
+    items = re.fullmatch(r"(?:list|List|Sequence)\[(.*)\]", text)
+    if items:
+        inner = _type_name(items.group(1))
+        return "a list of " + (inner[2:] + "s" if inner.startswith("a ") else inner)
+    name = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>$", r"\1", text)
+    return _TYPE_NAMES.get(name, name)
+
+
+def _split_types(text: str) -> list[str]:
+    """The comma-separated types of jsonargparse's union message (a Literal's own commas kept)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current] if current.strip() else parts
+
+
+def _plain_type_error(message: str) -> str:
+    """jsonargparse's messages about a value of the wrong type in the form of the other errors:
+    ``--model.sparsity: expected a number or null, got 'half'``."""
+    union = _UNION.match(message)
+    if union:
+        names = [_type_name(t) for t in _split_types(union.group("types"))]
+        expected = " or ".join(dict.fromkeys(names))
+        return f"{union.group('key')}: expected {expected}, got {union.group('value').strip()!r}"
+    single = _EXPECTED.match(message)
+    if single:
+        return (
+            f"{single.group('key')}: expected {_type_name(single.group('type'))}, got {single.group('value').strip()!r}"
+        )
+    return message
 
 
 def _raised_deliberately(error: BaseException) -> bool:
@@ -108,11 +176,29 @@ def plain_text(text: str) -> str:
     return re.sub(r"(?<![\w`])`([^`]+)`(?!`)", r"\1", text)
 
 
+_KNOWN_SUBCLASSES = re.compile(r"known subclasses: ([^)]*)\)")
+_MAX_SUBCLASSES = 8
+
+
+def _fewer_subclasses(text: str) -> str:
+    """A long list of known subclasses (every torch.nn.Module for the network) cut to this project's own."""
+
+    def cut(match: re.Match[str]) -> str:
+        names = [name.strip() for name in match.group(1).split(",") if name.strip()]
+        if len(names) <= _MAX_SUBCLASSES:
+            return match.group(0)
+        ours = [name for name in names if name.startswith(("recipes.", "lightning_selfish."))]
+        return f"known subclasses: {', '.join(ours)} and {len(names) - len(ours)} others)"
+
+    return _KNOWN_SUBCLASSES.sub(cut, text)
+
+
 class PlainTextHelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help, with the reStructuredText of the docstrings it shows turned into plain text."""
+    """jsonargparse's help, with the reStructuredText of the docstrings it shows turned into plain text, and long
+    lists of known subclasses cut to this project's classes."""
 
     def _expand_help(self, action):  # type: ignore[no-untyped-def]
-        return plain_text(super()._expand_help(action))
+        return _fewer_subclasses(plain_text(super()._expand_help(action)))
 
     def _format_text(self, text: str) -> str:
         return super()._format_text(plain_text(text))

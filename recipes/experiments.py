@@ -12,19 +12,21 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from recipes.matching import paper_epochs
 from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["COSTS", "QUICKSTART", "list_command", "overview", "table"]
+__all__ = ["COSTS", "QUICKSTART", "cost", "list_command", "overview", "table"]
 
-COSTS: dict[str, str] = {
-    "stacked_lstm_ptb": "100 epochs, GPU ~1-2 h",
-    "rhn_ptb": "500 epochs, GPU ~12-20 h",
-    "onlstm_ptb": "1000 epochs, GPU ~1 day",
-    "awd_lstm_mos_wt2": "1000 epochs, GPU ~1.5-3 days",
+COSTS: dict[str, tuple[int, float, float]] = {
+    "stacked_lstm_ptb": (100, 1, 2),
+    "rhn_ptb": (500, 12, 20),
+    "onlstm_ptb": (1000, 24, 24),
+    "awd_lstm_mos_wt2": (1000, 36, 72),
 }
-"""Estimated cost of a full run of each model (docs/recipes.md); small-dense and short runs cost less."""
+"""Estimated GPU hours (low, high) of a full run of each model's config, and its epochs (docs/recipes.md); a row
+with more epochs costs proportionally more, small-dense runs cost less."""
 
 QUICKSTART = (
     "quickstart: 2 x 200 LSTM, sparsity 0.5, Adam, 1 epoch of PTB; validation perplexity ~196-200; "
@@ -41,11 +43,23 @@ def _perplexities(row: PaperRow) -> str:
     return f"{fmt(row.val, row.val_std)} / {fmt(row.test, row.test_std)}"
 
 
-def _cost(row: PaperRow) -> str:
-    cost = COSTS[row.model]
-    if row.epochs is not None:
-        cost = f"{row.epochs} epochs" + cost[cost.index(",") :] + " (longer)"
-    return cost
+def _hours(low: float, high: float) -> str:
+    if high < 48:
+        low, high = float(f"{low:.2g}"), float(f"{high:.2g}")
+        return f"~{low:g} h" if low == high else f"~{low:g}-{high:g} h"
+    low, high = round(low / 24, 1), round(high / 24, 1)
+    return f"~{low:g} days" if low == high else f"~{low:g}-{high:g} days"
+
+
+def cost(row: PaperRow) -> str:
+    """What the row costs on one GPU: its epochs, the estimated time of one run, and of the paper's repeats."""
+    epochs = paper_epochs(row)
+    base_epochs, low, high = COSTS[row.model]
+    scale = epochs / base_epochs
+    text = f"{epochs} epochs, GPU {_hours(low * scale, high * scale)}"
+    if row.repeats > 1:
+        text += f" per run; x{row.repeats} runs: {_hours(low * scale * row.repeats, high * scale * row.repeats)}"
+    return text
 
 
 def table(rows: list[PaperRow] = PAPER_ROWS) -> str:
@@ -56,10 +70,11 @@ def table(rows: list[PaperRow] = PAPER_ROWS) -> str:
         if not chosen:
             continue
         lines.append(title)
-        width = max(len(f"{row.model}: {row.row}") for row in chosen)
+        width = max(len(row.label) for row in chosen)
         for row in chosen:
-            name = f"{row.model}: {row.row}"
-            lines.append(f"  {name:<{width}}  paper val/test {_perplexities(row):<17}  {_cost(row)}")
+            lines.append(f"  {row.label:<{width}}  paper val/test {_perplexities(row):<17}  {cost(row)}")
+            if row.quoted:
+                lines.append(f"      (the paper quotes this row from {row.quoted}; the command reproduces its setup)")
             lines.append(f"      {row.command()}")
         lines.append("")
     return "\n".join(lines)
@@ -75,7 +90,8 @@ def list_command(argv: list[str]) -> int:
     text = f"{QUICKSTART}\n  selfish-rnn fit --config {CONFIG_DIR / 'quickstart.yaml'}\n\n" + table(rows)
     text += (
         f"Configs are in {CONFIG_DIR} (run the commands from the repository root, or use that path). Short runs\n"
-        "do not reach the paper's numbers; costs are estimates (docs/recipes.md), except the quickstart's.\n"
+        "do not reach the paper's numbers; costs are estimates for one GPU (docs/recipes.md), except the\n"
+        "quickstart's. Table 7 reports the mean of five runs of each command (seeds 1 to 5, say).\n"
         "selfish-rnn results fills these tables in from finished runs.\n"
     )
     sys.stdout.write(text)

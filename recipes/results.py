@@ -1,17 +1,19 @@
-"""``selfish-rnn results DIR``: the paper's tables filled in with the runs found under DIR.
+"""``selfish-rnn results DIR``: the runs found under DIR, each filed under the cells of the paper's tables it is.
 
 Every run of ``selfish-rnn`` leaves a version directory with its ``config.yaml`` and its TensorBoard event files
 (``<save_dir>/<name>/<label>/version_N``, see :mod:`recipes.runs`). A ``fit``, its resumptions and the ``test``
 of its best checkpoint are version directories of the same run directory (``<label>``): this command reads them
-together. A run is matched to the rows of the paper's tables (:mod:`recipes.paper_results`) by what its config
-trains: the model, the method, the optimizer, the sparsity and the number of epochs. Several runs of one row (seeds,
-or save directories) are averaged and counted.
+together. A run belongs to a row of the paper's tables (:mod:`recipes.paper_results`) only when every setting the
+paper fixes for that cell agrees (:mod:`recipes.matching`: corpus, network and its sizes, method and its parts,
+optimizer and its settings, BPTT, batch sizes, dropouts, epochs planned, restarts, sparsity to the paper's printed
+precision). Several runs of one row (seeds, save directories) are averaged and counted. Runs that match no row are
+listed apart, with the nearest row and the settings that differ from it.
 
-Reported per row: our best validation perplexity (the checkpoint the paper reports) and the test perplexity of
-``selfish-rnn test --ckpt_path best``, the paper's, the differences, the epochs done out of the run's total (a
-running run shows its progress), and the training and inference FLOPs relative to dense
-(``flops/train_vs_dense``, ``flops/inference_vs_dense``; Table 9's in parentheses). Markdown by default, CSV with
-``--format csv``.
+Shown by default: the rows that have a run, then the runs that match none; ``--all`` shows every row of the
+paper's tables. Per row: our best validation perplexity (the checkpoint the paper reports) and the test perplexity
+of ``selfish-rnn test --ckpt_path best``, the paper's, the differences, the epochs done out of the paper's (an
+unfinished run is marked, and not averaged with finished ones), the runs (of the paper's repeats), and the training
+and inference FLOPs relative to dense (Table 9's in parentheses). Markdown by default, CSV with ``--format csv``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import csv
 import io
 import logging
 import math
+import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,9 +33,10 @@ from typing import Any
 
 import yaml
 
-from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow, signature_of_config
+from recipes.matching import Difference, differences, paper_epochs, run_settings, with_defaults
+from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow
 
-__all__ = ["RunResult", "collect_runs", "main", "render_csv", "render_markdown"]
+__all__ = ["Line", "RunResult", "Unmatched", "collect_runs", "main", "match", "render_csv", "render_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +45,17 @@ SCALARS = ("val_ppl", "test_ppl", "flops/train_vs_dense", "flops/inference_vs_de
 
 @dataclass
 class RunResult:
-    """One run directory: its signature and what its event files say."""
+    """One run directory: the settings of its ``fit`` and what its event files say."""
 
     directory: Path
-    signature: tuple[Any, ...] | None
-    max_epochs: int | None
+    settings: dict[str, Any] | None  # recipes.matching.run_settings of its fit config; None: no readable config
+    planned_epochs: int | None  # the run's own --trainer.max_epochs
     best_val_ppl: float | None = None
     test_ppl: float | None = None
     epochs_done: int = 0
     train_flops: float | None = None
     inference_flops: float | None = None
     versions: list[Path] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.max_epochs is not None and self.epochs_done >= self.max_epochs
 
 
 def collect_runs(root: Path) -> list[RunResult]:
@@ -72,7 +72,7 @@ def collect_runs(root: Path) -> list[RunResult]:
 
 
 def _read_run(directory: Path, versions: list[Path]) -> RunResult:
-    signature, max_epochs = None, None
+    settings, planned = None, None
     val: dict[int, float] = {}
     test: list[tuple[float, float]] = []  # (wall time, value)
     flops: dict[str, tuple[float, float]] = {}
@@ -82,10 +82,9 @@ def _read_run(directory: Path, versions: list[Path]) -> RunResult:
         except (OSError, yaml.YAMLError) as error:
             log.warning("results: skipping %s: unreadable config.yaml (%s)", version, error)
             continue
-        found = signature_of_config(config)
-        if found is not None and (signature is None or _is_fit(config)):
-            signature = found
-            max_epochs = (config.get("trainer") or {}).get("max_epochs")
+        if settings is None or _is_fit(config):  # the latest fit (a resumption may plan more epochs)
+            settings = run_settings(with_defaults(config))
+            planned = (config.get("trainer") or {}).get("max_epochs")
         for tag, events in _scalars(version).items():
             if tag == "val_ppl":
                 # one value per validation; a resumed run may repeat a step: the later run wins
@@ -97,12 +96,11 @@ def _read_run(directory: Path, versions: list[Path]) -> RunResult:
                 wall, _, value = max(events)
                 if tag not in flops or wall >= flops[tag][0]:
                     flops[tag] = (wall, value)
-    best = min(val.values()) if val else None
     return RunResult(
         directory=directory,
-        signature=signature,
-        max_epochs=max_epochs,
-        best_val_ppl=best,
+        settings=settings,
+        planned_epochs=planned,
+        best_val_ppl=min(val.values()) if val else None,
         test_ppl=max(test)[1] if test else None,
         epochs_done=len(val),
         train_flops=flops.get("flops/train_vs_dense", (0, None))[1],
@@ -132,45 +130,101 @@ def _scalars(version: Path) -> dict[str, list[tuple[float, int, float]]]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# matching and rendering
+# matching
 # ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Line:
-    """One table line: a paper row (or None for a run that matches none) and the runs that match it."""
+    """One row of the paper's tables and the runs filed under it."""
 
-    row: PaperRow | None
+    row: PaperRow
     runs: list[RunResult]
 
+    def finished(self, run: RunResult) -> bool:
+        return run.epochs_done >= paper_epochs(self.row)
+
+    def counted(self) -> list[RunResult]:
+        """The runs whose numbers are shown: the finished ones, or, while none has finished, the unfinished ones."""
+        done = [run for run in self.runs if self.finished(run)]
+        return done or self.runs
+
+    @property
+    def unfinished_only(self) -> bool:
+        return bool(self.runs) and not any(self.finished(run) for run in self.runs)
+
+    def values(self, attribute: str) -> list[float]:
+        return [getattr(run, attribute) for run in self.counted() if getattr(run, attribute) is not None]
+
     def ours(self, attribute: str) -> float | None:
-        values = [getattr(run, attribute) for run in self.runs if getattr(run, attribute) is not None]
+        values = self.values(attribute)
         return sum(values) / len(values) if values else None
+
+    def std(self, attribute: str) -> float | None:
+        values = self.values(attribute)
+        return statistics.stdev(values) if len(values) > 1 else None
 
     def epochs(self) -> str:
         if not self.runs:
             return ""
+        total = paper_epochs(self.row)
         return ", ".join(
-            f"{run.epochs_done}/{run.max_epochs if run.max_epochs is not None else '?'}" for run in self.runs
+            f"{run.epochs_done}/{total}" + ("" if self.finished(run) else " unfinished") for run in self.runs
         )
 
+    def run_count(self) -> str:
+        if not self.row.trained:
+            return ""
+        return f"{len(self.runs)} of {self.row.repeats}" if self.row.repeats > 1 else str(len(self.runs))
 
-def match(runs: Sequence[RunResult], rows: Sequence[PaperRow] = PAPER_ROWS) -> tuple[list[Line], list[RunResult]]:
-    """Pair every paper row with the runs of the same signature; also return the runs that match no row."""
-    by_signature: dict[tuple[Any, ...], list[RunResult]] = defaultdict(list)
+
+@dataclass
+class Unmatched:
+    """A run that is no cell of the paper: the nearest row (fewest differing settings) and how it differs."""
+
+    run: RunResult
+    nearest: PaperRow | None
+    differences: list[Difference]
+
+
+def match(runs: Sequence[RunResult], rows: Sequence[PaperRow] = PAPER_ROWS) -> tuple[list[Line], list[Unmatched]]:
+    """File every run under each row whose settings it has (a cell printed in several tables is several rows)."""
+    trained = [row for row in rows if row.trained]
+    lines = {id(row): Line(row, []) for row in rows}
+    unmatched = []
     for run in runs:
-        if run.signature is not None:
-            by_signature[run.signature].append(run)
-    lines = [Line(row, by_signature.get(row.signature(), []) if row.trained else []) for row in rows]
-    matched = {row.signature() for row in rows if row.trained}
-    unmatched = [run for run in runs if run.signature not in matched]
-    return lines, unmatched
+        if run.settings is None:
+            unmatched.append(Unmatched(run, None, []))
+            continue
+        found = [
+            (len(diff), k, row, diff) for k, row in enumerate(trained) for diff in [differences(row, run.settings)]
+        ]
+        exact = [row for n, _, row, _ in found if n == 0]
+        for row in exact:
+            lines[id(row)].runs.append(run)
+        if not exact:
+            nearest = min(found, key=lambda item: item[:2], default=None)
+            unmatched.append(Unmatched(run, nearest[2] if nearest else None, nearest[3] if nearest else []))
+    return [lines[id(row)] for row in rows], unmatched
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rendering
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.{digits}f}"
+
+
+def _ours(line: Line, attribute: str) -> str:
+    value, std = line.ours(attribute), line.std(attribute)
+    if value is None:
+        return "—"
+    text = f"{value:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return text + (" (unfinished)" if line.unfinished_only else "")
 
 
 def _delta(ours: float | None, paper: float | None) -> str:
@@ -191,7 +245,15 @@ def _flops(ours: float | None, paper: float | None) -> str:
 
 
 def _sparsity(row: PaperRow) -> str:
-    return "dense" if row.sparsity is None else f"{row.sparsity:g}"
+    return "dense" if row.printed_sparsity is None else f"{row.printed_sparsity:g}"
+
+
+def _row_name(row: PaperRow) -> str:
+    if row.quoted is None:
+        return row.row
+    if row.reproduces_quote:
+        return f"{row.row} (quoted from {row.quoted}; its command reproduces the setup)"
+    return f"{row.row} (quoted from {row.quoted}; not trained here)"
 
 
 HEADER = (
@@ -204,65 +266,104 @@ HEADER = (
     "test (paper)",
     "Δ val",
     "Δ test",
-    "epochs",
+    "epochs done",
     "runs",
     "train FLOPs",
     "inference FLOPs",
 )
 
+COLUMNS = """Columns:
+- val (ours): the best validation perplexity of the run (the checkpoint the paper reports); the mean ± std over the
+  runs of a row when it has several (seeds, save directories).
+- test (ours): test_ppl of `selfish-rnn test ... --ckpt_path best` (— until it is run).
+- val / test (paper): the paper's (± std over five runs in Table 7); Δ: ours minus the paper's.
+- epochs done: per run, validated epochs out of the paper's; an unfinished run is marked, and counted only while
+  no run of its row has finished ("(unfinished)" next to the numbers then).
+- runs: runs filed under the row (Table 7: of the paper's five).
+- train / inference FLOPs: flops/train_vs_dense (the whole run so far) and flops/inference_vs_dense (the current
+  masks), relative to dense; Table 9's in parentheses.
+A run is filed under a row only when every setting of the row's command agrees (docs/experiments.md).
+"""
+
+UNMATCHED_HEADER = (
+    "run",
+    "epochs done / planned",
+    "best val",
+    "test",
+    "train FLOPs",
+    "inference FLOPs",
+    "nearest row",
+    "settings that differ from it",
+)
+
+
+def _unmatched_cells(item: Unmatched) -> list[str]:
+    run = item.run
+    if item.nearest is None:
+        nearest, differ = "—", "no readable config.yaml" if run.settings is None else "—"
+    else:
+        nearest = f"Table {item.nearest.table}: {item.nearest.label}"
+        differ = "; ".join(str(d) for d in item.differences)
+    planned = "?" if run.planned_epochs is None else str(run.planned_epochs)
+    return [
+        str(run.directory),
+        f"{run.epochs_done}/{planned}",
+        _fmt(run.best_val_ppl),
+        _fmt(run.test_ppl),
+        _flops(run.train_flops, None),
+        _flops(run.inference_flops, None),
+        nearest,
+        differ,
+    ]
+
 
 def _cells(line: Line) -> list[str]:
     row = line.row
-    assert row is not None
     val, test = line.ours("best_val_ppl"), line.ours("test_ppl")
-    name = row.row + ("" if row.trained else f" (quoted: {row.quoted})")
     return [
         row.model,
-        name,
+        _row_name(row),
         _sparsity(row),
-        _fmt(val),
-        _fmt(test),
+        _ours(line, "best_val_ppl"),
+        _ours(line, "test_ppl"),
         _paper(row.val, row.val_std),
         _paper(row.test, row.test_std),
         _delta(val, row.val),
         _delta(test, row.test),
         line.epochs(),
-        str(len(line.runs)) if row.trained else "",
+        line.run_count(),
         _flops(line.ours("train_flops"), row.train_flops),
         _flops(line.ours("inference_flops"), row.test_flops),
     ]
 
 
-def render_markdown(lines: Iterable[Line], unmatched: Sequence[RunResult], tables: Sequence[str] | None = None) -> str:
-    """The tables as GitHub markdown, one section per table of the paper."""
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n\n"
+
+
+def render_markdown(lines: Iterable[Line], unmatched: Sequence[Unmatched], tables: Sequence[str] | None = None) -> str:
+    """The tables as GitHub markdown, one section per table of the paper, then the runs that match no row."""
     lines = list(lines)
     out = io.StringIO()
     for table, title in TABLES.items():
-        if tables and table not in tables:
-            continue
-        chosen = [line for line in lines if line.row is not None and line.row.table == table]
-        if not chosen:
+        chosen = [line for line in lines if line.row.table == table]
+        if (tables and table not in tables) or not chosen:
             continue
         out.write(f"## {title}\n\n")
-        out.write("| " + " | ".join(HEADER) + " |\n")
-        out.write("|" + "---|" * len(HEADER) + "\n")
-        for line in chosen:
-            out.write("| " + " | ".join(_cells(line)) + " |\n")
-        out.write("\n")
+        out.write(_markdown_table(HEADER, (_cells(line) for line in chosen)))
+        notes = [line.row for line in chosen if line.row.note]
+        for row in notes:
+            out.write(f"- {row.label}: {row.note}\n")
+        if notes:
+            out.write("\n")
+    if not any(line.runs for line in lines):
+        out.write("No run is a cell of the paper's tables.\n\n")
     if unmatched:
         out.write("## Runs that match no row of the paper\n\n")
-        out.write(
-            "| run | model, method, optimizer, sparsity, epochs | best val | test | epochs | train FLOPs | "
-            "inference FLOPs |\n|---|---|---|---|---|---|---|\n"
-        )
-        for run in unmatched:
-            signature = ", ".join("dense" if v is None else str(v) for v in run.signature or ("?",))
-            out.write(
-                f"| {run.directory} | {signature} | {_fmt(run.best_val_ppl)} | {_fmt(run.test_ppl)} | "
-                f"{run.epochs_done}/{run.max_epochs} | {_flops(run.train_flops, None)} | "
-                f"{_flops(run.inference_flops, None)} |\n"
-            )
-        out.write("\n")
+        out.write(_markdown_table(UNMATCHED_HEADER, (_unmatched_cells(item) for item in unmatched)))
+    out.write(COLUMNS)
     return out.getvalue()
 
 
@@ -274,31 +375,40 @@ CSV_FIELDS = (
     "optimizer",
     "sparsity",
     "runs",
+    "repeats",
     "val_ours",
+    "val_ours_std",
     "test_ours",
+    "test_ours_std",
     "val_paper",
     "test_paper",
     "val_diff",
     "test_diff",
     "epochs_done",
-    "max_epochs",
+    "paper_epochs",
+    "planned_epochs",
+    "finished",
     "train_flops_ours",
     "inference_flops_ours",
     "train_flops_paper",
     "inference_flops_paper",
     "quoted_from",
+    "note",
     "directories",
+    "nearest_table",
+    "nearest_row",
+    "differences",
 )
 
 
-def render_csv(lines: Iterable[Line], unmatched: Sequence[RunResult], tables: Sequence[str] | None = None) -> str:
-    """One CSV line per paper row (and per unmatched run), numbers unformatted."""
+def render_csv(lines: Iterable[Line], unmatched: Sequence[Unmatched], tables: Sequence[str] | None = None) -> str:
+    """One CSV line per paper row (and per unmatched run), numbers unformatted; per-run fields joined by ``;``."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for line in lines:
         row = line.row
-        if row is None or (tables and row.table not in tables):
+        if tables and row.table not in tables:
             continue
         val, test = line.ours("best_val_ppl"), line.ours("test_ppl")
         writer.writerow(
@@ -308,42 +418,45 @@ def render_csv(lines: Iterable[Line], unmatched: Sequence[RunResult], tables: Se
                 "row": row.row,
                 "method": row.method,
                 "optimizer": row.optimizer,
-                "sparsity": "" if row.sparsity is None else row.sparsity,
+                "sparsity": "" if row.printed_sparsity is None else row.printed_sparsity,
                 "runs": len(line.runs),
+                "repeats": row.repeats,
                 "val_ours": _raw(val),
+                "val_ours_std": _raw(line.std("best_val_ppl")),
                 "test_ours": _raw(test),
+                "test_ours_std": _raw(line.std("test_ppl")),
                 "val_paper": _raw(row.val),
                 "test_paper": _raw(row.test),
                 "val_diff": _raw(None if val is None or row.val is None else val - row.val),
                 "test_diff": _raw(None if test is None or row.test is None else test - row.test),
                 "epochs_done": ";".join(str(run.epochs_done) for run in line.runs),
-                "max_epochs": ";".join(str(run.max_epochs) for run in line.runs),
+                "paper_epochs": paper_epochs(row) if row.trained else "",
+                "planned_epochs": ";".join(str(run.planned_epochs) for run in line.runs),
+                "finished": ";".join(str(int(line.finished(run))) for run in line.runs),
                 "train_flops_ours": _raw(line.ours("train_flops")),
                 "inference_flops_ours": _raw(line.ours("inference_flops")),
                 "train_flops_paper": _raw(row.train_flops),
                 "inference_flops_paper": _raw(row.test_flops),
                 "quoted_from": row.quoted or "",
+                "note": row.note,
                 "directories": ";".join(str(run.directory) for run in line.runs),
             }
         )
-    for run in unmatched:
-        model, method, optimizer, sparsity, _ = run.signature or (None,) * 5
+    for item in unmatched:
+        run = item.run
         writer.writerow(
             {
-                "table": "",
-                "model": model or "",
-                "row": "",
-                "method": method or "",
-                "optimizer": optimizer or "",
-                "sparsity": "" if sparsity is None else sparsity,
                 "runs": 1,
                 "val_ours": _raw(run.best_val_ppl),
                 "test_ours": _raw(run.test_ppl),
                 "epochs_done": run.epochs_done,
-                "max_epochs": run.max_epochs,
+                "planned_epochs": "" if run.planned_epochs is None else run.planned_epochs,
                 "train_flops_ours": _raw(run.train_flops),
                 "inference_flops_ours": _raw(run.inference_flops),
                 "directories": str(run.directory),
+                "nearest_table": item.nearest.table if item.nearest else "",
+                "nearest_row": item.nearest.label if item.nearest else "",
+                "differences": "; ".join(str(d) for d in item.differences),
             }
         )
     return out.getvalue()
@@ -354,16 +467,22 @@ def _raw(value: float | None) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``selfish-rnn results DIR [--format markdown|csv] [--table 2 ...]``; returns the exit code."""
+    """Fill the paper's tables in with the runs under a directory: ours, the paper's, the differences."""
     parser = argparse.ArgumentParser(
         prog="selfish-rnn results",
-        description="Collect the runs under DIR and print the paper's tables (2, 3, 5, 7, 8; Table 9's FLOPs) "
-        "filled in with our perplexities, the paper's, the differences, the epochs done and the FLOPs.",
+        description=(
+            f"Collect the runs under DIR and file each under the rows of the paper's tables "
+            f"({', '.join(TABLES)}; Table 9's FLOPs on Table 2) whose every setting it has: our perplexities, the "
+            "paper's, the differences, the epochs done and the FLOPs. Runs that match no row are listed with the "
+            "settings that differ from the nearest one."
+        ),
     )
     parser.add_argument("directory", type=Path, help="where the runs are (the loggers' save_dir, e.g. lightning_logs)")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="output format")
-    parser.add_argument("--table", action="append", choices=sorted(TABLES), help="only these tables (repeatable)")
-    parser.add_argument("--only-run", action="store_true", help="only the rows that have at least one run")
+    parser.add_argument("--table", action="append", choices=list(TABLES), help="only these tables (repeatable)")
+    parser.add_argument(
+        "--all", action="store_true", help="every row of the paper's tables, not only the rows that have a run"
+    )
     args = parser.parse_args(list(argv))
     try:
         runs = collect_runs(args.directory)
@@ -371,7 +490,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"selfish-rnn results: {error}", file=sys.stderr)
         return 2
     lines, unmatched = match(runs)
-    if args.only_run:
+    if not args.all:
         lines = [line for line in lines if line.runs]
     render = render_csv if args.format == "csv" else render_markdown
     sys.stdout.write(render(lines, unmatched, args.table))

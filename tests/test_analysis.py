@@ -252,3 +252,49 @@ def test_chance_distance_is_the_distance_of_unrelated_random_topologies(p, q):
     assert analysis.chance_distance(a, b)["all"] == pytest.approx(measured, abs=0.005)
     if p == q == 0.33:
         assert measured == pytest.approx(0.80, abs=0.01)  # the paper's "very high value 0.8" at sparsity 0.67
+
+
+def test_chance_distance_of_short_sparse_rows_counts_the_units_with_no_edge():
+    """Density 0.05, 20 positions per row: many units have no edge in either mask (distance 0), so chance is 0.85."""
+    a, b = random_mask((20_000, 20), 0.05, 21), random_mask((20_000, 20), 0.05, 22)
+    measured = analysis.mask_distance(a, b)["all"]
+    assert measured == pytest.approx(0.848, abs=0.01)  # far below the long-row level (0.974)
+    assert analysis.chance_distance(a, b)["all"] == pytest.approx(measured, abs=0.01)
+    # per gate, a gate's rows are the units: short rows of 5 columns; "all": 4 gates x 5 columns per hidden unit
+    gates = [(name, slice(k * 5000, (k + 1) * 5000)) for k, name in enumerate("ifgo")]
+    a, b = random_mask((20_000, 5), 0.05, 23), random_mask((20_000, 5), 0.05, 24)
+    measured, chance = analysis.mask_distance(a, b, gates), analysis.chance_distance(a, b, gates)
+    assert chance["i"] == pytest.approx(measured["i"], abs=0.02) and chance["i"] < 0.5
+    assert chance["all"] == pytest.approx(measured["all"], abs=0.01)
+
+
+def test_a_unit_with_a_large_mean_and_a_small_spread_is_not_constant():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    y = x.clone()
+    y[:, 0] = 1000.0 + 0.01 * x[:, 0]  # spread 1e-5 of its magnitude: far above float32's resolution
+    y[:, 1] = 7.0  # constant
+    accumulator = analysis.CorrelationAccumulator()
+    for chunk in range(4):
+        accumulator.update(x[chunk * 100 : (chunk + 1) * 100], y[chunk * 100 : (chunk + 1) * 100])
+    correlation = accumulator.correlation()
+    assert correlation[0, 0].item() == pytest.approx(1.0, abs=1e-9)
+    assert torch.equal(correlation[:, 1], torch.zeros(3, dtype=torch.float64))
+    assert correlation[2, 2].item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_semi_matching_prefers_the_own_position_on_ties_and_reports_its_quality():
+    similarity = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0],  # a constant unit: correlates with nothing
+            [0.0, 0.0, 0.0, 0.0],
+            [0.8, 0.0, 0.0, 0.3],  # collapses onto unit 0
+        ]
+    )
+    matching = analysis.semi_matching(similarity)
+    assert matching.tolist() == [0, 1, 2, 0]  # the constant units keep their positions, not all unit 0
+    quality = analysis.match_quality(similarity, matching)
+    assert quality == {"units": 4, "distinct": 3, "distinct_fraction": 0.75, "mean": pytest.approx(1.7 / 4)}
+    wide = torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.2, 0.9]])  # more columns than rows: ties to the own position
+    assert analysis.semi_matching(wide).tolist() == [0, 2]

@@ -38,6 +38,58 @@ def events(log_dir: str) -> EventAccumulator:
     return accumulator
 
 
+def assert_labelled_mask_picture(event, trainer, name: str) -> None:
+    """The picture is the labelled one: matplotlib's frame (gate names, colour scale) around the density grid."""
+    import io
+
+    from matplotlib.image import imread
+
+    from lightning_selfish import plots
+
+    picture = (imread(io.BytesIO(event.encoded_image_string)) * 255).round()
+    sparse = next(cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback))
+    record = sparse.engine.tensors[name]
+    expected = plots.figure_to_array(plots.mask_density_figure(record.mask, record.gates, name)).float()
+    assert picture.shape[:2] == expected.shape[:2]
+    # the same picture up to the colour quantisation of the grid and a pixel of line placement
+    # the same picture, up to where a block edge falls (a pixel either way) and the grid's colour quantisation
+    got = torch.from_numpy(picture[..., :3])
+    nearest = torch.stack(
+        [(got - expected.roll((dy, dx), (0, 1))).abs().amax(-1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    ).amin(0)
+    assert nearest.gt(8).float().mean() < 0.002
+
+
+def assert_custom_scalars_layout(log_dir: str, scalars: set[str]) -> None:
+    """One chart per tensor with its gates (sparsity, exploration, drift), one of the overall figures."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    accumulator = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    [event] = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    charts = {(c.title, chart.title): list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    tags = {
+        key: sorted(t for t in scalars if any(re.search(p, t) for p in patterns)) for key, patterns in charts.items()
+    }
+    assert tags[("overall", "sparsity, exploration, drift")] == [
+        "drift/overall",
+        "exploration/overall",
+        "sparsity/overall",
+    ]
+    for kind in ("sparsity", "exploration", "drift"):
+        for name in RECURRENT:
+            assert tags[(f"{kind} per gate", name)] == sorted(
+                [f"{kind}/{name}", *(f"{kind}/{name}/{g}" for g in "ifgo")]
+            )
+        assert tags[(f"{kind} per gate", "encoder.weight")] == [f"{kind}/encoder.weight"]
+    magnitude = tags[("overall", "weights above the magnitude threshold")]
+    assert magnitude == sorted(f"magnitude_above/{name}" for name in [*ALL, "overall"])
+
+
 def test_scalars_images_and_gate_chart_reach_tensorboard(tmp_path: Path):
     pl.seed_everything(0, verbose=False)
     sparse = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0)
@@ -61,6 +113,8 @@ def test_scalars_images_and_gate_chart_reach_tensorboard(tmp_path: Path):
     chart = acc.Images("gates/sparsity")
     assert [e.step for e in chart] == [24]
     assert chart[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and chart[0].width > 200
+    assert_labelled_mask_picture(acc.Images("masks/rnn.weight_hh_l0")[-1], trainer, "rnn.weight_hh_l0")
+    assert_custom_scalars_layout(logger.log_dir, scalars)
 
     # exploration: exact against the masks the monitor was told about, and monotone
     ever = {}

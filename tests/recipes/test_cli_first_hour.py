@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from recipes import compat, console
-from recipes.cli import CONFIG_DIR, build_cli, main
+from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
 from recipes.data import resolve_corpus
 from tests.conftest import write_random_corpus
 
@@ -93,7 +93,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: st
     ("args", "expected"),
     [
         (["--model.sparsity.sparsity", "1.5"], r"error: sparsity.sparsity must be in \[0, 1\), got 1.5"),
-        (["--model.optimizer", "foo"], r"--model.optimizer: .*'sntasgd'.*Got value: foo"),
+        (["--model.optimizer", "foo"], r"--model.optimizer: expected one of 'sntasgd', .*'adam', got 'foo' \(selfish"),
         (["--model.sparsty", "0.5"], r"unrecognized arguments: --model.sparsty 0.5 \(selfish-rnn fit --help"),
         (["--data.corpus", "nosuch"], r"corpus='nosuch' is not bundled \(allowed without data_dir: ptb, wikitext-2\)"),
     ],
@@ -251,8 +251,18 @@ def test_overview_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     for model in ("stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"):
         assert f"--config recipes/configs/{model}.yaml" in listing
     assert re.search(
-        r"stacked_lstm_ptb: Selfish-RNN \(SNT-ASGD\)\s+paper val/test 73\.76 / 71\.65\s+100 epochs, GPU", listing
+        r"stacked_lstm_ptb: Selfish-RNN \(SNT-ASGD\), sparsity 0\.67\s+paper val/test 73\.76 / 71\.65\s+100 epochs, "
+        r"GPU ~1-2 h",
+        listing,
     )
+    # rows that differ only in sparsity are told apart; longer rows and the paper's repeats cost more
+    assert "stacked_lstm_ptb: RigL (SNT-ASGD), sparsity 0.62" in listing
+    assert re.search(
+        r"Selfish-RNN1300 \(ASGD\), sparsity 0\.55 .* 1300 epochs, GPU ~31 h per run; x5 runs: ~6\.5 days", listing
+    )
+    for name in TOOL_COMMANDS:  # every command of the overview is described
+        line = next(line for line in overview.splitlines() if line.startswith(f"  selfish-rnn {name} "))
+        assert len(line.split(maxsplit=2)[2]) > 20, line
     with pytest.raises(SystemExit):
         main(["list", "--table", "8"])
     table8 = capsys.readouterr().out
@@ -268,4 +278,84 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert '"sntasgd" (SGD, then SNT-ASGD' in text  # from ``"sntasgd"`` in LanguageModel's docstring
     assert console.plain_text("``x`` and :class:`~recipes.models.StackedLSTM` and :func:`a.b`") == (
         "x and StackedLSTM and a.b"
+    )
+
+
+def test_fit_help_shows_the_projects_options_first_and_all_with_help_all(capsys: pytest.CaptureFixture[str]) -> None:
+    def help_of(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *args])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    brief, full = help_of("--help"), help_of("--help-all")
+    for text in (brief, full):
+        lines = text.splitlines()
+        assert lines[0] == "usage: selfish-rnn fit --config CONFIG [--ARGUMENT VALUE ...] [--help | --help-all]"
+        first = {prefix: next(k for k, line in enumerate(lines) if line.startswith(f"  --{prefix}.")) for prefix in (
+            "model", "data", "trainer")}  # fmt: skip
+        assert first["model"] < first["data"] < first["trainer"]
+        assert first["model"] < 40, "the model's options right after the general ones"
+        assert "torch.nn.Identity" not in text and "and 5" in text  # the network's subclasses, not all of torch's
+    assert "--trainer.max_epochs" in brief and "--trainer.fast_dev_run" not in brief
+    assert "all of them: selfish-rnn fit --help-all" in brief
+    assert "--trainer.fast_dev_run" in full and len(full.splitlines()) > len(brief.splitlines()) + 100
+    assert len(brief.splitlines()) < 400
+
+
+def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_selfish import topology
+
+    def callback_of(*args: str):
+        cli = build_cli(["--config", QUICKSTART, *tiny_data(tiny_corpus), *args], run=False)
+        return next(cb for cb in cli.model.configure_callbacks() if type(cb).__name__ == "SelfishSparsityCallback")
+
+    for init in topology.INIT_BUDGETS:
+        assert callback_of("--model.sparse_init", init).init == init
+    dsr = callback_of("--model.sparse_init", "erk", "--model.removal", "threshold", "--model.growth", "gradient")
+    assert (dsr.init, dsr.removal, dsr.growth) == ("erk", "threshold", "gradient")
+    gmp = callback_of("--model.method", "gmp", "--model.removal", "set", "--model.growth", "none")
+    assert (gmp.removal, gmp.growth) == ("set", "none")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.removal", "largest"])
+    assert exit_info.value.code == 2
+    removals = ", ".join(repr(r) for r in (*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, "none"))
+    assert capsys.readouterr().err == (
+        f"error: --model.removal: expected one of {removals} or null, got 'largest' "
+        "(selfish-rnn fit --help lists the arguments)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.sparsity", "half"], "--model.sparsity: expected a number or null, got 'half'"),
+        (["--model.lr", "abc"], "--model.lr: expected a number, got 'abc'"),
+        (["--model.nonmono", "1.5"], "--model.nonmono: expected a whole number, got '1.5'"),
+        (["--model.static", "maybe"], "--model.static: expected true or false, got 'maybe'"),
+        (
+            ["--model.restart_at_epochs", "x"],
+            "--model.restart_at_epochs: expected a list of whole numbers or null, got 'x'",
+        ),
+    ],
+    ids=["float", "required float", "int", "bool", "list"],
+)
+def test_a_value_of_the_wrong_type_is_one_plain_line(args, expected, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {expected} (selfish-rnn fit --help lists the arguments)\n"
+
+
+def test_an_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes.cli import SelfishRNNCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exprot", "--config", QUICKSTART])
+    assert exit_info.value.code == 2
+    commands = [*SelfishRNNCLI.subcommands(), *TOOL_COMMANDS]
+    assert "fit" in commands and "results" in commands
+    assert capsys.readouterr().err == (
+        f"error: unknown command 'exprot'; the commands are {', '.join(commands)} "
+        "('selfish-rnn' alone describes them)\n"
     )
