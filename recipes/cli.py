@@ -104,6 +104,8 @@ class SelfishRNNCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            add_sparse_inference_argument(parser)
         parser.usage = f"selfish-rnn {subcommand} --config CONFIG [--ARGUMENT VALUE ...] [--help | --help-all]"
         groups = parser._action_groups
         trainer = [g for g in groups if any(a.dest.startswith("trainer.") for a in g._group_actions)]
@@ -209,12 +211,6 @@ class SelfishRNNCLI(LightningCLI):
     def after_test(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             log.info("%s", test_summary(self.trainer))
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "test":
-            add_sparse_inference_argument(parser)
-        return parser
 
     def before_test(self) -> None:
         enable_sparse_inference(self.trainer, self.config_init["test"])

@@ -51,7 +51,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: LanguageModel arguments that do not change what a run trains.
 _NOT_COMPARED = {"flops", "verbose_sparsity", "checkpoint", "topology_monitor", "mask_history", "small_batch_size"}
 #: Arguments of the sparsity callback (the nested ``sparsity`` group) that do not change what a run trains.
-_NOT_COMPARED_SPARSITY = {"seed", "verbose"}
+_NOT_COMPARED_SPARSITY = {"seed", "growth_seed", "verbose"}
 #: The flat LanguageModel arguments of the sparsity callback, by the callback's name for them.
 _FLAT_SPARSITY = {
     "method": "method",
@@ -136,14 +136,21 @@ def run_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 def _sparsity_group(model: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
     """The sparsity level and the sparsity callback's arguments by its own names, from either model layout."""
     sparsity = model.get("sparsity")
-    if isinstance(sparsity, Mapping):  # nested: the callback's own arguments
-        group = dict(sparsity)
+    if isinstance(sparsity, Mapping):  # nested: the callback's own arguments, each left out at its default
+        group = {**_callback_defaults(), **dict(sparsity)}
         return group.pop("sparsity", None), {k: v for k, v in group.items() if k not in _NOT_COMPARED_SPARSITY}
     group = {new: model.get(old) for old, new in _FLAT_SPARSITY.items()}
     group.update(model.get("sparsity_options") or {})
     if model.get("static"):
         group["method"] = "static"
     return sparsity, {k: v for k, v in group.items() if k not in _NOT_COMPARED_SPARSITY}
+
+
+@functools.cache
+def _callback_defaults() -> dict[str, Any]:
+    from lightning_selfish.callback import SelfishSparsityCallback
+
+    return {k: v for k, v in _defaults(SelfishSparsityCallback).items() if k != "sparsity"}
 
 
 def _method_parts(group: Mapping[str, Any]) -> dict[str, Any]:

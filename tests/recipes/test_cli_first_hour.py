@@ -304,35 +304,40 @@ def test_fit_help_shows_the_projects_options_first_and_all_with_help_all(capsys:
 
 
 def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_selfish import topology
+    from lightning_selfish.methods import INITS, REMOVALS
 
     def callback_of(*args: str):
         cli = build_cli(["--config", QUICKSTART, *tiny_data(tiny_corpus), *args], run=False)
         return next(cb for cb in cli.model.configure_callbacks() if type(cb).__name__ == "SelfishSparsityCallback")
 
-    for init in topology.INIT_BUDGETS:
-        assert callback_of("--model.sparse_init", init).init == init
-    dsr = callback_of("--model.sparse_init", "erk", "--model.removal", "threshold", "--model.growth", "gradient")
-    assert (dsr.init, dsr.removal, dsr.growth) == ("erk", "threshold", "gradient")
-    gmp = callback_of("--model.method", "gmp", "--model.removal", "set", "--model.growth", "none")
-    assert (gmp.removal, gmp.growth) == ("set", "none")
+    for init in INITS:
+        assert callback_of("--model.sparsity.init", init).init.name == init
+    dsr = callback_of(
+        "--model.sparsity.init", "erk", "--model.sparsity.removal", "threshold", "--model.sparsity.growth", "gradient"
+    )
+    assert (dsr.init.name, dsr.removal.name, dsr.growth.name) == ("erk", "threshold", "gradient")
+    gmp = callback_of(
+        "--model.sparsity.method", "gmp", "--model.sparsity.removal", "set", "--model.sparsity.growth", "none"
+    )
+    assert (gmp.removal.name, gmp.growth.name) == ("set", "none")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", QUICKSTART, "--model.removal", "largest"])
+        main(["fit", "--config", QUICKSTART, "--model.sparsity.removal", "largest"])
     assert exit_info.value.code == 2
-    removals = ", ".join(repr(r) for r in (*topology.REMOVAL_STRATEGIES, *topology.THRESHOLD_REMOVALS, "none"))
     assert capsys.readouterr().err == (
-        f"error: --model.removal: expected one of {removals} or null, got 'largest' "
-        "(selfish-rnn fit --help lists the arguments)\n"
+        f"error: sparsity.removal must be one of {list(REMOVALS)} or a Removal object, got 'largest'\n"
     )
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.sparsity", "half"], "--model.sparsity: expected a number or null, got 'half'"),
+        (["--model.sparsity.prune_rate", "half"], "--model.sparsity.prune_rate: expected a number or null, got 'half'"),
         (["--model.lr", "abc"], "--model.lr: expected a number, got 'abc'"),
         (["--model.nonmono", "1.5"], "--model.nonmono: expected a whole number, got '1.5'"),
-        (["--model.static", "maybe"], "--model.static: expected true or false, got 'maybe'"),
+        (
+            ["--model.sparsity.mask_gradients", "maybe"],
+            "--model.sparsity.mask_gradients: expected true or false, got 'maybe'",
+        ),
         (
             ["--model.restart_at_epochs", "x"],
             "--model.restart_at_epochs: expected a list of whole numbers or null, got 'x'",

@@ -161,7 +161,7 @@ def test_every_sweep_command_builds_with_its_loop_values(sweep) -> None:
     if "growth" in env:  # Figure 5 runs update every N steps: no table cell (docs/experiments.md)
         assert filed == []
     for row in filed:  # a Figure 6 point at a model config's own sparsity and prune rate is that model's main cell
-        assert row.method == "selfish" and row.optimizer == "sntasgd" and row.sparsity == model.sparsity
+        assert row.method == "selfish" and row.optimizer == "sntasgd" and row.sparsity == model.sparsity.sparsity
     if "sparsity" in env:
         assert model.sparsity.sparsity == float(env["sparsity"])
     if "prune_rate" in env:

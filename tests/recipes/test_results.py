@@ -298,20 +298,20 @@ ONE_SETTING = [
     ("model.network.init_args.nhid", 700),
     ("model.network.init_args.nlayers", 3),
     ("model.network.init_args.dropout", 0.0),
-    ("model.sparsity", 0.62),
-    ("model.sparsity", 0.5),
+    ("model.sparsity.sparsity", 0.62),
+    ("model.sparsity.sparsity", 0.5),
     ("model.sparsity", None),
-    ("model.method", "set"),
-    ("model.prune_rate", 0.3),
-    ("model.static", True),
-    ("model.gate_redistribution", False),
-    ("model.gate_redistribution", "magnitude"),
-    ("model.sparse_init", "er"),
-    ("model.removal", "set"),
-    ("model.growth", "gradient"),
-    ("model.update_every", 200),
-    ("model.sparsity_options", {"min_prune_rate": 0.0}),
-    ("model.total_steps", 1000),
+    ("model.sparsity.method", "set"),
+    ("model.sparsity.prune_rate", 0.3),
+    ("model.sparsity.method", "static"),
+    ("model.sparsity.gate_redistribution", False),
+    ("model.sparsity.gate_redistribution", "magnitude"),
+    ("model.sparsity.init", "er"),
+    ("model.sparsity.removal", "set"),
+    ("model.sparsity.growth", "gradient"),
+    ("model.sparsity.update_every", 200),
+    ("model.sparsity.min_prune_rate", 0.0),
+    ("model.sparsity.total_steps", 1000),
     ("model.optimizer", "ntasgd"),
     ("model.optimizer", "adam"),
     ("model.lr", 1.0),
@@ -330,12 +330,12 @@ ONE_SETTING = [
 ]
 # the rows such a run is another cell of (keyed by the value as text)
 ELSEWHERE = {
-    ("model.static", "True"): {("2", "Static-Uniform (SNT-ASGD)", "0.67")},  # the flat layout's static flag
-    ("model.method", "set"): {("3", "SET (SNT-ASGD)", "0.67")},
-    ("model.sparsity", "0.62"): {("2", "Selfish-RNN (SNT-ASGD)", "0.62")},
+    ("model.sparsity.method", "static"): {("2", "Static-Uniform (SNT-ASGD)", "0.67")},
+    ("model.sparsity.method", "set"): {("3", "SET (SNT-ASGD)", "0.67")},
+    ("model.sparsity.sparsity", "0.62"): {("2", "Selfish-RNN (SNT-ASGD)", "0.62")},
     ("model.optimizer", "ntasgd"): {("5", "w/o Sparse NT-ASGD", "0.67")},
-    ("model.gate_redistribution", "False"): {("5", "w/o cell gate redistribution", "0.67")},
-    ("model.gate_redistribution", "magnitude"): {("6", "Mean of the magnitude of nonzero weights", "0.67")},
+    ("model.sparsity.gate_redistribution", "False"): {("5", "w/o cell gate redistribution", "0.67")},
+    ("model.sparsity.gate_redistribution", "magnitude"): {("6", "Mean of the magnitude of nonzero weights", "0.67")},
 }
 
 
@@ -364,8 +364,8 @@ def test_the_issues_runs_are_filed_where_they_belong(command_configs, tmp_path: 
     main_config = command_configs["main"]
     smoke = set_path(main_config, "trainer.max_epochs", 1)
     write_run(tmp_path, "smoke", smoke, [300.0])
-    sweep = set_path(set_path(main_config, "model.growth", "gradient"), "model.update_every", 200)
-    write_run(tmp_path, "figure5", set_path(sweep, "model.prune_rate", 0.3), [90.0, 89.0])
+    sweep = set_path(set_path(main_config, "model.sparsity.growth", "gradient"), "model.sparsity.update_every", 200)
+    write_run(tmp_path, "figure5", set_path(sweep, "model.sparsity.prune_rate", 0.3), [90.0, 89.0])
     wt2 = set_path(main_config, "data.corpus", "wikitext-2")
     wt2["model"]["network"]["init_args"].update(ninp=8, nhid=8)
     write_run(tmp_path, "wt2_8x8", wt2, [500.0])
@@ -378,7 +378,7 @@ def test_the_issues_runs_are_filed_where_they_belong(command_configs, tmp_path: 
     write_run(tmp_path, "dense700", small, [88.0])
     onlstm = set_path(command_configs["onlstm"], "trainer.max_epochs", 1300)  # one restart: neither row
     write_run(tmp_path, "onlstm1300", onlstm, [60.0])
-    rhn = set_path(command_configs["rhn"], "model.sparsity", 0.53)  # the paper's printed sparsity
+    rhn = set_path(command_configs["rhn"], "model.sparsity.sparsity", 0.53)  # the paper's printed sparsity
     write_run(tmp_path, "rhn053", rhn, [64.0])
 
     text = results(str(tmp_path), "--format", "csv", capsys=capsys)
@@ -441,7 +441,7 @@ def test_tensorboard_gets_no_placeholders_and_an_hparams_tab_by_perplexity(runs:
     accumulator.Reload()
     assert "hp_metric" not in accumulator.Tags()["scalars"] and "val_ppl" in accumulator.Tags()["scalars"]
     hparams = yaml.safe_load((version / "hparams.yaml").read_text())
-    assert "_instantiator" not in hparams and hparams["sparsity"] == 0.67
+    assert "_instantiator" not in hparams and hparams["sparsity"]["sparsity"] == 0.67
     checkpoint = torch.load(next((version / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
     assert "_instantiator" in checkpoint["hyper_parameters"], "load_from_checkpoint still rebuilds the network"
     experiments = [
@@ -454,4 +454,5 @@ def test_tensorboard_gets_no_placeholders_and_an_hparams_tab_by_perplexity(runs:
     assert len(experiments) == 1
     assert [metric.name.tag for metric in experiments[0].metric_infos] == ["val_ppl", "test_ppl"]
     names = {info.name for info in experiments[0].hparam_infos}
-    assert {"sparsity", "lr", "optimizer", "corpus"} <= names and "_instantiator" not in names
+    assert {"lr", "optimizer", "corpus"} <= names and "_instantiator" not in names
+    assert any(name.startswith("sparsity") for name in names)  # (the sparsity group, flattened)
