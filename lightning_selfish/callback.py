@@ -25,12 +25,13 @@ from typing_extensions import override
 
 from lightning_selfish import methods
 from lightning_selfish.controller import SparsityController
-from lightning_selfish.engine import SparseEngine, UpdateStats
+from lightning_selfish.engine import SparseEngine
 from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
 from lightning_selfish.parts import MethodConfig, UpdateAmount
 from lightning_selfish.protocols import TopologyListener
 from lightning_selfish.schedules import check_run
 from lightning_selfish.selection import adopt_existing_masks, check_no_other_pruning, select_parameters
+from lightning_selfish.update import UpdateStats, update_summary
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
 _METHOD_SETTINGS = frozenset(
@@ -40,6 +41,10 @@ _METHOD_SETTINGS = frozenset(
 
 class SelfishSparsityCallback(Callback):
     r"""Train the chosen weights of any LightningModule sparse, with Selfish-RNN or any method it is compared with.
+
+    (A long class for a reason: a third of it is this docstring, the reference of every argument; the code is hooks
+    that delegate to the run controller and the engine, and the three ways a fit finds its masks: drawn, continued
+    from a previous fit, or restored from a checkpoint.)
 
     Every sparsified tensor starts with a mask with an exact number of active weights. After every optimizer step
     the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. At each topology update
@@ -166,27 +171,7 @@ class SelfishSparsityCallback(Callback):
             threshold_tolerance=threshold_tolerance,
             grown_optimizer_state=grown_optimizer_state,
         )
-        if total_steps is not None and not callable(total_steps):
-            if isinstance(total_steps, bool) or not isinstance(total_steps, int):
-                raise TypeError(
-                    f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
-                )
-            if total_steps < 1:
-                raise ValueError(
-                    f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
-                )
-        for arg, value in (("seed", seed), ("growth_seed", growth_seed)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"{arg} must be an int or None, got {type(value).__name__}")
-        for arg, patterns in (("include", include), ("exclude", exclude)):
-            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
-                raise TypeError(f"{arg} must be a list of name patterns (str), got {patterns!r}")
-        if gate_layouts is not None and not isinstance(gate_layouts, Mapping):
-            raise TypeError(f"gate_layouts must be a mapping of parameter name to layout, got {gate_layouts!r}")
-        if not isinstance(mask_gradients, bool):
-            raise TypeError(f"mask_gradients must be a bool, got {mask_gradients!r}")
-        if not isinstance(verbose, bool):
-            raise TypeError(f"verbose must be a bool, got {verbose!r}")
+        _check_arguments(total_steps, seed, growth_seed, include, exclude, gate_layouts, mask_gradients, verbose)
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.gate_layouts = dict(gate_layouts or {})
@@ -464,14 +449,14 @@ class SelfishSparsityCallback(Callback):
         if stats is None:
             _say(trainer, f"SelfishSparsityCallback: topology update skipped at step {step}")
             return
-        extra = _stats_metrics(stats)
+        extra = stats.metrics()
         if amount.target_density is not None:
             extra["topology/target_sparsity"] = 1.0 - amount.target_density
         if self.config.removal.by_threshold:
             extra["topology/threshold"] = self.controller.threshold
         self._log_sparsity(trainer, extra=extra)
         if self.verbose:
-            _say(trainer, self._summary(stats))
+            _say(trainer, update_summary(self.engine, stats, self.controller.num_updates))
         _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
@@ -482,21 +467,6 @@ class SelfishSparsityCallback(Callback):
         metrics.update(extra)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-
-    def _summary(self, stats: UpdateStats) -> str:
-        assert self.engine is not None
-        report = self.engine.sparsity_report()
-        lines = [
-            f"topology update {self.controller.num_updates}: prune rate {stats.prune_rate:.4f}, "
-            f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
-        ]
-        for name, record in self.engine.tensors.items():
-            gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.3f}" for gate, _ in record.gates or [])
-            lines.append(
-                f"  {name}: sparsity {report[name]:.4f}, changed {stats.changed_fraction[name]:.3f}"
-                + (f" | gates: {gates}" if gates else "")
-            )
-        return "\n".join(lines)
 
     def _run_length(self, trainer: pl.Trainer) -> int:
         given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
@@ -540,6 +510,40 @@ class SelfishSparsityCallback(Callback):
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    total_steps: Any,
+    seed: Any,
+    growth_seed: Any,
+    include: Any,
+    exclude: Any,
+    gate_layouts: Any,
+    mask_gradients: Any,
+    verbose: Any,
+) -> None:
+    """The callback's own arguments (the method's are checked by ``methods.resolve``)."""
+    if total_steps is not None and not callable(total_steps):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+            raise TypeError(
+                f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
+            )
+        if total_steps < 1:
+            raise ValueError(
+                f"total_steps must be a positive int, a function of the trainer or None, got {total_steps!r}"
+            )
+    for arg, value in (("seed", seed), ("growth_seed", growth_seed)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{arg} must be an int or None, got {type(value).__name__}")
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+            raise TypeError(f"{arg} must be a list of name patterns (str), got {patterns!r}")
+    if gate_layouts is not None and not isinstance(gate_layouts, Mapping):
+        raise TypeError(f"gate_layouts must be a mapping of parameter name to layout, got {gate_layouts!r}")
+    if not isinstance(mask_gradients, bool):
+        raise TypeError(f"mask_gradients must be a bool, got {mask_gradients!r}")
+    if not isinstance(verbose, bool):
+        raise TypeError(f"verbose must be a bool, got {verbose!r}")
 
 
 def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], source: str) -> None:
@@ -634,15 +638,3 @@ def _say(trainer: pl.Trainer, text: str) -> None:
         bar.print(text)
     else:
         rank_zero_info(text)
-
-
-def _stats_metrics(stats: UpdateStats) -> dict[str, float]:
-    metrics = {
-        "topology/prune_rate": stats.prune_rate,
-        "topology/removed": float(stats.total_removed),
-        "topology/grown": float(stats.total_grown),
-        "topology/changed_fraction": stats.total_changed_fraction,
-    }
-    for name, fraction in stats.changed_fraction.items():
-        metrics[f"topology/changed_fraction/{name}"] = fraction
-    return metrics

@@ -27,7 +27,7 @@ from lightning_selfish.redistribution import allocate_counts, momentum_of
 if TYPE_CHECKING:
     from lightning_selfish.engine import SparseEngine, SparseTensor
 
-__all__ = ["UpdateContext", "UpdateStats", "topology_update"]
+__all__ = ["UpdateContext", "UpdateStats", "topology_update", "update_summary"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,18 @@ class UpdateStats:
     def changed_fraction(self) -> dict[str, float]:
         """Per tensor: the share of its active weights that were not active before the update."""
         return {name: self.newly_active[name] / n if n else 0.0 for name, n in self.active.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """The update's ``topology/*`` scalars."""
+        metrics = {
+            "topology/prune_rate": self.prune_rate,
+            "topology/removed": float(self.total_removed),
+            "topology/grown": float(self.total_grown),
+            "topology/changed_fraction": self.total_changed_fraction,
+        }
+        for name, fraction in self.changed_fraction.items():
+            metrics[f"topology/changed_fraction/{name}"] = fraction
+        return metrics
 
     @property
     def total_changed_fraction(self) -> float:
@@ -329,3 +341,19 @@ def _growth_input(record: SparseTensor, part: Growth, context: UpdateContext) ->
         return _gradient_of(record, context.gradients, f"growth={part.name!r}")
     gradient = _gradient_of(record, context.gradients, None)
     return momentum_of(context.optimizers, record.param, gradient, record.name, f"growth={part.name!r}")
+
+
+def update_summary(engine: SparseEngine, stats: UpdateStats, number: int) -> str:
+    """The per-tensor, per-gate text of update ``number`` (what ``verbose=True`` prints)."""
+    report = engine.sparsity_report()
+    lines = [
+        f"topology update {number}: prune rate {stats.prune_rate:.4f}, "
+        f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
+    ]
+    for name, record in engine.tensors.items():
+        gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.3f}" for gate, _ in record.gates or [])
+        lines.append(
+            f"  {name}: sparsity {report[name]:.4f}, changed {stats.changed_fraction[name]:.3f}"
+            + (f" | gates: {gates}" if gates else "")
+        )
+    return "\n".join(lines)
