@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recipes import console, experiments
+from recipes import console
 from recipes.compat import module
 from recipes.data import LanguageModelingDataModule
 from recipes.hparams import PerplexityHParams
@@ -45,6 +45,7 @@ from recipes.lm import LanguageModel
 from recipes.runs import label_run_logger
 from recipes.runtime import keep_freed_memory_for_reuse
 from recipes.summary import fit_summary, test_summary
+from recipes.tools import experiments
 
 _cli = module("cli")
 ArgsType = _cli.ArgsType
@@ -404,28 +405,28 @@ def build_cli(
 
 def _analyze(argv: list[str]) -> int:
     """Draw the paper's analysis figures (topology distances, large weights, gate sparsity) from a run's files."""
-    from recipes.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
+    from recipes.tools.analyze import main as analyze_main  # matplotlib and tensorboard's reader load only when used
 
     return analyze_main(argv)
 
 
 def _results(argv: list[str]) -> int:
     """Fill the paper's tables in with the runs under a directory: ours, the paper's, the differences."""
-    from recipes.results import main as results_main
+    from recipes.tools.results import main as results_main
 
     return results_main(argv)
 
 
 def _export(argv: list[str]) -> int:
     """Export a run's model with its masks applied: dense, or compressed (bit masks and the active values)."""
-    from recipes.export import main as export_main
+    from recipes.tools.export import main as export_main
 
     return export_main(argv)
 
 
 def _generate(argv: list[str]) -> int:
     """Sample text word by word from a trained model, dense and sparse, and compare their speed."""
-    from recipes.generate import main as generate_main
+    from recipes.tools.generate import main as generate_main
 
     return generate_main(argv)
 

@@ -1,4 +1,5 @@
-"""docs/experiments.md, recipes/paper_results.py and the configs agree: every documented command builds its row."""
+"""docs/experiments.md, recipes/tools/paper_results.py and the configs agree: every documented command builds its
+row."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from lightning_selfish.callback import SelfishSparsityCallback
 from recipes.cli import build_cli
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
-from recipes.matching import differences, paper_epochs, run_settings
-from recipes.paper_results import PAPER_ROWS, TABLES
 from recipes.runs import run_label
+from recipes.tools.matching import differences, paper_epochs, run_settings
+from recipes.tools.paper_results import PAPER_ROWS, TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "experiments.md").read_text()

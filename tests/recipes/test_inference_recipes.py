@@ -14,11 +14,11 @@ from lightning_selfish.inference import SparseRNN, sparse_inference_report
 from recipes import inference as recipe_inference
 from recipes.cli import CONFIG_DIR, build_cli, main
 from recipes.data import LanguageModelingDataModule
-from recipes.export import export_run, load_network
-from recipes.generate import generate
 from recipes.inference import SparseONLSTMCell, SparseRHN, sparse_network
 from recipes.lm import LanguageModel
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+from recipes.tools.export import export_run, load_network
+from recipes.tools.generate import generate
 from tests.conftest import write_random_corpus
 
 NETWORKS = {

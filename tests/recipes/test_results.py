@@ -18,8 +18,8 @@ import yaml
 from lightning_selfish.flops_callback import FlopsCallback
 from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
 from recipes.data import LanguageModelingDataModule
-from recipes.paper_results import PAPER_ROWS, PaperRow
-from recipes.results import collect_runs
+from recipes.tools.paper_results import PAPER_ROWS, PaperRow
+from recipes.tools.results import collect_runs
 from tests.conftest import write_random_corpus
 
 TINY = ["--model.network.init_args.ninp=8", "--model.network.init_args.nhid=8"]

@@ -3,8 +3,8 @@
 Every run of ``selfish-rnn`` leaves a version directory with its ``config.yaml`` and its TensorBoard event files
 (``<save_dir>/<name>/<label>/version_N``, see :mod:`recipes.runs`). A ``fit``, its resumptions and the ``test``
 of its best checkpoint are version directories of the same run directory (``<label>``): this command reads them
-together. A run belongs to a row of the paper's tables (:mod:`recipes.paper_results`) only when every setting the
-paper fixes for that cell agrees (:mod:`recipes.matching`: corpus, network and its sizes, method and its parts,
+together. A run belongs to a row of the paper's tables (:mod:`recipes.tools.paper_results`) only when every setting the
+paper fixes for that cell agrees (:mod:`recipes.tools.matching`: corpus, network and its sizes, method and its parts,
 optimizer and its settings, BPTT, batch sizes, dropouts, epochs planned, restarts, sparsity to the paper's printed
 precision). Several runs of one row (seeds, save directories) are averaged and counted. Runs that match no row are
 listed apart, with the nearest row and the settings that differ from it.
@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from recipes.matching import Difference, differences, paper_epochs, run_settings, with_defaults
-from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow
+from recipes.tools.matching import Difference, differences, paper_epochs, run_settings, with_defaults
+from recipes.tools.paper_results import PAPER_ROWS, TABLES, PaperRow
 
 __all__ = ["Line", "RunResult", "Unmatched", "collect_runs", "main", "match", "render_csv", "render_markdown"]
 
@@ -48,7 +48,7 @@ class RunResult:
     """One run directory: the settings of its ``fit`` and what its event files say."""
 
     directory: Path
-    settings: dict[str, Any] | None  # recipes.matching.run_settings of its fit config; None: no readable config
+    settings: dict[str, Any] | None  # recipes.tools.matching.run_settings of its fit config; None: no readable config
     planned_epochs: int | None  # the run's own --trainer.max_epochs
     best_val_ppl: float | None = None
     test_ppl: float | None = None

@@ -1,6 +1,6 @@
 """Which cell of the paper's tables a run is: every setting the paper fixes for the cell must agree.
 
-A row's settings are those of its command (:meth:`~recipes.paper_results.PaperRow.command_args`): the model config
+A row's settings are those of its command (:meth:`~recipes.tools.paper_results.PaperRow.command_args`): the model config
 and overlays merged in order, then its command-line arguments, with the classes' defaults for what they leave out.
 A run's settings are those of its saved ``config.yaml``. Both go through :func:`run_settings`, the one function
 that knows the layout of a config, and are compared setting by setting:
@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from recipes.paper_results import CONFIGS, PaperRow
+from recipes.tools.paper_results import CONFIGS, PaperRow
 
 __all__ = [
     "Difference",
@@ -46,7 +46,7 @@ __all__ = [
     "with_defaults",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: LanguageModel arguments that do not change what a run trains.
 _NOT_COMPARED = {"flops", "verbose_sparsity", "checkpoint", "topology_monitor", "mask_history", "small_batch_size"}

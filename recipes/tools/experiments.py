@@ -1,6 +1,6 @@
 """The bundled experiments at a glance: ``selfish-rnn list`` and the overview ``selfish-rnn`` prints alone.
 
-The rows, the paper's perplexities and the command of each experiment come from :mod:`recipes.paper_results`
+The rows, the paper's perplexities and the command of each experiment come from :mod:`recipes.tools.paper_results`
 (model configs composed with method and optimizer overlays). Costs are the estimates of docs/recipes.md ("What the
 runs cost") for one modern data-centre GPU, except the quickstart's, which was measured on a CPU.
 """
@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from recipes.matching import paper_epochs
-from recipes.paper_results import PAPER_ROWS, TABLES, PaperRow
+from recipes.tools.matching import paper_epochs
+from recipes.tools.paper_results import PAPER_ROWS, TABLES, PaperRow
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 __all__ = ["COSTS", "QUICKSTART", "cost", "list_command", "overview", "table"]
 

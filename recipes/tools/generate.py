@@ -5,8 +5,8 @@
     selfish-rnn generate lightning_logs/stacked_lstm_ptb/<label>/version_0 --words 100
     selfish-rnn generate model.compressed.pt --inference sparse --temperature 0.8
 
-``SOURCE`` is a checkpoint, a run's version directory or an export (:mod:`recipes.export`). The network samples one
-word at a time (batch 1), the way a language model generates; the sparse network is
+``SOURCE`` is a checkpoint, a run's version directory or an export (:mod:`recipes.tools.export`). The network
+samples one word at a time (batch 1), the way a language model generates; the sparse network is
 :func:`recipes.inference.sparse_network` at batch 1, one step per call. Both run the same loop from the same seed
 (``--rounds`` alternated rounds, after ``--warmup`` words) on ``--threads`` threads, and the command prints the
 sampled text, the words per second of each and whether they sampled the same words (they compute the same
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from lightning_selfish.inference import sparse_inference_report
-from recipes.export import ExportError, load_network
 from recipes.inference import sparse_network
+from recipes.tools.export import ExportError, load_network
 
 __all__ = ["generate", "main", "sample_words"]
 
