@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, settings
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -156,6 +157,67 @@ def write_random_corpus(
         text = [" ".join(f"w{int(w)}" for w in torch.randint(0, vocab, (words,), generator=g)) for _ in range(count)]
         (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
     return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NT-ASGD runs: SNT-ASGD on learnable token windows, with scripted validation values for the trigger
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pattern_loader(seed: int, windows: int = 4, steps: int = 6, batch: int = 4) -> DataLoader:
+    """Learnable token windows (next = current + 3 mod V), so that validation improves during averaging."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, VOCAB, (windows * batch, 1), generator=g)
+    tokens = (starts + 3 * torch.arange(steps + 1)) % VOCAB
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch, shuffle=False)
+
+
+class AvgLM(TinyLM):
+    """TinyLM trained by SNTASGD; ``scripted`` values are logged as ``val_score`` (-100 during the sanity check)."""
+
+    def __init__(self, lr: float = 1.0, scripted: list[float] | None = None, optimizer: str = "sntasgd") -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.scripted = scripted
+
+    def on_validation_epoch_end(self) -> None:
+        if self.scripted is not None:
+            self.log("val_score", -100.0 if self.trainer.sanity_checking else self.scripted[self.current_epoch])
+
+    def test_step(self, batch, batch_idx):
+        self.hidden = None
+        x, y = batch[0].t(), batch[1].t()
+        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+        self.log("test_loss", loss)
+
+
+def seeded(**kwargs) -> AvgLM:
+    """An ``AvgLM`` drawn after seeding everything with 0: the same initial weights in every run."""
+    pl.seed_everything(0, verbose=False)
+    return AvgLM(**kwargs)
+
+
+def run(model, callbacks, max_epochs, seed=0, ckpt_path=None, **kwargs) -> pl.Trainer:
+    """Fit ``model`` on ``pattern_loader`` windows (validation on 2 of them) and return the trainer."""
+    pl.seed_everything(seed, verbose=False)
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2), ckpt_path=ckpt_path)
+    return trainer
+
+
+class Kill(Callback):
+    """Stops the fit at the end of epoch ``after_epoch``: an interrupted run (its schedule is the full run's)."""
+
+    def __init__(self, after_epoch: int) -> None:
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch == self.after_epoch
+
+
+def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
+    """The weights and the optimizer's state dict at the end of a fit, to compare runs exactly."""
+    opt = trainer.optimizers[0]
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 
 @pytest.fixture(autouse=True)

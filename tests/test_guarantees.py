@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TinyLM, make_trainer, token_loader
+from conftest import AvgLM, Kill, TinyLM, final_state, make_trainer, run, seeded, token_loader
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from test_trigger import AvgLM, Kill, final_state, run, seeded
 
 import lightning_selfish.callback
 from lightning_selfish import NonMonotonicTrigger, SelfishSparsityCallback

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import VOCAB, TinyLM, make_trainer
+from conftest import VOCAB, AvgLM, Kill, final_state, pattern_loader, run, seeded
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_selfish.trigger
 from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
@@ -25,53 +24,6 @@ except ImportError:  # pragma: no cover - the core callback is developed alongsi
     SelfishSparsityCallback = None
 
 needs_sparsity = pytest.mark.skipif(SelfishSparsityCallback is None, reason="lightning_selfish.callback not there")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only oversubscribe (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def pattern_loader(seed: int, windows: int = 4, steps: int = 6, batch: int = 4) -> DataLoader:
-    """Learnable token windows (next = current + 3 mod V), so that validation improves during averaging."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, VOCAB, (windows * batch, 1), generator=g)
-    tokens = (starts + 3 * torch.arange(steps + 1)) % VOCAB
-    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch, shuffle=False)
-
-
-class AvgLM(TinyLM):
-    """TinyLM trained by SNTASGD; ``scripted`` values are logged as ``val_score`` (-100 during the sanity check)."""
-
-    def __init__(self, lr: float = 1.0, scripted: list[float] | None = None, optimizer: str = "sntasgd") -> None:
-        super().__init__(optimizer=optimizer, lr=lr)
-        self.scripted = scripted
-
-    def on_validation_epoch_end(self) -> None:
-        if self.scripted is not None:
-            self.log("val_score", -100.0 if self.trainer.sanity_checking else self.scripted[self.current_epoch])
-
-    def test_step(self, batch, batch_idx):
-        self.hidden = None
-        x, y = batch[0].t(), batch[1].t()
-        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
-        self.log("test_loss", loss)
-
-
-def seeded(**kwargs) -> AvgLM:
-    pl.seed_everything(0, verbose=False)
-    return AvgLM(**kwargs)
-
-
-def run(model, callbacks, max_epochs, seed=0, ckpt_path=None, **kwargs) -> pl.Trainer:
-    pl.seed_everything(seed, verbose=False)
-    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
-    trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2), ckpt_path=ckpt_path)
-    return trainer
 
 
 class SkipSpy(Callback):
@@ -197,19 +149,6 @@ def test_validation_and_best_checkpoint_use_the_averages(tmp_path: Path) -> None
     assert RAW_STATE_DICT_KEY in best and set(best[RAW_STATE_DICT_KEY]) == set(best["state_dict"])
     result = trainer.test(model, pattern_loader(1, windows=2), ckpt_path="best", verbose=False)
     assert result[0]["test_loss"] == pytest.approx(float(ckpt.best_model_score), abs=1e-6)
-
-
-class Kill(Callback):
-    def __init__(self, after_epoch: int) -> None:
-        self.after_epoch = after_epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = trainer.current_epoch == self.after_epoch
-
-
-def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
-    opt = trainer.optimizers[0]
-    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 
 def assert_same_state(a, b) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import AvgLM, pattern_loader, run
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from test_trigger import AvgLM, pattern_loader, run
 
 from lightning_selfish import NonMonotonicTrigger
 from lightning_selfish.trigger import RAW_STATE_DICT_KEY

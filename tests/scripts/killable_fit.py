@@ -20,8 +20,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 # the tests (conftest) and the checkout under test, not whichever copy of the library is installed
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from conftest import make_trainer  # noqa: E402
-from test_trigger import AvgLM, pattern_loader  # noqa: E402
+from conftest import AvgLM, make_trainer, pattern_loader  # noqa: E402
 
 from lightning_selfish import NonMonotonicTrigger, SelfishSparsityCallback  # noqa: E402
 
