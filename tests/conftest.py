@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny LSTM language model and random token windows, small enough for many Trainer runs."""
+"""What the tests share: a tiny LSTM language model and random token windows, small enough for many Trainer runs;
+fits of it with the sparsity callback and with SNT-ASGD and the NT-ASGD trigger; the Hypothesis profiles and the
+fixtures every test runs under. Test modules and the scripts they start import helpers from here only, never from
+one another."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +21,9 @@ from hypothesis import HealthCheck, settings
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.engine import SparseEngine, UpdateContext
 from lightning_selfish.methods import GROWTHS, REDISTRIBUTIONS, REMOVALS, resolve
 from lightning_selfish.parts import UpdateAmount
@@ -157,6 +162,107 @@ def write_random_corpus(
         text = [" ".join(f"w{int(w)}" for w in torch.randint(0, vocab, (words,), generator=g)) for _ in range(count)]
         (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
     return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the sparsity callback in a fit of TinyLM
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StepChecker(Callback):
+    """After every optimizer step: inactive weights are exactly zero, counts fixed; records mask snapshots."""
+
+    def __init__(self, sparsity_cb: SelfishSparsityCallback) -> None:
+        self.cb = sparsity_cb
+        self.steps = 0
+        self.epoch_masks: list[dict[str, torch.Tensor]] = []
+        self.counts: dict[str, int] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.cb.masks.items():
+            assert (params[name][~mask] == 0).all(), (
+                f"{name} has nonzero inactive weights at step {trainer.global_step}"
+            )
+        counts = {n: int(m.sum()) for n, m in self.cb.masks.items()}
+        self.counts = self.counts or counts
+        assert counts == self.counts
+        self.steps += 1
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_masks.append({n: m.clone() for n, m in self.cb.masks.items()})
+
+
+def fit_checked(cb, model=None, max_epochs=3, extra=(), **kwargs):
+    """Fit TinyLM with ``cb`` and a ``StepChecker`` after it (asserting zeros and fixed counts at every step);
+    returns the model, the checker and the trainer."""
+    pl.seed_everything(0, verbose=False)
+    model = model or TinyLM()
+    checker = StepChecker(cb)
+    trainer = make_trainer([cb, checker, *extra], max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, token_loader(), token_loader(1, 2))
+    return model, checker, trainer
+
+
+def fit_tiny(
+    callback: SelfishSparsityCallback, *extra: Callback, max_epochs: int = 2, model=None, loader=None, **kwargs
+):
+    """Fit TinyLM (or ``model``) with ``callback`` and the ``extra`` callbacks after it, seeded with 0; returns the
+    model and the trainer."""
+    pl.seed_everything(0, verbose=False)
+    model = model or TinyLM()
+    trainer = make_trainer([callback, *extra], max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, token_loader() if loader is None else loader, token_loader(1, 2))
+    return model, trainer
+
+
+class Topology(Callback):
+    """Records every ``on_topology_update`` call: the global step, the module it was handed, whether it was an update
+    (``stats`` given) and the gradient copy the sparsity callback keeps at that moment."""
+
+    def __init__(self, sparsity: SelfishSparsityCallback) -> None:
+        self.sparsity = sparsity
+        self.calls: list[dict[str, Any]] = []
+
+    def on_topology_update(self, trainer, pl_module, engine, stats) -> None:
+        self.calls.append(
+            dict(
+                step=trainer.global_step,
+                module=pl_module,
+                update=stats is not None,
+                stats=stats,
+                gradients=self.sparsity.state_dict()["gradients"],
+            )
+        )
+
+    @property
+    def update_steps(self) -> list[int]:
+        return [call["step"] for call in self.calls if call["update"]]
+
+
+def snapshot(model: torch.nn.Module, callback: SelfishSparsityCallback) -> tuple[dict, dict]:
+    """Copies of the masks and of every parameter, to compare two runs with ``assert_same``."""
+    masks = {name: mask.clone() for name, mask in callback.masks.items()}
+    return masks, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    """Two ``snapshot``s are equal exactly (``torch.equal``), name by name."""
+    for left, right in zip(a, b):
+        assert left.keys() == right.keys()
+        for name in left:
+            assert torch.equal(left[name], right[name]), name
+
+
+class Unsized(IterableDataset):
+    """The windows of ``token_loader()`` without a length (as variable-length BPTT yields them)."""
+
+    def __iter__(self):
+        yield from token_loader().dataset
+
+
+def unsized_loader() -> DataLoader:
+    return DataLoader(Unsized(), batch_size=token_loader().batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

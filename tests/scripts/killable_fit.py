@@ -1,4 +1,4 @@
-"""A tiny sparse SNT-ASGD fit that tests/test_guarantees.py runs three ways, each in its own process.
+"""A tiny sparse SNT-ASGD fit that tests/test_callback_resume.py runs three ways, each in its own process.
 
 ``killable_fit.py full OUT``: 6 epochs, saves the final state to ``OUT/final.pt``.
 ``killable_fit.py kill OUT``: the same run, killed by SIGKILL at the third batch of epoch 4 (no hook, no cleanup),
