@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny LSTM language model and random token windows, small enough for many Trainer runs."""
+"""What the tests share: a tiny LSTM language model and random token windows, small enough for many Trainer runs;
+fits of it with the sparsity callback and with SNT-ASGD and the NT-ASGD trigger; the Hypothesis profiles and the
+fixtures every test runs under. Test modules and the scripts they start import helpers from here only, never from
+one another."""
 
 from __future__ import annotations
 
@@ -8,16 +11,19 @@ import os
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, settings
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.engine import SparseEngine, UpdateContext
 from lightning_selfish.methods import GROWTHS, REDISTRIBUTIONS, REMOVALS, resolve
 from lightning_selfish.parts import UpdateAmount
@@ -156,6 +162,168 @@ def write_random_corpus(
         text = [" ".join(f"w{int(w)}" for w in torch.randint(0, vocab, (words,), generator=g)) for _ in range(count)]
         (directory / f"{split}.txt").write_text("\n".join(text) + "\n")
     return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the sparsity callback in a fit of TinyLM
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StepChecker(Callback):
+    """After every optimizer step: inactive weights are exactly zero, counts fixed; records mask snapshots."""
+
+    def __init__(self, sparsity_cb: SelfishSparsityCallback) -> None:
+        self.cb = sparsity_cb
+        self.steps = 0
+        self.epoch_masks: list[dict[str, torch.Tensor]] = []
+        self.counts: dict[str, int] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.cb.masks.items():
+            assert (params[name][~mask] == 0).all(), (
+                f"{name} has nonzero inactive weights at step {trainer.global_step}"
+            )
+        counts = {n: int(m.sum()) for n, m in self.cb.masks.items()}
+        self.counts = self.counts or counts
+        assert counts == self.counts
+        self.steps += 1
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_masks.append({n: m.clone() for n, m in self.cb.masks.items()})
+
+
+def fit_checked(cb, model=None, max_epochs=3, extra=(), **kwargs):
+    """Fit TinyLM with ``cb`` and a ``StepChecker`` after it (asserting zeros and fixed counts at every step);
+    returns the model, the checker and the trainer."""
+    pl.seed_everything(0, verbose=False)
+    model = model or TinyLM()
+    checker = StepChecker(cb)
+    trainer = make_trainer([cb, checker, *extra], max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, token_loader(), token_loader(1, 2))
+    return model, checker, trainer
+
+
+def fit_tiny(
+    callback: SelfishSparsityCallback, *extra: Callback, max_epochs: int = 2, model=None, loader=None, **kwargs
+):
+    """Fit TinyLM (or ``model``) with ``callback`` and the ``extra`` callbacks after it, seeded with 0; returns the
+    model and the trainer."""
+    pl.seed_everything(0, verbose=False)
+    model = model or TinyLM()
+    trainer = make_trainer([callback, *extra], max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, token_loader() if loader is None else loader, token_loader(1, 2))
+    return model, trainer
+
+
+class Topology(Callback):
+    """Records every ``on_topology_update`` call: the global step, the module it was handed, whether it was an update
+    (``stats`` given) and the gradient copy the sparsity callback keeps at that moment."""
+
+    def __init__(self, sparsity: SelfishSparsityCallback) -> None:
+        self.sparsity = sparsity
+        self.calls: list[dict[str, Any]] = []
+
+    def on_topology_update(self, trainer, pl_module, engine, stats) -> None:
+        self.calls.append(
+            dict(
+                step=trainer.global_step,
+                module=pl_module,
+                update=stats is not None,
+                stats=stats,
+                gradients=self.sparsity.state_dict()["gradients"],
+            )
+        )
+
+    @property
+    def update_steps(self) -> list[int]:
+        return [call["step"] for call in self.calls if call["update"]]
+
+
+def snapshot(model: torch.nn.Module, callback: SelfishSparsityCallback) -> tuple[dict, dict]:
+    """Copies of the masks and of every parameter, to compare two runs with ``assert_same``."""
+    masks = {name: mask.clone() for name, mask in callback.masks.items()}
+    return masks, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    """Two ``snapshot``s are equal exactly (``torch.equal``), name by name."""
+    for left, right in zip(a, b):
+        assert left.keys() == right.keys()
+        for name in left:
+            assert torch.equal(left[name], right[name]), name
+
+
+class Unsized(IterableDataset):
+    """The windows of ``token_loader()`` without a length (as variable-length BPTT yields them)."""
+
+    def __iter__(self):
+        yield from token_loader().dataset
+
+
+def unsized_loader() -> DataLoader:
+    return DataLoader(Unsized(), batch_size=token_loader().batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NT-ASGD runs: SNT-ASGD on learnable token windows, with scripted validation values for the trigger
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pattern_loader(seed: int, windows: int = 4, steps: int = 6, batch: int = 4) -> DataLoader:
+    """Learnable token windows (next = current + 3 mod V), so that validation improves during averaging."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, VOCAB, (windows * batch, 1), generator=g)
+    tokens = (starts + 3 * torch.arange(steps + 1)) % VOCAB
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch, shuffle=False)
+
+
+class AvgLM(TinyLM):
+    """TinyLM trained by SNTASGD; ``scripted`` values are logged as ``val_score`` (-100 during the sanity check)."""
+
+    def __init__(self, lr: float = 1.0, scripted: list[float] | None = None, optimizer: str = "sntasgd") -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.scripted = scripted
+
+    def on_validation_epoch_end(self) -> None:
+        if self.scripted is not None:
+            self.log("val_score", -100.0 if self.trainer.sanity_checking else self.scripted[self.current_epoch])
+
+    def test_step(self, batch, batch_idx):
+        self.hidden = None
+        x, y = batch[0].t(), batch[1].t()
+        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+        self.log("test_loss", loss)
+
+
+def seeded(**kwargs) -> AvgLM:
+    """An ``AvgLM`` drawn after seeding everything with 0: the same initial weights in every run."""
+    pl.seed_everything(0, verbose=False)
+    return AvgLM(**kwargs)
+
+
+def run(model, callbacks, max_epochs, seed=0, ckpt_path=None, **kwargs) -> pl.Trainer:
+    """Fit ``model`` on ``pattern_loader`` windows (validation on 2 of them) and return the trainer."""
+    pl.seed_everything(seed, verbose=False)
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
+    trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2), ckpt_path=ckpt_path)
+    return trainer
+
+
+class Kill(Callback):
+    """Stops the fit at the end of epoch ``after_epoch``: an interrupted run (its schedule is the full run's)."""
+
+    def __init__(self, after_epoch: int) -> None:
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch == self.after_epoch
+
+
+def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
+    """The weights and the optimizer's state dict at the end of a fit, to compare runs exactly."""
+    opt = trainer.optimizers[0]
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyLM, make_trainer, token_loader
 from torch import nn
 
 from lightning_selfish import SNTASGD, SelfishSparsityCallback
@@ -20,7 +21,6 @@ from lightning_selfish.export import (
     save_compressed,
     save_dense,
 )
-from tests.conftest import TinyLM, make_trainer, token_loader
 
 
 def random_masks(model: nn.Module, density: float, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import BATCH, STEPS, WINDOWS, RecordingLogger, TinyLM, make_trainer, token_loader
 from torch import nn
 
 from lightning_selfish import topology
@@ -18,7 +19,6 @@ from lightning_selfish.flops import (
 )
 from lightning_selfish.flops_callback import FlopsCallback, tokens_in_batch
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
-from tests.conftest import BATCH, STEPS, WINDOWS, RecordingLogger, TinyLM, make_trainer, token_loader
 
 PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (docs/data.md#batching)
 

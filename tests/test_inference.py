@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TinyLM
 from torch import nn
 
 from lightning_selfish.inference import (
@@ -19,7 +20,6 @@ from lightning_selfish.inference import (
     sparse_inference_report,
     to_sparse,
 )
-from tests.conftest import TinyLM
 
 
 def exact_density_(module: nn.Module, density: float, seed: int = 0) -> dict[str, torch.Tensor]:

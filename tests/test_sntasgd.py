@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_selfish import SparseEngine
 from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
 from lightning_selfish.sntasgd import SNTASGD, sntasgd
 
@@ -586,3 +587,343 @@ def test_loading_a_plain_sgd_state_dict() -> None:
         p.grad = torch.randn_like(p)
     opt.step()
     assert opt.averaging
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exact values and edge cases
+# --------------------------------------------------------------------------------------------------------------
+
+
+def two_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(6, 5, generator=g).to(dtype)), nn.Parameter(torch.randn(5, generator=g).to(dtype))]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 1.0, 0.25])
+def test_sntasgd_sgd_phase_with_maximize_and_weight_decay(foreach, weight_decay):
+    ours, theirs = two_params(), two_params()
+    opt = SNTASGD(ours, lr=0.125, weight_decay=weight_decay, maximize=True, foreach=foreach)
+    sgd = torch.optim.SGD(theirs, lr=0.125, weight_decay=weight_decay, maximize=True)
+    for step in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.sin(a.detach() * (step + 1))
+            b.grad = a.grad.clone()
+        grads = [p.grad.clone() for p in ours]
+        opt.step()
+        sgd.step()
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, ours))  # the step leaves the gradients alone
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_sntasgd_defaults_and_state_flags():
+    params, reference = two_params(), two_params()
+    opt = SNTASGD(params, lr=0.5)
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.swapped is False and opt.averaging is False
+    sgd = torch.optim.SGD(reference, lr=0.5)
+    for p, q in zip(params, reference):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
+def test_sntasgd_unpickles_an_older_state():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    state = opt.__getstate__()
+    state = {k: v for k, v in state.items() if k not in ("_masks", "_swapped")}
+    for group in state["param_groups"]:
+        for key in ("maximize", "foreach", "averaging"):
+            group.pop(key)
+    old = SNTASGD.__new__(SNTASGD)
+    old.__setstate__(state)
+    assert old._masks == {} and old._swapped is False
+    assert [(g["maximize"], g["foreach"], g["averaging"]) for g in old.param_groups] == [(False, None, False)]
+    old.set_masks({params[0]: torch.ones(6, 5, dtype=torch.bool)})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = params[1].detach().clone()
+    old.step()
+    assert torch.equal(params[1], before - 0.5)  # minimizes
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sntasgd_in_bfloat16_keeps_exact_lifetimes(foreach):
+    """bf16 weights, float32 counters: 1/age in bf16 (1/3 is inexact) would make the counter drift."""
+    params = two_params(torch.bfloat16)
+    opt = SNTASGD(params, lr=0.25, weight_decay=0.5, foreach=foreach)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0] = False
+    opt.set_masks({params[0]: mask})
+    opt.start_averaging()
+    history = []
+    for _ in range(7):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        with torch.no_grad():
+            params[0].mul_(mask)
+        history.append(params[0].detach().float().clone())
+    age = opt.state[params[0]]["age"]
+    assert age.dtype == torch.float32 and torch.equal(age, mask.float() * 8)
+    average = opt.averaged_parameters()[0]
+    assert average.dtype == torch.bfloat16 and (average[~mask] == 0).all()
+    torch.testing.assert_close(average.float(), torch.stack(history).mean(0), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sntasgd_averages_stay_zero_where_no_weight_exists_with_the_engine(foreach):
+    """The engine does not re-zero SNTASGD's state after a step (keeps_inactive_state_zero), while the SGD update
+    does move inactive weights until the post-hook re-zeroes them: the average must not follow them there."""
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5, foreach=foreach)
+    engine = SparseEngine({"w": params[0]}, {"w": torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) < 0.5})
+    engine.attach(opt)
+    opt.start_averaging()
+    mask = engine.tensors["w"].mask
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert (params[0][~mask] == 0).all()
+    assert (opt.state[params[0]]["ax"][~mask] == 0).all() and (opt.state[params[0]]["ax"][mask] != 0).all()
+
+
+def test_sntasgd_skips_parameters_without_gradients_only():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    before = [p.detach().clone() for p in params]
+    params[1].grad = torch.ones(5)  # the first parameter has no gradient
+    opt.step()
+    assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1] - 0.5)
+    assert "ax" not in opt.state[params[0]] and opt.state[params[1]]["n"] == 1
+
+
+def test_sntasgd_restart_before_start_and_with_foreign_state():
+    params = two_params()
+    sgd = torch.optim.SGD(params, lr=0.5)  # momentum 0: leaves {"momentum_buffer": None} per parameter
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    opt = SNTASGD(params, lr=0.5)
+    opt.load_state_dict(sgd.state_dict())
+    opt.restart_averaging()  # starts averaging too; no average exists yet
+    assert opt.averaging
+    params[0].grad = None
+    opt.step()
+    opt.restart_averaging()  # the first parameter has no average, the second one does
+    assert opt.state[params[1]]["n"] == 0 and torch.equal(opt.state[params[1]]["ax"], params[1].detach())
+
+
+def test_sntasgd_masks_attached_before_loading_a_dense_average():
+    params = two_params()
+    dense = SNTASGD(params, lr=0.5)
+    dense.start_averaging()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    dense.step()
+    saved = dense.state_dict()
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) < 0.5
+    opt = SNTASGD(params, lr=0.5)
+    opt.set_masks({params[0]: mask})
+    opt.load_state_dict(saved)
+    state = opt.state[params[0]]
+    assert "n" not in state and torch.equal(state["age"], mask.float() * 2)  # one averaged step so far
+    assert (state["ax"][~mask] == 0).all()
+
+
+def test_sntasgd_averaging_step_leaves_the_gradients_alone():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)  # no weight decay, not maximize: the step's gradient is p.grad itself
+    opt.set_masks({params[0]: torch.ones(6, 5, dtype=torch.bool)})
+    opt.start_averaging()
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.full_like(p, 0.25)
+        opt.step()
+        assert all((p.grad == 0.25).all() for p in params)
+
+
+def test_functional_sntasgd_defaults_to_no_weight_decay_and_handles_several_dtypes():
+    params = [torch.ones(3), torch.ones(2, dtype=torch.float64)]
+    grads = [torch.full((3,), 0.5), torch.full((2,), 0.5, dtype=torch.float64)]
+    sntasgd(params, grads, lr=1.0)
+    assert torch.equal(params[0], torch.full((3,), 0.5))
+    sntasgd(params, grads, lr=1.0, foreach=True)  # one bucket per dtype, each stepped
+    assert torch.equal(params[0], torch.zeros(3)) and torch.equal(params[1], torch.zeros(2, dtype=torch.float64))
+
+
+def test_sntasgd_averaged_and_raw_whether_swapped_or_not():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    average, raw = opt.state[params[0]]["ax"].clone(), params[0].detach().clone()
+    assert all(torch.equal(a, b) for a, b in zip(opt.averaged_and_raw(params[0]), (average, raw)))
+    with opt.swap_averaged():  # a checkpoint written while the averages are in the model
+        assert all(torch.equal(a, b) for a, b in zip(opt.averaged_and_raw(params[0]), (average, raw)))
+    assert opt.averaged_and_raw(nn.Parameter(torch.ones(2))) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# every raise, with its type and message
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_sntasgd_argument_messages():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    with pytest.raises(ValueError, match=r"parameter group 1: weight_decay must be a finite number >= 0, got -1"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "weight_decay": -1})
+    with pytest.raises(
+        ValueError, match=r"the mask of parameter 0 must be a bool tensor of shape \(6, 5\), got torch.bool"
+    ):
+        opt.set_masks({params[0]: torch.ones(5, 6, dtype=torch.bool)})
+    with pytest.raises(
+        ValueError, match=r"update.kept for parameter 0 must be a bool tensor of shape \(6, 5\), got torch"
+    ):
+        opt.on_mask_update(params[0], MaskUpdate(None, torch.ones(6, 5), torch.ones(6, 5, dtype=torch.bool)))
+    g = [torch.ones(6, 5), torch.ones(5)]
+    with pytest.raises(ValueError, match=r"got 2 params, axs=2, ages=None, ns=2"):
+        sntasgd(params, g, [torch.zeros(6, 5), torch.zeros(5)], None, [1, 1], lr=0.1)
+    with pytest.raises(ValueError, match=r"got 2 params, axs=2, ages=2, ns=None"):
+        sntasgd(params, g, [torch.zeros(6, 5), torch.zeros(5)], [None, None], None, lr=0.1)
+    with pytest.raises(ValueError, match=r"^SNTASGD.load_state_dict: expected an optimizer state dict"):
+        opt.load_state_dict({"state": {}})
+    other = SNTASGD([params[0]], lr=0.5)
+    with pytest.raises(
+        ValueError, match=r"0 has 1 parameters here and 2 in the state dict: it was saved from a different"
+    ):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_sntasgd_layout_messages():
+    params = two_params()
+    opt = SNTASGD(params, lr=0.5)
+    opt.start_averaging()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match=r"groups, this optimizer has 1: it was saved from a different "):
+        SNTASGD(params, lr=0.5).load_state_dict({"state": {}, "param_groups": saved["param_groups"] * 2})
+    swapped = [nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(6, 5))]
+    with pytest.raises(ValueError, match=r"saved 'ax' has shape \(6, 5\): the state dict was saved from a different "):
+        SNTASGD(swapped, lr=0.5).load_state_dict(saved)
+
+
+def params_and_optimizer() -> tuple[list[nn.Parameter], SNTASGD]:
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))]
+    return params, SNTASGD(params, lr=0.1)
+
+
+def test_sntasgd_sparse_gradients():
+    params, opt = params_and_optimizer()
+    params[0].grad = torch.randn(3, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="SNTASGD does not support sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("hyperparameter", ["lr", "weight_decay"])
+@pytest.mark.parametrize(
+    "value,error,match",
+    [("0.1", TypeError, "must be a real number >= 0, got '0.1'"), (float("inf"), ValueError, "must be a finite")],
+)
+def test_sntasgd_hyperparameter_types(hyperparameter, value, error, match):
+    kwargs = {"lr": 0.1, hyperparameter: value}
+    with pytest.raises(error, match=f"SNTASGD: {hyperparameter} {match}"):
+        SNTASGD([nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_sntasgd_flags_and_state_dict_types():
+    param = nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="SNTASGD: maximize must be True or False, got 'no'"):
+        SNTASGD([param], lr=0.1, maximize="no")
+    with pytest.raises(TypeError, match="SNTASGD: foreach must be True, False or None, got 1"):
+        SNTASGD([param], lr=0.1, foreach=1)
+    with pytest.raises(TypeError, match=r"expected an optimizer state dict \(a mapping\), got list"):
+        SNTASGD([param], lr=0.1).load_state_dict([])
+
+
+def test_sntasgd_load_state_dict_errors():
+    params, opt = params_and_optimizer()
+    opt.start_averaging()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match=r"expected an optimizer state dict with keys 'state' and 'param_groups', got"):
+        SNTASGD(params, lr=0.1).load_state_dict({"param_groups": saved["param_groups"]})
+    unknown = copy.deepcopy(saved)
+    unknown["state"][7] = unknown["state"].pop(0)
+    with pytest.raises(ValueError, match="SNTASGD.load_state_dict: state for unknown parameter 7"):
+        SNTASGD(params, lr=0.1).load_state_dict(unknown)
+    both = copy.deepcopy(saved)
+    both["state"][1]["age"] = torch.ones(4)
+    with pytest.raises(
+        ValueError, match=r"parameter 1 has an average but both of 'age' and 'n'; keys: \['age', 'ax', 'n'\]"
+    ):
+        SNTASGD(params, lr=0.1).load_state_dict(both)
+    neither = copy.deepcopy(saved)
+    del neither["state"][1]["n"]
+    with pytest.raises(ValueError, match=r"parameter 1 has an average but neither of 'age' and 'n'; keys: \['ax'\]"):
+        SNTASGD(params, lr=0.1).load_state_dict(neither)
+    bad_age = copy.deepcopy(saved)
+    bad_age["state"][1] = {"ax": torch.zeros(4), "age": torch.ones(5)}
+    with pytest.raises(
+        ValueError, match=r"parameter 1 \(group 0\) has shape \(4,\) but its saved 'age' has shape \(5,\)"
+    ):
+        SNTASGD(params, lr=0.1).load_state_dict(bad_age)
+
+
+def test_sntasgd_mask_update_errors():
+    params, opt = params_and_optimizer()
+    good = torch.ones(3, 4, dtype=torch.bool)
+    # not a tensor: TypeError; a tensor of the wrong dtype or shape: ValueError (the rule of docs/callback.md)
+    with pytest.raises(
+        TypeError, match=r"update.kept for parameter 0 must be a bool tensor of shape \(3, 4\), got list"
+    ):
+        opt.on_mask_update(params[0], MaskUpdate(None, [True], good))
+    with pytest.raises(
+        ValueError, match=r"update.new for parameter 0 must be a bool tensor of shape \(3, 4\), got torch.float32"
+    ):
+        opt.on_mask_update(params[0], MaskUpdate(None, good, good.float()))
+    with pytest.raises(TypeError, match=r"SNTASGD.on_mask_update: update must be a MaskUpdate, got tuple"):
+        opt.on_mask_update(params[0], (None, good, good))
+    with pytest.raises(TypeError, match=r"the mask of parameter 1 must be a bool tensor of shape \(4,\), got str"):
+        opt.set_masks({params[1]: "all"})
+    with pytest.raises(TypeError, match=r"SNTASGD.set_masks: masks must be a mapping \{param: bool mask\}, got list"):
+        opt.set_masks([(params[1], torch.ones(4, dtype=torch.bool))])
+    with pytest.raises(ValueError, match=r"not a parameter of this optimizer \(it holds 2 parameters\)"):
+        opt.on_mask_update(nn.Parameter(torch.ones(3, 4)), MaskUpdate(None, good, good))
+
+
+def test_sntasgd_state_changes_while_swapped():
+    params, opt = params_and_optimizer()
+    with opt.swap_averaged():
+        for call, name in (
+            (opt.start_averaging, "start_averaging()"),
+            (opt.restart_averaging, "restart_averaging()"),
+            (lambda: opt.load_state_dict(opt.state_dict()), "load_state_dict()"),
+            (
+                lambda: opt.on_mask_update(params[0], MaskUpdate(None, params[0] != 0, params[0] != 0)),
+                "on_mask_update()",
+            ),
+        ):
+            with pytest.raises(RuntimeError, match=rf"SNTASGD.{name.replace('(', '[(]').replace(')', '[)]')} inside"):
+                call()
+
+
+def test_functional_sntasgd_length_checks():
+    params = [torch.ones(2), torch.ones(3)]
+    with pytest.raises(ValueError, match="sntasgd: 2 params but 1 grads"):
+        sntasgd(params, [torch.ones(2)], lr=0.1)
+    with pytest.raises(ValueError, match=r"axs, ages and ns must all be given .* got 2 params, axs=2, ages=1, ns=2"):
+        sntasgd(params, [torch.ones(2), torch.ones(3)], [torch.zeros(2), torch.zeros(3)], [None], [1, 1], lr=0.1)

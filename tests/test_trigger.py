@@ -1,20 +1,22 @@
-"""NonMonotonicTrigger in real Lightning runs: the rule, averaged validation, checkpoints, resume, DDP, sparsity."""
+"""NonMonotonicTrigger in real Lightning runs: the rule (non-finite losses included), its state and logs,
+averaged validation and checkpoints, resume mid-averaging, restarts, bad input word for word, the lifetime averages
+with the sparsity callback, DDP."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import VOCAB, TinyLM, make_trainer
+from conftest import VOCAB, AvgLM, Kill, final_state, pattern_loader, run, seeded
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import lightning_selfish.trigger
 from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
@@ -24,54 +26,8 @@ try:
 except ImportError:  # pragma: no cover - the core callback is developed alongside
     SelfishSparsityCallback = None
 
+
 needs_sparsity = pytest.mark.skipif(SelfishSparsityCallback is None, reason="lightning_selfish.callback not there")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only oversubscribe (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def pattern_loader(seed: int, windows: int = 4, steps: int = 6, batch: int = 4) -> DataLoader:
-    """Learnable token windows (next = current + 3 mod V), so that validation improves during averaging."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, VOCAB, (windows * batch, 1), generator=g)
-    tokens = (starts + 3 * torch.arange(steps + 1)) % VOCAB
-    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch, shuffle=False)
-
-
-class AvgLM(TinyLM):
-    """TinyLM trained by SNTASGD; ``scripted`` values are logged as ``val_score`` (-100 during the sanity check)."""
-
-    def __init__(self, lr: float = 1.0, scripted: list[float] | None = None, optimizer: str = "sntasgd") -> None:
-        super().__init__(optimizer=optimizer, lr=lr)
-        self.scripted = scripted
-
-    def on_validation_epoch_end(self) -> None:
-        if self.scripted is not None:
-            self.log("val_score", -100.0 if self.trainer.sanity_checking else self.scripted[self.current_epoch])
-
-    def test_step(self, batch, batch_idx):
-        self.hidden = None
-        x, y = batch[0].t(), batch[1].t()
-        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
-        self.log("test_loss", loss)
-
-
-def seeded(**kwargs) -> AvgLM:
-    pl.seed_everything(0, verbose=False)
-    return AvgLM(**kwargs)
-
-
-def run(model, callbacks, max_epochs, seed=0, ckpt_path=None, **kwargs) -> pl.Trainer:
-    pl.seed_everything(seed, verbose=False)
-    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
-    trainer.fit(model, pattern_loader(0), pattern_loader(1, windows=2), ckpt_path=ckpt_path)
-    return trainer
 
 
 class SkipSpy(Callback):
@@ -115,6 +71,15 @@ def test_fires_at_the_right_epoch(scripted, fires_at) -> None:
     assert trigger.history == pytest.approx(expected_history)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_validation_loss_is_infinitely_bad(bad: float) -> None:
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    # 2, 1, then a diverged value: worse than min(2) (the latest value is left out), so averaging starts there
+    trainer = run(AvgLM(scripted=[2.0, 1.0, bad, 0.5]), [trigger], 4, limit_train_batches=1)
+    assert trigger.averaging_started_epoch == 2 and trainer.optimizers[0].averaging
+    assert trigger.history == [2.0, 1.0, math.inf]
+
+
 def test_start_epoch_is_logged(tmp_path: Path) -> None:
     trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
     logger = CSVLogger(tmp_path, name="", version="")
@@ -124,6 +89,52 @@ def test_start_epoch_is_logged(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     logged = [float(r["nt_asgd/averaging_started_epoch"]) for r in rows if r.get("nt_asgd/averaging_started_epoch")]
     assert logged == [2.0] and trigger.averaging_started_epoch == 2
+
+
+def test_start_is_logged_at_its_step(tmp_path: Path):
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    run(
+        AvgLM(scripted=[2, 3, 4, 1]),
+        [trigger],
+        4,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        limit_train_batches=2,
+    )
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("nt_asgd/averaging_started_epoch")]
+    assert [(float(r["nt_asgd/averaging_started_epoch"]), int(r["step"])) for r in rows] == [(2.0, 6)]
+
+
+def test_restart_epochs_do_nothing_before_averaging():
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[2])
+    run(AvgLM(scripted=[3, 2, 1, 0.5]), [trigger], 4, limit_train_batches=1)
+    assert trigger.averaging_started_epoch is None and trigger.restarted_at_epochs == []
+    assert trigger.history == [3, 2, 1, 0.5]  # not cleared
+
+    restarting = NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[3])
+    run(AvgLM(scripted=[2, 3, 4, 4]), [restarting], 4, limit_train_batches=1)
+    assert restarting.restarted_at_epochs == [3]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_defaults_and_state_before_fitting():
+    trigger = NonMonotonicTrigger()
+    assert (trigger.monitor, trigger.nonmono, trigger.restart_at_epochs) == ("val_loss", 5, [])
+    assert trigger.averaging is False
+    assert NonMonotonicTrigger(restart_at_epochs=[1, 1]).restart_at_epochs == [1]  # epoch 1 is allowed
+
+
+def test_state_dict_round_trip_and_older_checkpoints():
+    trigger = NonMonotonicTrigger()
+    trigger.load_state_dict({"history": [3, 2.5], "averaging_started_epoch": 2, "restarted_at_epochs": [4]})
+    assert trigger.state_dict() == {"history": [3.0, 2.5], "averaging_started_epoch": 2, "restarted_at_epochs": [4]}
+    trigger.load_state_dict({"history": [1.0], "averaging_started_epoch": None})  # saved before restarts existed
+    assert trigger.restarted_at_epochs == []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,17 +210,50 @@ def test_validation_and_best_checkpoint_use_the_averages(tmp_path: Path) -> None
     assert result[0]["test_loss"] == pytest.approx(float(ckpt.best_model_score), abs=1e-6)
 
 
-class Kill(Callback):
-    def __init__(self, after_epoch: int) -> None:
-        self.after_epoch = after_epoch
+def test_validate_outside_fit_neither_swaps_nor_decides():
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    model = AvgLM(lr=2.0, scripted=[2, 3, 4, 4, 4])
+    trainer = run(model, [trigger], 4, limit_train_batches=2)
+    assert trigger.averaging_started_epoch == 2
+    raw = [p.detach().clone() for p in model.parameters()]
+    seen = []
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = trainer.current_epoch == self.after_epoch
+    def record(*args, **kwargs):
+        seen.append([p.detach().clone() for p in model.parameters()])
+
+    model.on_validation_epoch_start = record
+    trainer.validate(model, pattern_loader(1, windows=2), verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], raw))  # the raw weights: no swap outside fit
+
+    fresh = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    fresh_model = AvgLM(scripted=[1.0] * 5)
+    fresh_trainer = run(fresh_model, [fresh], 2, limit_train_batches=1)
+    history = list(fresh.history)
+    fresh_model.scripted = [9.0] * 5
+    fresh_trainer.validate(fresh_model, pattern_loader(1, windows=2), verbose=False)
+    assert fresh.history == history and not fresh_trainer.optimizers[0].averaging  # validate() decides nothing
 
 
-def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
-    opt = trainer.optimizers[0]
-    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+class TiedAvgLM(AvgLM):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rnn = torch.nn.LSTM(12, 12, num_layers=2)
+        self.decoder = torch.nn.Linear(12, self.encoder.num_embeddings)
+        self.decoder.weight = self.encoder.weight
+
+
+def test_checkpoints_hold_averages_only_once_averaging_and_under_every_tied_name(tmp_path: Path):
+    trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    model = TiedAvgLM(lr=2.0, scripted=[2, 3, 4, 4])
+    trainer = run(model, [trigger, ckpt], 4, enable_checkpointing=True, limit_train_batches=2)
+    before = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)
+    assert RAW_STATE_DICT_KEY not in before  # nothing averaged yet: the plain state dict
+    last = torch.load(tmp_path / "epoch=3.ckpt", weights_only=False)
+    state, raw = last["state_dict"], last[RAW_STATE_DICT_KEY]
+    average = trainer.optimizers[0].state[model.encoder.weight]["ax"]
+    assert torch.equal(state["encoder.weight"], average) and torch.equal(state["decoder.weight"], average)
+    assert torch.equal(raw["decoder.weight"], model.encoder.weight.detach())
 
 
 def assert_same_state(a, b) -> None:
@@ -305,6 +349,50 @@ def test_bad_arguments(kwargs, error, match) -> None:
     assert type(info.value) is error  # the documented type, not a subclass or the other one
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(monitor=3), TypeError, r"monitor must be a metric name \(non-empty str\), got 3"),
+        (dict(monitor=""), ValueError, r"monitor must be a metric name \(non-empty str\), got ''"),
+        (dict(nonmono=2.5), TypeError, "nonmono must be an int >= 1, got 2.5"),
+        (dict(nonmono=True), TypeError, "nonmono must be an int >= 1, got True"),
+        (dict(nonmono=0), ValueError, "nonmono must be an int >= 1, got 0"),
+        (dict(restart_at_epochs="500"), TypeError, r"restart_at_epochs must be a list of epoch numbers >= 1"),
+        (dict(restart_at_epochs=500), TypeError, r"restart_at_epochs must be a list of epoch numbers >= 1.*got 500"),
+        (dict(restart_at_epochs=[500, 0]), ValueError, r"restart_at_epochs must be a list of epoch numbers >= 1"),
+        (dict(restart_at_epochs=[1.5]), TypeError, r"restart_at_epochs must be .*got \[1.5\]"),
+        (dict(restart_at_epochs=[500, True]), TypeError, r"restart_at_epochs must be .*got \[500, True\]"),
+    ],
+)
+def test_trigger_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NonMonotonicTrigger(**kwargs)
+
+
+def test_messages_in_full():
+    prefix = re.escape("NonMonotonicTrigger: restart_at_epochs must be a list of epoch numbers >= 1 (completed epochs)")
+    for bad, error in (("5", TypeError), ([0], ValueError)):
+        with pytest.raises(error, match=f"^{prefix}, got {re.escape(repr(bad))}$"):
+            NonMonotonicTrigger(restart_at_epochs=bad)
+
+    class TwoOptimizers(AvgLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0), torch.optim.Adam(self.parameters())
+
+    with pytest.raises(TypeError, match=re.escape("from configure_optimizers), found: SGD, Adam")):
+        run(TwoOptimizers(), [NonMonotonicTrigger()], 1, gradient_clip_val=None)
+
+    with pytest.raises(ValueError, match=re.escape("in validation_step or on_validation_epoch_end, or pass the right")):
+        run(AvgLM(), [NonMonotonicTrigger(monitor="val_los")], 1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # with the sparsity callback
 # --------------------------------------------------------------------------------------------------------------
@@ -395,42 +483,6 @@ def test_lifetime_averages_with_the_sparsity_callback() -> None:
     with opt.swap_averaged():  # the averaged model has exactly the current topology
         for name, mask in sparsity.masks.items():
             assert (params[name][~mask] == 0).all()
-
-
-@needs_sparsity
-@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
-def test_sparsity_callback_with_adam_and_momentum_sgd(optimizer) -> None:
-    """The paper's other optimizer rows: no trigger; grown weights start with a zero optimizer state."""
-
-    class Model(AvgLM):
-        def configure_optimizers(self):
-            if optimizer == "adam":
-                return torch.optim.Adam(self.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-9)
-            return torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.9)
-
-    sparsity = SelfishSparsityCallback(sparsity=0.6, prune_rate=0.5, seed=0)
-
-    class GrownStateIsZero(Callback):
-        checked = 0
-
-        def on_train_epoch_start(self, trainer, pl_module):  # after the sparsity callback's update (list order)
-            if trainer.current_epoch == 0:
-                self.before = {n: m.clone() for n, m in sparsity.masks.items()}
-                return
-            params = dict(pl_module.named_parameters())
-            opt = trainer.optimizers[0]
-            for name, mask in sparsity.masks.items():
-                inactive_or_new = ~(self.before[name] & mask)
-                for value in opt.state[params[name]].values():
-                    if torch.is_tensor(value) and value.shape == mask.shape:
-                        assert (value[inactive_or_new] == 0).all()
-                        self.checked += 1
-                assert (params[name][~mask] == 0).all()
-            self.before = {n: m.clone() for n, m in sparsity.masks.items()}
-
-    check = GrownStateIsZero()
-    run(Model(optimizer="sgd"), [sparsity, check], 3, limit_train_batches=2)
-    assert check.checked == (24 if optimizer == "adam" else 12)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ import torch
 # the tests (conftest) and the checkout under test, not whichever copy of the library is installed
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from conftest import TinyLM, make_trainer  # noqa: E402
-from test_trigger import pattern_loader  # noqa: E402
+from conftest import TinyLM, make_trainer, pattern_loader  # noqa: E402
 
 from lightning_selfish.callback import SelfishSparsityCallback  # noqa: E402
 from lightning_selfish.sntasgd import SNTASGD  # noqa: E402

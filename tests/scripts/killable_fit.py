@@ -1,4 +1,4 @@
-"""A tiny sparse SNT-ASGD fit that tests/test_guarantees.py runs three ways, each in its own process.
+"""A tiny sparse SNT-ASGD fit that tests/test_callback_resume.py runs three ways, each in its own process.
 
 ``killable_fit.py full OUT``: 6 epochs, saves the final state to ``OUT/final.pt``.
 ``killable_fit.py kill OUT``: the same run, killed by SIGKILL at the third batch of epoch 4 (no hook, no cleanup),
@@ -20,8 +20,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 # the tests (conftest) and the checkout under test, not whichever copy of the library is installed
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from conftest import make_trainer  # noqa: E402
-from test_trigger import AvgLM, pattern_loader  # noqa: E402
+from conftest import AvgLM, make_trainer, pattern_loader  # noqa: E402
 
 from lightning_selfish import NonMonotonicTrigger, SelfishSparsityCallback  # noqa: E402
 
