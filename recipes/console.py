@@ -122,9 +122,6 @@ class PlainTextHelpFormatter(DefaultHelpFormatter):
 
 NOISE_LOG_MESSAGES: tuple[str, ...] = (
     "💡 Tip: For seamless cloud",  # advertising for litlogger / litmodels, on every run
-    # The sparsity callback reads the run's length at fit start, before the train loop loads the dataloader
-    # (docs/callback.md: the masks' seed is drawn after it, as it always was); nothing to act on.
-    "Loading `train_dataloader` to estimate number of stepping batches",
 )
 """Start of the INFO lines of Lightning's rank-zero logger that are dropped."""
 
