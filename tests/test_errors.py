@@ -163,19 +163,39 @@ def test_random_growth_beyond_the_inactive_count():
 
 
 @pytest.mark.parametrize(
-    "spec,match",
+    "spec,error,match",
     [
-        ([], r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got \[\]"),
-        (5, r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got 5"),
-        ([("a", 0, 5)], r"gate_layouts\['w'\] entries must be \(gate, slice\) or \(gate, \(start, stop\)\), got"),
-        ([("a", slice(0, 10, 2))], r"gate_layouts\['w'\] gate 'a': row slices must have step 1"),
-        ([("a", (0, 5)), ("b", 7)], r"gate_layouts\['w'\] gate 'b': rows must be a slice or \(start, stop\), got 7"),
-        ([("a", (0, 5)), ("b", (5, 12))], r"does not tile the tensor's 10 rows: the gates cover rows \[0, 12\)"),
-        ([("a", (0, 5)), ("b", (5, 5)), ("c", (5, 10))], r"gate 'b' covers rows \[5, 5\) but the next gate must"),
+        (
+            [],
+            ValueError,
+            r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got \[\]",
+        ),
+        (5, TypeError, r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got 5"),
+        (
+            [("a", 0, 5)],
+            TypeError,
+            r"gate_layouts\['w'\] entries must be \(gate, slice\) or \(gate, \(start, stop\)\), got",
+        ),
+        ([("a", slice(0, 10, 2))], ValueError, r"gate_layouts\['w'\] gate 'a': row slices must have step 1"),
+        (
+            [("a", (0, 5)), ("b", 7)],
+            TypeError,
+            r"gate_layouts\['w'\] gate 'b': rows must be a slice or \(start, stop\), got 7",
+        ),
+        (
+            [("a", (0, 5)), ("b", (5, 12))],
+            ValueError,
+            r"does not tile the tensor's 10 rows: the gates cover rows \[0, 12\)",
+        ),
+        (
+            [("a", (0, 5)), ("b", (5, 5)), ("c", (5, 10))],
+            ValueError,
+            r"gate 'b' covers rows \[5, 5\) but the next gate must",
+        ),
     ],
 )
-def test_bad_gate_layouts(spec, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_gate_layouts(spec, error, match):
+    with pytest.raises(error, match=match):
         normalize_layout(spec, 10, "w")
 
 
