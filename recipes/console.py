@@ -88,8 +88,8 @@ GROUPS: dict[str, Group] = {
 
 _GROUP_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
 _CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':")
-_UNKNOWN = re.compile(r"^\s*Option '(?P<name>\w+)' is not accepted", re.MULTILINE)
-_INNER_KEY = re.compile(r'^\s*Parser key "(?P<name>\w+)":', re.MULTILINE)
+_UNKNOWN = re.compile(r"\s*Option '(?P<name>\w+)' is not accepted")
+_INNER_KEY = re.compile(r'\s*Parser key "(?P<name>\w+)":')
 
 
 def group_error_message(message: str) -> str | None:
@@ -114,17 +114,17 @@ def group_error_message(message: str) -> str | None:
             f"--{key}.{group.example} {shown} sets the {group.example}, --{key}.help lists the others, "
             f"--{key} null {group.null}"
         )
-    detail = message[inner.end() :]
-    unknown = _UNKNOWN.match(detail.split("\n", 1)[-1])
+    detail = message[inner.end() :].split("\n", 1)[-1]  # the lines nested under the class path's
+    unknown = _UNKNOWN.match(detail)
     if unknown is not None:
         name = unknown["name"]
         close = difflib.get_close_matches(name, _field_names(inner["path"]), n=1)
         guess = f"did you mean --{key}.{close[0]}? " if close else ""
         return f"--{key}.{name} is not an argument of {group.owner} ({guess}--{key}.help lists the arguments)"
-    argument = _INNER_KEY.match(detail.split("\n", 1)[-1])
+    argument = _INNER_KEY.match(detail)
     if argument is None:
         return None
-    block = _indented_block(detail.split("\n", 1)[-1].splitlines()[1:])
+    block = _indented_block(detail.splitlines()[1:])
     value = _given_value(block)
     types = _expected_types(block)
     if value is None or not types:
@@ -136,7 +136,7 @@ def group_error_message(message: str) -> str | None:
 
 
 def _indented_block(lines: list[str]) -> list[str]:
-    """The lines nested under the line before ``lines`` (deeper indented than the first of them minus one level)."""
+    """The first of ``lines`` and those after it indented at least as deep (the block nested under a header)."""
     if not lines:
         return []
     depth = len(lines[0]) - len(lines[0].lstrip())
@@ -171,9 +171,13 @@ def _expected_types(lines: list[str]) -> list[str]:
 
 
 def _split_top_level(text: str) -> list[str]:
+    """``"a, b[c, d]"`` -> ``["a", "b[c, d]"]``: the commas outside brackets."""
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text):
-        depth += char in "[(" and 1 or char in "])" and -1 or 0
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
         if char == "," and depth == 0:
             parts.append(text[start:i].strip())
             start = i + 1
