@@ -37,11 +37,11 @@ def best_validation(trainer: Any) -> tuple[float, int, str] | None:
 def latest_checkpoint(trainer: Any) -> tuple[int, str] | None:
     """``(epoch, path)`` of the run's latest-epoch checkpoint (the recipes' ``last.ckpt``: a ``ModelCheckpoint``
     without a monitor, :func:`recipes.lm.run_checkpoints`), or None without one."""
-    callback = next((cb for cb in _checkpoint_callbacks(trainer) if cb.monitor is None), None)
-    path = getattr(callback, "best_model_path", "") or ""
-    if not path or not Path(path).is_file():
-        return None
-    return _epoch_of(path), path
+    for callback in _checkpoint_callbacks(trainer):
+        path = Path(getattr(callback, "best_model_path", "") or "")
+        if callback.monitor is None and path.stem == callback.CHECKPOINT_NAME_LAST and path.is_file():
+            return _epoch_of(str(path)), str(path)
+    return None
 
 
 def _checkpoint_callbacks(trainer: Any) -> list[Any]:
@@ -62,11 +62,11 @@ def fit_summary(trainer: Any, model: Any) -> str:
         perplexity, epoch, path = best
         lines.append(f"  best validation perplexity  {perplexity:.4f} (epoch {epoch}, counting from 0)")
         lines.append(f"  best checkpoint             {path}")
+    elif "val_ppl" in trainer.callback_metrics:
+        lines.append(f"  last validation perplexity  {float(trainer.callback_metrics['val_ppl']):.4f} (no checkpoint)")
     latest = latest_checkpoint(trainer)
     if latest is not None:
         lines.append(f"  last checkpoint             {latest[1]} (epoch {latest[0]}; --ckpt_path last resumes from it)")
-    elif "val_ppl" in trainer.callback_metrics:
-        lines.append(f"  last validation perplexity  {float(trainer.callback_metrics['val_ppl']):.4f} (no checkpoint)")
     trigger = next((cb for cb in trainer.callbacks if isinstance(cb, NonMonotonicTrigger)), None)
     if trigger is not None:
         started = trigger.averaging_started_epoch

@@ -49,7 +49,12 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def recipe_run(
-    corpus_dir: Path, root: Path, max_epochs: int = 3, ckpt_path: str | None = None, extra: tuple = ()
+    corpus_dir: Path,
+    root: Path,
+    max_epochs: int = 3,
+    ckpt_path: str | None = None,
+    extra: tuple = (),
+    checkpoint: bool = True,
 ) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
     dm = LanguageModelingDataModule("tiny", data_dir=str(corpus_dir), batch_size=4, eval_batch_size=3, bptt=6)
@@ -61,6 +66,7 @@ def recipe_run(
         sparsity={"sparsity": 0.5, "seed": 1},
         topology_monitor=False,
         flops=False,
+        checkpoint=checkpoint,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -73,6 +79,7 @@ def recipe_run(
         num_sanity_val_steps=0,
         default_root_dir=str(root),
         callbacks=[ScriptedValLoss(), *extra],
+        enable_checkpointing=checkpoint or bool(extra),
     )
     trainer.fit(lm, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
@@ -160,3 +167,13 @@ def test_a_last_ckpt_written_beside_a_monitor_is_resolved_with_a_warning(corpus_
         "a monitor and save_last=True, which Lightning writes only when that checkpoint improves"
     )
     assert torch.load(resolve_checkpoint_in(tmp_path, "best"), weights_only=False)["epoch"] == 1
+    summary = fit_summary(trainer, trainer.lightning_module)
+    assert "(epoch 1, counting from 0)" in summary and "(no checkpoint)" not in summary
+    assert "last checkpoint" not in summary  # it has no latest-epoch checkpoint
+
+
+def test_the_summary_of_a_run_without_checkpoints(corpus_dir: Path, tmp_path: Path) -> None:
+    trainer = recipe_run(corpus_dir, tmp_path, checkpoint=False)
+    summary = fit_summary(trainer, trainer.lightning_module)
+    assert "  last validation perplexity  " in summary and "(no checkpoint)" in summary
+    assert "best checkpoint" not in summary and "last checkpoint" not in summary
