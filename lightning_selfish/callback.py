@@ -275,13 +275,6 @@ class SelfishSparsityCallback(Callback):
         check_no_other_pruning(pl_module, params)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
-        # Before the first step, and before the masks' seed is drawn: reading the length makes Lightning load the
-        # train dataloader, which advances the global generator, so this order keeps seeded runs' masks unchanged.
-        total_steps = self._run_length(trainer)
-        check_run(total_steps, self.config)
-        notice = self.controller.plan(total_steps, self.config)
-        if notice is not None and trainer.is_global_zero:
-            rank_zero_info(notice)
         device = next(iter(params.values())).device
         if self._loaded_state is not None:
             self.engine = self._restore_engine(params, layouts, device)
@@ -299,6 +292,17 @@ class SelfishSparsityCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The run's length and cadence, refused if they cannot work, before the first step.
+
+        Read here, not at fit start: by now Lightning has loaded the train dataloader *after* restoring a
+        checkpoint's loop state, so a stateful loader got its saved position (reading the length earlier makes
+        Lightning load and iterate it before the restore: Lightning issue #20550).
+        """
+        total_steps = self._run_length(trainer)
+        check_run(total_steps, self.config)
+        notice = self.controller.plan(total_steps, self.config)
+        if notice is not None and trainer.is_global_zero:
+            rank_zero_info(notice)
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
 
     @override

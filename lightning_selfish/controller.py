@@ -68,6 +68,7 @@ class SparsityController:
         self.gradients: dict[str, Tensor] | None = None  # dense gradients kept for the next update
         self.needs_gradient = False  # an update reads the dense gradient of the step before it
         self.running_gradient = False  # ... and the step before an update cannot be known: copy at every step
+        self.resumed_update_every: int | str | None = None  # the cadence a restored checkpoint ran with
 
     # ----------------------------------------------------------------------------------------------------------
     # starting a run
@@ -79,8 +80,17 @@ class SparsityController:
         A run of a preset whose default step cadence gives it fewer than ``min_updates`` updates (RigL, GMP: every
         100 steps) gets the largest cadence that gives it that many, and the returned line says so. A cadence the
         user chose is never changed: one that gives no update at all is refused with the number and the fix, one
-        that gives fewer than the preset needs is warned about.
+        that gives fewer than the preset needs is warned about. A run restored from a checkpoint then goes on with
+        the cadence the checkpoint ran with (:meth:`load_state_dict`, which may come before or after this).
         """
+        notice = self._fit_cadence(total_steps, requested)
+        resumed = self.resumed_update_every
+        if resumed is not None and resumed != self.config.update_every:
+            self.config = dataclasses.replace(self.config, update_every=resumed)
+            return None  # (the notice would name a cadence this run does not use)
+        return notice
+
+    def _fit_cadence(self, total_steps: int, requested: MethodConfig) -> str | None:
         self.total_steps = total_steps
         self.config = requested
         updates = count_updates(total_steps, requested)
@@ -136,6 +146,7 @@ class SparsityController:
         """Forget which steps and epochs were updated (a later fit whose trainer counts from step 0 again)."""
         self.last_update_step = -1
         self.last_updated_epoch = -1
+        self.resumed_update_every = None  # a new run: its own cadence
 
     def prepare_gradients(
         self, optimizers: Sequence[torch.optim.Optimizer], epoch_cadence_without_length: bool
@@ -261,8 +272,9 @@ class SparsityController:
         self.skip_next = state["skip_next_update"]
         self.seed = state.get("seed")
         self.growth_seed = state.get("growth_seed")
-        if "update_every" in state and state["update_every"] != self.config.update_every:
-            self.config = dataclasses.replace(self.config, update_every=state["update_every"])  # (a scaled cadence)
+        self.resumed_update_every = state.get("update_every")  # (a scaled cadence goes on; see plan)
+        if self.resumed_update_every is not None and self.resumed_update_every != self.config.update_every:
+            self.config = dataclasses.replace(self.config, update_every=self.resumed_update_every)
         self.generator = torch.Generator(device=device)
         saved_on = state.get("generator_device", "cpu")  # checkpoints before device-side growth: a CPU generator
         if saved_on == device.type:

@@ -17,6 +17,7 @@ blocks. A layout must tile dim 0 exactly (contiguous, no gaps or overlaps) or it
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,8 +40,16 @@ _STACKED = re.compile(r"^weight_(ih|hh)(_l\d+(_reverse)?)?$")
 
 
 def normalize_layout(spec: GateLayoutSpec, rows: int, name: str) -> GateLayout:
-    """Turn a user-written layout into ``[(gate, slice(start, stop)), ...]`` sorted by row, checking it tiles."""
-    if isinstance(spec, str) or not isinstance(spec, Sequence) or len(spec) == 0:
+    """Turn a user-written layout into ``[(gate, slice(start, stop)), ...]`` sorted by row, checking it tiles.
+
+    An entry of the wrong type (not a list, a pair that is not ``(str, rows)``, rows that are not a slice or a pair
+    of ints) is a ``TypeError``; a layout of the right types that does not tile the tensor is a ``ValueError``.
+    """
+    if isinstance(spec, str) or not isinstance(spec, Sequence):
+        raise TypeError(
+            f"gate_layouts[{name!r}] must be a non-empty list of gate names or (gate, rows) pairs, got {spec!r}"
+        )
+    if len(spec) == 0:
         raise ValueError(
             f"gate_layouts[{name!r}] must be a non-empty list of gate names or (gate, rows) pairs, got {spec!r}"
         )
@@ -55,22 +64,25 @@ def normalize_layout(spec: GateLayoutSpec, rows: int, name: str) -> GateLayout:
     else:
         layout = []
         for item in spec:
-            if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)):
-                raise ValueError(
+            pair = isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2
+            if not (pair and isinstance(item[0], str)):
+                raise TypeError(
                     f"gate_layouts[{name!r}] entries must be (gate, slice) or (gate, (start, stop)), got {item!r}"
                 )
             gate, rows_spec = item
             if isinstance(rows_spec, slice):
                 if rows_spec.step not in (None, 1):
                     raise ValueError(f"gate_layouts[{name!r}] gate {gate!r}: row slices must have step 1")
-                start, stop = rows_spec.start or 0, rows_spec.stop
-            elif isinstance(rows_spec, Sequence) and len(rows_spec) == 2:
+                start, stop = 0 if rows_spec.start is None else rows_spec.start, rows_spec.stop
+            elif isinstance(rows_spec, Sequence) and not isinstance(rows_spec, str) and len(rows_spec) == 2:
                 start, stop = rows_spec
             else:
-                raise ValueError(
+                raise TypeError(
                     f"gate_layouts[{name!r}] gate {gate!r}: rows must be a slice or (start, stop), got {rows_spec!r}"
                 )
-            layout.append((gate, slice(int(start), int(stop))))
+            if not (_is_row(start) and _is_row(stop)):
+                raise TypeError(f"gate_layouts[{name!r}] gate {gate!r}: row bounds must be ints, got {rows_spec!r}")
+            layout.append((gate, slice(operator.index(start), operator.index(stop))))
     layout.sort(key=lambda entry: entry[1].start)
     gates = [gate for gate, _ in layout]
     if len(set(gates)) != len(gates):
@@ -88,6 +100,11 @@ def normalize_layout(spec: GateLayoutSpec, rows: int, name: str) -> GateLayout:
             f"gate_layouts[{name!r}] does not tile the tensor's {rows} rows: the gates cover rows [0, {cursor})"
         )
     return layout
+
+
+def _is_row(value: Any) -> bool:
+    """An int row number (also a NumPy or one-element tensor int; never a bool, a float or a str)."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
 
 
 def detect_gate_layouts(

@@ -13,9 +13,9 @@ and ``data.bptt`` to the model's ``bptt`` (set them on the data). TensorBoard is
 (``tensorboard --logdir lightning_logs``).
 
 ``--ckpt_path best`` / ``last`` in a fresh process (``test`` after an earlier ``fit``, or resuming ``fit``) are
-resolved from the most recent run of the same logger name: ``last.ckpt`` of the newest version directory, whose
-checkpoint callback state records which checkpoint was best. With a checkpoint of such a run, ``fit`` and ``test``
-log to that run's own version directory (``--continue_log_version false`` starts a new one).
+resolved from the most recent run of the same logger name: ``last.ckpt`` of the newest version directory (the run's
+latest epoch), whose checkpoint callback state records which checkpoint was best. With a checkpoint of such a run,
+``fit`` and ``test`` log to that run's own version directory (``--continue_log_version false`` starts a new one).
 
 ``selfish-rnn`` alone prints a short overview and ``selfish-rnn list`` the bundled experiments; other tool
 subcommands are dispatched from :data:`TOOL_COMMANDS`. Mistakes in arguments, configs or data end in one
@@ -53,6 +53,7 @@ LightningArgumentParser = _cli.LightningArgumentParser
 LightningCLI = _cli.LightningCLI
 TensorBoardLogger = module("loggers").TensorBoardLogger
 rank_zero_info = module("utilities.rank_zero").rank_zero_info
+rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
 _callbacks = module("callbacks")
 ProgressBar = _callbacks.ProgressBar
 RichProgressBar = _callbacks.RichProgressBar
@@ -280,9 +281,13 @@ def resolve_checkpoint(trainer: Any, which: str, require: bool = True) -> Path |
 def resolve_checkpoint_in(root: Path, which: str, require: bool = True) -> Path | None:
     """The ``best`` or ``last`` checkpoint of the newest run under ``root`` (a logger's ``<save_dir>/<name>``).
 
-    Runs are ``<root>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``best`` is read from
-    that file's ``ModelCheckpoint`` state (``best_model_path``). Returns None when nothing is found and ``require``
-    is False; raises ``FileNotFoundError`` otherwise.
+    Runs are ``<root>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``last`` is that file:
+    the run's latest epoch, which the recipes rewrite after every epoch (:func:`recipes.lm.run_checkpoints`). A
+    ``last.ckpt`` written instead by a ``ModelCheckpoint`` with a monitor and ``save_last=True`` (runs of earlier
+    recipes, or a checkpoint callback of your own) holds the last epoch whose validation *improved*, which may be
+    older than the run's end: that is said in a warning. ``best`` is read from the file's monitored
+    ``ModelCheckpoint`` state (``best_model_path``). Returns None when nothing is found and ``require`` is False;
+    raises ``FileNotFoundError`` otherwise.
     """
     candidates = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
@@ -293,11 +298,23 @@ def resolve_checkpoint_in(root: Path, which: str, require: bool = True) -> Path 
             "the same config and logger name), or pass the path of a checkpoint file."
         )
     last = candidates[-1]
-    if which == "last":
-        return last
     checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("best_model_path"):
+    states = [
+        state
+        for key, state in checkpoint.get("callbacks", {}).items()
+        if key.startswith("ModelCheckpoint") and isinstance(state, dict)
+    ]
+    if which == "last":
+        if not any(s.get("monitor") is None and Path(s.get("best_model_path") or "").name == last.name for s in states):
+            rank_zero_warn(
+                f"--ckpt_path last: {last} (epoch {checkpoint.get('epoch')}) was not written as the run's latest "
+                "epoch but by a ModelCheckpoint with a monitor and save_last=True, which Lightning writes only when "
+                "that checkpoint improves: it is the last epoch whose validation improved, and the epochs after it "
+                "are trained again. Runs of the current recipes keep the latest epoch in last.ckpt"
+            )
+        return last
+    for state in states:
+        if state.get("monitor") is not None and state.get("best_model_path"):
             best = Path(state["best_model_path"])
             if best.is_file():
                 return best

@@ -16,7 +16,8 @@ reference codebases share (docs/models.md#the-training-loop):
 
 The callbacks a run needs come from :meth:`LanguageModel.configure_callbacks`, so the module alone decides them
 from its arguments: ``SelfishSparsityCallback`` when ``sparsity`` is given, ``NonMonotonicTrigger`` for the
-averaged-SGD optimizers, a ``ModelCheckpoint`` that keeps the best validation model, and ``RandomStateCheckpoint``.
+averaged-SGD optimizers, checkpoints of the best validation epoch and of the latest epoch
+(:func:`run_checkpoints`), and ``RandomStateCheckpoint``.
 A checkpoint also holds the hidden state carried to the next training window, so together with the DataModule's
 position in the epoch a resumed fit is exactly the uninterrupted one, dropout included (docs/recipes.md).
 """
@@ -156,8 +157,9 @@ class LanguageModel(pl.LightningModule):
         nonmono: NT-ASGD's non-monotone interval (epochs).
         restart_at_epochs: epochs at which averaging restarts from the current weights (ON-LSTM: ``[500]``, and
             ``[500, 1000]`` for its 1300-epoch run).
-        checkpoint: add a ``ModelCheckpoint`` that keeps the best ``val_loss`` model and the last one, unless the
-            trainer already has a ``ModelCheckpoint`` with a monitor.
+        checkpoint: add the two ``ModelCheckpoint``\ s of :func:`run_checkpoints` (the best ``val_loss`` model,
+            and the latest epoch in ``last.ckpt``), unless the trainer already has a ``ModelCheckpoint`` with a
+            monitor.
         topology_monitor: when sparse, add a :class:`~lightning_selfish.monitor.TopologyMonitor` (exploration,
             weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
         mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
@@ -553,15 +555,7 @@ class LanguageModel(pl.LightningModule):
             )
         if self.checkpoint and not self._trainer_has_monitored_checkpoint():
             self._drop_default_checkpoint()
-            callbacks.append(
-                ModelCheckpoint(
-                    monitor="val_loss",
-                    mode="min",
-                    save_last=True,
-                    filename="epoch{epoch:04d}-val_ppl{val_ppl:.2f}",
-                    auto_insert_metric_name=False,
-                )
-            )
+            callbacks.extend(run_checkpoints())
         return callbacks
 
     def _drop_default_checkpoint(self) -> None:
@@ -646,6 +640,26 @@ class LanguageModel(pl.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def run_checkpoints() -> list[Callback]:
+    """The run's checkpoints: the best ``val_loss`` epoch (``epoch<N>-val_ppl<ppl>.ckpt``) and the latest epoch
+    (``last.ckpt``, rewritten after every epoch's validation), in that order.
+
+    The latest one is a checkpoint of its own: Lightning 2.6's ``save_last=True`` beside a monitor writes
+    ``last.ckpt`` only when the monitored checkpoint is saved, i.e. at the last epoch whose validation improved, and
+    a resume from it would train the later epochs again. Both write at the same point (after validation, before the
+    next epoch's topology update), the best one first, so ``last.ckpt`` records which checkpoint is best.
+    """
+    best = ModelCheckpoint(
+        monitor="val_loss",
+        mode="min",
+        filename="epoch{epoch:04d}-val_ppl{val_ppl:.2f}",
+        auto_insert_metric_name=False,
+    )
+    # No monitor, top 1: every epoch replaces the file; one name, so Lightning's own ckpt_path="last" finds it.
+    latest = ModelCheckpoint(filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False)
+    return [best, latest]
 
 
 def _sparsity_arguments(sparsity: Any) -> SparsityArguments | None:

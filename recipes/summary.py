@@ -15,7 +15,7 @@ import torch
 from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.trigger import NonMonotonicTrigger
 
-__all__ = ["best_validation", "fit_summary", "test_summary"]
+__all__ = ["best_validation", "fit_summary", "latest_checkpoint", "test_summary"]
 
 
 def best_validation(trainer: Any) -> tuple[float, int, str] | None:
@@ -25,19 +25,37 @@ def best_validation(trainer: Any) -> tuple[float, int, str] | None:
     model logged as ``val_ppl`` for that epoch; the epoch (counting from 0, as in the checkpoint's file name) is
     read from the checkpoint file.
     """
-    callback = trainer.checkpoint_callback
+    callback = next((cb for cb in _checkpoint_callbacks(trainer) if cb.monitor == "val_loss"), None)
     path = getattr(callback, "best_model_path", "") or ""
     score = getattr(callback, "best_model_score", None)
-    if not path or score is None or getattr(callback, "monitor", None) != "val_loss" or not Path(path).is_file():
+    if not path or score is None or not Path(path).is_file():
         return None
     perplexity = float(torch.exp(torch.as_tensor(score).detach().cpu()))
-    epoch = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
-    return perplexity, epoch, path
+    return perplexity, _epoch_of(path), path
+
+
+def latest_checkpoint(trainer: Any) -> tuple[int, str] | None:
+    """``(epoch, path)`` of the run's latest-epoch checkpoint (the recipes' ``last.ckpt``: a ``ModelCheckpoint``
+    without a monitor, :func:`recipes.lm.run_checkpoints`), or None without one."""
+    for callback in _checkpoint_callbacks(trainer):
+        path = Path(getattr(callback, "best_model_path", "") or "")
+        if callback.monitor is None and path.stem == callback.CHECKPOINT_NAME_LAST and path.is_file():
+            return _epoch_of(str(path)), str(path)
+    return None
+
+
+def _checkpoint_callbacks(trainer: Any) -> list[Any]:
+    return [cb for cb in getattr(trainer, "checkpoint_callbacks", []) if hasattr(cb, "monitor")]
+
+
+def _epoch_of(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
 
 
 def fit_summary(trainer: Any, model: Any) -> str:
-    """The end-of-``fit`` report: best validation perplexity, its epoch and checkpoint, averaging start, final
-    per-gate sparsity of the recurrent weights, and the ``selfish-rnn test`` command to run next."""
+    """The end-of-``fit`` report: best validation perplexity, its epoch and checkpoint, the latest epoch's
+    checkpoint, averaging start, final per-gate sparsity of the recurrent weights, and the ``selfish-rnn test``
+    command to run next."""
     lines = ["", "selfish-rnn fit: done"]
     best = best_validation(trainer)
     if best is not None:
@@ -46,6 +64,9 @@ def fit_summary(trainer: Any, model: Any) -> str:
         lines.append(f"  best checkpoint             {path}")
     elif "val_ppl" in trainer.callback_metrics:
         lines.append(f"  last validation perplexity  {float(trainer.callback_metrics['val_ppl']):.4f} (no checkpoint)")
+    latest = latest_checkpoint(trainer)
+    if latest is not None:
+        lines.append(f"  last checkpoint             {latest[1]} (epoch {latest[0]}; --ckpt_path last resumes from it)")
     trigger = next((cb for cb in trainer.callbacks if isinstance(cb, NonMonotonicTrigger)), None)
     if trigger is not None:
         started = trigger.averaging_started_epoch

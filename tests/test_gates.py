@@ -55,19 +55,39 @@ def test_declared_layouts_and_overrides():
 
 
 @pytest.mark.parametrize(
-    "spec,match",
+    "spec,error,match",
     [
-        ([("a", slice(0, 3)), ("b", slice(4, 10))], "does not tile"),
-        ([("a", slice(0, 6)), ("b", slice(5, 10))], "does not tile"),
-        ([("a", slice(0, 4)), ("b", slice(4, 8))], r"cover rows \[0, 8\)"),
-        (["a", "b", "c"], "does not divide"),
-        ([("a", slice(0, 5)), ("a", slice(5, 10))], "twice"),
-        ("ifgo", "non-empty list"),
-        ([("a", "rows")], "slice or"),
+        (
+            [],
+            ValueError,
+            r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got \[\]",
+        ),
+        (5, TypeError, r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got 5"),
+        (
+            [("a", 0, 5)],
+            TypeError,
+            r"gate_layouts\['w'\] entries must be \(gate, slice\) or \(gate, \(start, stop\)\), got",
+        ),
+        ([("a", slice(0, 10, 2))], ValueError, r"gate_layouts\['w'\] gate 'a': row slices must have step 1"),
+        (
+            [("a", (0, 5)), ("b", 7)],
+            TypeError,
+            r"gate_layouts\['w'\] gate 'b': rows must be a slice or \(start, stop\), got 7",
+        ),
+        (
+            [("a", (0, 5)), ("b", (5, 12))],
+            ValueError,
+            r"does not tile the tensor's 10 rows: the gates cover rows \[0, 12\)",
+        ),
+        (
+            [("a", (0, 5)), ("b", (5, 5)), ("c", (5, 10))],
+            ValueError,
+            r"gate 'b' covers rows \[5, 5\) but the next gate must",
+        ),
     ],
 )
-def test_bad_layouts_are_rejected(spec, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_gate_layouts(spec, error, match):
+    with pytest.raises(error, match=match):
         normalize_layout(spec, 10, "w")
 
 

@@ -185,7 +185,8 @@ class BPTTWindows(Dataset):
         whole epochs again.
 
         The epoch is given, not read: a resumed fit may start its iterator before Lightning has restored its epoch
-        count (a callback that reads ``trainer.estimated_stepping_batches`` at fit start loads the dataloader then).
+        count (``configure_optimizers`` or a callback that reads ``trainer.estimated_stepping_batches`` at fit start
+        loads the dataloader then).
         """
         self._resume = (int(epoch), int(done))
 

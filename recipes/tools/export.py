@@ -78,7 +78,8 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
         return last[-1]
     checkpoint = torch.load(last[-1], map_location="cpu", weights_only=False, mmap=True)
     for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("best_model_path"):
+        monitored = isinstance(state, dict) and state.get("monitor") is not None  # (not the latest-epoch one)
+        if key.startswith("ModelCheckpoint") and monitored and state.get("best_model_path"):
             best = Path(state["best_model_path"])
             if not best.is_file():
                 best = path / "checkpoints" / best.name  # the run directory was moved
