@@ -102,7 +102,7 @@ def _type_name(text: str) -> str:
     literal = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
     if literal:
         return f"one of {literal.group(1)}"
-    items = re.fullmatch(r"(?:list|List|Sequence)\[(.*)\]", text)
+    items = re.fullmatch(r"(?:[\w.]+\.)?(?:list|List|Sequence)\[(.*)\]", text)
     if items:
         inner = _type_name(items.group(1))
         return "a list of " + (inner[2:] + "s" if inner.startswith("a ") else inner)

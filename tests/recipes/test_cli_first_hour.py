@@ -331,13 +331,10 @@ def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.sparsity.prune_rate", "half"], "--model.sparsity.prune_rate: expected a number or null, got 'half'"),
+        (["--model.clip", "half"], "--model.clip: expected a number or null, got 'half'"),
         (["--model.lr", "abc"], "--model.lr: expected a number, got 'abc'"),
         (["--model.nonmono", "1.5"], "--model.nonmono: expected a whole number, got '1.5'"),
-        (
-            ["--model.sparsity.mask_gradients", "maybe"],
-            "--model.sparsity.mask_gradients: expected true or false, got 'maybe'",
-        ),
+        (["--model.flops", "maybe"], "--model.flops: expected true or false, got 'maybe'"),
         (
             ["--model.restart_at_epochs", "x"],
             "--model.restart_at_epochs: expected a list of whole numbers or null, got 'x'",

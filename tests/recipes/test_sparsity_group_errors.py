@@ -51,23 +51,23 @@ def error_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ),
         (
             ["--model.sparsity.sparsity", "abc"],
-            f"error: --model.sparsity.sparsity: expected a float, got 'abc' ({HELP})",
+            f"error: --model.sparsity.sparsity: expected a number, got 'abc' ({HELP})",
         ),
         (
             ["--model.sparsity.seed", "x"],
-            f"error: --model.sparsity.seed: expected an int or null, got 'x' ({HELP})",
+            f"error: --model.sparsity.seed: expected a whole number or null, got 'x' ({HELP})",
         ),
         (
             ["--model.sparsity.verbose", "maybe"],
-            f"error: --model.sparsity.verbose: expected a bool, got 'maybe' ({HELP})",
+            f"error: --model.sparsity.verbose: expected true or false, got 'maybe' ({HELP})",
         ),
         (
             ["--model.sparsity.gate_redistribution", "[1]"],
-            f"error: --model.sparsity.gate_redistribution: expected a bool, a str or null, got [1] ({HELP})",
+            f"error: --model.sparsity.gate_redistribution: expected true or false, a string or null, got [1] ({HELP})",
         ),
         (
             ["--model.sparsity.include", "3"],
-            f"error: --model.sparsity.include: expected a list of str or null, got 3 ({HELP})",
+            f"error: --model.sparsity.include: expected a list of strings or null, got 3 ({HELP})",
         ),
     ],
     ids=["flat value", "flat word", "misspelt", "float", "int or null", "bool", "union of three", "list"],
