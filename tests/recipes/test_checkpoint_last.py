@@ -15,10 +15,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from recipes.export import find_checkpoint
 
 from recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
 from recipes.data import LanguageModelingDataModule
-from recipes.export import find_checkpoint
 from recipes.lm import LanguageModel
 from recipes.models import StackedLSTM
 from recipes.summary import fit_summary
