@@ -128,20 +128,3 @@ def test_a_bad_override_names_its_parameter() -> None:
     with pytest.raises(ValueError) as error:
         detect_gate_layouts(nn.LSTM(4, 2), {"weight_hh_l0": ["i", "i"]})
     assert str(error.value).startswith("gate_layouts['weight_hh_l0'] names a gate twice")
-
-
-@pytest.mark.parametrize(
-    "spec,match",
-    [
-        ([], r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got \[\]"),
-        (5, r"gate_layouts\['w'\] must be a non-empty list of gate names or \(gate, rows\) pairs, got 5"),
-        ([("a", 0, 5)], r"gate_layouts\['w'\] entries must be \(gate, slice\) or \(gate, \(start, stop\)\), got"),
-        ([("a", slice(0, 10, 2))], r"gate_layouts\['w'\] gate 'a': row slices must have step 1"),
-        ([("a", (0, 5)), ("b", 7)], r"gate_layouts\['w'\] gate 'b': rows must be a slice or \(start, stop\), got 7"),
-        ([("a", (0, 5)), ("b", (5, 12))], r"does not tile the tensor's 10 rows: the gates cover rows \[0, 12\)"),
-        ([("a", (0, 5)), ("b", (5, 5)), ("c", (5, 10))], r"gate 'b' covers rows \[5, 5\) but the next gate must"),
-    ],
-)
-def test_bad_gate_layouts(spec, match):
-    with pytest.raises(ValueError, match=match):
-        normalize_layout(spec, 10, "w")
