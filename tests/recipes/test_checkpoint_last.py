@@ -15,7 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from recipes.export import find_checkpoint
+from recipes.tools.export import find_checkpoint
 
 from recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
 from recipes.data import LanguageModelingDataModule
