@@ -15,13 +15,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from recipes.tools.export import find_checkpoint
 
 from recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel
 from recipes.models import StackedLSTM
 from recipes.summary import fit_summary
+from recipes.tools.export import find_checkpoint
 from tests.conftest import write_random_corpus
 
 BATCHES = 3  # training batches per epoch
