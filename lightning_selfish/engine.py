@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_selfish import topology
 from lightning_selfish.gates import GateLayout
+from lightning_selfish.methods import GATE_REDISTRIBUTIONS, INITS
 from lightning_selfish.optim_state import MaskUpdate, dense_state_keys, reset_optimizer_state, state_items_like
 from lightning_selfish.parts import GateRedistribution, Init, MethodConfig, UpdateAmount
 from lightning_selfish.protocols import keeps_inactive_state_zero
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 def gate_part(gate_redistribution: GateRedistribution | bool | str) -> GateRedistribution:
     """The gate handling part: one given, or ``True``/``"joint"`` (one ranking over all gates), ``False``/``"none"``
     (per-gate counts), or a registered Table 6 score name."""
-    from lightning_selfish.methods import GATE_REDISTRIBUTIONS
-
     if isinstance(gate_redistribution, GateRedistribution):
         return gate_redistribution
     name = {True: "joint", False: "none"}.get(gate_redistribution, gate_redistribution)  # type: ignore[call-overload]
@@ -111,8 +110,6 @@ class SparseEngine:
         Unless gates are ranked jointly every gate is a block of its own and starts at exactly the tensor's density
         (uniform init) or its share of the tensor's budget by size.
         """
-        from lightning_selfish.methods import INITS
-
         gate_layouts = gate_layouts or {}
         mode = gate_part(gate_redistribution)
         density = 1.0 - sparsity

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from lightning_selfish.callback import SelfishSparsityCallback
 from lightning_selfish.flops import (
     WeightCost,
     collect_weight_costs,
@@ -167,8 +168,6 @@ class FlopsCallback(Callback):
 
 
 def _find_sparsity_callback(trainer: pl.Trainer) -> Any:
-    from lightning_selfish.callback import SelfishSparsityCallback
-
     found = [cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback)]
     return found[0] if found else None
 
