@@ -424,3 +424,14 @@ def quiet_dependency_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(NOISE_LOG_MESSAGES))
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for the tools' options: a whole number >= 1, or a clear error naming what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from lightning_selfish import analysis, plots
 from lightning_selfish.history import MaskSnapshot, load_mask_history, load_mask_snapshot
+from recipes.console import positive_int
 
 PAPER_REFERENCE_EPOCH = 4  # "We start alignment at the 5th epoch" (Appendix J), counting from 0 here
 _CHECKPOINT_EPOCH = re.compile(r"epoch[=_]?(\d+)")
@@ -83,20 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair units by position (none) or by activation correlation on the test split (needs checkpoints)",
     )
     parser.add_argument(
-        "--max-batches", type=_positive_int, default=50, help="test windows used for activations (--align activations)"
+        "--max-batches", type=positive_int, default=50, help="test windows used for activations (--align activations)"
     )
     parser.add_argument("--threshold", type=float, default=0.1, help="the magnitude threshold, for Figure 3's label")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str]) -> int:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_selfish.inference import sparse_inference_report
+from recipes.console import positive_int
 from recipes.inference import sparse_network
 from recipes.tools.export import ExportError, load_network
 
@@ -128,15 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         "export), dense and with sparse CPU kernels, and compare their words per second.",
     )
     parser.add_argument("source", type=Path, help="a checkpoint, a run's version directory or an export")
-    parser.add_argument("--words", type=_positive_int, default=100, help="words to sample per round (default 100)")
+    parser.add_argument("--words", type=positive_int, default=100, help="words to sample per round (default 100)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for dense and sparse)")
     parser.add_argument(
         "--inference", choices=("both", "dense", "sparse"), default="both", help="which models to run (default both)"
     )
-    parser.add_argument("--rounds", type=_positive_int, default=2, help="alternated timed rounds (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternated timed rounds (default 2)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed words sampled first by each model")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
         "--choose",
         choices=("crossover", "measure"),
@@ -144,16 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSR or dense per tensor: by the measured crossover table, or timed on this machine",
     )
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str]) -> int:
