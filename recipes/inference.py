@@ -37,7 +37,7 @@ from lightning_selfish.inference import (
 from recipes.compat import module, pl
 from recipes.models import RHN, ONLSTMCell, WeightDrop
 from recipes.models.common import LMOutput
-from recipes.models.on_lstm import cumsoftmax
+from recipes.models.on_lstm import onlstm_step
 
 rank_zero_info = module("utilities.rank_zero").rank_zero_info
 
@@ -66,26 +66,12 @@ class SparseONLSTMCell(nn.Module):
 
     def forward(self, input: Tensor, hidden: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h, c = hidden
-        B = input.size(1)
-        C, H, K = self.n_chunk, self.hidden_size, self.chunk_size
+        C, K = self.n_chunk, self.chunk_size
         x_gates = self.ih(input)
         outputs = []
         for t in range(input.size(0)):
             gates = self.hh.addmm(x_gates[t], h)
-            cin = 1.0 - cumsoftmax(gates[:, :C])
-            cforget = cumsoftmax(gates[:, C : 2 * C])
-            g = gates[:, 2 * C :].reshape(B, 4, C, K)
-            out_gate = torch.sigmoid(g[:, 0])
-            cell = torch.tanh(g[:, 1])
-            in_gate = torch.sigmoid(g[:, 2])
-            forget_gate = torch.sigmoid(g[:, 3])
-            cin = cin.unsqueeze(-1)
-            cforget = cforget.unsqueeze(-1)
-            overlap = cforget * cin
-            forget_gate = forget_gate * overlap + (cforget - overlap)
-            in_gate = in_gate * overlap + (cin - overlap)
-            c = forget_gate * c + in_gate * cell
-            h = (out_gate * torch.tanh(c)).reshape(B, H)
+            h, c = onlstm_step(gates, c, C, K)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 

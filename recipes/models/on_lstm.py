@@ -24,6 +24,28 @@ def cumsoftmax(x: Tensor, dim: int = -1) -> Tensor:
     return torch.cumsum(F.softmax(x, dim=dim), dim=dim)
 
 
+def onlstm_step(gates: Tensor, c: Tensor, n_chunk: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """One ON-LSTM step from its pre-activations ``gates`` ``(B, 2C + 4H)`` and cell ``c`` ``(B, C, K)``: the
+    master gates (cumulative softmax) over the chunks, then the LSTM gates o, c, i, f; returns ``(h, c)``
+    (docs/models.md, ON-LSTM). Shared by the model and its sparse-inference conversion."""
+    B, C, K = gates.size(0), n_chunk, chunk_size
+    cin = 1.0 - cumsoftmax(gates[:, :C])
+    cforget = cumsoftmax(gates[:, C : 2 * C])
+    g = gates[:, 2 * C :].view(B, 4, C, K)
+    out_gate = torch.sigmoid(g[:, 0])
+    cell = torch.tanh(g[:, 1])
+    in_gate = torch.sigmoid(g[:, 2])
+    forget_gate = torch.sigmoid(g[:, 3])
+    cin = cin.unsqueeze(-1)
+    cforget = cforget.unsqueeze(-1)
+    overlap = cforget * cin
+    forget_gate = forget_gate * overlap + (cforget - overlap)
+    in_gate = in_gate * overlap + (cin - overlap)
+    c = forget_gate * c + in_gate * cell
+    h = (out_gate * torch.tanh(c)).view(B, C * K)
+    return h, c
+
+
 def onlstm_gate_layout(hidden_size: int, n_chunk: int) -> GateLayout:
     """Rows of ``ih.0.weight`` / ``hh.weight``: mi [0,C), mf [C,2C), o, c, i, f (H rows each) after 2C."""
     C, H = n_chunk, hidden_size
@@ -64,8 +86,7 @@ class ONLSTMCell(nn.Module):
     def forward(self, input: Tensor, hidden: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``input`` ``(T, B, in)`` -> outputs ``(T, B, H)`` and the final ``(h, c)``."""
         h, c = hidden
-        B = input.size(1)
-        C, H, K = self.n_chunk, self.hidden_size, self.chunk_size
+        C, K = self.n_chunk, self.chunk_size
         x_gates = self.ih(input)
         if self.hh.bias is not None:
             x_gates = x_gates + self.hh.bias
@@ -73,20 +94,7 @@ class ONLSTMCell(nn.Module):
         outputs = []
         for t in range(input.size(0)):
             gates = torch.addmm(x_gates[t], h, w_hh)
-            cin = 1.0 - cumsoftmax(gates[:, :C])
-            cforget = cumsoftmax(gates[:, C : 2 * C])
-            g = gates[:, 2 * C :].view(B, 4, C, K)
-            out_gate = torch.sigmoid(g[:, 0])
-            cell = torch.tanh(g[:, 1])
-            in_gate = torch.sigmoid(g[:, 2])
-            forget_gate = torch.sigmoid(g[:, 3])
-            cin = cin.unsqueeze(-1)
-            cforget = cforget.unsqueeze(-1)
-            overlap = cforget * cin
-            forget_gate = forget_gate * overlap + (cforget - overlap)
-            in_gate = in_gate * overlap + (cin - overlap)
-            c = forget_gate * c + in_gate * cell
-            h = (out_gate * torch.tanh(c)).view(B, H)
+            h, c = onlstm_step(gates, c, C, K)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 
