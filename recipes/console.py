@@ -110,48 +110,12 @@ def _type_name(text: str) -> str:
     return _TYPE_NAMES.get(name, name)
 
 
-def _split_types(text: str) -> list[str]:
-    """The comma-separated types of jsonargparse's union message (a Literal's own commas kept)."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current] if current.strip() else parts
-
-
-#: A value of the wrong type inside a group (``--model.sparsity.prune_rate half``): jsonargparse reports it for the
-#: group, with the member's own message inside; the member's message is the one to show.
-_NESTED = re.compile(
-    r"^(?P<key>--\S+): Does not validate .*? Parser key \"(?P<member>\w+)\": (?P<inner>.*?)"
-    r"(?: - Expected a <class 'NoneType'>.*| Given value type: <class 'jsonargparse\S*NestedArg'>.*)?$"
-)
-_NESTED_VALUE = re.compile(r"NestedArg\(key='(?P<member>\w+)', val=(?P<value>'.*?'|\S+?)\)")
-
-
 def _plain_type_error(message: str) -> str:
     """jsonargparse's messages about a value of the wrong type in the form of the other errors:
-    ``--model.sparsity.prune_rate: expected a number or null, got 'half'``."""
-    nested = _NESTED.match(message)
-    if nested and "NestedArg(" in message:
-        member = f"{nested.group('key')}.{nested.group('member')}"
-        value = _NESTED_VALUE.search(message)
-        shown = value.group("value").strip("'") if value else ""
-        inner = nested.group("inner")
-        union = re.search(r"Subtypes: \[(?P<types>[^\]]*)\]", inner)
-        if union:
-            expected = " or ".join(dict.fromkeys(_type_name(t) for t in _split_types(union.group("types"))))
-            return f"{member}: expected {expected}, got {shown!r}"
-        single = re.search(r"Expected a (?P<type><class '\w+'>|typing\.Literal\[.*?\])", inner)
-        if single:
-            return f"{member}: expected {_type_name(single.group('type'))}, got {shown!r}"
+    ``--model.clip: expected a number or null, got 'half'`` (a group's own arguments: :func:`group_error_message`)."""
     union = _UNION.match(message)
     if union:
-        names = [_type_name(t) for t in _split_types(union.group("types"))]
+        names = [_type_name(t) for t in _split_top_level(union.group("types"))]
         expected = " or ".join(dict.fromkeys(names))
         return f"{union.group('key')}: expected {expected}, got {union.group('value').strip()!r}"
     single = _EXPECTED.match(message)
