@@ -191,15 +191,15 @@ def _tensor_budgets(
             gradient = _gradient_of(record, context.gradients, None)
             signal = momentum_of(context.optimizers, record.param, gradient, name, f"redistribution={part.name!r}")
         scores.append(part.score(old[name], removed.kept[name], signal))
-    candidates = {name: _candidates(method, old[name], removed.kept[name]) for name in names}
-    caps = [int(candidates[name].count_nonzero()) for name in names]
+    bases = {name: _growth_base(method, old[name], removed.kept[name]) for name in names}
+    caps = [bases[name].numel() - int(bases[name].count_nonzero()) for name in names]
     return dict(zip(names, allocate_counts(sum(totals.values()), scores, caps)))
 
 
-def _candidates(method: MethodConfig, old: Tensor, kept: Tensor) -> Tensor:
-    """Where growth may go: every position inactive after removal, or (``grow_into_removed=False``, DSR) only
-    those inactive before the update."""
-    return ~kept if method.grow_into_removed else ~old
+def _growth_base(method: MethodConfig, old: Tensor, kept: Tensor) -> Tensor:
+    """The mask growth grows into (its inactive positions are the candidates): the mask after removal, or
+    (``grow_into_removed=False``, DSR) the mask before the update, so that just-removed weights are not regrown."""
+    return kept if method.grow_into_removed else old
 
 
 def _grow(
@@ -216,9 +216,9 @@ def _grow(
     if budget <= 0:
         return kept.clone()
     part = method.growth
-    # Growth functions grow into the inactive positions of the mask they are handed: hand them the mask with
-    # the just-removed positions still set where those may not be regrown (DSR), and take those out after.
-    base = kept if method.grow_into_removed else old
+    # Growth functions grow into the inactive positions of the mask they are handed; where just-removed positions
+    # may not be regrown (DSR) they are still set in the base, and taken out after.
+    base = _growth_base(method, old, kept)
     source = _growth_input(record, part, context)
     new = base.clone()
     for rows, n in zip(record.groups, _block_budgets(engine, record, budget, removed_per_block, old, base, context)):
