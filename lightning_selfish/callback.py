@@ -66,7 +66,7 @@ class SelfishSparsityCallback(Callback):
     otherwise; weights pruned by ``torch.nn.utils.prune``/``parametrize`` or ``ModelPruning`` are refused.
 
     Args:
-        sparsity: fraction of the sparsified weights that is zero, in [0, 1) (GMP: the final sparsity).
+        sparsity: fraction of the sparsified weights that is zero, in (0, 1) (GMP: the final sparsity).
         prune_rate: initial fraction of active weights replaced at an update, in [0, 1] (RigL: its α).
         init: ``"uniform"`` (every tensor at ``sparsity``), ``"er"`` / ``"erk"`` (Erdős–Rényi(-Kernel), same total
             count) or ``"dense"`` (GMP: all weights active at the start).

@@ -197,7 +197,13 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     A part override is a registered name or a part object of that kind. ``gate_redistribution`` also takes
     ``True`` (= ``"joint"``) and ``False`` (= ``"none"``).
     """
-    _number("sparsity", sparsity, 0.0, 1.0, "[0, 1)", upper_open=True)
+    _number("sparsity", sparsity, 0.0, 1.0, "(0, 1)", upper_open=True)
+    if sparsity == 0:
+        raise ValueError(
+            f"sparsity must be in (0, 1), got {sparsity!r}: at sparsity 0 no weight is sparse, yet the updates would "
+            "still remove weights and regrow them at zero, so the run would be neither dense nor sparse. For a dense "
+            "run leave SelfishSparsityCallback out of the trainer's callbacks"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     preset = METHODS[method]

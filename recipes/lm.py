@@ -664,7 +664,10 @@ def run_checkpoints() -> list[Callback]:
 
 def _sparsity_arguments(sparsity: Any) -> SparsityArguments | None:
     """``LanguageModel(sparsity=...)`` as :data:`SparsityArguments` (a mapping of the same names is accepted)."""
-    if sparsity is None or isinstance(sparsity, SparsityArguments):
+    if sparsity is None:
+        return None
+    if isinstance(sparsity, SparsityArguments):
+        _refuse_zero_sparsity(sparsity)
         return sparsity
     if isinstance(sparsity, (bool, int, float)):
         raise TypeError(
@@ -684,7 +687,21 @@ def _sparsity_arguments(sparsity: Any) -> SparsityArguments | None:
         )
     if "sparsity" not in sparsity:
         raise TypeError("sparsity.sparsity is required: the fraction of the sparsified weights that is zero")
-    return SparsityArguments(**sparsity)
+    arguments = SparsityArguments(**sparsity)
+    _refuse_zero_sparsity(arguments)
+    return arguments
+
+
+def _refuse_zero_sparsity(arguments: Any) -> None:
+    """A sweep's dense point written as sparsity 0: the recipes' dense run is the one without the callback (the
+    callback refuses 0 too, but can only name itself)."""
+    value = arguments.sparsity
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0:
+        raise ValueError(
+            f"sparsity.sparsity must be in (0, 1), got {value!r}: a dense run has no sparsity callback: "
+            "--model.sparsity null on the command line, `sparsity: null` in YAML (recipes/configs/methods/dense.yaml), "
+            "LanguageModel(sparsity=None) in Python"
+        )
 
 
 def detach_hidden(hidden: Any) -> Any:

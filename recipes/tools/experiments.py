@@ -116,7 +116,7 @@ Start here:  selfish-rnn fit --config {CONFIG_DIR / "quickstart.yaml"}
 Configs:     {CONFIG_DIR}
 
 The project's arguments (all of them in 'selfish-rnn fit --help'):
-  --model.sparsity.sparsity S   fraction of every sparsified weight that is zero, in [0, 1)
+  --model.sparsity.sparsity S   fraction of every sparsified weight that is zero, in (0, 1)
   --model.sparsity null         train dense (no sparsity callback)
   --model.sparsity.method NAME  selfish (default), static, set, dsr, snfs, rigl or gmp
   --model.sparsity.prune_rate P initial fraction of active weights replaced at each topology update

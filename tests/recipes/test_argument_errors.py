@@ -36,7 +36,7 @@ def tiny_lstm() -> StackedLSTM:
         (dict(clip=-0.25), ValueError, "clip must be a positive number, got -0.25"),
         (dict(bptt=0), ValueError, "bptt must be a positive int, got 0"),
         (dict(bptt=35.0), ValueError, "bptt must be a positive int, got 35.0"),
-        (dict(sparsity={"sparsity": 1.0}), ValueError, r"sparsity.sparsity must be in \[0, 1\), got 1.0"),
+        (dict(sparsity={"sparsity": 1.0}), ValueError, r"sparsity.sparsity must be in \(0, 1\), got 1.0"),
         (dict(nonmono=0), ValueError, "nonmono must be an int >= 1, got 0"),
         (dict(plateau_factor=1.5), ValueError, r"plateau_factor must be in \(0, 1\), got 1.5"),
     ],

@@ -92,7 +92,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: st
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.sparsity.sparsity", "1.5"], r"error: sparsity.sparsity must be in \[0, 1\), got 1.5"),
+        (["--model.sparsity.sparsity", "1.5"], r"error: sparsity.sparsity must be in \(0, 1\), got 1.5"),
         (["--model.optimizer", "foo"], r"--model.optimizer: expected one of 'sntasgd', .*'adam', got 'foo' \(selfish"),
         (["--model.sparsty", "0.5"], r"unrecognized arguments: --model.sparsty 0.5 \(selfish-rnn fit --help"),
         (["--data.corpus", "nosuch"], r"corpus='nosuch' is not bundled \(allowed without data_dir: ptb, wikitext-2\)"),
@@ -122,7 +122,7 @@ def test_a_missing_checkpoint_is_one_error_line(tiny_corpus: Path, tmp_path: Pat
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = run_cli(["fit", "--config", QUICKSTART, "--model.sparsity.sparsity", "1.5", "--debug"], tmp_path)
     assert result.returncode != 0
-    assert "Traceback" in result.stderr and "ValueError: sparsity.sparsity must be in [0, 1)" in result.stderr
+    assert "Traceback" in result.stderr and "ValueError: sparsity.sparsity must be in (0, 1)" in result.stderr
 
 
 def test_which_exceptions_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -396,7 +396,13 @@ def test_names_in_the_sparsity_group_are_the_networks() -> None:
         ("0.5", TypeError, "sparsity must be a SparsityArguments, a mapping of SelfishSparsityCallback arguments"),
         ({"prune_rate": 0.5}, TypeError, "sparsity.sparsity is required"),
         ({"sparsity": 0.5, "sparse_init": "er"}, TypeError, "sparsity has no argument 'sparse_init'"),
-        ({"sparsity": 1.0}, ValueError, r"^sparsity.sparsity must be in \[0, 1\), got 1.0"),
+        ({"sparsity": 1.0}, ValueError, r"^sparsity.sparsity must be in \(0, 1\), got 1.0"),
+        (
+            {"sparsity": 0.0},
+            ValueError,
+            r"^sparsity.sparsity must be in \(0, 1\), got 0.0: a dense run has no sparsity callback: "
+            r"--model.sparsity null",
+        ),
         ({"sparsity": 0.5, "method": "lottery"}, ValueError, r"^sparsity.method must be one of \['selfish'"),
         ({"sparsity": 0.5, "seed": "1"}, TypeError, r"^sparsity.seed must be an int or None, got str"),
     ],

@@ -78,6 +78,13 @@ def test_a_mistake_in_the_sparsity_group_is_one_short_line(
     assert error_line(args, capsys) == expected
 
 
+def test_a_sparsity_of_zero_names_the_dense_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep's dense point written as sparsity 0 (it trained neither dense nor sparse: issue 25.2)."""
+    line = error_line(["--model.sparsity.sparsity", "0"], capsys)
+    assert line.startswith("error: sparsity.sparsity must be in (0, 1), got 0.0: a dense run has no sparsity callback")
+    assert "--model.sparsity null" in line and "sparsity: null" in line
+
+
 def test_the_same_mistakes_in_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flat = tmp_path / "flat.yaml"
     flat.write_text("model:\n  sparsity: 0.5\n")
