@@ -10,6 +10,7 @@ cadence) or after an optimizer step (step cadence).
 
 from __future__ import annotations
 
+import datetime
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -97,7 +98,8 @@ class SelfishSparsityCallback(Callback):
         total_steps: length of the run in optimizer steps for the schedules: an int, or a function of the trainer
             returning one (``None``: the estimate); default the trainer's ``estimated_stepping_batches``. Give it
             when that is unknown (an iterable without a length, such as variable-length BPTT: the authors use
-            ``epochs * train_rows // bptt``).
+            ``epochs * train_rows // bptt``) or when the trainer stops on a time limit (``max_time``, which is
+            warned about without it).
         verbose: print a per-tensor, per-gate summary at every update (through the progress bar when there is one).
         method: the preset: ``"selfish"``, ``"static"``, ``"set"``, ``"set_selfish_rnn"``, ``"dsr"``, ``"snfs"``,
             ``"rigl"``, ``"gmp"``.
@@ -300,9 +302,11 @@ class SelfishSparsityCallback(Callback):
         """
         total_steps = self._run_length(trainer)
         check_run(total_steps, self.config)
-        notice = self.controller.plan(total_steps, self.config)
+        notice = self.controller.plan(total_steps, self.config, _epoch_ends(trainer))
         if notice is not None and trainer.is_global_zero:
             rank_zero_info(notice)
+        if self.total_steps is None and _time_left(trainer) is not None:
+            rank_zero_warn(_time_limit_warning(trainer, total_steps))
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
 
     @override
@@ -341,6 +345,20 @@ class SelfishSparsityCallback(Callback):
         amount = self.controller.update_due_at_epoch_start(trainer.current_epoch - 1, trainer.global_step)
         if amount is not None:
             self._update(trainer, amount)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say when the trainer's time limit stopped the run before its schedule's end."""
+        left, step, total = _time_left(trainer), trainer.global_step, self.controller.total_steps
+        if left is None or left > 0 or step >= total or not self.config.schedule.updates:
+            return
+        if trainer.is_global_zero:
+            rank_zero_info(
+                f"SelfishSparsityCallback: the run stopped at its time limit (max_time) after optimizer step {step} "
+                f"of the schedule's {total}: the prune rate reached {self.controller.prune_rate(step):.3f}, not "
+                f"min_prune_rate={self.config.min_prune_rate}, after {self.controller.num_updates} topology updates. "
+                "Give total_steps=... (or max_steps=...) that the time allows for a complete schedule"
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -487,6 +505,11 @@ class SelfishSparsityCallback(Callback):
         if not (math.isfinite(total) and total >= 1):
             if trains_nothing:
                 cause = f"max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps} trains no step"
+            elif trainer.max_epochs == -1 and _time_left(trainer) is not None:
+                cause = (
+                    f"max_time={_duration(_time_left(trainer))} without max_epochs or max_steps (Lightning then sets "
+                    "max_epochs=-1 and stops on time) gives no length in steps"
+                )
             elif trainer.max_epochs == -1:  # (Lightning then loads no dataloader: its batch count means nothing yet)
                 cause = "max_epochs=-1 without max_steps trains for ever"
             elif math.isinf(trainer.num_training_batches):
@@ -548,6 +571,44 @@ def _check_arguments(
         raise TypeError(f"mask_gradients must be a bool, got {mask_gradients!r}")
     if not isinstance(verbose, bool):
         raise TypeError(f"verbose must be a bool, got {verbose!r}")
+
+
+def _time_left(trainer: pl.Trainer) -> float | None:
+    """Seconds of training the trainer's time limit (``Trainer(max_time=...)`` or a ``Timer`` callback, of either
+    Lightning package) leaves, or ``None`` without one."""
+    for callback in trainer.callbacks:
+        if any(cls.__name__ == "Timer" for cls in type(callback).__mro__) and hasattr(callback, "time_remaining"):
+            left = callback.time_remaining()
+            if left is not None:
+                return float(left)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _time_limit_warning(trainer: pl.Trainer, total_steps: int) -> str:
+    left = _time_left(trainer)
+    assert left is not None
+    return (
+        f"SelfishSparsityCallback: the trainer has a time limit (max_time, or a Timer callback: {_duration(left)} "
+        f"left), which the schedule cannot foresee: it plans its prune rate over the {total_steps} optimizer steps "
+        f"of max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}. A run the time limit stops earlier ends "
+        "with its schedule unfinished (the prune rate not annealed, late updates regrowing weights at zero). Give "
+        "SelfishSparsityCallback(total_steps=...) with the number of steps the time allows (or "
+        "Trainer(max_steps=...))"
+    )
+
+
+def _epoch_ends(trainer: pl.Trainer) -> range | None:
+    """The optimizer steps at which the trainer's epochs end, the run's last end excluded (``None`` when the train
+    dataloader has no length or the run has no finite length): where the epoch cadence can update."""
+    batches, run = trainer.num_training_batches, trainer.estimated_stepping_batches
+    if not (math.isfinite(batches) and batches >= 1 and math.isfinite(run) and run >= 1):
+        return None
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    return range(per_epoch, int(run), per_epoch)
 
 
 def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], source: str) -> None:

@@ -74,49 +74,68 @@ class SparsityController:
     # starting a run
     # ----------------------------------------------------------------------------------------------------------
 
-    def plan(self, total_steps: int, requested: MethodConfig) -> str | None:
+    def plan(self, total_steps: int, requested: MethodConfig, epoch_ends: range | None = None) -> str | None:
         """Fix the run's length and its cadence (before the first step); returns a line to tell the user, if any.
 
         A run of a preset whose default step cadence gives it fewer than ``min_updates`` updates (RigL, GMP: every
         100 steps) gets the largest cadence that gives it that many, and the returned line says so. A cadence the
         user chose is never changed: one that gives no update at all is refused with the number and the fix, one
-        that gives fewer than the preset needs is warned about. A run restored from a checkpoint then goes on with
-        the cadence the checkpoint ran with (:meth:`load_state_dict`, which may come before or after this).
+        that gives fewer than the preset needs is warned about. The same rule holds for every method and for the
+        epoch cadence, whose updates are counted at ``epoch_ends`` (the optimizer steps at which the run's epochs
+        end, the last one excluded: ``range(steps_per_epoch, run_steps, steps_per_epoch)``; ``None``: unknown, not
+        counted): a preset's epoch cadence that gives none is said, one the user chose is refused. A run restored
+        from a checkpoint then goes on with the cadence the checkpoint ran with (:meth:`load_state_dict`, which
+        may come before or after this).
         """
-        notice = self._fit_cadence(total_steps, requested)
+        notice = self._fit_cadence(total_steps, requested, epoch_ends)
         resumed = self.resumed_update_every
         if resumed is not None and resumed != self.config.update_every:
             self.config = dataclasses.replace(self.config, update_every=resumed)
             return None  # (the notice would name a cadence this run does not use)
         return notice
 
-    def _fit_cadence(self, total_steps: int, requested: MethodConfig) -> str | None:
+    def _fit_cadence(self, total_steps: int, requested: MethodConfig, epoch_ends: range | None) -> str | None:
         self.total_steps = total_steps
         self.config = requested
+        if requested.update_every == "epoch":
+            return _check_epoch_cadence(total_steps, requested, epoch_ends)
         updates = count_updates(total_steps, requested)
-        if updates is None or updates >= requested.min_updates:
+        if updates is None or (updates > 0 and updates >= requested.min_updates):
             return None
         fitting = _cadence_for(total_steps, requested)
+        fitting_updates = count_updates(total_steps, dataclasses.replace(requested, update_every=fitting)) or 0
+        run = f"this run of {_plural(total_steps, 'optimizer step')}"
         if requested.update_every_given:
             if updates == 0:
+                fix = (
+                    f"give a smaller update_every (e.g. update_every={fitting}) or train longer"
+                    if fitting_updates
+                    else f"no cadence gives one in a run this short ({_LAST_STEP}); train longer"
+                )
                 raise ValueError(
                     f"method={requested.name!r} with update_every={requested.update_every} makes no topology "
-                    f"update in this run of {total_steps} optimizer steps: give a smaller update_every (e.g. "
-                    f"update_every={fitting}) or train longer"
+                    f"update in {run}: {fix}"
                 )
             warnings.warn(
-                f"method={requested.name!r} with update_every={requested.update_every} makes only {updates} "
-                f"topology updates in this run of {total_steps} optimizer steps (the preset is meant for at least "
+                f"method={requested.name!r} with update_every={requested.update_every} makes only "
+                f"{_plural(updates, 'topology update')} in {run} (the preset is meant for at least "
                 f"{requested.min_updates}; update_every={fitting} gives that many)",
                 UserWarning,
                 stacklevel=2,
             )
             return None
+        if fitting_updates == 0:  # (the preset's cadence is kept: no other would update either)
+            return (
+                f"method={requested.name!r}: the preset's update_every={requested.update_every} makes no topology "
+                f"update in {run}, and no cadence would: {_LAST_STEP}. The masks stay as drawn"
+            )
         self.config = dataclasses.replace(requested, update_every=fitting)
+        before = _plural(updates, "topology update") if updates else "no topology update"
+        every = "every step" if fitting == 1 else f"every {fitting} steps"
         return (
-            f"method={requested.name!r}: the preset's update_every={requested.update_every} would give this run of "
-            f"{total_steps} optimizer steps {updates} topology updates; it updates every {fitting} steps instead "
-            f"({count_updates(total_steps, self.config)} updates; pass update_every=... to choose)"
+            f"method={requested.name!r}: the preset's update_every={requested.update_every} would give {run} "
+            f"{before}; it updates {every} instead ({_plural(fitting_updates, 'update')}; pass update_every=... to "
+            "choose)"
         )
 
     def seed_run(self, seed: int, growth_seed: int | None, device: torch.device) -> torch.Generator:
@@ -188,10 +207,7 @@ class SparsityController:
         return self._amount(step)
 
     def _amount(self, step: int) -> UpdateAmount | None:
-        config = self.config
-        if config.growth.grows and step >= self.total_steps:
-            return None
-        return config.schedule.amount(step, self.total_steps, config)
+        return scheduled_amount(step, self.total_steps, self.config)
 
     def gradient_needed(self, step: int, last_batch_of_epoch: bool) -> bool:
         """Whether the dense gradient of the optimizer step about to happen (it will be ``step + 1``) must be kept
@@ -293,16 +309,60 @@ class SparsityController:
         )
 
 
+#: Why a very short run of a method that regrows gets no update at all (see update_due_after_step).
+_LAST_STEP = "a method that regrows never updates on the run's last step"
+
+
+def scheduled_amount(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
+    """The update at a candidate point ``step`` of the cadence (``None``: none): the schedule's, never at or after
+    the run's last step for a method that regrows (a weight grown there would end the run at zero)."""
+    if config.growth.grows and step >= total_steps:
+        return None
+    return config.schedule.amount(step, total_steps, config)
+
+
+def count_epoch_updates(total_steps: int, config: MethodConfig, epoch_ends: range) -> int:
+    """How many updates the epoch cadence makes at ``epoch_ends`` (see :meth:`SparsityController.plan`)."""
+    return sum(1 for step in epoch_ends if scheduled_amount(step, total_steps, config) is not None)
+
+
+def _check_epoch_cadence(total_steps: int, config: MethodConfig, epoch_ends: range | None) -> str | None:
+    """Refuse an epoch cadence the user chose that makes no update in this run; say it of a preset's."""
+    if epoch_ends is None or not config.schedule.updates or count_epoch_updates(total_steps, config, epoch_ends):
+        return None
+    epochs = len(epoch_ends) + 1
+    run = f"this run of {_plural(epochs, 'epoch')} ({_plural(epoch_ends.stop, 'optimizer step')})"
+    steps = _cadence_for(total_steps, dataclasses.replace(config, update_every=total_steps))
+    verb = "give" if config.update_every_given else "pass"
+    if count_updates(total_steps, dataclasses.replace(config, update_every=steps)):
+        fix = (
+            f"Train 2 or more epochs, or {verb} update_every as a number of optimizer steps (e.g. update_every={steps})"
+        )
+    else:
+        fix = f"Train 2 or more epochs ({_LAST_STEP}, and this run is too short for any step cadence)"
+    why = "the masks are updated between epochs, never after the last"
+    if config.update_every_given:
+        raise ValueError(
+            f"method={config.name!r} with update_every='epoch' makes no topology update in {run}: {why}. {fix}"
+        )
+    return (
+        f"method={config.name!r}: the preset's update_every='epoch' makes no topology update in {run}: {why}, so "
+        f"they stay as drawn. {fix}"
+    )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def count_updates(total_steps: int, config: MethodConfig) -> int | None:
     """How many updates a run of ``total_steps`` steps gets with a step cadence (``None`` for the epoch cadence,
     which depends on the epochs; the callback's plan does not scale it)."""
     every = config.update_every
     if not isinstance(every, int) or not config.schedule.updates:
         return None
-    last = total_steps - 1 if config.growth.grows else total_steps  # (see update_due_after_step)
-    return sum(
-        1 for step in range(every, last + 1, every) if config.schedule.amount(step, total_steps, config) is not None
-    )
+    steps = range(every, total_steps + 1, every)
+    return sum(1 for step in steps if scheduled_amount(step, total_steps, config) is not None)
 
 
 def _cadence_for(total_steps: int, config: MethodConfig) -> int:

@@ -8,17 +8,48 @@ training code").
 
 from __future__ import annotations
 
-import pytest
-from conftest import TinyLM, make_trainer, token_loader
+import importlib
+import time
+import warnings
+from typing import Any
 
+import pytest
+import torch
+from conftest import VOCAB, TinyLM, make_trainer, token_loader
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+import lightning_selfish.callback
 from lightning_selfish import METHODS, SelfishSparsityCallback
 
 
-def fit(callback: SelfishSparsityCallback, model=None, max_epochs: int = 2, **kwargs):
+def fit(callback: SelfishSparsityCallback, *extra: Callback, model=None, max_epochs: int | None = 2, **kwargs):
     model = model or TinyLM()
-    trainer = make_trainer([callback], max_epochs=max_epochs, **kwargs)
+    trainer = make_trainer([callback, *extra], max_epochs=max_epochs, **kwargs)
     trainer.fit(model, token_loader(), token_loader(1, 2))
     return model, trainer
+
+
+QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def module_of(lightning: Any) -> Any:
+    """TinyLM as a LightningModule of the package ``lightning`` (``pytorch_lightning`` or ``lightning.pytorch``)."""
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TinyLM()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch[0].t(), batch[1].t()
+            out, _ = self.inner.rnn(self.inner.encoder(x))
+            return nn.functional.cross_entropy(self.inner.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Module()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -36,3 +67,158 @@ def test_a_sparsity_of_zero_is_refused_at_construction_for_every_preset(method: 
     assert "leave SelfishSparsityCallback out of the trainer's callbacks" in message
     with pytest.raises(ValueError, match=r"^sparsity must be in \(0, 1\), got 0: "):
         SelfishSparsityCallback(sparsity=0, method=method)  # (an int too)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# runs that make no topology update
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def said(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the callback tells the user in INFO lines (rank_zero_info: Lightning's logger does not propagate)."""
+    lines: list[str] = []
+    monkeypatch.setattr(lightning_selfish.callback, "rank_zero_info", lines.append)
+    return lines
+
+
+@pytest.mark.parametrize("method", ["selfish", "set", "dsr", "snfs", "rigl"])
+def test_a_step_cadence_the_user_chose_that_makes_no_update_is_refused_for_every_method(method: str) -> None:
+    """``update_every=1000`` with ``max_steps=3``: it was refused for RigL only, the default method ran static."""
+    with pytest.raises(ValueError) as error:
+        fit(SelfishSparsityCallback(sparsity=0.5, seed=0, method=method, update_every=1000), max_steps=3)
+    fitting = 1 if method == "rigl" else 2  # (RigL's preset wants 10 updates: the most it can get; else one)
+    assert str(error.value) == (
+        f"method={method!r} with update_every=1000 makes no topology update in this run of 3 optimizer steps: give a "
+        f"smaller update_every (e.g. update_every={fitting}) or train longer"
+    )
+
+
+def test_an_epoch_cadence_the_user_chose_in_a_one_epoch_run_is_refused() -> None:
+    with pytest.raises(ValueError) as error:
+        fit(SelfishSparsityCallback(sparsity=0.5, seed=0, update_every="epoch"), max_epochs=1)
+    assert str(error.value) == (
+        "method='selfish' with update_every='epoch' makes no topology update in this run of 1 epoch (8 optimizer "
+        "steps): the masks are updated between epochs, never after the last. Train 2 or more epochs, or give "
+        "update_every as a number of optimizer steps (e.g. update_every=7)"
+    )
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_the_presets_epoch_cadence_in_a_one_epoch_run_says_so_in_one_line(package: str, said: list[str]) -> None:
+    """A 1-epoch run of the default method: static sparse training labelled Selfish-RNN, and nothing said."""
+    lightning = importlib.import_module(package)
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[callback], **QUIET)
+    trainer.fit(module_of(lightning), token_loader())
+    assert callback.num_updates == 0
+    assert said == [
+        "method='selfish': the preset's update_every='epoch' makes no topology update in this run of 1 epoch (8 "
+        "optimizer steps): the masks are updated between epochs, never after the last, so they stay as drawn. "
+        "Train 2 or more epochs, or pass update_every as a number of optimizer steps (e.g. update_every=7)"
+    ]
+
+
+def test_a_run_with_epoch_updates_says_nothing(said: list[str]) -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
+    fit(callback, max_epochs=2)
+    assert callback.num_updates == 1 and said == []
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs,expected",
+    [
+        (
+            dict(fast_dev_run=True),
+            "method='rigl': the preset's update_every=100 makes no topology update in this run of 1 optimizer step, "
+            "and no cadence would: a method that regrows never updates on the run's last step. The masks stay as "
+            "drawn",
+        ),
+        (
+            dict(max_steps=2),
+            "method='rigl': the preset's update_every=100 would give this run of 2 optimizer steps no topology "
+            "update; it updates every step instead (1 update; pass update_every=... to choose)",
+        ),
+        (
+            dict(max_steps=60),
+            "method='rigl': the preset's update_every=100 would give this run of 60 optimizer steps no topology "
+            "update; it updates every 4 steps instead (11 updates; pass update_every=... to choose)",
+        ),
+    ],
+    ids=["fast_dev_run", "two steps", "sixty steps"],
+)
+def test_the_short_run_line_is_true_and_grammatical(trainer_kwargs: dict, expected: str, said: list[str]) -> None:
+    """It read "would give this run of 1 optimizer steps 0 topology updates; it updates every 1 steps instead (0
+    updates ...)" under fast_dev_run."""
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, method="rigl")
+    model = TinyLM()
+    trainer = make_trainer([callback], max_epochs=10, **trainer_kwargs)
+    trainer.fit(model, token_loader(), token_loader(1, 2))
+    assert said == [expected]
+    updates = int(expected.split("(")[1].split(" ")[0]) if "instead" in expected else 0
+    assert callback.num_updates == updates
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a time limit
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Slow(Callback):
+    """Makes every training batch take ``seconds`` (a model slower than its time limit)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_a_time_limit_alone_is_refused_naming_max_time(package: str) -> None:
+    """``Trainer(max_time=...)`` alone: the refusal named ``max_epochs=-1``, which the user never wrote."""
+    lightning = importlib.import_module(package)
+    trainer = lightning.Trainer(
+        callbacks=[SelfishSparsityCallback(sparsity=0.5, seed=0)], max_time="00:00:01:00", **QUIET
+    )
+    with pytest.raises(ValueError) as error:
+        trainer.fit(module_of(lightning), token_loader())
+    message = str(error.value)
+    assert "max_time=0:01:00 without max_epochs or max_steps (Lightning then sets max_epochs=-1 and stops on time)" in (
+        message
+    )
+    assert "Give SelfishSparsityCallback(total_steps=...)" in message
+
+
+def test_a_time_limit_is_warned_about_at_fit_start_and_said_when_it_cut_the_schedule(said: list[str]) -> None:
+    """``max_epochs=1000, max_time=...``: the cosine was planned over 8,000 steps and the run stopped after a few,
+    silently (the prune rate never annealed)."""
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, update_every=2)
+    with pytest.warns(UserWarning) as warned:
+        _, trainer = fit(callback, Slow(0.15), max_epochs=1000, max_time={"seconds": 1})
+    lines = [str(w.message) for w in warned if "max_time" in str(w.message)]
+    assert lines == [
+        "SelfishSparsityCallback: the trainer has a time limit (max_time, or a Timer callback: 0:00:01 left), which "
+        "the schedule cannot foresee: it plans its prune rate over the 8000 optimizer steps of max_epochs=1000, "
+        "max_steps=-1. A run the time limit stops earlier ends with its schedule unfinished (the prune rate not "
+        "annealed, late updates regrowing weights at zero). Give SelfishSparsityCallback(total_steps=...) with "
+        "the number of steps the time allows (or Trainer(max_steps=...))"
+    ]
+    step = trainer.global_step
+    assert 2 <= step < 100
+    rate = callback.current_prune_rate(step)
+    assert said == [
+        f"SelfishSparsityCallback: the run stopped at its time limit (max_time) after optimizer step {step} of the "
+        f"schedule's 8000: the prune rate reached {rate:.3f}, not min_prune_rate=0.005, after "
+        f"{callback.num_updates} topology updates. Give total_steps=... (or max_steps=...) that the time allows "
+        "for a complete schedule"
+    ]
+
+
+def test_a_time_limit_with_total_steps_given_is_not_warned_about(said: list[str]) -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, update_every=2, total_steps=10)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _, trainer = fit(callback, max_epochs=2, max_time={"minutes": 5})
+    assert not [w for w in warned if "SelfishSparsityCallback" in str(w.message)]
+    assert trainer.global_step == 16 and said == []  # (not stopped on time: nothing to say)
