@@ -31,7 +31,12 @@ from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
 from lightning_selfish.parts import MethodConfig, UpdateAmount
 from lightning_selfish.protocols import TopologyListener
 from lightning_selfish.schedules import check_run
-from lightning_selfish.selection import adopt_existing_masks, check_no_other_pruning, select_parameters
+from lightning_selfish.selection import (
+    adopt_existing_masks,
+    check_gate_layouts_sparsified,
+    check_no_other_pruning,
+    select_parameters,
+)
 from lightning_selfish.update import UpdateStats, update_summary
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
@@ -81,9 +86,10 @@ class SelfishSparsityCallback(Callback):
         include: fnmatch patterns of parameter names to sparsify, chosen among parameters with 2 or more
             dimensions (weight matrices, embeddings); default all of them. Biases, norm layers and other 1-d
             tensors always stay dense.
-        exclude: fnmatch patterns of parameter names to keep dense (e.g. ``["*prior*"]`` for the MoS prior).
+        exclude: fnmatch patterns of parameter names to keep dense (e.g. ``["*prior*"]`` for the MoS prior). A
+            pattern of ``include``/``exclude`` matches a tied weight by any of its names.
         gate_layouts: ``{param_name: [(gate, rows), ...]}`` for stacked weights that are not detected; see
-            :mod:`lightning_selfish.gates`.
+            :mod:`lightning_selfish.gates`. Every entry must name a sparsified parameter (by any of its names).
         update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps
             (RigL's ΔT; GMP's pruning frequency Δt).
         seed: seed of the callback's random draws (initial masks, random growth); ``None`` draws one on rank 0 and
@@ -276,6 +282,7 @@ class SelfishSparsityCallback(Callback):
         params = select_parameters(pl_module, self.include, self.exclude)
         check_no_other_pruning(pl_module, params)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
+        check_gate_layouts_sparsified(pl_module, self.gate_layouts, params, self.include, self.exclude)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
         device = next(iter(params.values())).device
         if self._loaded_state is not None:

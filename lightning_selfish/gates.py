@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_selfish.selection import parameter_aliases
+
 GateLayout = list[tuple[str, slice]]
 #: What a user may write for one tensor: gate names (equal blocks) or (gate, slice | (start, stop)) pairs.
 GateLayoutSpec = Sequence[str] | Sequence[tuple[str, slice | Sequence[int]]]
@@ -115,6 +117,8 @@ def detect_gate_layouts(
     ``overrides`` (the callback's ``gate_layouts`` argument) take precedence over declarations and detection.
     """
     params: dict[str, Tensor] = dict(module.named_parameters())
+    # A tied weight or a shared module is one parameter under several names: a layout keyed by any of them is its.
+    owner = {alias: name for name, names in parameter_aliases(module).items() for alias in names}
     specs: dict[str, GateLayoutSpec] = {}
     for prefix, child in module.named_modules():
         dot = f"{prefix}." if prefix else ""
@@ -126,17 +130,24 @@ def detect_gate_layouts(
         declared: Any = getattr(child, "gate_layouts", None)
         if isinstance(declared, Mapping):
             for local, spec in declared.items():
-                specs[dot + local] = spec
+                specs[owner.get(dot + local, dot + local)] = spec
+    given: dict[str, str] = {}  # parameter -> the name the overrides gave it
     for name, spec in (overrides or {}).items():
-        if name not in params:
+        if name not in owner:
             raise ValueError(
                 f"gate_layouts names parameter {name!r}, which the model does not have; "
                 f"parameters with 2 or more dimensions: {[n for n, p in params.items() if p.dim() >= 2]}"
             )
-        specs[name] = spec
+        if owner[name] in given:
+            raise ValueError(
+                f"gate_layouts names one tensor twice: {given[owner[name]]!r} and {name!r} are tied (one "
+                "parameter); give one layout"
+            )
+        given[owner[name]] = name
+        specs[owner[name]] = spec
     layouts: dict[str, GateLayout] = {}
     for name, spec in specs.items():
-        if name not in params:  # a declaration for a parameter that is shared under another name
+        if name not in params:  # a declaration for a name the module does not have
             continue
         layouts[name] = normalize_layout(spec, params[name].shape[0], name)
     return layouts

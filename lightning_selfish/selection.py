@@ -9,40 +9,106 @@ the one asked for (re-drawing masks over them would zero trained weights).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["adopt_existing_masks", "check_no_other_pruning", "select_parameters"]
+__all__ = [
+    "adopt_existing_masks",
+    "check_gate_layouts_sparsified",
+    "check_no_other_pruning",
+    "parameter_aliases",
+    "select_parameters",
+]
 
 #: A tensor with at least this share of exact zeros (and not all zeros) was made sparse: random initialisations
 #: give no exact zeros.
 SPARSE_ZERO_SHARE = 0.1
 
 
+def parameter_aliases(module: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter, keyed by its name in ``named_parameters()`` (which comes first).
+
+    A tied weight (a decoder sharing its encoder's embedding) or a module registered twice is one tensor under
+    several names; ``named_parameters()`` yields it once, under the first.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {aliases[0]: aliases for aliases in names.values()}
+
+
+def _matches(aliases: Sequence[str], patterns: Sequence[str]) -> str | None:
+    """The first pattern that matches any name of a parameter (``None``: none does)."""
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(name, p) for name in aliases)), None)
+
+
+def _listing(aliases: Mapping[str, Sequence[str]]) -> list[str]:
+    """Parameter names for a message, a tied weight's other names with what they are tied to."""
+    names = list(aliases)
+    names += [f"{alias} (tied to {name})" for name, others in aliases.items() for alias in others[1:]]
+    return sorted(names)
+
+
 def select_parameters(module: nn.Module, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[str, Tensor]:
-    """The parameters with 2 or more dimensions matched by ``include`` (all by default) and not by ``exclude``."""
+    """The parameters with 2 or more dimensions matched by ``include`` (all by default) and not by ``exclude``.
+
+    A pattern matches a parameter when it matches any of its names (a tied weight selected or kept dense by the name
+    it has in either module); the result is keyed by the names of ``named_parameters()``.
+    """
     candidates = {name: p for name, p in module.named_parameters() if p.dim() >= 2}
+    aliases = {name: names for name, names in parameter_aliases(module).items() if name in candidates}
     for arg, patterns in (("include", include or []), ("exclude", exclude)):
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+            if not any(_matches(names, [pattern]) for names in aliases.values()):
                 raise ValueError(
                     f"{arg} pattern {pattern!r} matches no parameter with 2 or more dimensions; "
-                    f"these are: {sorted(candidates)}"
+                    f"these are: {_listing(aliases)}"
                 )
     chosen = {
         name: p
         for name, p in candidates.items()
-        if (include is None or any(fnmatch.fnmatchcase(name, pat) for pat in include))
-        and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+        if (include is None or _matches(aliases[name], include)) and not _matches(aliases[name], exclude)
     }
     if not chosen:
         raise ValueError(
             f"no parameter left to sparsify (include={include}, exclude={list(exclude)}); "
-            f"parameters with 2 or more dimensions: {sorted(candidates)}"
+            f"parameters with 2 or more dimensions: {_listing(aliases)}"
         )
     return chosen
+
+
+def check_gate_layouts_sparsified(
+    module: nn.Module,
+    layout_names: Iterable[str],
+    params: Mapping[str, Tensor],
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+) -> None:
+    """Refuse a ``gate_layouts`` entry for a parameter that is not sparsified: it would be ignored silently.
+
+    ``params`` are the sparsified parameters (:func:`select_parameters`); a name the module does not have at all is
+    :func:`~lightning_selfish.gates.detect_gate_layouts`' error.
+    """
+    aliases = parameter_aliases(module)
+    owner = {alias: name for name, names in aliases.items() for alias in names}
+    tensors = dict(module.named_parameters())
+    for key in layout_names:
+        name = owner.get(key)
+        if name is None or name in params:
+            continue
+        dims = tensors[name].dim()
+        if dims < 2:
+            reason = f"it has {dims} dimension{'s' if dims != 1 else ''}: only parameters with 2 or more are sparsified"
+        elif (pattern := _matches(aliases[name], exclude)) is not None:
+            reason = f"exclude pattern {pattern!r} keeps it dense"
+        else:
+            reason = f"no include pattern matches it: include={list(include or [])}"
+        raise ValueError(
+            f"gate_layouts names {key!r}, which is not sparsified ({reason}): a layout is only used for a sparsified "
+            "tensor. Remove the entry, or sparsify the parameter"
+        )
 
 
 def check_no_other_pruning(module: nn.Module, params: Mapping[str, Tensor]) -> None:

@@ -111,9 +111,9 @@ def test_layout_rows_line_up_with_lstm_gate_order():
     assert torch.allclose(c_two_steps, c_last_only, atol=1e-6)
 
 
-def test_a_declaration_for_a_shared_weight_is_skipped_and_detection_goes_on() -> None:
-    """A tied weight is named once (its first name); a layout declared under its other name is passed over, and the
-    stacked weights after it are still detected."""
+def test_a_declaration_for_a_shared_weight_is_its_layout_and_detection_goes_on() -> None:
+    """A tied weight is named once (its first name); a layout declared under its other name is that tensor's (it was
+    passed over silently: issue 25.6), and the stacked weights after it are still detected."""
     model = nn.Module()
     model.first = nn.Linear(4, 8)
     model.tied = nn.Linear(4, 8)
@@ -121,7 +121,8 @@ def test_a_declaration_for_a_shared_weight_is_skipped_and_detection_goes_on() ->
     model.tied.gate_layouts = {"weight": ["a", "b"]}
     model.rnn = nn.LSTM(4, 2)
     layouts = detect_gate_layouts(model)
-    assert sorted(layouts) == ["rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    assert sorted(layouts) == ["first.weight", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    assert layouts["first.weight"] == [("a", slice(0, 4)), ("b", slice(4, 8))]
 
 
 def test_a_bad_override_names_its_parameter() -> None:

@@ -222,3 +222,90 @@ def test_a_time_limit_with_total_steps_given_is_not_warned_about(said: list[str]
         _, trainer = fit(callback, max_epochs=2, max_time={"minutes": 5})
     assert not [w for w in warned if "SelfishSparsityCallback" in str(w.message)]
     assert trainer.global_step == 16 and said == []  # (not stopped on time: nothing to say)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tied weights, gate layouts
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TiedLM(TinyLM):
+    """A language model whose decoder is tied to its encoder (the AWD-LSTM habit): one tensor, two names;
+    ``named_parameters()`` yields it once, as ``encoder.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(12, 12)
+        self.encoder = nn.Embedding(VOCAB, 12)
+        self.decoder = nn.Linear(12, VOCAB)
+        self.decoder.weight = self.encoder.weight
+
+
+def test_exclude_by_the_name_a_tied_weight_has_in_its_other_module() -> None:
+    """``exclude=["decoder.weight"]`` said "matches no parameter" and listed the candidates without the alias."""
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, exclude=["decoder.weight"])
+    model, _ = fit(callback, model=TiedLM(), max_epochs=1)
+    assert sorted(callback.masks) == ["rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    assert not (model.decoder.weight == 0).any()  # the tied tensor trained dense
+
+
+def test_include_by_the_name_a_tied_weight_has_in_its_other_module() -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, include=["decoder.*"])
+    model, _ = fit(callback, model=TiedLM(), max_epochs=1)
+    assert sorted(callback.masks) == ["encoder.weight"]  # keyed by its name in named_parameters()
+    assert int((model.decoder.weight != 0).sum()) == VOCAB * 12 // 2
+
+
+def test_a_gate_layout_keyed_by_the_other_name_of_a_tied_weight_applies_to_it() -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, gate_layouts={"decoder.weight": ["x", "y"]})
+    fit(callback, model=TiedLM(), max_epochs=1)
+    assert callback.engine.tensors["encoder.weight"].gates == [("x", slice(0, 20)), ("y", slice(20, 40))]
+
+
+def test_a_gate_layout_named_twice_through_a_tied_weight_is_refused() -> None:
+    layouts = {"encoder.weight": ["x", "y"], "decoder.weight": ["a", "b"]}
+    with pytest.raises(ValueError) as error:
+        fit(SelfishSparsityCallback(sparsity=0.5, seed=0, gate_layouts=layouts), model=TiedLM(), max_epochs=1)
+    assert str(error.value) == (
+        "gate_layouts names one tensor twice: 'encoder.weight' and 'decoder.weight' are tied (one parameter); "
+        "give one layout"
+    )
+
+
+def test_a_pattern_that_matches_nothing_lists_the_names_of_tied_weights() -> None:
+    with pytest.raises(ValueError) as error:
+        fit(SelfishSparsityCallback(sparsity=0.5, seed=0, exclude=["head.weight"]), model=TiedLM(), max_epochs=1)
+    assert str(error.value) == (
+        "exclude pattern 'head.weight' matches no parameter with 2 or more dimensions; these are: "
+        "['decoder.weight (tied to encoder.weight)', 'encoder.weight', 'rnn.weight_hh_l0', 'rnn.weight_ih_l0']"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(exclude=["decoder.*"]), "exclude pattern 'decoder.*' keeps it dense"),
+        (dict(include=["rnn.*"]), "no include pattern matches it: include=['rnn.*']"),
+    ],
+    ids=["excluded", "not included"],
+)
+def test_a_gate_layout_of_a_parameter_that_is_not_sparsified_is_refused(kwargs: dict, reason: str) -> None:
+    """It was ignored silently."""
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, gate_layouts={"decoder.weight": ["x", "y"]}, **kwargs)
+    with pytest.raises(ValueError) as error:
+        fit(callback, max_epochs=1)
+    assert str(error.value) == (
+        f"gate_layouts names 'decoder.weight', which is not sparsified ({reason}): a layout is only used for a "
+        "sparsified tensor. Remove the entry, or sparsify the parameter"
+    )
+
+
+def test_a_gate_layout_of_a_one_dimensional_parameter_is_refused() -> None:
+    callback = SelfishSparsityCallback(sparsity=0.5, seed=0, gate_layouts={"rnn.bias_hh_l0": ["i", "f", "g", "o"]})
+    with pytest.raises(ValueError) as error:
+        fit(callback, max_epochs=1)
+    assert str(error.value) == (
+        "gate_layouts names 'rnn.bias_hh_l0', which is not sparsified (it has 1 dimension: only parameters with 2 or "
+        "more are sparsified): a layout is only used for a sparsified tensor. Remove the entry, or sparsify the "
+        "parameter"
+    )
