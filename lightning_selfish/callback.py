@@ -312,8 +312,6 @@ class SelfishSparsityCallback(Callback):
         notice = self.controller.plan(total_steps, self.config, _epoch_ends(trainer))
         if notice is not None and trainer.is_global_zero:
             rank_zero_info(notice)
-        if self.total_steps is None and _time_left(trainer) is not None:
-            rank_zero_warn(_time_limit_warning(trainer, total_steps))
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
 
     @override
@@ -532,6 +530,8 @@ class SelfishSparsityCallback(Callback):
                 f"max_steps={trainer.max_steps}). Give SelfishSparsityCallback(total_steps=...), or set "
                 "Trainer(max_steps=...), or use a sized train dataloader with Trainer(max_epochs=...)"
             )
+        if _time_left(trainer) is not None:  # (the estimate assumes the step/epoch limit; the clock may come first)
+            rank_zero_warn(_time_limit_warning(trainer, int(total)))
         return int(total)
 
     def _shared_seed(self, trainer: pl.Trainer) -> int:

@@ -421,6 +421,15 @@ def test_prune_schedule_length_for_variable_bptt(corpus_dir: Path) -> None:
     assert lm._sparsity_callback.total_steps == lm._schedule_length, "asked by the callback, never written into it"
 
 
+def test_a_time_limit_is_warned_about_through_the_recipes(corpus_dir: Path) -> None:
+    """The recipes hand the callback a ``total_steps`` function that returns None for fixed windows (the trainer's
+    estimate): the schedule then assumes the step/epoch limit, which ``--trainer.max_time`` may cut (issue 25.4)."""
+    dm = datamodule(corpus_dir)
+    lm = LanguageModel(tiny_lstm(dm.vocab_size), lr=1.0, sparsity={"sparsity": 0.5}, checkpoint=False)
+    with pytest.warns(UserWarning, match=r"the trainer has a time limit \(max_time, or a Timer callback"):
+        trainer(max_epochs=2, limit_val_batches=1, max_time={"minutes": 5}).fit(lm, datamodule=dm)
+
+
 def test_standard_ntasgd_ignores_lifetimes() -> None:
     # One weight grown after the trigger: SNT-ASGD starts its average at its value, NT-ASGD averages it with
     # the zeros of its earlier non-existence.
