@@ -1,0 +1,122 @@
+"""Exact resumes for the train loaders users write (issue 25.1), with ``RandomStateCheckpoint`` and dropout.
+
+The loaders (conftest's ``LOADER_KINDS``): in order, ``shuffle=True``, ``shuffle=True`` with the loader's own
+``generator=``, a ``RandomSampler`` with its own generator, a seeded ``DistributedSampler``. Each is stopped at an
+epoch end and resumed from ``last.ckpt`` by a new ``Trainer`` (or killed by SIGKILL in the middle of the next epoch,
+in a subprocess), with and without the sparsity callback, under both Lightning packages. The reference is the
+uninterrupted run: the windows trained in the same order and every parameter ``torch.equal`` after the same steps.
+
+Before the fix every one of them differed: the random states were put back at the first training batch after the
+resume, after the resumed run had started its data iterator and drawn the epoch's order from other states, and the
+loader's and the sampler's own generators were not saved at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import BATCH, LOADER_KINDS, PACKAGES, Kill, dropout_lm, make_trainer, user_loader, windows
+from torch.utils.data import DataLoader
+
+from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
+
+EPOCHS = 3  # of 4 batches; the stopped run ends after the second, the resumed one trains the third
+
+
+def fit(
+    package: str,
+    kind: str,
+    sparse: bool,
+    max_epochs: int = EPOCHS,
+    save_to: Path | None = None,
+    stop=False,
+    ckpt_path: Path | None = None,
+    **loader_kwargs,
+):
+    """One run as a user's script makes it: seeded, a fresh model, ``RandomStateCheckpoint`` (after the sparsity
+    callback when ``sparse``), a validation loader without a generator; ``save_to`` keeps ``last.ckpt`` there, and
+    ``stop`` stops the run after its second epoch (``trainer.should_stop``, the schedule being the full run's)."""
+    pl.seed_everything(0, verbose=False)
+    lightning = importlib.import_module(package)
+    model = dropout_lm(package)
+    callbacks = [*([SelfishSparsityCallback(sparsity=0.5, seed=1)] if sparse else []), RandomStateCheckpoint()]
+    if stop:
+        callbacks.append(Kill(after_epoch=1))
+    if save_to is not None:
+        callbacks.append(lightning.callbacks.ModelCheckpoint(dirpath=save_to, save_last=True))
+    trainer = make_trainer(callbacks, max_epochs, package=package, enable_checkpointing=save_to is not None)
+    train = user_loader(kind, **loader_kwargs)
+    trainer.fit(model, train, DataLoader(windows(1, 2), BATCH), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def assert_resumed_exactly(straight, resumed, steps: int) -> None:
+    """The resumed run trained the uninterrupted run's last ``steps`` windows, in its order, to the same weights."""
+    assert len(resumed.trained) == steps
+    assert resumed.trained == straight.trained[-steps:], "the resumed epoch reads other windows, or another order"
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: max |diff| {float((a - b).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("kind", LOADER_KINDS)
+def test_a_fit_stopped_at_an_epoch_end_resumes_bit_exact_in_a_new_trainer(
+    kind: str, sparse: bool, package: str, tmp_path: Path
+) -> None:
+    straight, _ = fit(package, kind, sparse)
+    fit(package, kind, sparse, save_to=tmp_path, stop=True)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 1
+    resumed, _ = fit(package, kind, sparse, ckpt_path=tmp_path / "last.ckpt")
+    assert_resumed_exactly(straight, resumed, steps=4)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("kind", LOADER_KINDS)
+def test_a_fit_that_reached_max_epochs_goes_on_bit_exact_with_more_epochs(kind: str, package: str, tmp_path: Path):
+    """``max_epochs=2``, then a new ``Trainer(max_epochs=3)`` from its ``last.ckpt``: the third epoch of a run of 3."""
+    straight, _ = fit(package, kind, sparse=False)
+    fit(package, kind, sparse=False, max_epochs=2, save_to=tmp_path)
+    resumed, _ = fit(package, kind, sparse=False, ckpt_path=tmp_path / "last.ckpt")
+    assert_resumed_exactly(straight, resumed, steps=4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# killed by SIGKILL
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.subprocess
+def test_a_fit_killed_mid_epoch_resumes_bit_exact_from_last_ckpt(tmp_path: Path) -> None:
+    """``tests/scripts/killable_loaders.py``: under both packages, every loader kind with the sparsity callback and the
+    shuffled ones also without; for each, three runs in their own processes: the uninterrupted one, one killed by
+    SIGKILL at the third batch of its third epoch (no hook runs, nothing is flushed: ``last.ckpt`` of the second
+    epoch's end is left), and ``fit(ckpt_path=last.ckpt)`` in a new ``Trainer``."""
+    script = Path(__file__).parent / "scripts" / "killable_loaders.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    cases = set(results)
+    assert {package for package, _, _ in cases} == set(PACKAGES)
+    assert {kind for _, kind, sparse in cases if sparse} == set(LOADER_KINDS)
+    assert {kind for _, kind, sparse in cases if not sparse} == {"shuffle", "shuffle, own generator"}
+    differ = {}
+    for case, runs in results.items():
+        assert runs["killed by"] == 9, case  # SIGKILL
+        straight, resumed = runs["straight"], runs["resumed"]
+        assert len(resumed["trained"]) == 4, case
+        diffs = [float((a - resumed["params"][name]).abs().max()) for name, a in straight["params"].items()]
+        same = all(torch.equal(a, resumed["params"][name]) for name, a in straight["params"].items())
+        if resumed["trained"] != straight["trained"][-4:] or not same:
+            differ[case] = max(diffs)
+    assert not differ, f"resumed runs that differ from the uninterrupted one (max |diff|): {differ}"
