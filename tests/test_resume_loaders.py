@@ -23,6 +23,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import BATCH, LOADER_KINDS, PACKAGES, Kill, dropout_lm, make_trainer, user_loader, windows
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
@@ -30,31 +31,20 @@ from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
 EPOCHS = 3  # of 4 batches; the stopped run ends after the second, the resumed one trains the third
 
 
-def fit(
-    package: str,
-    kind: str,
-    sparse: bool,
-    max_epochs: int = EPOCHS,
-    save_to: Path | None = None,
-    stop=False,
-    ckpt_path: Path | None = None,
-    **loader_kwargs,
-):
+def fit(package: str, kind: str, sparse: bool, max_epochs: int = EPOCHS, extra=(), ckpt_path=None, **loader_kwargs):
     """One run as a user's script makes it: seeded, a fresh model, ``RandomStateCheckpoint`` (after the sparsity
-    callback when ``sparse``), a validation loader without a generator; ``save_to`` keeps ``last.ckpt`` there, and
-    ``stop`` stops the run after its second epoch (``trainer.should_stop``, the schedule being the full run's)."""
+    callback when ``sparse``) and the ``extra`` callbacks, a validation loader without a generator."""
     pl.seed_everything(0, verbose=False)
-    lightning = importlib.import_module(package)
     model = dropout_lm(package)
-    callbacks = [*([SelfishSparsityCallback(sparsity=0.5, seed=1)] if sparse else []), RandomStateCheckpoint()]
-    if stop:
-        callbacks.append(Kill(after_epoch=1))
-    if save_to is not None:
-        callbacks.append(lightning.callbacks.ModelCheckpoint(dirpath=save_to, save_last=True))
-    trainer = make_trainer(callbacks, max_epochs, package=package, enable_checkpointing=save_to is not None)
-    train = user_loader(kind, **loader_kwargs)
-    trainer.fit(model, train, DataLoader(windows(1, 2), BATCH), ckpt_path=ckpt_path)
-    return model, trainer
+    callbacks = [*([SelfishSparsityCallback(sparsity=0.5, seed=1)] if sparse else []), RandomStateCheckpoint(), *extra]
+    checkpointing = any(type(cb).__name__ == "ModelCheckpoint" for cb in extra)
+    trainer = make_trainer(callbacks, max_epochs, package=package, enable_checkpointing=checkpointing)
+    trainer.fit(model, user_loader(kind, **loader_kwargs), DataLoader(windows(1, 2), BATCH), ckpt_path=ckpt_path)
+    return model
+
+
+def last_checkpoint(package: str, tmp_path: Path):
+    return importlib.import_module(package).callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
 
 
 def assert_resumed_exactly(straight, resumed, steps: int) -> None:
@@ -71,10 +61,10 @@ def assert_resumed_exactly(straight, resumed, steps: int) -> None:
 def test_a_fit_stopped_at_an_epoch_end_resumes_bit_exact_in_a_new_trainer(
     kind: str, sparse: bool, package: str, tmp_path: Path
 ) -> None:
-    straight, _ = fit(package, kind, sparse)
-    fit(package, kind, sparse, save_to=tmp_path, stop=True)
+    straight = fit(package, kind, sparse)
+    fit(package, kind, sparse, extra=[Kill(after_epoch=1), last_checkpoint(package, tmp_path)])  # stop after epoch 2
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 1
-    resumed, _ = fit(package, kind, sparse, ckpt_path=tmp_path / "last.ckpt")
+    resumed = fit(package, kind, sparse, ckpt_path=tmp_path / "last.ckpt")
     assert_resumed_exactly(straight, resumed, steps=4)
 
 
@@ -82,10 +72,50 @@ def test_a_fit_stopped_at_an_epoch_end_resumes_bit_exact_in_a_new_trainer(
 @pytest.mark.parametrize("kind", LOADER_KINDS)
 def test_a_fit_that_reached_max_epochs_goes_on_bit_exact_with_more_epochs(kind: str, package: str, tmp_path: Path):
     """``max_epochs=2``, then a new ``Trainer(max_epochs=3)`` from its ``last.ckpt``: the third epoch of a run of 3."""
-    straight, _ = fit(package, kind, sparse=False)
-    fit(package, kind, sparse=False, max_epochs=2, save_to=tmp_path)
-    resumed, _ = fit(package, kind, sparse=False, ckpt_path=tmp_path / "last.ckpt")
+    straight = fit(package, kind, sparse=False)
+    fit(package, kind, sparse=False, max_epochs=2, extra=[last_checkpoint(package, tmp_path)])
+    resumed = fit(package, kind, sparse=False, ckpt_path=tmp_path / "last.ckpt")
     assert_resumed_exactly(straight, resumed, steps=4)
+
+
+class Crash(Exception):
+    """Stands for a killed process."""
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Crash
+
+
+@pytest.mark.parametrize("kind", ["shuffle", "shuffle, own generator"])
+def test_a_checkpoint_after_the_last_batch_of_an_epoch_resumes_bit_exact(kind: str, tmp_path: Path) -> None:
+    """``every_n_train_steps=8`` writes after the second epoch's last batch, before its validation and its end: the
+    resumed run starts the third epoch as the uninterrupted run did (it counts as written between epochs). Without
+    the sparsity callback: Lightning does not call that epoch's ``on_train_epoch_end`` on this resume, so the
+    callback's epoch-cadence update of that epoch is not made (a separate issue)."""
+    straight = fit(PACKAGES[0], kind, sparse=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    with pytest.raises(Crash):
+        fit(PACKAGES[0], kind, sparse=False, extra=[saver, CrashAtStep(9)])
+    resumed = fit(PACKAGES[0], kind, sparse=False, ckpt_path=tmp_path / "step=8.ckpt")
+    assert_resumed_exactly(straight, resumed, steps=4)
+
+
+def test_a_plain_loader_checkpointed_inside_an_epoch_resumes_with_lightnings_warning(tmp_path: Path) -> None:
+    """Inside an epoch only a loader with ``state_dict``/``load_state_dict`` goes on at its position (see
+    tests/test_resume_paths.py); a plain ``DataLoader`` restarts the epoch's data, and Lightning says so."""
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    with pytest.raises(Crash):
+        fit(PACKAGES[0], "shuffle", sparse=False, extra=[saver, CrashAtStep(7)])
+    with pytest.warns(
+        UserWarning,
+        match="resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+    ):
+        fit(PACKAGES[0], "shuffle", sparse=False, ckpt_path=tmp_path / "step=6.ckpt")
 
 
 # --------------------------------------------------------------------------------------------------------------
