@@ -29,7 +29,10 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "RandomStateCheckpoint",
     "capture_random_state",
+    "loader_generator_states",
     "loader_generators",
+    "replay_iterator_start",
+    "restore_loader_generators",
     "restore_random_state",
     "train_loaders",
 ]
@@ -98,6 +101,59 @@ def loader_generators(loader: Any) -> dict[str, torch.Generator]:
     return found
 
 
+def loader_generator_states(loaders: list[Any]) -> list[dict[str, torch.Tensor]]:
+    """The state of every generator of every loader (:func:`loader_generators`), loader by loader."""
+    return [
+        {path: generator.get_state() for path, generator in loader_generators(loader).items()} for loader in loaders
+    ]
+
+
+def restore_loader_generators(loaders: list[Any], saved: list[dict[str, torch.Tensor]]) -> list[str]:
+    """Put the states :func:`loader_generator_states` returned back into the loaders' generators, path by path; the
+    lines that say which could not be (a loader that draws from other generators than the saved one, or fewer
+    loaders)."""
+    notices = []
+    for index, loader in enumerate(loaders):
+        generators = loader_generators(loader)
+        states = saved[index] if index < len(saved) else {}
+        if generators.keys() != states.keys():
+            notices.append(
+                f"RandomStateCheckpoint: train loader {index} draws from generators at {sorted(generators)}, the "
+                f"checkpoint holds the states of {sorted(states)}: only those in both are restored, so the data order "
+                "may differ from the uninterrupted run; resume with the loaders the checkpoint was written with"
+            )
+        for path in generators.keys() & states.keys():
+            generators[path].set_state(states[path])
+    if len(saved) > len(loaders):
+        notices.append(
+            f"RandomStateCheckpoint: the checkpoint holds the generators of {len(saved)} train loaders, this run has "
+            f"{len(loaders)}: those of the others are not restored; resume with the loaders the checkpoint was "
+            "written with"
+        )
+    return notices
+
+
+def workers_notice(loaders: list[Any]) -> str | None:
+    """The line a resume says when a train ``DataLoader`` has worker processes: they were seeded when Lightning
+    started the iterator, before the saved states could be restored."""
+    workers = [loader.num_workers for loader in loaders if isinstance(loader, DataLoader) and loader.num_workers > 0]
+    if not workers:
+        return None
+    return (
+        f"RandomStateCheckpoint: the train DataLoader has num_workers={workers[0]}, whose worker processes were seeded "
+        "when this resumed fit started its iterator, before the saved random states could be restored: random draws "
+        "inside the workers differ from the uninterrupted run; num_workers=0 resumes exactly"
+    )
+
+
+EARLIER_VERSION_NOTICE = (
+    "RandomStateCheckpoint: the checkpoint was written by an earlier version, which saved neither the train loaders' "
+    "generators nor whether it was written inside an epoch; its global random states are restored at the first "
+    "training batch, as that version did, which may differ from the uninterrupted run (a checkpoint written by this "
+    "version resumes exactly)"
+)
+
+
 def replay_iterator_start(loader: Any) -> None:
     """Draw what starting an iterator of ``loader`` draws (a ``DataLoader`` draws its workers' base seed from its
     ``generator``, or torch's global one), by starting one of an empty ``DataLoader`` with that generator: torch's own
@@ -152,10 +208,7 @@ class RandomStateCheckpoint(Callback):
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else None
         state = capture_random_state(device)
-        loaders = train_loaders(trainer) if trainer is not None else []
-        state["loaders"] = [
-            {path: generator.get_state() for path, generator in loader_generators(loader).items()} for loader in loaders
-        ]
+        state["loaders"] = loader_generator_states(train_loaders(trainer) if trainer is not None else [])
         inside = trainer is not None and 0 < self._batches_begun < trainer.num_training_batches
         world_size = trainer.world_size if trainer is not None else 1
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -187,21 +240,11 @@ class RandomStateCheckpoint(Callback):
             self._loaded = None
             return
         loaders = train_loaders(trainer)
-        workers = sorted({loader.num_workers for loader in loaders if isinstance(loader, DataLoader)} - {0})
-        if workers:
-            rank_zero_warn(
-                f"RandomStateCheckpoint: the train DataLoader has num_workers={workers[0]}, whose worker processes "
-                "were seeded when this resumed fit started its iterator, before the saved random states could be "
-                "restored: random draws inside the workers differ from the uninterrupted run; num_workers=0 resumes "
-                "exactly"
-            )
+        notice = workers_notice(loaders)
+        if notice is not None:
+            rank_zero_warn(notice)
         if self._loaded_between_epochs is None:
-            rank_zero_warn(
-                "RandomStateCheckpoint: the checkpoint was written by an earlier version, which saved neither the "
-                "train loaders' generators nor whether it was written inside an epoch; its global random states are "
-                "restored at the first training batch, as that version did, which may differ from the uninterrupted "
-                "run (a checkpoint written by this version resumes exactly)"
-            )
+            rank_zero_warn(EARLIER_VERSION_NOTICE)
         elif self._loaded_between_epochs:
             self._restore(trainer, pl_module)
             for loader in loaders:
@@ -229,25 +272,6 @@ class RandomStateCheckpoint(Callback):
         assert ranks is not None
         state = ranks[trainer.global_rank]
         restore_random_state(state, pl_module.device)
-        if "loaders" not in state:  # an earlier version's checkpoint (on_train_start said so)
-            return
-        saved = state["loaders"]
-        loaders = train_loaders(trainer)
-        for index, loader in enumerate(loaders):
-            generators = loader_generators(loader)
-            states = saved[index] if index < len(saved) else {}
-            if generators.keys() != states.keys():
-                rank_zero_warn(
-                    f"RandomStateCheckpoint: train loader {index} draws from generators at {sorted(generators)}, the "
-                    f"checkpoint holds the states of {sorted(states)}: only those in both are restored, so the data "
-                    "order may differ from the uninterrupted run; resume with the loaders the checkpoint was written "
-                    "with"
-                )
-            for path in generators.keys() & states.keys():
-                generators[path].set_state(states[path])
-        if len(saved) > len(loaders):
-            rank_zero_warn(
-                f"RandomStateCheckpoint: the checkpoint holds the generators of {len(saved)} train loaders, this run "
-                f"has {len(loaders)}: those of the others are not restored; resume with the loaders the checkpoint "
-                "was written with"
-            )
+        if "loaders" in state:  # (not in an earlier version's checkpoint: on_train_start said so)
+            for notice in restore_loader_generators(train_loaders(trainer), state["loaders"]):
+                rank_zero_warn(notice)

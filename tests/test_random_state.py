@@ -18,10 +18,10 @@ import torch
 from conftest import BATCH, STEPS, VOCAB, WINDOWS, TinyLM, dropout_lm, make_trainer, user_loader
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
-from lightning_selfish.random_state import capture_random_state, restore_random_state
+from lightning_selfish.random_state import capture_random_state, loader_generators, restore_random_state, train_loaders
 
 
 class DropoutLM(TinyLM):
@@ -105,6 +105,34 @@ def test_states_round_trip_and_are_plain_for_weights_only_loading(tmp_path: Path
 def test_a_bad_state_is_refused() -> None:
     with pytest.raises(ValueError, match=r"not a RandomStateCheckpoint state: expected \{'ranks': .*got keys \['x'\]"):
         RandomStateCheckpoint().load_state_dict({"x": 1})
+
+
+def test_the_generators_of_a_loader_are_found_by_their_attribute_path() -> None:
+    data = TensorDataset(torch.arange(8))
+    g, h = torch.Generator(), torch.Generator()
+    cases = [
+        (DataLoader(data, 2), {}),
+        (DataLoader(data, 2, shuffle=True), {}),  # its RandomSampler draws a seed from torch's global generator
+        (DataLoader(data, 2, shuffle=True, generator=g), {"generator": g}),  # the sampler holds the same g
+        (DataLoader(data, 2, sampler=RandomSampler(data, generator=h)), {"sampler.generator": h}),
+        (
+            DataLoader(data, 2, sampler=RandomSampler(data, generator=h), generator=g),
+            {"generator": g, "sampler.generator": h},
+        ),
+        (
+            DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data, generator=h), 2, False)),
+            {"batch_sampler.sampler.generator": h},
+        ),
+        (DataLoader(data, 2, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=3)), {}),
+        ([(torch.zeros(2),)], {}),  # not a DataLoader: a list of batches
+    ]
+    for loader, expected in cases:
+        found = loader_generators(loader)
+        assert found.keys() == expected.keys() and all(found[k] is expected[k] for k in expected), loader
+    a, b, c = (DataLoader(data) for _ in range(3))
+    trainer = type("T", (), {"train_dataloader": {"x": [a, b], "y": c}})()
+    assert train_loaders(trainer) == [a, b, c]
+    assert train_loaders(type("T", (), {"train_dataloader": None})()) == []
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import BATCH, LOADER_KINDS, PACKAGES, Kill, dropout_lm, make_trainer, user_loader, windows
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
 
@@ -76,6 +76,30 @@ def test_a_fit_that_reached_max_epochs_goes_on_bit_exact_with_more_epochs(kind: 
     fit(package, kind, sparse=False, max_epochs=2, extra=[last_checkpoint(package, tmp_path)])
     resumed = fit(package, kind, sparse=False, ckpt_path=tmp_path / "last.ckpt")
     assert_resumed_exactly(straight, resumed, steps=4)
+
+
+def test_two_train_loaders_one_with_a_batch_sampler_resume_bit_exact(tmp_path: Path) -> None:
+    """A dict of train loaders (Lightning cycles the shorter): a ``shuffle=True`` one without a generator, and one
+    with a ``batch_sampler`` over a ``RandomSampler`` with its own generator; stopped after epoch 2, resumed."""
+
+    class TwoLoaders(type(dropout_lm())):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx) + super().training_step(batch["b"], batch_idx)
+
+    def fit_two(extra=(), ckpt_path=None) -> pl.LightningModule:
+        pl.seed_everything(0, verbose=False)
+        model, data = TwoLoaders(), windows(2, 3)
+        sampler = BatchSampler(RandomSampler(data, generator=torch.Generator().manual_seed(2)), BATCH, False)
+        loaders = {"a": user_loader("shuffle"), "b": DataLoader(data, batch_sampler=sampler)}
+        callbacks = [SelfishSparsityCallback(sparsity=0.5, seed=1), RandomStateCheckpoint(), *extra]
+        trainer = make_trainer(callbacks, EPOCHS, enable_checkpointing=bool(extra))
+        trainer.fit(model, loaders, ckpt_path=ckpt_path)
+        return model
+
+    straight = fit_two()
+    fit_two(extra=[Kill(after_epoch=1), last_checkpoint(PACKAGES[0], tmp_path)])
+    resumed = fit_two(ckpt_path=tmp_path / "last.ckpt")
+    assert_resumed_exactly(straight, resumed, steps=8)  # 4 batches of each loader
 
 
 class Crash(Exception):
