@@ -6,6 +6,7 @@ one another."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, TensorDataset
 
 from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.engine import SparseEngine, UpdateContext
@@ -104,7 +105,8 @@ def token_loader(seed: int = 0, windows: int = WINDOWS) -> DataLoader:
     return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH, shuffle=False)
 
 
-def make_trainer(callbacks, max_epochs: int = 3, **kwargs) -> pl.Trainer:
+def make_trainer(callbacks, max_epochs: int = 3, package: str = "pytorch_lightning", **kwargs) -> pl.Trainer:
+    """A quiet CPU ``Trainer`` of ``package`` (``"pytorch_lightning"`` or ``"lightning.pytorch"``)."""
     defaults = dict(
         accelerator="cpu",
         devices=1,
@@ -117,7 +119,7 @@ def make_trainer(callbacks, max_epochs: int = 3, **kwargs) -> pl.Trainer:
         gradient_clip_val=0.25,
     )
     defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    return importlib.import_module(package).Trainer(callbacks=callbacks, **defaults)
 
 
 class RecordingLogger(Logger):
@@ -324,6 +326,78 @@ def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
     """The weights and the optimizer's state dict at the end of a fit, to compare runs exactly."""
     opt = trainer.optimizers[0]
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resumes with dropout, under either Lightning package, for the train loaders users write
+# --------------------------------------------------------------------------------------------------------------
+
+PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+
+
+def dropout_lm(package: str = "pytorch_lightning", p: float = 0.3) -> pl.LightningModule:
+    """A tiny LSTM LM of ``package`` with dropout ``p`` on the embeddings (every training step draws from torch's
+    global generator); it records the first token of every training window, in the order trained."""
+    lightning = importlib.import_module(package)
+
+    class DropoutLM(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Embedding(VOCAB, EMB)
+            self.rnn = nn.LSTM(EMB, HIDDEN)
+            self.decoder = nn.Linear(HIDDEN, VOCAB)
+            self.trained: list[list[int]] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch[0].t(), batch[1].t()  # (T, B)
+            self.trained.append(x[0].tolist())
+            out, _ = self.rnn(nn.functional.dropout(self.encoder(x), p, self.training))
+            return nn.functional.cross_entropy(self.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+
+        def validation_step(self, batch, batch_idx):
+            out, _ = self.rnn(self.encoder(batch[0].t()))
+            self.log(
+                "val_loss", nn.functional.cross_entropy(self.decoder(out).reshape(-1, VOCAB), batch[1].t().reshape(-1))
+            )
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    return DropoutLM()
+
+
+def windows(seed: int, count: int) -> TensorDataset:
+    """``count * BATCH`` random token windows (inputs, next tokens)."""
+    tokens = torch.randint(0, VOCAB, (count * BATCH, STEPS + 1), generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+def user_loader(kind: str, count: int = 4, **kwargs) -> DataLoader:
+    """The train loaders users write, over ``count`` batches of windows, by ``kind`` (one of ``LOADER_KINDS``)."""
+    data = windows(0, count)
+    if kind == "in order":
+        return DataLoader(data, BATCH, **kwargs)
+    if kind == "shuffle":
+        return DataLoader(data, BATCH, shuffle=True, **kwargs)
+    if kind == "shuffle, own generator":  # what docs/callback.md used to recommend
+        return DataLoader(data, BATCH, shuffle=True, generator=torch.Generator().manual_seed(1), **kwargs)
+    if kind == "RandomSampler, own generator":
+        return DataLoader(
+            data, BATCH, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(1)), **kwargs
+        )
+    if kind == "seeded DistributedSampler":
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=1)
+        return DataLoader(data, BATCH, sampler=sampler, **kwargs)
+    raise ValueError(f"kind={kind!r}: not one of {LOADER_KINDS}")
+
+
+LOADER_KINDS = (
+    "in order",
+    "shuffle",
+    "shuffle, own generator",
+    "RandomSampler, own generator",
+    "seeded DistributedSampler",
+)
 
 
 @pytest.fixture(autouse=True)

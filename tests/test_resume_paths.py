@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 import torch
 from conftest import BATCH, STEPS, VOCAB, WINDOWS, TinyLM, make_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
 
-from lightning_selfish import SelfishSparsityCallback
+from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
 
 
 class StatefulWindows:
@@ -62,6 +63,14 @@ class WindowLM(TinyLM):
         return super().training_step(batch[:2], batch_idx)
 
 
+class DropoutWindowLM(WindowLM):
+    """WindowLM with dropout 0.3 on the embeddings, and no state carried from window to window."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(nn.functional.dropout(self.encoder(x), 0.3, self.training))
+        return self.decoder(out)
+
+
 class Crash(Exception):
     """Stands for a killed process."""
 
@@ -75,9 +84,9 @@ class CrashAtStep(Callback):
             raise Crash
 
 
-def fit(callbacks: list, loader: StatefulWindows, ckpt_path: Path | None = None, **kwargs) -> WindowLM:
+def fit(callbacks: list, loader: StatefulWindows, ckpt_path: Path | None = None, lm=WindowLM, **kwargs) -> WindowLM:
     pl.seed_everything(0, verbose=False)
-    model = WindowLM()
+    model = lm()
     make_trainer(callbacks, **{"max_epochs": 2, **kwargs}).fit(model, loader, ckpt_path=ckpt_path)
     return model
 
@@ -107,6 +116,27 @@ def test_a_users_stateful_loader_resumes_mid_epoch_at_its_saved_position(sparse:
     assert resumed.trained == straight.trained[11:] == [3, 4, 5, 6, 7]
     if sparse:
         assert callbacks[0].controller.total_steps == 16  # the run's length, read after the restore
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["with the sparsity callback", "without"])
+def test_with_dropout_a_stateful_loader_resumed_mid_epoch_ends_with_the_uninterrupted_weights(
+    sparse: bool, tmp_path: Path
+) -> None:
+    """A checkpoint after step 11 (3 windows into the second epoch) with ``RandomStateCheckpoint``: the resumed run
+    draws, from the next window on, the dropout masks the uninterrupted run drew (restored at the first batch, after
+    the loader handed it out)."""
+
+    def callbacks(*extra) -> list:
+        return [*([SelfishSparsityCallback(sparsity=0.5, seed=1)] if sparse else []), RandomStateCheckpoint(), *extra]
+
+    straight = fit(callbacks(), StatefulWindows(), lm=DropoutWindowLM)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=11, save_top_k=-1, filename="{step}")
+    with pytest.raises(Crash):
+        fit(callbacks(saver, CrashAtStep(13)), StatefulWindows(), lm=DropoutWindowLM, enable_checkpointing=True)
+    resumed = fit(callbacks(), StatefulWindows(), ckpt_path=tmp_path / "step=11.ckpt", lm=DropoutWindowLM)
+    assert resumed.trained == straight.trained[11:] == [3, 4, 5, 6, 7]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_resumed_run_keeps_the_cadence_its_checkpoint_ran_with(tmp_path: Path) -> None:
