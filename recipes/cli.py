@@ -42,6 +42,7 @@ from recipes.data import LanguageModelingDataModule
 from recipes.hparams import PerplexityHParams
 from recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from recipes.lm import LanguageModel
+from recipes.model_summary import FlopsPerTokenModelSummary
 from recipes.runs import label_run_logger
 from recipes.runtime import keep_freed_memory_for_reuse
 from recipes.summary import fit_summary, test_summary
@@ -55,6 +56,7 @@ TensorBoardLogger = module("loggers").TensorBoardLogger
 rank_zero_info = module("utilities.rank_zero").rank_zero_info
 rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
 _callbacks = module("callbacks")
+ModelSummary = _callbacks.ModelSummary
 ProgressBar = _callbacks.ProgressBar
 RichProgressBar = _callbacks.RichProgressBar
 TQDMProgressBar = _callbacks.TQDMProgressBar
@@ -169,13 +171,16 @@ class SelfishRNNCLI(LightningCLI):
             console.expect_checkpoints_in_log_dir()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches, unless the config brings its own or disables it.
+        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches and the model summary shows this project's FLOPs,
+        # unless the config brings its own or disables them.
         section = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = section.get("trainer", {})
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, progress_bar()]
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks = [*callbacks, FlopsPerTokenModelSummary()]
         trainer["callbacks"] = [*callbacks, PerplexityHParams()]  # TensorBoard's HParams tab, by perplexity
         return super().instantiate_trainer(**kwargs)
 

@@ -201,6 +201,60 @@ def test_quickstart_sized_run_is_quiet_reports_its_result_and_keeps_one_log_vers
     assert len(list((version / "checkpoints").glob("epoch0001-*.ckpt"))) == 1  # the resumed epoch, same directory
 
 
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning"])
+def test_the_model_summary_shows_the_runs_flops_per_token(package: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    """The summary printed at the start of a fit: FLOPs per token of this run's masks, not torch's 0."""
+    args = ["fit", "--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), "--trainer.max_epochs=1"]
+    result = run_cli([*args, "--trainer.enable_progress_bar=false"], tmp_path, {compat.ENV_VAR: package})
+    text = output_of(result)
+    assert result.returncode == 0, text
+    assert "Total Flops" not in text and "Total FLOPs" not in text, text
+    assert "Trainer already configured with model summary callbacks" not in text, text
+    (last,) = tmp_path.glob("lightning_logs/quickstart/*/version_0/checkpoints/last.ckpt")
+    checkpoint = torch.load(last, weights_only=False, map_location="cpu")
+    masks = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("SelfishSparsityCallback"))["masks"]
+    assert checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "Selfish" in k)]["num_updates"] == 0
+    weights = checkpoint["state_dict"]
+    # The rule (docs/flops.md): 2 FLOPs per active weight of each matrix that multiplies an activation, once per
+    # token; the (untied) embedding is a lookup and free.
+    matmuls = [name for name in weights if name.startswith(("network.rnn.weight_", "network.decoder.weight"))]
+    sparse = sum(2 * int(masks[name].sum()) if name in masks else 2 * weights[name].numel() for name in matmuls)
+    dense = sum(2 * weights[name].numel() for name in matmuls)
+    assert sparse < dense
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("| Name"))
+    assert header.split("|")[-1].strip() == "FLOPs per token", text
+    row = next(line for line in text.splitlines() if re.match(r"0 \| network ", line))
+    assert row.split("|")[-1].strip() == f"{sparse:,}", text
+    assert re.search(rf"^{sparse:,} +Inference FLOPs per token \(with this run's masks; dense {dense:,}\)$", text, re.M)
+
+
+def test_the_model_summary_in_a_trainer_of_ones_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense model of one's own: the dense figure; a weight of unknown cost: no figure, and why (no crash)."""
+    from recipes import model_summary
+    from tests.conftest import TinyLM, make_trainer, token_loader
+
+    printed: list[str] = []
+    monkeypatch.setattr(model_summary, "rank_zero_info", printed.append)
+    model = TinyLM()
+    make_trainer([model_summary.FlopsPerTokenModelSummary()], max_epochs=1, limit_train_batches=1).fit(
+        model, token_loader()
+    )
+    recurrent = 2 * sum(p.numel() for n, p in model.rnn.named_parameters() if n.startswith("weight_"))
+    dense = recurrent + 2 * model.decoder.weight.numel()  # the embedding is a lookup: free
+    (text,) = printed
+    assert re.search(rf"^\d +\| rnn +\| LSTM +\| .* \| {recurrent:,}$", text, re.M), text
+    assert re.search(rf"^{dense:,} +Inference FLOPs per token \(dense\)$", text, re.M), text
+
+    model.scale = torch.nn.Parameter(torch.ones(2, 2))  # a 2-d weight of no known layer: its cost is unknown
+    printed.clear()
+    make_trainer([model_summary.FlopsPerTokenModelSummary()], max_epochs=1, limit_train_batches=1).fit(
+        model, token_loader()
+    )
+    (text,) = printed
+    assert "FLOPs per token not counted: cannot count the FLOPs of ['scale']" in text, text
+    assert "Inference FLOPs" not in text and "| Mode" in text, text
+
+
 def test_resume_can_start_a_new_log_version(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     common = ["--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), *QUIET]
