@@ -54,11 +54,15 @@ _MAX_MESSAGE = 600
 
 
 def user_error_message(
-    error: BaseException, argv: Sequence[str] = (), commands: Sequence[str] | None = None
+    error: BaseException,
+    argv: Sequence[str] = (),
+    commands: Sequence[str] | None = None,
+    example_config: str | None = None,
 ) -> str | None:
     """One line that states the user error ``error``, or None when ``error`` is a bug (see the module docstring).
 
-    A parsing error ends with the help command of the subcommand in ``argv`` when it is one of ``commands``.
+    A parsing error ends with the help command of the subcommand in ``argv`` when it is one of ``commands``;
+    required arguments missing from an ``argv`` without ``--config`` say to start from ``example_config``.
     """
     kind = {cls.__name__ for cls in type(error).__mro__}
     if isinstance(error, argparse.ArgumentError):  # what jsonargparse raises (exit_on_error=False)
@@ -70,6 +74,17 @@ def user_error_message(
         message = _plain_type_error(message)
         subcommand = next((a for a in argv if not a.startswith("-")), None)
         known = subcommand is not None and (commands is None or subcommand in commands)
+        required = _REQUIRED.match(message)
+        if required is not None:
+            keys = [key.strip() for key in required["keys"].split(",")]
+            keys = [f"--{key.removeprefix(f'{subcommand}.') if subcommand else key}" for key in keys]
+            message = f"{required['start']}{', '.join(keys)}"
+            if known and example_config is not None and not _gives_config(argv):
+                return _shorten(
+                    f"{message}; no --config was given: start from a recipe, e.g. selfish-rnn {subcommand} --config "
+                    f"{example_config} (selfish-rnn list shows them all; selfish-rnn {subcommand} --help lists the "
+                    "arguments)"
+                )
         hint = f" (selfish-rnn {subcommand} --help lists the arguments)" if known else ""
         return _shorten(message) + hint
     if isinstance(error, FileNotFoundError) or "CorpusError" in kind or "MisconfigurationException" in kind:
@@ -77,6 +92,13 @@ def user_error_message(
     if isinstance(error, (ValueError, TypeError)) and _raised_deliberately(error):
         return _shorten(_one_line(str(error)))
     return None
+
+
+_REQUIRED = re.compile(r"^(?P<start>the following arguments are required: )(?P<keys>.*)$")
+
+
+def _gives_config(argv: Sequence[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
 
 
 _UNION = re.compile(

@@ -92,12 +92,13 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: st
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.sparsity.sparsity", "1.5"], r"error: sparsity.sparsity must be in \[0, 1\), got 1.5"),
+        (["--model.sparsity.sparsity", "1.5"], r"error: --model\.sparsity\.sparsity must be in \[0, 1\), got 1\.5$"),
+        (["--model.lr", "-1"], r"error: --model\.lr must be a positive number, got -1\.0$"),
         (["--model.optimizer", "foo"], r"--model.optimizer: expected one of 'sntasgd', .*'adam', got 'foo' \(selfish"),
         (["--model.sparsty", "0.5"], r"unrecognized arguments: --model.sparsty 0.5 \(selfish-rnn fit --help"),
         (["--data.corpus", "nosuch"], r"corpus='nosuch' is not bundled \(allowed without data_dir: ptb, wikitext-2\)"),
     ],
-    ids=["sparsity", "optimizer", "unknown", "corpus"],
+    ids=["sparsity", "lr", "optimizer", "unknown", "corpus"],
 )
 def test_argument_errors_are_one_line_before_the_corpus_is_read(args: list[str], expected: str, tmp_path: Path) -> None:
     result = run_cli(["fit", "--config", QUICKSTART, *args], tmp_path, {"LIGHTNING_SELFISH_CACHE": str(tmp_path)})
@@ -117,6 +118,29 @@ def test_a_damaged_corpus_is_one_error_line(ptb_cache: Path, tmp_path: Path) -> 
 def test_a_missing_checkpoint_is_one_error_line(tiny_corpus: Path, tmp_path: Path) -> None:
     result = run_cli(["test", "--config", QUICKSTART, *tiny_data(tiny_corpus), "--ckpt_path", "best"], tmp_path)
     assert_one_error_line(result, r"--ckpt_path best: no earlier run with a last.ckpt under lightning_logs/quickstart")
+
+
+@pytest.mark.parametrize("command", ["test", "fit"])
+def test_a_checkpoint_file_that_is_not_there_is_refused_before_any_work(
+    command: str, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.ckpt"
+    args = [command, "--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), "--ckpt_path", str(missing)]
+    result = run_cli(args, tmp_path)
+    assert_one_error_line(result, rf"^error: --ckpt_path {re.escape(str(missing))}: no such checkpoint file \(")
+    assert "Corpus 'tiny'" not in output_of(result)  # nothing was read
+    assert not (tmp_path / "lightning_logs").exists()  # and no log folder left behind
+
+
+def test_fit_without_a_config_says_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.sparsity.sparsity", "1.5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --model.network, --model.lr; no --config was given: start "
+        f"from a recipe, e.g. selfish-rnn fit --config {QUICKSTART} (selfish-rnn list shows them all; selfish-rnn fit "
+        "--help lists the arguments)\n"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -146,7 +170,7 @@ def test_which_exceptions_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.undo()
     with pytest.raises(ValueError) as info:
         build_cli(["--config", QUICKSTART, "--model.lr", "-1"], run=False, exit_on_error=False)
-    assert console.user_error_message(info.value) == "lr must be a positive number, got -1.0"
+    assert console.user_error_message(info.value) == "--model.lr must be a positive number, got -1.0"
     with pytest.raises(ValueError) as info:
         torch.nn.functional.nll_loss(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long))
     assert console.user_error_message(info.value) is None  # raised in torch: a bug of the model, with its traceback
@@ -378,7 +402,7 @@ def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: 
         main(["fit", "--config", QUICKSTART, "--model.sparsity.removal", "largest"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: sparsity.removal must be one of {list(REMOVALS)} or a Removal object, got 'largest'\n"
+        f"error: --model.sparsity.removal must be one of {list(REMOVALS)} or a Removal object, got 'largest'\n"
     )
 
 
