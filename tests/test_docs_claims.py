@@ -4,8 +4,14 @@ printed (without the warnings they are meant to avoid or silence)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -48,3 +54,56 @@ def test_every_measured_cpu_figure_names_its_cpu_or_says_it_was_not_recorded() -
     for line in lines:
         assert re.search(r"Xeon|EPYC|not recorded", line), line
     assert "not all the same CPU" in text
+
+
+def test_the_documented_onednn_switch_runs_without_torchs_tf32_warning() -> None:
+    """``torch.backends.mkldnn.flags(enabled=False)`` sets oneDNN's TF32 flag too, and torch 2.13 warns on every CPU
+    build that TF32 on oneDNN is for Intel GPUs; the switch the docs give must not."""
+    snippets = {m for text in DOCS.values() for m in re.findall(r"`(torch\.backends\.mkldnn\.flags\([^`]*\))`", text)}
+    assert snippets, "the docs give a way to turn oneDNN off"
+    for snippet in snippets:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with eval(snippet, {"torch": torch}):
+                assert not torch.backends.mkldnn.enabled
+        assert torch.backends.mkldnn.enabled
+        assert not [str(w.message) for w in caught], (snippet, [str(w.message) for w in caught])
+
+
+USER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import TinyLM, token_loader
+import pytorch_lightning as pl
+from lightning_selfish import SelfishSparsityCallback
+
+trainer = pl.Trainer(max_epochs=1, callbacks=[SelfishSparsityCallback(sparsity=0.5)], enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir={root!r})
+trainer.fit(TinyLM(), token_loader())
+"""
+
+
+def test_the_lightning_messages_the_docs_name_come_from_lightning_and_their_snippet_silences_them(
+    tmp_path: Path,
+) -> None:
+    """A script of one's own with the callback: Lightning's tips and its LeafSpec warning, which docs/callback.md
+    names and attributes to Lightning, show; with the docs' snippet first, they do not."""
+    block = section(DOCS["callback.md"], "## Messages that come from Lightning")
+    snippet = re.search(r"```python\n(.*?)```", block, re.S)[1]
+    script = USER_SCRIPT.format(tests=str(ROOT / "tests"), root=str(tmp_path))
+    outputs = {}
+    for name, code in (("plain", script), ("silenced", snippet + script)):
+        (tmp_path / f"{name}.py").write_text(code)
+        result = subprocess.run(
+            [sys.executable, str(tmp_path / f"{name}.py")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[name] = result.stdout + result.stderr
+    for message in ("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads", "LeafSpec"):
+        assert message in outputs["plain"] and message in block, message
+        assert message not in outputs["silenced"], (message, outputs["silenced"])
+    assert "`Trainer.fit` stopped" in outputs["silenced"], "the snippet silences only those"

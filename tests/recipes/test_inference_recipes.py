@@ -204,3 +204,12 @@ def test_test_with_sparse_inference_gives_the_dense_perplexity(run, monkeypatch)
     sparse_ppl, cli = tested(["--sparse_inference", "true"])
     assert isinstance(cli.model.network.rnn, SparseRNN)
     assert sparse_ppl == pytest.approx(dense_ppl, rel=1e-5)
+
+
+def test_generate_prints_no_torch_tf32_warning(run, capsys) -> None:
+    """Its dense baseline turns oneDNN off; torch's warning about TF32 on Intel GPUs is nothing a user can act on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main_code(["generate", str(run["version"]), "--words", "2", "--rounds", "1", "--warmup", "0"]) == 0
+    capsys.readouterr()
+    assert not [str(w.message) for w in caught if "TF32" in str(w.message)]
