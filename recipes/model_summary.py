@@ -65,7 +65,7 @@ def flops_per_token_by_layer(
 ) -> list[int]:
     """Forward FLOPs per token of each layer of the summary: its weights' (``name.`` prefix), with ``active``."""
     return [
-        int(inference_flops_per_token({k: c for k, c in costs.items() if k.startswith(f"{layer}.")}, active))
+        round(inference_flops_per_token({k: c for k, c in costs.items() if k.startswith(f"{layer}.")}, active))
         for layer in layer_names
     ]
 
@@ -106,11 +106,11 @@ def format_summary(summary: Any, costs: Mapping[str, WeightCost] | None, active:
         (str(modes["eval"]), "Modules in eval mode"),
     ]
     if costs is not None:
-        dense = int(inference_flops_per_token(costs))
+        dense = round(inference_flops_per_token(costs))
         if active is None:
             totals.append((f"{dense:,}", "Inference FLOPs per token (dense)"))
         else:
-            sparse = int(inference_flops_per_token(costs, active))
+            sparse = round(inference_flops_per_token(costs, active))
             totals.append((f"{sparse:,}", f"Inference FLOPs per token (with this run's masks; dense {dense:,})"))
     lines.extend(f"{value:<9} {label}" for value, label in totals)
     return "\n".join(line.rstrip() for line in lines)
