@@ -5,9 +5,9 @@ holds them under ``checkpoint["callbacks"]["SelfishSparsityCallback"]["masks"]``
 own ``state_dict`` has no trace of the callback. The exports here start from a model and ``{parameter name: bool
 mask}``:
 
-* :func:`masked_state_dict` / :func:`save_dense`: the model's ``state_dict`` with every masked tensor multiplied by
-  its mask (and, with ``optimizer=`` an averaging :class:`~lightning_selfish.SNTASGD`, its averaged weights, the
-  ones validation saw). ``model.load_state_dict(torch.load(path))`` loads it into the model's own class;
+* :func:`masked_state_dict` / :func:`save_dense`: the model's ``state_dict`` with every masked tensor's inactive
+  positions set to +0.0 (and, with ``optimizer=`` an averaging :class:`~lightning_selfish.SNTASGD`, its averaged
+  weights, the ones validation saw). ``model.load_state_dict(torch.load(path))`` loads it into the model's own class;
 * :func:`save_compressed` / :func:`load_compressed`: the same weights in fewer bytes. Every masked tensor is stored
   as its mask, bit-packed (one bit per position, :func:`lightning_selfish.analysis.pack_mask`), and the values at
   the mask's active positions in row-major order (``weight[mask]``); every other tensor as it is; a tensor tied to
@@ -59,7 +59,10 @@ class CompressedModel(NamedTuple):
 def masked_state_dict(
     model: nn.Module, masks: Mapping[str, Tensor], *, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Tensor]:
-    """``model.state_dict()`` on the CPU with every masked tensor multiplied by its mask (detached copies).
+    """``model.state_dict()`` on the CPU with every masked tensor's inactive positions set to +0.0 (detached copies).
+
+    +0.0, not ``weight * mask``, which leaves -0.0 where a masked weight is negative (or -0.0): the compressed export
+    restores +0.0 there, and the two files then agree bit for bit.
 
     ``masks`` is keyed by ``model.named_parameters()`` names; a tensor tied to a masked one (the same parameter
     under another name) is masked too, and the two names keep sharing one tensor. With ``optimizer`` an
@@ -80,8 +83,8 @@ def masked_state_dict(
                 if owner is None:
                     out[key] = value.detach().cpu().clone()
                     continue
-                if owner not in masked:
-                    masked[owner] = (value.detach() * masks[owner].to(value.device)).cpu()
+                if owner not in masked:  # +0.0 where masked (weight * mask would keep the sign: -0.0)
+                    masked[owner] = value.detach().masked_fill(~masks[owner].to(value.device), 0).cpu()
                 out[key] = masked[owner]
     return out
 

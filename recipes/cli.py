@@ -42,6 +42,7 @@ from recipes.data import LanguageModelingDataModule
 from recipes.hparams import PerplexityHParams
 from recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from recipes.lm import LanguageModel
+from recipes.model_summary import FlopsPerTokenModelSummary
 from recipes.runs import label_run_logger
 from recipes.runtime import keep_freed_memory_for_reuse
 from recipes.summary import fit_summary, test_summary
@@ -55,6 +56,7 @@ TensorBoardLogger = module("loggers").TensorBoardLogger
 rank_zero_info = module("utilities.rank_zero").rank_zero_info
 rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
 _callbacks = module("callbacks")
+ModelSummary = _callbacks.ModelSummary
 ProgressBar = _callbacks.ProgressBar
 RichProgressBar = _callbacks.RichProgressBar
 TQDMProgressBar = _callbacks.TQDMProgressBar
@@ -63,6 +65,9 @@ log = logging.getLogger("recipes.cli")  # also when run as python -m recipes.cli
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The bundled recipes (``recipes/configs/*.yaml``)."""
+
+QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+"""The recipe a first run starts from (docs/recipes.md)."""
 
 DESCRIPTION = (
     "Selfish-RNN (ICML 2021): train the paper's RNN language models dense or sparse from scratch "
@@ -139,9 +144,11 @@ class SelfishRNNCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # Argument mistakes must surface right after parsing, before the corpus is read (seconds for WikiText-2).
         subcommand = self.config.get("subcommand")
-        check_model_arguments(self.config[subcommand]["model"] if subcommand else self.config["model"])
+        section = self.config[subcommand] if subcommand else self.config
+        check_model_arguments(section["model"])
+        check_checkpoint_path(section.get("ckpt_path"))
         if subcommand == "fit":
-            check_trains_something(self.config[subcommand]["trainer"])
+            check_trains_something(section["trainer"])
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -169,13 +176,16 @@ class SelfishRNNCLI(LightningCLI):
             console.expect_checkpoints_in_log_dir()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches, unless the config brings its own or disables it.
+        # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches and the model summary shows this project's FLOPs,
+        # unless the config brings its own or disables them.
         section = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = section.get("trainer", {})
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, progress_bar()]
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks = [*callbacks, FlopsPerTokenModelSummary()]
         trainer["callbacks"] = [*callbacks, PerplexityHParams()]  # TensorBoard's HParams tab, by perplexity
         return super().instantiate_trainer(**kwargs)
 
@@ -219,10 +229,44 @@ class SelfishRNNCLI(LightningCLI):
 
 
 def check_model_arguments(model_config: Any) -> None:
-    """Validate ``--model.*`` with the real constructor and callbacks, on a stand-in network (no corpus needed)."""
+    """Validate ``--model.*`` with the real constructor and callbacks, on a stand-in network (no corpus needed).
+
+    ``LanguageModel`` names an argument as its constructor does (``lr``, ``sparsity.sparsity``); the error says the
+    option the command takes (``--model.lr``, ``--model.sparsity.sparsity``).
+    """
     arguments = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
     arguments = {key: value for key, value in arguments.items() if key != "network" and not key.startswith("__")}
-    LanguageModel(_StandInNetwork(), **arguments).configure_callbacks()
+    try:
+        LanguageModel(_StandInNetwork(), **arguments).configure_callbacks()
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if re.split(r"[ .:=]", message, maxsplit=1)[0] not in arguments:
+            raise
+        raise type(error)(f"--model.{message}") from error
+
+
+#: ``--ckpt_path`` values that are no file: this command's ``best``/``last`` and Lightning's ``hpc``/``registry``.
+_CHECKPOINT_WORDS = ("best", "last", "hpc", "registry")
+
+
+def check_checkpoint_path(ckpt_path: Any) -> None:
+    """Refuse a ``--ckpt_path`` file that is not there, before the corpus is read and a log folder is made.
+
+    Lightning finds out only when it restores the checkpoint: after the data, the Trainer and the run's log
+    version directory exist. Remote paths (``s3://...``) and Lightning's keywords are left to Lightning.
+    """
+    if ckpt_path is None or "://" in str(ckpt_path):
+        return
+    text = str(ckpt_path)
+    if text.lower() in _CHECKPOINT_WORDS or text.lower().startswith("registry:"):
+        return
+    path = Path(text)
+    if not path.is_file():
+        found = "a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
+        raise FileNotFoundError(
+            f"--ckpt_path {text}: {found} (give the path of a .ckpt file, or best / last for the newest run of this "
+            "config's logger name)"
+        )
 
 
 #: Trainer arguments whose 0 leaves a fit nothing to train, with what they count.
@@ -445,7 +489,8 @@ def _generate(argv: list[str]) -> int:
     """Sample text word by word from a trained model, dense and sparse, and compare their speed."""
     from recipes.tools.generate import main as generate_main
 
-    return generate_main(argv)
+    with console.quiet_onednn_tf32_warning():  # its dense baseline runs with oneDNN off
+        return generate_main(argv)
 
 
 TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -490,7 +535,7 @@ def main(args: ArgsType = None) -> None:
     try:
         build_cli(None if args is None else argv, exit_on_error=False, help_all=help_all)
     except Exception as error:
-        message = None if debug else console.user_error_message(error, argv, commands)
+        message = None if debug else console.user_error_message(error, argv, commands, str(QUICKSTART))
         if message is None:
             raise
         sys.stderr.write(f"error: {message}\n")
@@ -502,6 +547,7 @@ __all__ = [
     "TOOL_COMMANDS",
     "SelfishRNNCLI",
     "build_cli",
+    "check_checkpoint_path",
     "check_model_arguments",
     "check_trains_something",
     "configure_logging",

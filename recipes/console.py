@@ -23,6 +23,7 @@ emitting module or logger, never by category alone, so anything else Lightning s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -31,7 +32,7 @@ import linecache
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter
@@ -40,10 +41,12 @@ __all__ = [
     "GROUPS",
     "NOISE_LOG_MESSAGES",
     "NOISE_WARNINGS",
+    "ONEDNN_TF32_WARNING",
     "PlainTextHelpFormatter",
     "expect_checkpoints_in_log_dir",
     "plain_text",
     "quiet_dependency_noise",
+    "quiet_onednn_tf32_warning",
     "user_error_message",
 ]
 
@@ -54,11 +57,15 @@ _MAX_MESSAGE = 600
 
 
 def user_error_message(
-    error: BaseException, argv: Sequence[str] = (), commands: Sequence[str] | None = None
+    error: BaseException,
+    argv: Sequence[str] = (),
+    commands: Sequence[str] | None = None,
+    example_config: str | None = None,
 ) -> str | None:
     """One line that states the user error ``error``, or None when ``error`` is a bug (see the module docstring).
 
-    A parsing error ends with the help command of the subcommand in ``argv`` when it is one of ``commands``.
+    A parsing error ends with the help command of the subcommand in ``argv`` when it is one of ``commands``;
+    required arguments missing from an ``argv`` without ``--config`` say to start from ``example_config``.
     """
     kind = {cls.__name__ for cls in type(error).__mro__}
     if isinstance(error, argparse.ArgumentError):  # what jsonargparse raises (exit_on_error=False)
@@ -70,6 +77,17 @@ def user_error_message(
         message = _plain_type_error(message)
         subcommand = next((a for a in argv if not a.startswith("-")), None)
         known = subcommand is not None and (commands is None or subcommand in commands)
+        required = _REQUIRED.match(message)
+        if required is not None:
+            keys = [key.strip() for key in required["keys"].split(",")]
+            keys = [f"--{key.removeprefix(f'{subcommand}.') if subcommand else key}" for key in keys]
+            message = f"{required['start']}{', '.join(keys)}"
+            if known and example_config is not None and not _gives_config(argv):
+                return _shorten(
+                    f"{message}; no --config was given: start from a recipe, e.g. selfish-rnn {subcommand} --config "
+                    f"{example_config} (selfish-rnn list shows them all; selfish-rnn {subcommand} --help lists the "
+                    "arguments)"
+                )
         hint = f" (selfish-rnn {subcommand} --help lists the arguments)" if known else ""
         return _shorten(message) + hint
     if isinstance(error, FileNotFoundError) or "CorpusError" in kind or "MisconfigurationException" in kind:
@@ -77,6 +95,13 @@ def user_error_message(
     if isinstance(error, (ValueError, TypeError)) and _raised_deliberately(error):
         return _shorten(_one_line(str(error)))
     return None
+
+
+_REQUIRED = re.compile(r"^(?P<start>the following arguments are required: )(?P<keys>.*)$")
+
+
+def _gives_config(argv: Sequence[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in argv)
 
 
 _UNION = re.compile(
@@ -340,6 +365,8 @@ class PlainTextHelpFormatter(DefaultHelpFormatter):
 
 NOISE_LOG_MESSAGES: tuple[str, ...] = (
     "💡 Tip: For seamless cloud",  # advertising for litlogger / litmodels, on every run
+    # The command's own model summary (recipes.model_summary) replaces Lightning's default, which Lightning says.
+    "Trainer already configured with model summary callbacks",
 )
 """Start of the INFO lines of Lightning's rank-zero logger that are dropped."""
 
@@ -358,6 +385,24 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # The recipes' loaders use no worker processes on purpose: the data is an in-memory tensor (docs/data.md).
     (r"The '\w+' does not have many workers", Warning, _LIGHTNING_MODULE),
 )
+
+
+ONEDNN_TF32_WARNING: tuple[str, type[Warning], str] = (
+    r"TF32 acceleration on top of oneDNN is available for Intel GPUs",
+    UserWarning,
+    r"torch\.backends\.mkldnn",
+)
+"""torch's warning at every ``torch.backends.mkldnn.flags(...)`` on a build without Intel GPU support (the context
+manager also sets oneDNN's TF32 flag): ``selfish-rnn generate`` turns oneDNN off that way for its dense baseline."""
+
+
+@contextlib.contextmanager
+def quiet_onednn_tf32_warning() -> Iterator[None]:
+    """Ignore :data:`ONEDNN_TF32_WARNING` inside the block only (the filters are restored after it)."""
+    message, category, module = ONEDNN_TF32_WARNING
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
 
 
 def expect_checkpoints_in_log_dir() -> None:

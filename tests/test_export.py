@@ -77,6 +77,32 @@ def test_an_active_weight_that_is_zero_survives_the_round_trip_as_active() -> No
     assert torch.equal(restored["w"], weight) and torch.equal(masks["w"], mask)
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns, so that -0.0 and +0.0 differ (``torch.equal`` says they are equal)."""
+    return tensor.view(
+        {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[tensor.dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_dense_export_writes_plus_zero_and_the_compressed_one_restores_it_bit_for_bit(dtype) -> None:
+    model = Tied().to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(-param.abs() - 0.5)  # negative everywhere: weight * mask would leave -0.0
+    masks = random_masks(model, 0.3)
+    state = masked_state_dict(model, masks)
+    for name, mask in masks.items():
+        assert not torch.signbit(state[name][~mask]).any(), f"{name}: -0.0 at masked positions"
+        assert (state[name][~mask] == 0).all() and torch.equal(
+            bits(state[name][mask]), bits(model.state_dict()[name][mask])
+        )
+    restored, _ = decompress_state_dict(compress_state_dict(state, masks))
+    for name in state:
+        if state[name].is_floating_point():
+            assert torch.equal(bits(restored[name]), bits(state[name])), name
+
+
 def test_compressed_bytes_are_values_plus_one_bit_per_position_under_0_4x_at_density_0_33(tmp_path: Path) -> None:
     model = nn.LSTM(40, 50, num_layers=2)
     masks = {}
@@ -129,7 +155,7 @@ def test_export_after_a_real_run_from_the_callbacks_masks(tmp_path: Path) -> Non
             assert not param[~masks[name]].any()
     compressed = load_compressed(save_compressed(model, masks, tmp_path / "compressed.pt"))
     for name, value in fresh.state_dict().items():
-        assert torch.equal(compressed.state_dict[name], value)
+        assert torch.equal(bits(compressed.state_dict[name]), bits(value)), "the two files agree bit for bit"
 
 
 def test_with_an_averaging_sntasgd_the_averaged_weights_are_exported() -> None:

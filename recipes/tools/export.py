@@ -165,8 +165,8 @@ def load_network(source: str | Path, which: str = "best") -> LoadedNetwork:
     params = dict(network.named_parameters())
     with torch.no_grad():
         for name, mask in network_masks.items():
-            if name in params:
-                params[name].mul_(mask)
+            if name in params:  # +0.0 where masked, as the exports hold it (mul_ would leave -0.0)
+                params[name].masked_fill_(~mask, 0)
     network_masks = {name: mask for name, mask in network_masks.items() if name in params}
     return LoadedNetwork(network.eval(), network_masks, vocabulary, path)
 

@@ -61,9 +61,7 @@ class RunResult:
 def collect_runs(root: Path) -> list[RunResult]:
     """Every run directory under ``root`` (a directory holding ``version_*`` directories with a ``config.yaml``)."""
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"results: {root} is not a directory (give the save_dir of the runs, e.g. lightning_logs)"
-        )
+        raise FileNotFoundError(f"{root} is not a directory (give the save_dir of the runs, e.g. lightning_logs)")
     versions = sorted(path.parent for path in root.rglob("config.yaml"))
     families: dict[Path, list[Path]] = defaultdict(list)
     for version in versions:
@@ -487,7 +485,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         runs = collect_runs(args.directory)
     except FileNotFoundError as error:
-        print(f"selfish-rnn results: {error}", file=sys.stderr)
+        print(f"selfish-rnn results: error: {error}", file=sys.stderr)
         return 2
     lines, unmatched = match(runs)
     if not args.all:

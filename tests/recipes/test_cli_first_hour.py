@@ -94,12 +94,13 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: st
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.sparsity.sparsity", "1.5"], r"error: sparsity.sparsity must be in \(0, 1\), got 1.5"),
+        (["--model.sparsity.sparsity", "1.5"], r"error: --model\.sparsity\.sparsity must be in \(0, 1\), got 1\.5$"),
+        (["--model.lr", "-1"], r"error: --model\.lr must be a positive number, got -1\.0$"),
         (["--model.optimizer", "foo"], r"--model.optimizer: expected one of 'sntasgd', .*'adam', got 'foo' \(selfish"),
         (["--model.sparsty", "0.5"], r"unrecognized arguments: --model.sparsty 0.5 \(selfish-rnn fit --help"),
         (["--data.corpus", "nosuch"], r"corpus='nosuch' is not bundled \(allowed without data_dir: ptb, wikitext-2\)"),
     ],
-    ids=["sparsity", "optimizer", "unknown", "corpus"],
+    ids=["sparsity", "lr", "optimizer", "unknown", "corpus"],
 )
 def test_argument_errors_are_one_line_before_the_corpus_is_read(args: list[str], expected: str, tmp_path: Path) -> None:
     result = run_cli(["fit", "--config", QUICKSTART, *args], tmp_path, {"LIGHTNING_SELFISH_CACHE": str(tmp_path)})
@@ -119,6 +120,29 @@ def test_a_damaged_corpus_is_one_error_line(ptb_cache: Path, tmp_path: Path) -> 
 def test_a_missing_checkpoint_is_one_error_line(tiny_corpus: Path, tmp_path: Path) -> None:
     result = run_cli(["test", "--config", QUICKSTART, *tiny_data(tiny_corpus), "--ckpt_path", "best"], tmp_path)
     assert_one_error_line(result, r"--ckpt_path best: no earlier run with a last.ckpt under lightning_logs/quickstart")
+
+
+@pytest.mark.parametrize("command", ["test", "fit"])
+def test_a_checkpoint_file_that_is_not_there_is_refused_before_any_work(
+    command: str, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.ckpt"
+    args = [command, "--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), "--ckpt_path", str(missing)]
+    result = run_cli(args, tmp_path)
+    assert_one_error_line(result, rf"^error: --ckpt_path {re.escape(str(missing))}: no such checkpoint file \(")
+    assert "Corpus 'tiny'" not in output_of(result)  # nothing was read
+    assert not (tmp_path / "lightning_logs").exists()  # and no log folder left behind
+
+
+def test_fit_without_a_config_says_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.sparsity.sparsity", "1.5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --model.network, --model.lr; no --config was given: start "
+        f"from a recipe, e.g. selfish-rnn fit --config {QUICKSTART} (selfish-rnn list shows them all; selfish-rnn fit "
+        "--help lists the arguments)\n"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -148,7 +172,7 @@ def test_which_exceptions_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.undo()
     with pytest.raises(ValueError) as info:
         build_cli(["--config", QUICKSTART, "--model.lr", "-1"], run=False, exit_on_error=False)
-    assert console.user_error_message(info.value) == "lr must be a positive number, got -1.0"
+    assert console.user_error_message(info.value) == "--model.lr must be a positive number, got -1.0"
     with pytest.raises(ValueError) as info:
         torch.nn.functional.nll_loss(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long))
     assert console.user_error_message(info.value) is None  # raised in torch: a bug of the model, with its traceback
@@ -202,6 +226,60 @@ def test_quickstart_sized_run_is_quiet_reports_its_result_and_keeps_one_log_vers
     assert sorted(p.name for p in version.parent.iterdir()) == ["version_0"], "test and resume log to the run's version"
     assert len(list(version.glob("events.out.tfevents.*"))) == 3  # fit, test, resumed fit
     assert len(list((version / "checkpoints").glob("epoch0001-*.ckpt"))) == 1  # the resumed epoch, same directory
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning"])
+def test_the_model_summary_shows_the_runs_flops_per_token(package: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    """The summary printed at the start of a fit: FLOPs per token of this run's masks, not torch's 0."""
+    args = ["fit", "--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), "--trainer.max_epochs=1"]
+    result = run_cli([*args, "--trainer.enable_progress_bar=false"], tmp_path, {compat.ENV_VAR: package})
+    text = output_of(result)
+    assert result.returncode == 0, text
+    assert "Total Flops" not in text and "Total FLOPs" not in text, text
+    assert "Trainer already configured with model summary callbacks" not in text, text
+    (last,) = tmp_path.glob("lightning_logs/quickstart/*/version_0/checkpoints/last.ckpt")
+    checkpoint = torch.load(last, weights_only=False, map_location="cpu")
+    masks = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("SelfishSparsityCallback"))["masks"]
+    assert checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "Selfish" in k)]["num_updates"] == 0
+    weights = checkpoint["state_dict"]
+    # The rule (docs/flops.md): 2 FLOPs per active weight of each matrix that multiplies an activation, once per
+    # token; the (untied) embedding is a lookup and free.
+    matmuls = [name for name in weights if name.startswith(("network.rnn.weight_", "network.decoder.weight"))]
+    sparse = sum(2 * int(masks[name].sum()) if name in masks else 2 * weights[name].numel() for name in matmuls)
+    dense = sum(2 * weights[name].numel() for name in matmuls)
+    assert sparse < dense
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("| Name"))
+    assert header.split("|")[-1].strip() == "FLOPs per token", text
+    row = next(line for line in text.splitlines() if re.match(r"0 \| network ", line))
+    assert row.split("|")[-1].strip() == f"{sparse:,}", text
+    assert re.search(rf"^{sparse:,} +Inference FLOPs per token \(with this run's masks; dense {dense:,}\)$", text, re.M)
+
+
+def test_the_model_summary_in_a_trainer_of_ones_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense model of one's own: the dense figure; a weight of unknown cost: no figure, and why (no crash)."""
+    from recipes import model_summary
+    from tests.conftest import TinyLM, make_trainer, token_loader
+
+    printed: list[str] = []
+    monkeypatch.setattr(model_summary, "rank_zero_info", printed.append)
+    model = TinyLM()
+    make_trainer([model_summary.FlopsPerTokenModelSummary()], max_epochs=1, limit_train_batches=1).fit(
+        model, token_loader()
+    )
+    recurrent = 2 * sum(p.numel() for n, p in model.rnn.named_parameters() if n.startswith("weight_"))
+    dense = recurrent + 2 * model.decoder.weight.numel()  # the embedding is a lookup: free
+    (text,) = printed
+    assert re.search(rf"^\d +\| rnn +\| LSTM +\| .* \| {recurrent:,}$", text, re.M), text
+    assert re.search(rf"^{dense:,} +Inference FLOPs per token \(dense\)$", text, re.M), text
+
+    model.scale = torch.nn.Parameter(torch.ones(2, 2))  # a 2-d weight of no known layer: its cost is unknown
+    printed.clear()
+    make_trainer([model_summary.FlopsPerTokenModelSummary()], max_epochs=1, limit_train_batches=1).fit(
+        model, token_loader()
+    )
+    (text,) = printed
+    assert "FLOPs per token not counted: cannot count the FLOPs of ['scale']" in text, text
+    assert "Inference FLOPs" not in text and "| Mode" in text, text
 
 
 def test_resume_can_start_a_new_log_version(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,7 +406,7 @@ def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: 
         main(["fit", "--config", QUICKSTART, "--model.sparsity.removal", "largest"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: sparsity.removal must be one of {list(REMOVALS)} or a Removal object, got 'largest'\n"
+        f"error: --model.sparsity.removal must be one of {list(REMOVALS)} or a Removal object, got 'largest'\n"
     )
 
 

@@ -196,7 +196,10 @@ def test_results_markdown_shows_the_rows_with_runs_and_explains_every_column(run
 
 def test_results_of_a_missing_directory_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert TOOL_COMMANDS["results"]([str(tmp_path / "nowhere")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"selfish-rnn results: error: {tmp_path / 'nowhere'} is not a directory (give the save_dir of the runs, "
+        "e.g. lightning_logs)\n"
+    )
     assert TOOL_COMMANDS["results"]([str(tmp_path)]) == 0
     assert "no run" in capsys.readouterr().err
 
