@@ -232,6 +232,7 @@ def test_quickstart_sized_run_is_quiet_reports_its_result_and_keeps_one_log_vers
 def test_the_model_summary_shows_the_runs_flops_per_token(package: str, tiny_corpus: Path, tmp_path: Path) -> None:
     """The summary printed at the start of a fit: FLOPs per token of this run's masks, not torch's 0."""
     args = ["fit", "--config", QUICKSTART, *TINY_NETWORK, *tiny_data(tiny_corpus), "--trainer.max_epochs=1"]
+    args.append(SHORT_CADENCE)  # (the quickstart's 400-step cadence makes no update in a run this short: refused)
     result = run_cli([*args, "--trainer.enable_progress_bar=false"], tmp_path, {compat.ENV_VAR: package})
     text = output_of(result)
     assert result.returncode == 0, text
@@ -240,7 +241,6 @@ def test_the_model_summary_shows_the_runs_flops_per_token(package: str, tiny_cor
     (last,) = tmp_path.glob("lightning_logs/quickstart/*/version_0/checkpoints/last.ckpt")
     checkpoint = torch.load(last, weights_only=False, map_location="cpu")
     masks = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("SelfishSparsityCallback"))["masks"]
-    assert checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "Selfish" in k)]["num_updates"] == 0
     weights = checkpoint["state_dict"]
     # The rule (docs/flops.md): 2 FLOPs per active weight of each matrix that multiplies an activation, once per
     # token; the (untied) embedding is a lookup and free.
