@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,7 +22,9 @@ __all__ = [
     "Csr16Matrix",
     "PackedMatrix",
     "csr_matrix",
+    "hold",
     "kernel_formats_available",
+    "multiply",
     "weight_bytes",
 ]
 
@@ -212,3 +213,31 @@ def weight_bytes(weight: Tensor | PackedMatrix) -> int:
         parts = (weight.values(), weight.col_indices(), weight.crow_indices())
         return sum(p.numel() * p.element_size() for p in parts)
     return weight.numel() * weight.element_size()
+
+
+def hold(weight: Tensor, format: str, kernels: KernelLibrary | None = None, isa: str | None = None):
+    """``weight`` (2-D, dense) held in ``format`` (one of :data:`FORMATS`); kernel formats need ``kernels``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    weight = weight.detach()
+    if format == "dense":
+        return weight.clone()
+    if format == "csr":
+        return csr_matrix(weight)
+    if format not in kernel_formats_available(weight, kernels):
+        why = "no compiled kernels (no C compiler?)" if kernels is None else "they take float32 CPU weights"
+        raise RuntimeError(
+            f"format {format!r} needs the compiled kernels, which cannot hold this {weight.dtype} weight on "
+            f"{weight.device}: {why}"
+        )
+    return BitmaskMatrix(weight, kernels, isa) if format == "bitmask" else Csr16Matrix(weight, kernels, isa)
+
+
+def multiply(held, rows: Tensor) -> Tensor:
+    """``rows W^T`` (``rows`` ``(N, in)``) for a weight as :func:`hold` returns it; ``(N, out)``, maybe a
+    transposed view."""
+    if isinstance(held, PackedMatrix):
+        return held.mv(rows[0]).unsqueeze(0) if rows.size(0) == 1 else held.mm(rows).t()
+    if held.layout == torch.sparse_csr:
+        return torch.mv(held, rows[0]).unsqueeze(0) if rows.size(0) == 1 else (held @ rows.t()).t()
+    return rows @ held.t()

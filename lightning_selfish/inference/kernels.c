@@ -313,8 +313,8 @@ AVX512 static inline __mmask16 first_lanes(int64_t k) {
     return (__mmask16)(k >= 16 ? 0xffff : (k <= 0 ? 0 : (1u << k) - 1));
 }
 
-/* Per 16 columns: the x entries at the set bits compressed to the front (a register operation) times the next
- * popcount packed values (a masked load: nothing read past the row's values). */
+/* Per 16 columns: the packed values expanded to the set bits' lanes and the x entries there (both masked loads:
+ * nothing read past the row's values or past x's end). */
 AVX512 void bitmask_mv_avx512(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
                               const int64_t *row_start, const float *x, float *y, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -327,17 +327,13 @@ AVX512 void bitmask_mv_avx512(int64_t rows, int64_t words, const uint64_t *bits,
             const float *xw = x + w * 64;
             __mmask16 m0 = (__mmask16)m, m1 = (__mmask16)(m >> 16), m2 = (__mmask16)(m >> 32),
                       m3 = (__mmask16)(m >> 48);
-            int p0 = popcount64(m & 0xffffull), p1 = popcount64(m & 0xffff0000ull),
-                p2 = popcount64(m & 0xffff00000000ull), p3 = popcount64(m >> 48);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_lanes(p0), v),
-                                 _mm512_maskz_compress_ps(m0, _mm512_maskz_loadu_ps(m0, xw)), a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_lanes(p1), v + p0),
-                                 _mm512_maskz_compress_ps(m1, _mm512_maskz_loadu_ps(m1, xw + 16)), a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_lanes(p2), v + p0 + p1),
-                                 _mm512_maskz_compress_ps(m2, _mm512_maskz_loadu_ps(m2, xw + 32)), a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_lanes(p3), v + p0 + p1 + p2),
-                                 _mm512_maskz_compress_ps(m3, _mm512_maskz_loadu_ps(m3, xw + 48)), a3);
-            v += p0 + p1 + p2 + p3;
+            int o1 = popcount64(m & 0xffffull), o2 = popcount64(m & 0xffffffffull),
+                o3 = popcount64(m & 0xffffffffffffull);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m0, v), _mm512_maskz_loadu_ps(m0, xw), a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m1, v + o1), _mm512_maskz_loadu_ps(m1, xw + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m2, v + o2), _mm512_maskz_loadu_ps(m2, xw + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m3, v + o3), _mm512_maskz_loadu_ps(m3, xw + 48), a3);
+            v += popcount64(m);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }

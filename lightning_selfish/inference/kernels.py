@@ -122,7 +122,7 @@ def _build(compiler: list[str], target: Path) -> bool:
     raise RuntimeError(f"{' '.join(compiler)} failed: {errors}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(directory: str, compiler_env: str | None) -> KernelLibrary | None:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + repr((_FLAGS, platform.machine(), _ABI)).encode()).hexdigest()[:16]
