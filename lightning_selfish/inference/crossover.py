@@ -78,7 +78,7 @@ CROSSOVER_ENV = "LIGHTNING_SELFISH_CROSSOVER"
 #: the products are compute-bound; large enough at few rows to stream from memory as a model's weights do).
 MEASURE_ROWS = (1, 20, 100, 700)
 MEASURE_DENSITIES = (0.1, 0.4)
-_MEASURE_SHAPES = {1: (1536, 1024), 20: (1536, 1024), 100: (384, 512), 700: (384, 512)}
+_MEASURE_SHAPES = {1: (4096, 1536), 20: (1536, 1024), 100: (384, 512), 700: (384, 512)}
 
 
 def cpu_name() -> str:
