@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_selfish.inference import (
+    CPU_CROSSOVER,
     BitmaskMatrix,
     cpu_name,
     csr_matrix,
@@ -396,6 +397,9 @@ def targets_part(args: argparse.Namespace, device: torch.device, threads: int) -
         models = {"sparse": to_sparse(dense, batch_size=1, steps=1)}
         if load_kernels() is not None:
             models["all_bitmask"] = to_sparse(dense, batch_size=1, steps=1, choose="bitmask")
+            models["all_csr16"] = to_sparse(dense, batch_size=1, steps=1, choose="csr16")
+        # the previous release's choice (one Intel table, torch CSR with 32-bit indices): a regression check
+        models["cpu_crossover_csr"] = to_sparse(dense, batch_size=1, steps=1, crossover=CPU_CROSSOVER)
         runs = {
             "dense_onednn_off": onednn(False, lambda d=dense: sample(d, args.words, 0, device)),
             "dense_onednn_on": onednn(True, lambda d=dense: sample(d, args.onednn_words, 0, device)),

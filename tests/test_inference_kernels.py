@@ -94,6 +94,28 @@ def test_kernels_equal_the_dense_product(isa, format, shape, density) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_non_finite_weight_spoils_only_its_own_row(isa, bad) -> None:
+    """The AVX-512 product loads 16 values per 16 columns whatever their count (the lanes past it meet zeros): a
+    non-finite weight of the next row must not turn this row into nan (0 * inf), as it does not in the dense product."""
+    generator = torch.Generator().manual_seed(5)
+    weight = sparse_weight((6, 150), 0.33, generator)
+    weight[3, 0] = bad  # the first value of row 3: read past the end of row 2's last 16 columns
+    weight[3, 149] = 1.0
+    matrix = BitmaskMatrix(weight, KERNELS, isa)
+    assert not matrix.all_finite
+    x = torch.randn(1, 150, generator=generator)
+    got = matrix.mv(x[0]).unsqueeze(0)
+    expected = reference(x, weight)
+    finite = torch.arange(6) != 3
+    assert_product_close(got[:, finite], x, weight[finite])
+    torch.testing.assert_close(got[:, 3], expected[:, 3], equal_nan=True)
+    padded = BitmaskMatrix(sparse_weight((6, 150), 0.33, generator), KERNELS, isa)
+    assert padded.all_finite and padded.values.numel() == padded.nnz + 16, "16 readable floats past the last value"
+
+
+@needs_kernels
 def test_the_isa_can_be_forced_by_the_environment(monkeypatch) -> None:
     weight = sparse_weight((9, 70), 0.4, torch.Generator().manual_seed(0))
     monkeypatch.setenv(KERNEL_ISA_ENV, "generic")
@@ -196,6 +218,19 @@ def test_the_machine_table_is_measured_once_cached_remeasured_and_shipped(monkey
     given = machine_crossover(cache=tmp_path)
     assert given.source == "given" and given.machine.cpu == "Another CPU"
     assert "given (" in given.describe() and "Another CPU" in given.describe()
+
+
+@needs_kernels
+def test_a_table_cached_for_other_kernels_is_measured_again(monkeypatch, tmp_path) -> None:
+    """The formats' speed is the kernels': a table measured with an earlier build of kernels.c must not be reused."""
+    import dataclasses
+
+    monkeypatch.setattr(crossover_module, "_MEASURE_SHAPES", {1: (96, 64), 20: (96, 64), 100: (32, 64), 700: (32, 64)})
+    rebuilt = dataclasses.replace(KERNELS, path=KERNELS.path.with_name("selfish_kernels_0123456789abcdef.so"))
+    assert machine_crossover(cache=tmp_path, kernels=KERNELS).source == "measured"
+    assert machine_crossover(cache=tmp_path, kernels=KERNELS).source == "cached"
+    again = machine_crossover(cache=tmp_path, kernels=rebuilt)
+    assert again.source == "measured" and "0123456789abcdef" in again.describe()
 
 
 def test_cpu_name_is_lscpus_model_name() -> None:

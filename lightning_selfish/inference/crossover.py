@@ -100,11 +100,11 @@ class MachineKey:
     cpu: str
     torch: str
     threads: int
-    kernels: str  # the kernels' instruction set, or "none"
+    kernels: str  # the kernels' instruction set and build digest ("avx512-<digest>"), or "none"
 
     @classmethod
     def current(cls, kernels: KernelLibrary | None = None, threads: int | None = None) -> MachineKey:
-        isa = kernels.isa() if kernels is not None else "none"
+        isa = f"{kernels.isa()}-{kernels.build}" if kernels is not None else "none"
         return cls(cpu_name(), torch.__version__, threads or torch.get_num_threads(), isa)
 
     def file_name(self) -> str:

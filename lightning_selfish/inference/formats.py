@@ -119,7 +119,10 @@ class BitmaskMatrix(PackedMatrix):
         self.bits = packed.view(torch.int64).contiguous()  # (rows, words): little-endian bytes of each uint64
         values = weight[mask].to(torch.float32)
         self.nnz = int(values.numel())
-        self.values = torch.cat([values, values.new_zeros(8)])  # the AVX2 path reads up to 7 past a row's end
+        # the AVX-512 matrix-vector product loads 16 values per 16 columns whatever their count: up to 15 past a
+        # row's end (multiplied by zeros, exact while they are finite: else it masks each load to the count)
+        self.values = torch.cat([values, values.new_zeros(16)])
+        self.all_finite = bool(torch.isfinite(values).all())
         self.row_start = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(dim=1).cumsum(0)])
         super().__init__(kernels, isa)
 
@@ -136,7 +139,7 @@ class BitmaskMatrix(PackedMatrix):
         y = torch.empty(self.shape[0], dtype=torch.float32)
         rows, words = self.shape[0], self.words
         self._mv(rows, words, self.bits.data_ptr(), self.values.data_ptr(), self.row_start.data_ptr(),
-                 x.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+                 x.data_ptr(), y.data_ptr(), torch.get_num_threads(), int(self.all_finite))  # fmt: skip
         return y
 
     def mm(self, rows: Tensor) -> Tensor:

@@ -27,7 +27,7 @@
 
 #define ROW_BLOCK 64
 
-int selfish_abi_version(void) { return 1; }
+int selfish_abi_version(void) { return 2; }
 
 /* 0: generic C, 1: AVX2+FMA, 2: AVX-512F. */
 int selfish_best_isa(void) {
@@ -44,7 +44,8 @@ static inline int popcount64(uint64_t m) { return __builtin_popcountll(m); }
 /* ------------------------------------------------------------------------------------------------ generic C */
 
 void bitmask_mv_generic(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
-                        const int64_t *row_start, const float *x, float *y, int threads) {
+                        const int64_t *row_start, const float *x, float *y, int threads, int all_finite) {
+    (void)all_finite; /* reads only the row's values */
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const uint64_t *b = bits + r * words;
@@ -157,7 +158,8 @@ AVX2 static inline float hsum256(__m256 v) {
 
 /* values must be readable 8 floats past the last non-zero (the caller pads them). */
 AVX2 void bitmask_mv_avx2(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
-                          const int64_t *row_start, const float *x, float *y, int threads) {
+                          const int64_t *row_start, const float *x, float *y, int threads, int all_finite) {
+    (void)all_finite; /* the expanded values are masked to the set lanes */
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const uint64_t *b = bits + r * words;
@@ -313,29 +315,72 @@ AVX512 static inline __mmask16 first_lanes(int64_t k) {
     return (__mmask16)(k >= 16 ? 0xffff : (k <= 0 ? 0 : (1u << k) - 1));
 }
 
-/* Per 16 columns: the packed values expanded to the set bits' lanes and the x entries there (both masked loads:
- * nothing read past the row's values or past x's end). */
-AVX512 void bitmask_mv_avx512(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
-                              const int64_t *row_start, const float *x, float *y, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; ++r) {
+/* Per 16 columns (one 16-bit slice of the row's mask): x's entries at the set bits compressed into the low lanes in
+ * registers (vcompressps reg-reg, zeroing the rest) and multiplied by the row's next packed values, loaded
+ * contiguously: no expand-load from memory (microcoded and slow on Intel and AMD). The last word reads x with its
+ * mask (nothing read past x's end). The four slices of a 64-bit word take their value offsets from popcounts of that one
+ * word, so the only chain from slice to slice is the row's value pointer, advanced once per word; two words per
+ * step into eight accumulators.
+ *
+ * all_finite: the values load 16 floats whatever the slice's count (the caller pads 16 past the end); lanes past
+ * the count meet compressed zeros, which is exact only for finite neighbours (0 * inf is nan), so with a non-finite
+ * weight each load is masked to the slice's count instead. */
+#define AVX512_LOAD_VALUES(p, count) \
+    (all_finite ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes(count), (p)))
+
+/* LOAD_X(mask, p): x's 16 floats at p; the last word masks them (x ends at in_features, maybe inside the word) */
+#define AVX512_X_WHOLE(k, p) _mm512_loadu_ps(p)
+#define AVX512_X_MASKED(k, p) _mm512_maskz_loadu_ps((k), (p))
+#define AVX512_BITMASK_WORD(W, A0, A1, A2, A3, LOAD_X)                                                         \
+    do {                                                                                                      \
+        uint64_t m = b[W];                                                                                    \
+        const float *xw = x + 64 * (W);                                                                       \
+        __mmask16 k0 = (__mmask16)m, k1 = (__mmask16)(m >> 16), k2 = (__mmask16)(m >> 32),                    \
+                  k3 = (__mmask16)(m >> 48);                                                                  \
+        int o1 = popcount64(m & 0xffffull), o2 = popcount64(m & 0xffffffffull),                               \
+            o3 = popcount64(m & 0xffffffffffffull), o4 = popcount64(m);                                       \
+        A0 = _mm512_fmadd_ps(AVX512_LOAD_VALUES(v, o1), _mm512_maskz_compress_ps(k0, LOAD_X(k0, xw)), A0);   \
+        A1 = _mm512_fmadd_ps(AVX512_LOAD_VALUES(v + o1, o2 - o1),                                             \
+                             _mm512_maskz_compress_ps(k1, LOAD_X(k1, xw + 16)), A1);                          \
+        A2 = _mm512_fmadd_ps(AVX512_LOAD_VALUES(v + o2, o3 - o2),                                             \
+                             _mm512_maskz_compress_ps(k2, LOAD_X(k2, xw + 32)), A2);                          \
+        A3 = _mm512_fmadd_ps(AVX512_LOAD_VALUES(v + o3, o4 - o3),                                             \
+                             _mm512_maskz_compress_ps(k3, LOAD_X(k3, xw + 48)), A3);                          \
+        v += o4;                                                                                              \
+    } while (0)
+
+AVX512 static inline void bitmask_mv_avx512_rows(int64_t r0, int64_t r1, int64_t words, const uint64_t *bits,
+                                                 const float *values, const int64_t *row_start, const float *x,
+                                                 float *y, const int all_finite) {
+    for (int64_t r = r0; r < r1; ++r) {
         const uint64_t *b = bits + r * words;
         const float *v = values + row_start[r];
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t w = 0; w < words; ++w) {
-            uint64_t m = b[w];
-            const float *xw = x + w * 64;
-            __mmask16 m0 = (__mmask16)m, m1 = (__mmask16)(m >> 16), m2 = (__mmask16)(m >> 32),
-                      m3 = (__mmask16)(m >> 48);
-            int o1 = popcount64(m & 0xffffull), o2 = popcount64(m & 0xffffffffull),
-                o3 = popcount64(m & 0xffffffffffffull);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m0, v), _mm512_maskz_loadu_ps(m0, xw), a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m1, v + o1), _mm512_maskz_loadu_ps(m1, xw + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m2, v + o2), _mm512_maskz_loadu_ps(m2, xw + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m3, v + o3), _mm512_maskz_loadu_ps(m3, xw + 48), a3);
-            v += popcount64(m);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        int64_t w = 0, whole = words - 1;
+        for (; w + 2 <= whole; w += 2) {
+            AVX512_BITMASK_WORD(w, a0, a1, a2, a3, AVX512_X_WHOLE);
+            AVX512_BITMASK_WORD(w + 1, c0, c1, c2, c3, AVX512_X_WHOLE);
         }
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        if (w < whole) {
+            AVX512_BITMASK_WORD(w, a0, a1, a2, a3, AVX512_X_WHOLE);
+            ++w;
+        }
+        AVX512_BITMASK_WORD(w, c0, c1, c2, c3, AVX512_X_MASKED);
+        __m512 s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3))));
+    }
+}
+
+AVX512 void bitmask_mv_avx512(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
+                              const int64_t *row_start, const float *x, float *y, int threads, int all_finite) {
+    int64_t blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        int64_t r0 = blk * ROW_BLOCK, r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        if (all_finite)  /* (two instances: the load's form is fixed inside the loops) */
+            bitmask_mv_avx512_rows(r0, r1, words, bits, values, row_start, x, y, 1);
+        else
+            bitmask_mv_avx512_rows(r0, r1, words, bits, values, row_start, x, y, 0);
     }
 }
 

@@ -33,11 +33,11 @@ ISAS = ("generic", "avx2", "avx512")
 KERNEL_ISA_ENV = "LIGHTNING_SELFISH_KERNEL_ISA"
 CACHE_ENV = "LIGHTNING_SELFISH_CACHE"
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing")
-_ABI = 1
+_ABI = 2
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "bitmask_mv": (_i64, _i64, _p, _p, _p, _p, _p, _int),
+    "bitmask_mv": (_i64, _i64, _p, _p, _p, _p, _p, _int, _int),
     "bitmask_mm": (_i64, _i64, _p, _p, _p, _p, _i64, _p, _int),
     "csr16_mv": (_i64, _p, _p, _p, _p, _p, _int),
     "csr16_mm": (_i64, _p, _p, _p, _p, _i64, _p, _int),
@@ -87,6 +87,11 @@ class KernelLibrary:
         if ISAS.index(requested) > ISAS.index(self.best_isa):
             raise ValueError(f"kernel isa {requested!r} is not supported by this CPU (best: {self.best_isa!r})")
         return requested
+
+    @property
+    def build(self) -> str:
+        """The build's digest (of ``kernels.c``, the flags and the ABI): a crossover measured with it is its own."""
+        return self.path.stem.rsplit("_", 1)[-1]
 
     def function(self, name: str, isa: str) -> ctypes._CFuncPtr:
         """``name`` (``bitmask_mv``, ``bitmask_mm``, ``csr16_mv``, ``csr16_mm``) compiled for ``isa``."""
