@@ -41,7 +41,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_selfish.inference import csr_matrix, sparse_inference_report, to_sparse
+from lightning_selfish.inference import (
+    CPU_CROSSOVER,
+    BitmaskMatrix,
+    cpu_name,
+    csr_matrix,
+    load_kernels,
+    sparse_inference_basis,
+    sparse_inference_report,
+    to_sparse,
+)
 from recipes.models import StackedLSTM
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -339,6 +348,167 @@ def export_part(args: argparse.Namespace, device: torch.device, threads: int) ->
             )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the issue's targets, side by side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def interleaved(functions: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str, float]]:
+    """Per function: median and range of process CPU time and of wall time over ``rounds`` alternated rounds."""
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
+    wall: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start_cpu, start_wall = time.process_time(), time.perf_counter()
+            function()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return {
+        name: {
+            "cpu_s": statistics.median(cpu[name]),
+            "cpu_min_s": min(cpu[name]),
+            "cpu_max_s": max(cpu[name]),
+            "wall_s": statistics.median(wall[name]),
+        }
+        for name in functions
+    }
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights one generated word multiplies (the LSTM's and the decoder's), as the model holds them."""
+    from lightning_selfish.inference import SparseLinear, SparseRNN
+    from lightning_selfish.inference.formats import weight_bytes
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, SparseRNN):
+            continue  # (its SparseLinear children are counted)
+        if isinstance(module, SparseLinear):
+            total += weight_bytes(module.weight)
+        elif isinstance(module, (nn.LSTM, nn.Linear)):
+            total += sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "weight" in n)
+    return total
+
+
+def targets_part(args: argparse.Namespace, device: torch.device, threads: int) -> None:
+    """Generation (batch 1) at each density and evaluation (20 x 35) at 0.33 against the fastest dense path."""
+    for density in args.densities:
+        dense = build_model(args, density, device)
+        models = {"sparse": to_sparse(dense, batch_size=1, steps=1)}
+        if load_kernels() is not None:
+            models["all_bitmask"] = to_sparse(dense, batch_size=1, steps=1, choose="bitmask")
+            models["all_csr16"] = to_sparse(dense, batch_size=1, steps=1, choose="csr16")
+        # the previous release's choice (one Intel table, torch CSR with 32-bit indices): a regression check
+        models["cpu_crossover_csr"] = to_sparse(dense, batch_size=1, steps=1, crossover=CPU_CROSSOVER)
+        runs = {
+            "dense_onednn_off": onednn(False, lambda d=dense: sample(d, args.words, 0, device)),
+            "dense_onednn_on": onednn(True, lambda d=dense: sample(d, args.onednn_words, 0, device)),
+        }
+        runs.update({name: onednn(False, lambda m=m: sample(m, args.words, 0, device)) for name, m in models.items()})
+        for run in runs.values():
+            run()  # warm-up (and the oneDNN packing)
+        timed = interleaved(runs, args.rounds)
+        words = {name: args.onednn_words if name == "dense_onednn_on" else args.words for name in runs}
+        per_word = {name: t["cpu_s"] / words[name] for name, t in timed.items()}
+        fastest_dense = min(per_word["dense_onednn_off"], per_word["dense_onednn_on"])
+        with torch.backends.mkldnn.flags(enabled=False):
+            reference = sample(dense, args.words, 0, device)
+            same = {name: sample(m, args.words, 0, device) == reference for name, m in models.items()}
+        emit(
+            part="targets_generation",
+            density=density,
+            threads=threads,
+            cpu=cpu_name(),
+            words_per_second_cpu_time={name: round(1 / v, 2) for name, v in per_word.items()},
+            speedup_vs_fastest_dense={
+                name: round(fastest_dense / per_word[name], 3) for name in runs if not name.startswith("dense")
+            },
+            speedup_range_vs_dense_onednn_off={
+                name: [
+                    round(timed["dense_onednn_off"]["cpu_min_s"] / timed[name]["cpu_max_s"], 3),
+                    round(timed["dense_onednn_off"]["cpu_max_s"] / timed[name]["cpu_min_s"], 3),
+                ]
+                for name in models
+            },
+            wall_words_per_second={name: round(words[name] / t["wall_s"], 2) for name, t in timed.items()},
+            same_words=same,
+            weight_bytes_per_word={name: model_weight_bytes(m) for name, m in {"dense": dense, **models}.items()},
+            bytes_ratio={
+                name: round(model_weight_bytes(m) / model_weight_bytes(dense), 4) for name, m in models.items()
+            },
+            formats={name: {c.name: c.format for c in sparse_inference_report(m)} for name, m in models.items()},
+            basis=sparse_inference_basis(models["sparse"]),
+        )
+    evaluation_density = args.eval_density
+    batch, steps = args.eval_batch, args.bptt
+    dense = build_model(args, evaluation_density, device)
+    sparse = to_sparse(dense, batch_size=batch, steps=steps)
+    tokens = torch.randint(0, args.vocab, (steps, batch), generator=torch.Generator().manual_seed(2))
+    hidden = dense.init_hidden(batch)
+    runs = {
+        "dense_onednn_on": onednn(True, lambda: dense(tokens, hidden)),
+        "dense_onednn_off": onednn(False, lambda: dense(tokens, hidden)),
+        "sparse": onednn(True, lambda: sparse(tokens, hidden)),
+    }
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        timed = interleaved(runs, args.rounds)
+        error = (dense(tokens, hidden).log_probs - sparse(tokens, hidden).log_probs).abs().max()
+    fastest = min(timed["dense_onednn_on"]["cpu_s"], timed["dense_onednn_off"]["cpu_s"])
+    emit(
+        part="targets_evaluation",
+        density=evaluation_density,
+        batch=batch,
+        steps=steps,
+        threads=threads,
+        cpu=cpu_name(),
+        tokens_per_second_cpu_time={name: round(batch * steps / t["cpu_s"], 1) for name, t in timed.items()},
+        sparse_vs_fastest_dense=round(fastest / timed["sparse"]["cpu_s"], 3),
+        sparse_range_vs_dense_onednn_on=[
+            round(timed["dense_onednn_on"]["cpu_min_s"] / timed["sparse"]["cpu_max_s"], 3),
+            round(timed["dense_onednn_on"]["cpu_max_s"] / timed["sparse"]["cpu_min_s"], 3),
+        ],
+        max_abs_log_prob_difference=float(error),
+        formats={c.name: c.format for c in sparse_inference_report(sparse)},
+        basis=sparse_inference_basis(sparse),
+    )
+    bandwidth_part(args, threads)
+
+
+def bandwidth_part(args: argparse.Namespace, threads: int) -> None:
+    """One 4H x H weight at density 0.33, one row: GB/s of the weight's bytes, dense (both paths) and bit mask."""
+    kernels = load_kernels()
+    shape = (4 * args.hidden, args.hidden)
+    weight = masked_weight(shape, args.eval_density, torch.Generator().manual_seed(3))
+    x = torch.randn(shape[1])
+    functions: dict[str, Callable[[], None]] = {
+        "dense_onednn_off": onednn(False, lambda: torch.mv(weight, x)),
+        "dense_onednn_on": onednn(True, lambda: torch.mv(weight, x)),
+    }
+    sizes = {"dense_onednn_off": weight.numel() * 4, "dense_onednn_on": weight.numel() * 4}
+    if kernels is not None:
+        bitmask = BitmaskMatrix(weight, kernels)
+        functions["bitmask"] = lambda: bitmask.mv(x)
+        sizes["bitmask"] = bitmask.nbytes
+    repeat = {name: _repeat(f, args.kernel_repeats) for name, f in functions.items()}
+    for f in repeat.values():
+        f()
+    timed = interleaved(repeat, args.rounds)
+    ms = {name: t["cpu_s"] / args.kernel_repeats * 1e3 for name, t in timed.items()}
+    emit(
+        part="targets_bandwidth",
+        shape=list(shape),
+        density=args.eval_density,
+        threads=threads,
+        cpu=cpu_name(),
+        ms=ms and {k: round(v, 4) for k, v in ms.items()},
+        weight_mb={k: round(v / 1e6, 2) for k, v in sizes.items()},
+        gb_per_s={name: round(sizes[name] / (ms[name] / 1e3) / 1e9, 2) for name in ms},
+        isa=kernels.isa() if kernels else None,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -360,6 +530,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--eval-batch", type=int, default=20)
     parser.add_argument("--bptt", type=int, default=35)
+    parser.add_argument("--eval-density", type=float, default=0.33, help="density of the targets' evaluation")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
     args = parser.parse_args()
     if args.quick:
@@ -386,12 +557,18 @@ def main() -> None:
         device=device.type,
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         machine=platform.processor() or platform.machine(),
+        cpu=cpu_name(),
         cores=cores,
         torch=torch.__version__,
         mkl=torch.backends.mkl.is_available(),
         quick=args.quick,
     )
-    parts = {"kernel": kernel_part, "generation": generation_part, "evaluation": evaluation_part}
+    parts = {
+        "kernel": kernel_part,
+        "generation": generation_part,
+        "evaluation": evaluation_part,
+        "targets": targets_part,
+    }
     chosen = args.parts.split(",")
     unknown = sorted(set(chosen) - {*parts, "export"})
     if unknown:

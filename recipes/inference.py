@@ -31,6 +31,7 @@ from lightning_selfish.inference import (
     SparseLinear,
     SparseRNN,
     qualified_name,
+    sparse_inference_basis,
     sparse_inference_report,
     to_sparse,
 )
@@ -213,13 +214,11 @@ class SparseInference(pl.Callback):
         report = sparse_inference_report(pl_module.network)
         csr = [c for c in report if c.sparse]
         rank_zero_info(
-            f"selfish-rnn test: sparse inference, {len(csr)} of {len(report)} weight tensors as CSR "
-            f"(batch {batch}, window {steps}):"
+            f"selfish-rnn test: sparse inference, {len(csr)} of {len(report)} weight tensors sparse "
+            f"(batch {batch}, window {steps}; {sparse_inference_basis(pl_module.network)}):"
         )
         for choice in report:
-            rank_zero_info(
-                f"  {choice.name} {list(choice.shape)}: {'CSR' if choice.sparse else 'dense'}, {choice.reason}"
-            )
+            rank_zero_info(f"  {choice.name} {list(choice.shape)}: {choice.format}, {choice.reason}")
         self._start = time.perf_counter()
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:

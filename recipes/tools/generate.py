@@ -15,6 +15,9 @@ probabilities up to float rounding, so they do unless a draw falls within roundi
 PyTorch's CPU ``nn.LSTM`` goes through oneDNN, which re-packs the weights on every call: about 10 times slower
 than without it when called once per word. The dense baseline here runs without oneDNN
 (``torch.backends.mkldnn.flags(enabled=False)``), the faster of the two, so the speed-up is the sparse kernels' own.
+The command names the CPU and what the per-tensor choice rested on (the crossover table measured now, cached from
+an earlier measurement on this machine, given, or assumed). When nothing was converted the two networks are the
+same and no ratio is printed; otherwise the ratio of the medians and the range of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_selfish.inference import sparse_inference_report
+from lightning_selfish.inference import cpu_name, sparse_inference_basis, sparse_inference_report
 from recipes.console import positive_int
 from recipes.inference import sparse_network
 from recipes.tools.export import ExportError, load_network
@@ -109,16 +112,24 @@ def _compare(loaded, words, temperature, seed, inference, rounds, warmup, thread
         "source": str(loaded.source),
         "text": " ".join(vocabulary[i] if vocabulary and i < len(vocabulary) else f"<{i}>" for i in shown),
         "words_per_second": {name: statistics.median(values) for name, values in speeds.items()},
+        "words_per_second_rounds": speeds,
         "threads": threads,
         "ntoken": ntoken,
+        "cpu": cpu_name(),
     }
     if "sparse" in networks:
         report = sparse_inference_report(networks["sparse"])
-        result["csr_tensors"] = [c.name for c in report if c.sparse]
+        result["csr_tensors"] = [c.name for c in report if c.sparse]  # (every sparse format, as before)
         result["dense_tensors"] = [c.name for c in report if not c.sparse]
+        result["formats"] = {c.name: c.format for c in report}
+        result["basis"] = sparse_inference_basis(networks["sparse"])
     if len(ids) == 2:
-        result["speedup"] = result["words_per_second"]["sparse"] / result["words_per_second"]["dense"]
         result["same_words"] = ids["dense"] == ids["sparse"]
+        result["same_network"] = not result["csr_tensors"]
+        if not result["same_network"]:
+            ratios = [s / d for s, d in zip(speeds["sparse"], speeds["dense"])]
+            result["speedup"] = result["words_per_second"]["sparse"] / result["words_per_second"]["dense"]
+            result["speedup_range"] = (min(ratios), max(ratios))
     return result
 
 
@@ -140,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
         "--choose",
-        choices=("crossover", "measure"),
+        choices=("crossover", "measure", "csr", "csr16", "bitmask"),
         default="crossover",
-        help="CSR or dense per tensor: by the measured crossover table, or timed on this machine",
+        help="the format per tensor: by this machine's crossover table (measured on first use, cached), timed on "
+        "each tensor, or one format for every weight",
     )
     return parser
 
@@ -169,10 +181,22 @@ def main(argv: Sequence[str]) -> int:
     speeds = result["words_per_second"]
     line = ", ".join(f"{name} {value:.1f} words/s" for name, value in speeds.items())
     print(f"\n{line} ({result['threads']} thread{'s' if result['threads'] > 1 else ''}, batch 1)", file=sys.stderr)
-    if "speedup" in result:
+    print(f"CPU: {result['cpu']}", file=sys.stderr)
+    if "same_network" in result:
         same = "the same words" if result["same_words"] else "different words (float rounding at a draw)"
-        print(f"sparse / dense: {result['speedup']:.2f}x; {same}", file=sys.stderr)
-    if "csr_tensors" in result:
-        total = len(result["csr_tensors"]) + len(result["dense_tensors"])
-        print(f"CSR: {len(result['csr_tensors'])} of {total} weight tensors {result['csr_tensors']}", file=sys.stderr)
+        if result["same_network"]:
+            print("sparse / dense: nothing was converted, the two are the same network (no speed-up)", file=sys.stderr)
+        else:
+            low, high = result["speedup_range"]
+            rounds = len(result["words_per_second_rounds"]["dense"])
+            print(
+                f"sparse / dense: {result['speedup']:.2f}x (median of {rounds} rounds; per round {low:.2f}x to "
+                f"{high:.2f}x); {same}",
+                file=sys.stderr,
+            )
+    if "formats" in result:
+        total = len(result["formats"])
+        sparse = {name: f for name, f in result["formats"].items() if f != "dense"}
+        print(f"sparse formats: {len(sparse)} of {total} weight tensors {sparse}", file=sys.stderr)
+        print(f"chosen by: {result['basis']}", file=sys.stderr)
     return 0
