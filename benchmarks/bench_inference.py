@@ -213,7 +213,7 @@ def sample(model: nn.Module, words: int, seed: int, device: torch.device) -> lis
 
 def onednn(enabled: bool, function: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        with torch.backends.mkldnn.flags(enabled=enabled):
+        with torch.backends.mkldnn.flags(enabled=enabled, allow_tf32=None):
             function()
 
     return run
@@ -233,12 +233,12 @@ def generation_part(args: argparse.Namespace, device: torch.device, threads: int
         if device.type == "cpu":
             runs["dense_onednn"] = onednn(True, lambda m=dense: sample(m, args.onednn_words, 0, device))
         for name in runs:  # warm-up
-            with torch.backends.mkldnn.flags(enabled=name == "dense_onednn"):
+            with torch.backends.mkldnn.flags(enabled=name == "dense_onednn", allow_tf32=None):
                 sample(models.get(name, dense), args.warmup, 0, device)
         seconds = alternate(runs, args.rounds, device)
         words = {name: (args.onednn_words if name == "dense_onednn" else args.words) for name in runs}
         per_second = {name: round(words[name] / s, 2) for name, s in seconds.items()}
-        with torch.backends.mkldnn.flags(enabled=False):
+        with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
             same = sample(dense, args.words, 0, device) == sample(models["sparse"], args.words, 0, device)
         emit(
             part="generation",
@@ -278,7 +278,7 @@ def evaluation_part(args: argparse.Namespace, device: torch.device, threads: int
             for run in runs.values():
                 run()
             seconds = alternate(runs, args.rounds, device)
-            with torch.backends.mkldnn.flags(enabled=False):
+            with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
                 error = (dense(tokens, hidden).log_probs - models["sparse"](tokens, hidden).log_probs).abs().max()
         per_second = {name: round(batch * steps / s, 1) for name, s in seconds.items()}
         emit(
@@ -411,7 +411,7 @@ def targets_part(args: argparse.Namespace, device: torch.device, threads: int) -
         words = {name: args.onednn_words if name == "dense_onednn_on" else args.words for name in runs}
         per_word = {name: t["cpu_s"] / words[name] for name, t in timed.items()}
         fastest_dense = min(per_word["dense_onednn_off"], per_word["dense_onednn_on"])
-        with torch.backends.mkldnn.flags(enabled=False):
+        with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
             reference = sample(dense, args.words, 0, device)
             same = {name: sample(m, args.words, 0, device) == reference for name, m in models.items()}
         emit(

@@ -489,8 +489,7 @@ def _generate(argv: list[str]) -> int:
     """Sample text word by word from a trained model, dense and sparse, and compare their speed."""
     from recipes.tools.generate import main as generate_main
 
-    with console.quiet_onednn_tf32_warning():  # its dense baseline runs with oneDNN off
-        return generate_main(argv)
+    return generate_main(argv)
 
 
 TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {

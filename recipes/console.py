@@ -23,7 +23,6 @@ emitting module or logger, never by category alone, so anything else Lightning s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -32,7 +31,7 @@ import linecache
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter
@@ -41,12 +40,10 @@ __all__ = [
     "GROUPS",
     "NOISE_LOG_MESSAGES",
     "NOISE_WARNINGS",
-    "ONEDNN_TF32_WARNING",
     "PlainTextHelpFormatter",
     "expect_checkpoints_in_log_dir",
     "plain_text",
     "quiet_dependency_noise",
-    "quiet_onednn_tf32_warning",
     "user_error_message",
 ]
 
@@ -385,24 +382,6 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # The recipes' loaders use no worker processes on purpose: the data is an in-memory tensor (docs/data.md).
     (r"The '\w+' does not have many workers", Warning, _LIGHTNING_MODULE),
 )
-
-
-ONEDNN_TF32_WARNING: tuple[str, type[Warning], str] = (
-    r"TF32 acceleration on top of oneDNN is available for Intel GPUs",
-    UserWarning,
-    r"torch\.backends\.mkldnn",
-)
-"""torch's warning at every ``torch.backends.mkldnn.flags(...)`` on a build without Intel GPU support (the context
-manager also sets oneDNN's TF32 flag): ``selfish-rnn generate`` turns oneDNN off that way for its dense baseline."""
-
-
-@contextlib.contextmanager
-def quiet_onednn_tf32_warning() -> Iterator[None]:
-    """Ignore :data:`ONEDNN_TF32_WARNING` inside the block only (the filters are restored after it)."""
-    message, category, module = ONEDNN_TF32_WARNING
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-        yield
 
 
 def expect_checkpoints_in_log_dir() -> None:

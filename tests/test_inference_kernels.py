@@ -285,5 +285,5 @@ def test_batch_1_generation_of_the_papers_stacked_lstm_samples_the_dense_words()
             words.append(int(token))
         return words
 
-    with torch.backends.mkldnn.flags(enabled=False):
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
         assert sample(sparse) == sample(network)

@@ -297,7 +297,7 @@ def _with_onednn(enabled: bool, weight: Tensor, x: Tensor) -> Callable[[], Tenso
     def call() -> Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
-            with torch.backends.mkldnn.flags(enabled=enabled):
+            with torch.backends.mkldnn.flags(enabled=enabled, allow_tf32=None):
                 return torch.nn.functional.linear(x, weight)
 
     return call

@@ -14,7 +14,9 @@ probabilities up to float rounding, so they do unless a draw falls within roundi
 
 PyTorch's CPU ``nn.LSTM`` goes through oneDNN, which re-packs the weights on every call: about 10 times slower
 than without it when called once per word. The dense baseline here runs without oneDNN
-(``torch.backends.mkldnn.flags(enabled=False)``), the faster of the two, so the speed-up is the sparse kernels' own.
+(``torch.backends.mkldnn.flags(enabled=False, allow_tf32=None)``: ``allow_tf32=None`` leaves oneDNN's TF32 flag
+alone, which torch 2.13 warns about whenever it is set), the faster of the two, so the speed-up is the sparse
+kernels' own.
 The command names the CPU and what the per-tensor choice rested on (the crossover table measured now, cached from
 an earlier measurement on this machine, given, or assumed). When nothing was converted the two networks are the
 same and no ratio is printed; otherwise the ratio of the medians and the range of the per-round ratios.
@@ -100,7 +102,7 @@ def _compare(loaded, words, temperature, seed, inference, rounds, warmup, thread
         networks["sparse"] = sparse_network(dense, batch_size=1, steps=1, choose=choose)
     speeds: dict[str, list[float]] = {name: [] for name in networks}
     ids: dict[str, list[int]] = {}
-    with torch.backends.mkldnn.flags(enabled=False):
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None):
         for network in networks.values():
             sample_words(network, warmup, start, temperature, seed)
         for _ in range(rounds):

@@ -81,7 +81,9 @@ def test_a_mistake_in_the_sparsity_group_is_one_short_line(
 def test_a_sparsity_of_zero_names_the_dense_run(capsys: pytest.CaptureFixture[str]) -> None:
     """A sweep's dense point written as sparsity 0 (it trained neither dense nor sparse: issue 25.2)."""
     line = error_line(["--model.sparsity.sparsity", "0"], capsys)
-    assert line.startswith("error: --model.sparsity.sparsity must be in (0, 1), got 0.0: a dense run has no sparsity callback")
+    assert line.startswith(
+        "error: --model.sparsity.sparsity must be in (0, 1), got 0.0: a dense run has no sparsity callback"
+    )
     assert "--model.sparsity null" in line and "sparsity: null" in line
 
 
