@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
-from lightning_selfish.random_state import capture_random_state, restore_random_state
+from lightning_selfish.callbacks.random_state import capture_random_state, restore_random_state
 
 
 class DropoutLM(TinyLM):
