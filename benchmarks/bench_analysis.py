@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from lightning_selfish import analysis, plots
+from lightning_selfish import analysis
+from lightning_selfish.analysis import plots
 
 
 def timed(fn, device: str) -> float:

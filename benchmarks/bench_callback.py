@@ -34,10 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_selfish import SelfishSparsityCallback, SparseEngine
-from lightning_selfish.engine import UpdateContext
-from lightning_selfish.gates import detect_gate_layouts
-from lightning_selfish.methods import METHODS, resolve
-from lightning_selfish.parts import UpdateAmount
+from lightning_selfish.core.engine import UpdateContext
+from lightning_selfish.core.gates import detect_gate_layouts
+from lightning_selfish.method.catalogue import METHODS, resolve
+from lightning_selfish.method.parts import UpdateAmount
 
 
 class LSTMLM(pl.LightningModule):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_selfish import SNTASGD, SparseEngine
-from lightning_selfish.gates import detect_gate_layouts
+from lightning_selfish.core.gates import detect_gate_layouts
 from recipes.cli import PROGRESS_BAR_REFRESH_RATE, progress_bar
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, detach_hidden

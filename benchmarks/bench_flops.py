@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from lightning_selfish import SelfishSparsityCallback
-from lightning_selfish.flops_callback import FlopsCallback
+from lightning_selfish.callbacks.flops import FlopsCallback
 from recipes.models import StackedLSTM
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     model = StackedLSTM()  # the paper's 66M-parameter model
     sparsity = SelfishSparsityCallback(sparsity=0.67, seed=0)
     params = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
-    from lightning_selfish.engine import SparseEngine
+    from lightning_selfish.core.engine import SparseEngine
 
     sparsity.engine = SparseEngine.initialize(params, 0.67, torch.Generator().manual_seed(0))
     flops = FlopsCallback()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.optim.sntasgd import SNTASGD
 
 VOCAB, HIDDEN, LAYERS, DENSITY = 10_000, 1_500, 2, 0.33
 

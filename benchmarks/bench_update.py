@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from lightning_selfish import SparseEngine
-from lightning_selfish.engine import UpdateContext
-from lightning_selfish.gates import detect_gate_layouts
-from lightning_selfish.methods import resolve
-from lightning_selfish.parts import Growth, Removal, UpdateAmount
+from lightning_selfish.core.engine import UpdateContext
+from lightning_selfish.core.gates import detect_gate_layouts
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.parts import Growth, Removal, UpdateAmount
 
 
 def previous_strategies(cpu_generator: torch.Generator) -> tuple:

@@ -1,16 +1,16 @@
 """Selfish-RNN: train recurrent networks sparse from scratch, as a PyTorch Lightning plugin."""
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.engine import SparseEngine, UpdateStats
-from lightning_selfish.flops_callback import FlopsCallback
-from lightning_selfish.gates import detect_gate_layouts
-from lightning_selfish.history import MaskHistory, load_mask_history
-from lightning_selfish.methods import METHODS, MethodConfig, MethodPreset
-from lightning_selfish.monitor import TopologyMonitor
-from lightning_selfish.optim_state import MaskAwareOptimizer, MaskUpdate
-from lightning_selfish.random_state import RandomStateCheckpoint
-from lightning_selfish.sntasgd import SNTASGD, sntasgd
-from lightning_selfish.trigger import NonMonotonicTrigger
+from lightning_selfish.callbacks.flops import FlopsCallback
+from lightning_selfish.callbacks.history import MaskHistory, load_mask_history
+from lightning_selfish.callbacks.monitor import TopologyMonitor
+from lightning_selfish.callbacks.random_state import RandomStateCheckpoint
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
+from lightning_selfish.core.engine import SparseEngine, UpdateStats
+from lightning_selfish.core.gates import detect_gate_layouts
+from lightning_selfish.core.optim_state import MaskAwareOptimizer, MaskUpdate
+from lightning_selfish.method.catalogue import METHODS, MethodConfig, MethodPreset
+from lightning_selfish.optim.sntasgd import SNTASGD, sntasgd
 
 __all__ = [
     "METHODS",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfish.analysis import pack_mask, unpack_mask
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.optim.sntasgd import SNTASGD
 
 __all__ = [
     "COMPRESSED_FORMAT",

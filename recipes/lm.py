@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.flops_callback import FlopsCallback
-from lightning_selfish.history import MaskHistory
-from lightning_selfish.monitor import TopologyMonitor
-from lightning_selfish.optim_state import MaskUpdate
-from lightning_selfish.random_state import RandomStateCheckpoint
-from lightning_selfish.sntasgd import SNTASGD
-from lightning_selfish.trigger import NonMonotonicTrigger
+from lightning_selfish.callbacks.flops import FlopsCallback
+from lightning_selfish.callbacks.history import MaskHistory
+from lightning_selfish.callbacks.monitor import TopologyMonitor
+from lightning_selfish.callbacks.random_state import RandomStateCheckpoint
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
+from lightning_selfish.core.optim_state import MaskUpdate
+from lightning_selfish.optim.sntasgd import SNTASGD
 from recipes.compat import module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
 
@@ -100,7 +100,7 @@ class MaskBlindNTASGD(SNTASGD):
     multiplies the average by the mask after every step (it does so for every optimizer state tensor), so the
     averaged model has exactly the current topology, but a weight grown after the trigger has been zero for most
     of the window and its average stays near zero: the failure mode SNT-ASGD removes. On a dense model this is
-    identical to :class:`~lightning_selfish.sntasgd.SNTASGD`.
+    identical to :class:`~lightning_selfish.optim.sntasgd.SNTASGD`.
     """
 
     #: Unlike SNT-ASGD, the step does write averages at inactive positions: the engine re-zeroes them.
@@ -160,10 +160,10 @@ class LanguageModel(pl.LightningModule):
         checkpoint: add the two ``ModelCheckpoint``\ s of :func:`run_checkpoints` (the best ``val_loss`` model,
             and the latest epoch in ``last.ckpt``), unless the trainer already has a ``ModelCheckpoint`` with a
             monitor.
-        topology_monitor: when sparse, add a :class:`~lightning_selfish.monitor.TopologyMonitor` (exploration,
+        topology_monitor: when sparse, add a :class:`~lightning_selfish.callbacks.monitor.TopologyMonitor` (exploration,
             weights above 0.1, mask pictures, the final gate chart; see docs/analysis.md).
         mask_history: when sparse and the trainer has a logger, save every epoch's masks bit-packed in
-            ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.history.MaskHistory`).
+            ``<log_dir>/masks`` for ``selfish-rnn analyze`` (:class:`~lightning_selfish.callbacks.history.MaskHistory`).
         training_seed: reseed the global random generators (torch, Python, NumPy: dropout, shuffling) with this
             seed when a fresh fit starts, after the network's weights were drawn under ``seed_everything``. Two runs
             with the same ``seed_everything`` and ``sparsity.seed`` and different ``training_seed`` (and

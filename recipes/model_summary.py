@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.flops import WeightCost, collect_weight_costs, inference_flops_per_token
+from lightning_selfish.analysis.flops import WeightCost, collect_weight_costs, inference_flops_per_token
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from recipes.compat import module
 
 _model_summary = module("utilities.model_summary")

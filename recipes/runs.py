@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 
 __all__ = ["label_run_logger", "run_label"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.trigger import NonMonotonicTrigger
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
 
 __all__ = ["best_validation", "fit_summary", "latest_checkpoint", "test_summary"]
 

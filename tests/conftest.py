@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, TensorDataset
 
 from lightning_selfish import SelfishSparsityCallback
-from lightning_selfish.engine import SparseEngine, UpdateContext
-from lightning_selfish.methods import GROWTHS, REDISTRIBUTIONS, REMOVALS, resolve
-from lightning_selfish.parts import UpdateAmount
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.core.engine import SparseEngine, UpdateContext
+from lightning_selfish.method.catalogue import GROWTHS, REDISTRIBUTIONS, REMOVALS, resolve
+from lightning_selfish.method.parts import UpdateAmount
+from lightning_selfish.optim.sntasgd import SNTASGD
 
 # Hypothesis: CI (which sets CI=true) replays the same examples on every run, so a red build is reproducible;
 # locally every run draws fresh examples (and replays the failing ones from .hypothesis/). HYPOTHESIS_PROFILE

@@ -31,9 +31,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-import lightning_selfish.callback
+import lightning_selfish.callbacks.sparsity
 from lightning_selfish import SelfishSparsityCallback
-from lightning_selfish.callback import _check_strategy, _rank_zero_broadcast
+from lightning_selfish.callbacks.sparsity import _check_strategy, _rank_zero_broadcast
 
 # --------------------------------------------------------------------------------------------------------------
 # arguments
@@ -663,7 +663,7 @@ def test_dsr_adapts_its_threshold_and_checkpoints_the_adapted_one() -> None:
 
 def test_updates_are_quiet_unless_verbose_and_a_skipped_update_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     said: list[str] = []  # what the callback tells the user (rank_zero_info: Lightning's logger does not propagate)
-    monkeypatch.setattr(lightning_selfish.callback, "rank_zero_info", said.append)
+    monkeypatch.setattr(lightning_selfish.callbacks.sparsity, "rank_zero_info", said.append)
     fit_tiny(SelfishSparsityCallback(sparsity=0.6, seed=0))
     assert said == []
 
@@ -679,7 +679,7 @@ def test_updates_are_quiet_unless_verbose_and_a_skipped_update_says_so(monkeypat
 
 def test_verbose_summary_per_tensor_and_gate(monkeypatch):
     said: list[str] = []  # (rank_zero_info: Lightning's logger does not propagate to caplog)
-    monkeypatch.setattr(lightning_selfish.callback, "rank_zero_info", said.append)
+    monkeypatch.setattr(lightning_selfish.callbacks.sparsity, "rank_zero_info", said.append)
     sparsity = SelfishSparsityCallback(sparsity=0.5, seed=0, verbose=True, update_every=4)
     pl.seed_everything(0, verbose=False)
     make_trainer([sparsity], max_epochs=1).fit(TinyLM(), token_loader(), token_loader(1, 2))

@@ -16,7 +16,7 @@ from conftest import AvgLM, TinyLM, Topology, fit_checked, fit_tiny, make_traine
 from pytorch_lightning.callbacks import Callback
 
 from lightning_selfish import SelfishSparsityCallback
-from lightning_selfish.engine import SparseEngine
+from lightning_selfish.core.engine import SparseEngine
 
 # --------------------------------------------------------------------------------------------------------------
 # removed and regrown weights, and their optimizer state

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfish.controller import SparsityController, count_updates, derive_seed
-from lightning_selfish.engine import SparseEngine
-from lightning_selfish.methods import resolve
-from lightning_selfish.sntasgd import SNTASGD
+from lightning_selfish.core.engine import SparseEngine
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.optim.sntasgd import SNTASGD
+from lightning_selfish.run.controller import SparsityController, count_updates, derive_seed
 
 
 def controller(method: str = "selfish", total: int = 24, **overrides) -> SparsityController:

@@ -13,8 +13,8 @@ from conftest import update_engine
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lightning_selfish import topology
-from lightning_selfish.methods import GROWTHS
+from lightning_selfish.method import topology
+from lightning_selfish.method.catalogue import GROWTHS
 
 BIG = 4 * topology._SAMPLE + 1  # the smallest size that takes the sampled-band path
 
@@ -155,7 +155,7 @@ def test_score_growth_takes_the_largest_magnitudes_on_a_big_tensor(growth: str) 
 def test_growth_draws_from_every_position_inactive_after_removal_including_the_removed() -> None:
     """Growth candidates are exactly the positions inactive after removal: a weight removed in this update is drawn
     again as often as any other inactive position (the paper's rule), never an active one."""
-    from lightning_selfish.engine import SparseEngine
+    from lightning_selfish.core.engine import SparseEngine
 
     removed_regrown = removed_total = 0
     inactive_after_removal = 0

@@ -15,7 +15,7 @@ import torch
 from conftest import TinyLM, make_trainer, token_loader
 
 from lightning_selfish import SNTASGD, SelfishSparsityCallback
-from lightning_selfish.engine import SparseEngine
+from lightning_selfish.core.engine import SparseEngine
 
 CUDA = pytest.param(
     "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_selfish import SNTASGD, SparseEngine, detect_gate_layouts, topology
-from lightning_selfish.engine import UpdateContext
-from lightning_selfish.methods import resolve
-from lightning_selfish.parts import UpdateAmount
-from lightning_selfish.redistribution import allocate_counts
+from lightning_selfish.core.engine import UpdateContext
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.parts import UpdateAmount
+from lightning_selfish.method.redistribution import allocate_counts
 
 # --------------------------------------------------------------------------------------------------------------
 # the rule that defines each method

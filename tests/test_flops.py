@@ -9,15 +9,15 @@ import torch
 from conftest import BATCH, STEPS, WINDOWS, RecordingLogger, TinyLM, make_trainer, token_loader
 from torch import nn
 
-from lightning_selfish import topology
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.flops import (
+from lightning_selfish.analysis.flops import (
     WeightCost,
     collect_weight_costs,
     inference_flops_per_token,
     training_flops_per_token,
 )
-from lightning_selfish.flops_callback import FlopsCallback, tokens_in_batch
+from lightning_selfish.callbacks.flops import FlopsCallback, tokens_in_batch
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.method import topology
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
 
 PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (docs/data.md#batching)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_selfish.gates import normalize_layout
+from lightning_selfish.core.gates import normalize_layout
 
 ROWS = r"gate_layouts\['w'\] gate 'a': rows must be a slice or \(start, stop\), got "
 ENTRY = r"gate_layouts\['w'\] entries must be \(gate, slice\) or \(gate, \(start, stop\)\), got "

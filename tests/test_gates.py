@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfish.gates import detect_gate_layouts, normalize_layout
+from lightning_selfish.core.gates import detect_gate_layouts, normalize_layout
 
 
 def test_pytorch_rnns_are_detected():

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfish.engine import SparseEngine, UpdateContext
-from lightning_selfish.methods import resolve
-from lightning_selfish.parts import UpdateAmount
+from lightning_selfish.core.engine import SparseEngine, UpdateContext
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.parts import UpdateAmount
 
 SHAPES = {"a": (6, 5), "b": (4, 5)}
 RATE, THRESHOLD, TARGET = 0.3, 0.5, 0.4

@@ -14,8 +14,8 @@ from conftest import TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback
 
 from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine, topology
-from lightning_selfish.methods import METHODS, resolve
-from lightning_selfish.schedules import gmp_sparsity, scheduled_sparsity
+from lightning_selfish.method.catalogue import METHODS, resolve
+from lightning_selfish.method.schedules import gmp_sparsity, scheduled_sparsity
 
 # --------------------------------------------------------------------------------------------------------------
 # presets and their resolution
@@ -178,8 +178,8 @@ def test_a_growth_part_registered_as_documented_gives_the_builtin_gradient_masks
     """docs/methods.md: a growth rule is one object carrying what it reads. Wrapping the built-in gradient growth
     must give its masks exactly, registered by name or handed over as the object (the dense gradient copy is made
     because the part says it reads the gradient, not because of its name)."""
-    from lightning_selfish.methods import GROWTHS
-    from lightning_selfish.parts import Growth
+    from lightning_selfish.method.catalogue import GROWTHS
+    from lightning_selfish.method.parts import Growth
 
     mine = Growth("gradient_v2", topology.gradient_growth, reads="gradient")
     monkeypatch.setitem(GROWTHS, "gradient_v2", mine)
@@ -201,7 +201,7 @@ def test_a_growth_part_registered_as_documented_gives_the_builtin_gradient_masks
 
 
 def test_a_part_that_reads_nothing_known_is_refused() -> None:
-    from lightning_selfish.parts import Growth
+    from lightning_selfish.method.parts import Growth
 
     with pytest.raises(ValueError, match=r"Growth 'mine': reads must be 'generator', 'gradient' or 'momentum'"):
         Growth("mine", topology.gradient_growth, reads="grad")

@@ -15,8 +15,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_selfish import SelfishSparsityCallback, SparseEngine
-from lightning_selfish.history import MaskHistory, load_mask_history, load_mask_snapshot
-from lightning_selfish.monitor import TopologyMonitor
+from lightning_selfish.callbacks.history import MaskHistory, load_mask_history, load_mask_snapshot
+from lightning_selfish.callbacks.monitor import TopologyMonitor
 
 RECURRENT = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1"]
 ALL = ["encoder.weight", *RECURRENT, "decoder.weight"]
@@ -44,7 +44,7 @@ def assert_labelled_mask_picture(event, trainer, name: str) -> None:
 
     from matplotlib.image import imread
 
-    from lightning_selfish import plots
+    from lightning_selfish.analysis import plots
 
     picture = (imread(io.BytesIO(event.encoded_image_string)) * 255).round()
     sparse = next(cb for cb in trainer.callbacks if isinstance(cb, SelfishSparsityCallback))
@@ -136,7 +136,7 @@ def test_loggers_without_images_are_skipped_with_one_info_line(tmp_path: Path, c
     pl.seed_everything(0, verbose=False)
     sparse = SelfishSparsityCallback(sparsity=0.5, seed=0)
     logger = CSVLogger(tmp_path, name="csv")
-    with caplog.at_level(logging.INFO, logger="lightning_selfish.monitor"):
+    with caplog.at_level(logging.INFO, logger="lightning_selfish.callbacks.monitor"):
         trainer = make_trainer([sparse, TopologyMonitor()], max_epochs=2, logger=logger)
         trainer.fit(TinyLM(), token_loader(), token_loader(1, 2))
     lines = [r.getMessage() for r in caplog.records if "cannot take images" in r.getMessage()]

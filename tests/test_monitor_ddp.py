@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_selfish.history import load_mask_history
+from lightning_selfish.callbacks.history import load_mask_history
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "monitor_ddp.py"
 

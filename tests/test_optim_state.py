@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_selfish.engine import SparseEngine, UpdateContext
-from lightning_selfish.methods import resolve
-from lightning_selfish.parts import UpdateAmount
+from lightning_selfish.core.engine import SparseEngine, UpdateContext
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.parts import UpdateAmount
 
 
 def trained(rule: str, optimizer_name: str = "adam", seed: int = 0):

@@ -21,7 +21,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback
-from lightning_selfish.random_state import capture_random_state, loader_generators, restore_random_state, train_loaders
+from lightning_selfish.callbacks.random_state import (
+    capture_random_state,
+    loader_generators,
+    restore_random_state,
+    train_loaders,
+)
 
 
 class DropoutLM(TinyLM):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_selfish.methods import resolve
-from lightning_selfish.schedules import (
+from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.schedules import (
     check_run,
     cosine_prune_rate,
     cosine_schedule,

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_selfish import topology
-from lightning_selfish.methods import GROWTHS, REMOVALS
+from lightning_selfish.method import topology
+from lightning_selfish.method.catalogue import GROWTHS, REMOVALS
 
 # --------------------------------------------------------------------------------------------------------------
 # counts and initial masks

@@ -18,16 +18,18 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import lightning_selfish.trigger
-from lightning_selfish.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
+import lightning_selfish.callbacks.trigger
+from lightning_selfish.callbacks.trigger import RAW_STATE_DICT_KEY, NonMonotonicTrigger
 
 try:
-    from lightning_selfish.callback import SelfishSparsityCallback
+    from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 except ImportError:  # pragma: no cover - the core callback is developed alongside
     SelfishSparsityCallback = None
 
 
-needs_sparsity = pytest.mark.skipif(SelfishSparsityCallback is None, reason="lightning_selfish.callback not there")
+needs_sparsity = pytest.mark.skipif(
+    SelfishSparsityCallback is None, reason="lightning_selfish.callbacks.sparsity not there"
+)
 
 
 class SkipSpy(Callback):
@@ -307,7 +309,7 @@ def test_restart_at_epochs_restarts_the_averages(monkeypatch: pytest.MonkeyPatch
 
     trigger = NonMonotonicTrigger(monitor="val_score", nonmono=1, restart_at_epochs=[4, 100])
     said: list[str] = []  # what the trigger tells the user (rank_zero_info: Lightning's logger does not propagate)
-    monkeypatch.setattr(lightning_selfish.trigger, "rank_zero_info", said.append)
+    monkeypatch.setattr(lightning_selfish.callbacks.trigger, "rank_zero_info", said.append)
     run(AvgLM(scripted=[2, 3, 4, 4, 4, 4]), [trigger, Check()], 6, limit_train_batches=2)
     assert trigger.averaging_started_epoch == 2
     assert trigger.restarted_at_epochs == [4] and trigger.history == []  # cleared by the restart

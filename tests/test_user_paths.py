@@ -113,7 +113,7 @@ def test_a_seed_equal_to_the_global_seed_gives_masks_independent_of_the_weights(
     callback = SelfishSparsityCallback(sparsity=0.67, seed=seed)
     params = {n: p for n, p in module.named_parameters() if p.dim() == 2}
     generator = callback.controller.seed_run(seed, None, torch.device("cpu"))
-    from lightning_selfish.engine import SparseEngine
+    from lightning_selfish.core.engine import SparseEngine
 
     engine = SparseEngine.initialize(params, 0.67, generator)
     for name, mask in engine.masks.items():

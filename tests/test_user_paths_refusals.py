@@ -19,7 +19,7 @@ from conftest import VOCAB, TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-import lightning_selfish.callback
+import lightning_selfish.callbacks.sparsity
 from lightning_selfish import METHODS, SelfishSparsityCallback
 
 
@@ -78,7 +78,7 @@ def test_a_sparsity_of_zero_is_refused_at_construction_for_every_preset(method: 
 def said(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """What the callback tells the user in INFO lines (rank_zero_info: Lightning's logger does not propagate)."""
     lines: list[str] = []
-    monkeypatch.setattr(lightning_selfish.callback, "rank_zero_info", lines.append)
+    monkeypatch.setattr(lightning_selfish.callbacks.sparsity, "rank_zero_info", lines.append)
     return lines
 
 

@@ -52,7 +52,7 @@ class AWDLSTMMoS(nn.Module):
         self.dropout_e = float(dropout_e)
         self.alpha, self.beta = float(alpha), float(beta)
         self.sparsity_exclude: list[str] = ["prior.weight"]
-        # The decoder is applied to each of the K expert latents: K uses per token (lightning_selfish.flops).
+        # The decoder is applied to each of the K expert latents: K uses per token (lightning_selfish.analysis.flops).
         self.flops_uses_per_token = {"decoder.weight": n_experts}
         self.encoder = nn.Embedding(ntoken, ninp)
         self.hidden_sizes = [nhid if k != nlayers - 1 else nhidlast for k in range(nlayers)]

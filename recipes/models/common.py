@@ -144,7 +144,8 @@ class WeightDrop(nn.Module):
         self.weights = tuple(weights)
         self.dropout = float(dropout)
         self.gate_layouts: dict[str, GateLayout] = {}
-        # The raw weights are multiplied once per token, like the RNN weights they stand for (lightning_selfish.flops).
+        # The raw weights are multiplied once per token, like the RNN weights they stand for
+        # (lightning_selfish.analysis.flops).
         self.flops_uses_per_token = {f"{name}_raw": 1 for name in self.weights}
         gates = _rnn_gate_names(module)
         for name in self.weights:

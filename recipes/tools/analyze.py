@@ -48,8 +48,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_selfish import analysis, plots
-from lightning_selfish.history import MaskSnapshot, load_mask_history, load_mask_snapshot
+from lightning_selfish import analysis
+from lightning_selfish.analysis import plots
+from lightning_selfish.callbacks.history import MaskSnapshot, load_mask_history, load_mask_snapshot
 from recipes.console import positive_int
 
 PAPER_REFERENCE_EPOCH = 4  # "We start alignment at the 5th epoch" (Appendix J), counting from 0 here
@@ -383,7 +384,7 @@ def _test_batches(run: Path, max_batches: int) -> list[Tensor]:
 
 def _load_checkpoint(path: Path, batches: list[Tensor]) -> tuple[dict[str, Tensor], dict, dict[str, Tensor], dict]:
     """Masks, gate layouts, activations per unit group and the tensor -> (row group, column group) map."""
-    from lightning_selfish.gates import detect_gate_layouts
+    from lightning_selfish.core.gates import detect_gate_layouts
     from recipes.lm import LanguageModel
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

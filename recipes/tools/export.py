@@ -2,7 +2,7 @@
 
 The source is a checkpoint file, or a run's version directory (``lightning_logs/<name>/<label>/version_0``) whose
 best checkpoint is used (``--which last`` for ``last.ckpt``). Its ``state_dict`` holds SNT-ASGD's averaged weights
-once averaging has started (the ones validated, :mod:`lightning_selfish.trigger`); the masks come from the
+once averaging has started (the ones validated, :mod:`lightning_selfish.callbacks.trigger`); the masks come from the
 checkpoint's ``SelfishSparsityCallback`` state. Both formats hold the masked weights and nothing of the training
 state (no callbacks, no optimizer, no raw weights):
 

@@ -148,14 +148,14 @@ def _sparsity_group(model: dict[str, Any]) -> tuple[float | None, dict[str, Any]
 
 @functools.cache
 def _callback_defaults() -> dict[str, Any]:
-    from lightning_selfish.callback import SelfishSparsityCallback
+    from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 
     return {k: v for k, v in _defaults(SelfishSparsityCallback).items() if k != "sparsity"}
 
 
 def _method_parts(group: Mapping[str, Any]) -> dict[str, Any]:
     """Every part of the method, the preset's value where ``group`` leaves it unset (None)."""
-    from lightning_selfish.methods import METHODS
+    from lightning_selfish.method.catalogue import METHODS
 
     method = str(group.get("method") or "selfish")
     parts: dict[str, Any] = {"name": method}

@@ -18,9 +18,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from conftest import TinyLM, make_trainer, pattern_loader  # noqa: E402
 
-from lightning_selfish.callback import SelfishSparsityCallback  # noqa: E402
-from lightning_selfish.sntasgd import SNTASGD  # noqa: E402
-from lightning_selfish.trigger import NonMonotonicTrigger  # noqa: E402
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback  # noqa: E402
+from lightning_selfish.callbacks.trigger import NonMonotonicTrigger  # noqa: E402
+from lightning_selfish.optim.sntasgd import SNTASGD  # noqa: E402
 
 SCRIPTED = {0: [2.0, 3.0, 4.0, 4.0, 4.0], 1: [2.0, 1.0, 0.5, 0.2, 0.1]}
 

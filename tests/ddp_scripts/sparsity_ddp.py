@@ -21,7 +21,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from conftest import TinyLM, make_trainer, token_loader  # noqa: E402
 
 from lightning_selfish import RandomStateCheckpoint, SelfishSparsityCallback  # noqa: E402
-from lightning_selfish.random_state import capture_random_state  # noqa: E402
+from lightning_selfish.callbacks.random_state import capture_random_state  # noqa: E402
 
 
 class Record(pl.Callback):

@@ -228,7 +228,7 @@ def renumbered(network, generator: torch.Generator):
 
 def test_renumbered_units_are_at_distance_zero_in_every_aligned_tensor():
     """The issue's case: after alignment the decoder read 0.655 (chance 0.667) while the LSTM tensors read 0."""
-    from lightning_selfish.gates import detect_gate_layouts
+    from lightning_selfish.core.gates import detect_gate_layouts
     from recipes.models import StackedLSTM
     from recipes.tools.analyze import _aligned_rows, lstm_unit_activations
 
@@ -323,7 +323,7 @@ def test_every_figure_fits_its_picture_and_has_data(runs: tuple[Path, Path, Path
 
 
 def test_a_long_title_is_wrapped_to_the_figure(tmp_path: Path):
-    from lightning_selfish import plots
+    from lightning_selfish.analysis import plots
 
     title = "Distance to epoch 4 (the paper's 5th), units aligned by activations; chance level 0.79-0.81"
     figure = plots.distance_heatmap([[0.0, 0.1], [0.2, 0.3]], ["ih0", "hh0"], [0, 1], title)

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from recipes.cli import CONFIG_DIR, build_cli, main, resolve_checkpoint
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel, MaskBlindNTASGD

@@ -386,7 +386,7 @@ def test_fit_help_shows_the_projects_options_first_and_all_with_help_all(capsys:
 
 
 def test_the_cli_offers_every_choice_of_the_callback(tiny_corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_selfish.methods import INITS, REMOVALS
+    from lightning_selfish.method.catalogue import INITS, REMOVALS
 
     def callback_of(*args: str):
         cli = build_cli(["--config", QUICKSTART, *tiny_data(tiny_corpus), *args], run=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_selfish.callback import SelfishSparsityCallback
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from recipes.cli import build_cli
 from recipes.data import LanguageModelingDataModule
 from recipes.lm import LanguageModel

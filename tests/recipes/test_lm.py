@@ -15,12 +15,12 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.flops_callback import FlopsCallback
-from lightning_selfish.optim_state import MaskUpdate
-from lightning_selfish.random_state import RandomStateCheckpoint
-from lightning_selfish.sntasgd import SNTASGD
-from lightning_selfish.trigger import NonMonotonicTrigger
+from lightning_selfish.callbacks.flops import FlopsCallback
+from lightning_selfish.callbacks.random_state import RandomStateCheckpoint
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
+from lightning_selfish.core.optim_state import MaskUpdate
+from lightning_selfish.optim.sntasgd import SNTASGD
 from recipes.data import BPTTBatch, LanguageModelingDataModule
 from recipes.lm import SPARSITY_ARGUMENTS, LanguageModel, MaskBlindNTASGD, SparsityArguments, detach_hidden
 from recipes.models import ONLSTM, LMOutput, StackedLSTM

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfish.gates import detect_gate_layouts
+from lightning_selfish.core.gates import detect_gate_layouts
 from recipes.models import (
     MODELS,
     ONLSTM,

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_selfish.flops_callback import FlopsCallback
+from lightning_selfish.callbacks.flops import FlopsCallback
 from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
 from recipes.data import LanguageModelingDataModule
 from recipes.tools.paper_results import PAPER_ROWS, PaperRow

@@ -24,8 +24,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_selfish.selection import parameter_aliases
-
 GateLayout = list[tuple[str, slice]]
 #: What a user may write for one tensor: gate names (equal blocks) or (gate, slice | (start, stop)) pairs.
 GateLayoutSpec = Sequence[str] | Sequence[tuple[str, slice | Sequence[int]]]
@@ -107,6 +105,18 @@ def normalize_layout(spec: GateLayoutSpec, rows: int, name: str) -> GateLayout:
 def _is_row(value: Any) -> bool:
     """An int row number (also a NumPy or one-element tensor int; never a bool, a float or a str)."""
     return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def parameter_aliases(module: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter, keyed by its name in ``named_parameters()`` (which comes first).
+
+    A tied weight (a decoder sharing its encoder's embedding) or a module registered twice is one tensor under
+    several names; ``named_parameters()`` yields it once, under the first.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {aliases[0]: aliases for aliases in names.values()}
 
 
 def detect_gate_layouts(

@@ -3,8 +3,8 @@
 Plain PyTorch, no Lightning: :class:`SparseEngine` holds one live bool mask per sparsified parameter (in blocks: the
 whole tensor, or each gate of a stacked recurrent tensor when gates are not ranked jointly), re-zeroes weights and
 optimizer state after every optimizer step, and runs a method's topology update
-(:func:`lightning_selfish.update.topology_update`: remove, budget, grow, apply). The Lightning callback only decides
-*when* things happen.
+(:func:`lightning_selfish.core.update.topology_update`: remove, budget, grow, apply). The Lightning callback only
+decides *when* things happen.
 
 Hot path (every optimizer step): one ``torch._foreach_mul_`` of the parameters, and of the optimizer state tensors
 shaped like them, by masks kept in the parameters' dtype on their device. No host sync, no boolean indexing, and the
@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_selfish import topology
-from lightning_selfish.gates import GateLayout
-from lightning_selfish.methods import GATE_REDISTRIBUTIONS, INITS
-from lightning_selfish.optim_state import MaskUpdate, dense_state_keys, reset_optimizer_state, state_items_like
-from lightning_selfish.parts import GateRedistribution, Init, MethodConfig, UpdateAmount
-from lightning_selfish.protocols import keeps_inactive_state_zero
-from lightning_selfish.update import UpdateContext, UpdateStats, topology_update
+from lightning_selfish.core.gates import GateLayout
+from lightning_selfish.core.optim_state import MaskUpdate, dense_state_keys, reset_optimizer_state, state_items_like
+from lightning_selfish.core.protocols import keeps_inactive_state_zero
+from lightning_selfish.core.update import UpdateContext, UpdateStats, topology_update
+from lightning_selfish.method import topology
+from lightning_selfish.method.catalogue import GATE_REDISTRIBUTIONS, INITS
+from lightning_selfish.method.parts import GateRedistribution, Init, MethodConfig, UpdateAmount
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class SparseEngine:
         update, never for a step that mixed precision skipped, and once per accumulated batch group.
         ``mask_state=False`` leaves the optimizer state dense between updates (momentum growth ranks inactive
         positions by their momentum, which must keep accumulating there); weights are re-zeroed either way.
-        ``grown_state`` is the method's ``grown_optimizer_state`` (:mod:`lightning_selfish.optim_state`).
+        ``grown_state`` is the method's ``grown_optimizer_state`` (:mod:`lightning_selfish.core.optim_state`).
         """
         self._records.pop(id(optimizer), None)
         mask_state = mask_state and not keeps_inactive_state_zero(optimizer)
@@ -246,11 +246,11 @@ class SparseEngine:
         return records
 
     # ----------------------------------------------------------------------------------------------------------
-    # topology update (lightning_selfish.update: remove, budget, grow, apply, statistics)
+    # topology update (lightning_selfish.core.update: remove, budget, grow, apply, statistics)
     # ----------------------------------------------------------------------------------------------------------
 
     def update(self, amount: UpdateAmount, method: MethodConfig, context: UpdateContext) -> UpdateStats:
-        """One topology update of these masks by ``method`` (:func:`lightning_selfish.update.topology_update`)."""
+        """One topology update of these masks by ``method`` (:func:`lightning_selfish.core.update.topology_update`)."""
         return topology_update(self, amount, method, context)
 
     # ----------------------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ schedule has in force, what a schedule needs of the run's length), so everything
 and the FLOPs count need to know is derived from the parts: a user's own part is one object, with nothing else to
 keep in step.
 
-The built-in parts are registered by name in :mod:`lightning_selfish.methods` (names are what YAML and the CLI
+The built-in parts are registered by name in :mod:`lightning_selfish.method.catalogue` (names are what YAML and the CLI
 use); a part object can also be handed to the callback directly::
 
     from lightning_selfish import SelfishSparsityCallback
-    from lightning_selfish.parts import Growth
-    from lightning_selfish.topology import gradient_growth
+    from lightning_selfish.method.parts import Growth
+    from lightning_selfish.method.topology import gradient_growth
 
     mine = Growth("gradient_v2", gradient_growth, reads="gradient")
     SelfishSparsityCallback(sparsity=0.67, growth=mine)
@@ -149,8 +149,8 @@ class Schedule:
 class MethodConfig:
     """A resolved method: its parts, its numbers and the sparsity; what the callback and the engine run.
 
-    Built by :func:`lightning_selfish.methods.resolve` (a preset with the user's overrides, checked as a whole);
-    read-only, the one source of truth of a run's method.
+    Built by :func:`lightning_selfish.method.catalogue.resolve` (a preset with the user's overrides, checked as a
+    whole); read-only, the one source of truth of a run's method.
     """
 
     name: str
@@ -171,7 +171,7 @@ class MethodConfig:
     threshold: float = 1e-3  # DSR: initial global magnitude threshold
     threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
     removal_rounding: str = "ceil"  # count of a removal: ceil(p * active) (the authors' code) or floor (RigL)
-    grown_optimizer_state: str = "zero"  # optimizer state of grown weights; see lightning_selfish.optim_state
+    grown_optimizer_state: str = "zero"  # optimizer state of grown weights; see lightning_selfish.core.optim_state
     grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
     min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
     update_every_given: bool = False  # the user chose update_every (it is then never scaled)

@@ -8,10 +8,10 @@ After every topology update (and once when masks are first attached) the sparsit
 2. then, if the optimizer defines ``on_mask_update(param, update)``, calls it with a :class:`MaskUpdate`, so an
    optimizer that needs the topology itself (``SNTASGD`` averages each weight over its own lifetime) can react.
 
-That method is the whole protocol (:class:`~lightning_selfish.protocols.MaskAwareOptimizer`); it is optional and
+That method is the whole protocol (:class:`~lightning_selfish.core.protocols.MaskAwareOptimizer`); it is optional and
 any ``torch.optim.Optimizer`` works without it. An optimizer whose own step already leaves its state zero at
 inactive positions (``SNTASGD``) may also set the class attribute ``keeps_inactive_state_zero = True``
-(:class:`~lightning_selfish.protocols.KeepsInactiveStateZero`): the engine then skips re-zeroing its state after
+(:class:`~lightning_selfish.core.protocols.KeepsInactiveStateZero`): the engine then skips re-zeroing its state after
 every step (weights are still re-zeroed), which saves two passes over each sparse tensor per step.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_selfish.protocols import MaskAwareOptimizer
+from lightning_selfish.core.protocols import MaskAwareOptimizer
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
-from lightning_selfish import analysis, plots
-from lightning_selfish.engine import SparseEngine, UpdateStats
+from lightning_selfish import analysis
+from lightning_selfish.analysis import plots
+from lightning_selfish.core.engine import SparseEngine, UpdateStats
 
 log = logging.getLogger(__name__)
 

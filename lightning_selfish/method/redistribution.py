@@ -22,7 +22,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from lightning_selfish.protocols import momentum_is_gradient
+from lightning_selfish.core.protocols import momentum_is_gradient
 
 __all__ = [
     "allocate_counts",
@@ -90,7 +90,7 @@ def momentum_of(
 ) -> Tensor:
     """The "momentum" of SNFS for ``param``: SGD's momentum buffer, Adam's ``exp_avg / (sqrt(exp_avg_sq) + 1e-8)``
     (the authors' and sparselearning's choice), or, under an optimizer that has none and says so
-    (:class:`~lightning_selfish.optim_state.GradientAsMomentum`: SNT-ASGD), the dense gradient ``gradient``, as the
+    (:class:`~lightning_selfish.core.optim_state.GradientAsMomentum`: SNT-ASGD), the dense gradient ``gradient``, as the
     paper does for SNFS (SNT-ASGD)."""
     for optimizer in optimizers:
         state = optimizer.state.get(param, {})
@@ -120,7 +120,7 @@ def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Scores (the parts that use them are registered in lightning_selfish.methods)
+# Scores (the parts that use them are registered in lightning_selfish.method.catalogue)
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_selfish import analysis
-from lightning_selfish.engine import SparseEngine, UpdateStats
+from lightning_selfish.core.engine import SparseEngine, UpdateStats
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """When topology updates happen and how much each one changes: pure functions of the optimizer step.
 
-A schedule is a :class:`lightning_selfish.parts.Schedule`: ``amount(step, total_steps, config) -> UpdateAmount |
+A schedule is a :class:`lightning_selfish.method.parts.Schedule`: ``amount(step, total_steps, config) -> UpdateAmount |
 None``, asked after optimizer step ``step`` at every candidate point of the update cadence (``config.update_every``:
 every epoch boundary, or every step when it is a number of steps; ``None`` means no update there), with the prune
 rate it uses, the sparsity it has in force and its check of the run's length beside it.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_selfish.parts import MethodConfig, Schedule, UpdateAmount
+from lightning_selfish.method.parts import MethodConfig, Schedule, UpdateAmount
 
 __all__ = [
     "COSINE",

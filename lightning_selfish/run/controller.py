@@ -1,7 +1,7 @@
 """The run controller: a sparse run's schedule state in one place, without Lightning.
 
 :class:`SparsityController` owns what a run carries from step to step besides the masks (which live in the
-:class:`~lightning_selfish.engine.SparseEngine`): the run's length, the update cadence and the bookkeeping of the
+:class:`~lightning_selfish.core.engine.SparseEngine`): the run's length, the update cadence and the bookkeeping of the
 updates done, NT-ASGD's skip flag, DSR's threshold, the random generator and its seeds, and the dense gradients
 kept for the next update. It answers the questions the callback's hooks ask ("is an update due after this
 step?", "at this epoch boundary?", "is the dense gradient of this step needed?", "what prune rate now?"), runs an
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_selfish.engine import SparseEngine, UpdateContext, UpdateStats
-from lightning_selfish.parts import MethodConfig, UpdateAmount
-from lightning_selfish.protocols import momentum_is_gradient
-from lightning_selfish.schedules import scheduled_sparsity
+from lightning_selfish.core.engine import SparseEngine, UpdateContext, UpdateStats
+from lightning_selfish.core.protocols import momentum_is_gradient
+from lightning_selfish.method.parts import MethodConfig, UpdateAmount
+from lightning_selfish.method.schedules import scheduled_sparsity
 
 __all__ = ["MASK_STREAM", "GROWTH_STREAM", "RESEED_STREAM", "SparsityController", "derive_seed"]
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_selfish.engine import SparseEngine, UpdateStats
-    from lightning_selfish.optim_state import MaskUpdate
+    from lightning_selfish.core.engine import SparseEngine, UpdateStats
+    from lightning_selfish.core.optim_state import MaskUpdate
 
 __all__ = [
     "AveragingOptimizer",
@@ -65,7 +65,7 @@ class SkipsTopologyUpdates(Protocol):
 
 @runtime_checkable
 class MaskAwareOptimizer(Protocol):
-    """An optimizer that wants to be told about topology changes (see :mod:`lightning_selfish.optim_state`)."""
+    """An optimizer that wants to be told about topology changes (see :mod:`lightning_selfish.core.optim_state`)."""
 
     def on_mask_update(self, param: Tensor, update: MaskUpdate) -> None: ...
 

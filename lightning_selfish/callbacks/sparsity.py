@@ -1,11 +1,11 @@
 """``SelfishSparsityCallback``: Selfish-RNN's dynamic sparse training as a Lightning callback.
 
-Thin glue: the hooks only say *when*. The resolved method (:mod:`lightning_selfish.methods`) says *what*; the run
-controller (:mod:`lightning_selfish.controller`) holds the schedule state and answers whether an update is due;
-the engine (:mod:`lightning_selfish.engine`) holds the masks, enforces them after every optimizer step through a
-step post-hook and runs updates; :mod:`lightning_selfish.selection` picks the parameters and checks what it finds in
-them. Masks are created at ``on_fit_start`` and updated after validation and checkpointing of an epoch (epoch
-cadence) or after an optimizer step (step cadence).
+Thin glue: the hooks only say *when*. The resolved method (:mod:`lightning_selfish.method.catalogue`) says *what*;
+the run controller (:mod:`lightning_selfish.run.controller`) holds the schedule state and answers whether an update
+is due; the engine (:mod:`lightning_selfish.core.engine`) holds the masks, enforces them after every optimizer step
+through a step post-hook and runs updates; :mod:`lightning_selfish.run.selection` picks the parameters and checks
+what it finds in them. Masks are created at ``on_fit_start`` and updated after validation and checkpointing of an
+epoch (epoch cadence) or after an optimizer step (step cadence).
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_selfish import methods
-from lightning_selfish.controller import SparsityController
-from lightning_selfish.engine import SparseEngine
-from lightning_selfish.gates import GateLayoutSpec, detect_gate_layouts
-from lightning_selfish.parts import MethodConfig, UpdateAmount
-from lightning_selfish.protocols import TopologyListener
-from lightning_selfish.schedules import check_run
-from lightning_selfish.selection import (
+from lightning_selfish.core.engine import SparseEngine
+from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
+from lightning_selfish.core.protocols import TopologyListener
+from lightning_selfish.core.update import UpdateStats, update_summary
+from lightning_selfish.method import catalogue as methods
+from lightning_selfish.method.parts import MethodConfig, UpdateAmount
+from lightning_selfish.method.schedules import check_run
+from lightning_selfish.run.controller import SparsityController
+from lightning_selfish.run.selection import (
     adopt_existing_masks,
     check_gate_layouts_sparsified,
     check_no_other_pruning,
     select_parameters,
 )
-from lightning_selfish.update import UpdateStats, update_summary
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
 _METHOD_SETTINGS = frozenset(
@@ -54,7 +54,7 @@ class SelfishSparsityCallback(Callback):
 
     Every sparsified tensor starts with a mask with an exact number of active weights. After every optimizer step
     the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. At each topology update
-    a method removes and regrows weights. ``method`` picks a preset (:data:`lightning_selfish.methods.METHODS`,
+    a method removes and regrows weights. ``method`` picks a preset (:data:`lightning_selfish.method.catalogue.METHODS`,
     table in ``docs/methods.md``): ``"selfish"`` (the default) removes the fraction ``p`` of each tensor's active
     weights with the smallest magnitude once per epoch and regrows as many at random, starting at zero, ``p``
     cosine-annealed from ``prune_rate`` to ``min_prune_rate``, with the gates of a stacked recurrent weight ranked
@@ -63,8 +63,8 @@ class SelfishSparsityCallback(Callback):
 
     Every argument below that defaults to ``None`` means "the preset's value"; an explicit value replaces the
     preset's part (e.g. ``method="rigl", update_every="epoch"`` is RigL as the authors' code ran it); a part may be
-    a registered name or a part object (:mod:`lightning_selfish.parts`). ``config`` is the resolved method, the one
-    source of truth; the method's settings read as attributes of the same names and cannot be set afterwards.
+    a registered name or a part object (:mod:`lightning_selfish.method.parts`). ``config`` is the resolved method, the
+    one source of truth; the method's settings read as attributes of the same names and cannot be set afterwards.
 
     A later ``fit`` with the same callback continues from its current masks (the schedule follows the trainer's
     step count: the same Trainer continues it, a new Trainer restarts it over the new run). A new callback on a
@@ -89,7 +89,7 @@ class SelfishSparsityCallback(Callback):
         exclude: fnmatch patterns of parameter names to keep dense (e.g. ``["*prior*"]`` for the MoS prior). A
             pattern of ``include``/``exclude`` matches a tied weight by any of its names.
         gate_layouts: ``{param_name: [(gate, rows), ...]}`` for stacked weights that are not detected; see
-            :mod:`lightning_selfish.gates`. Every entry must name a sparsified parameter (by any of its names).
+            :mod:`lightning_selfish.core.gates`. Every entry must name a sparsified parameter (by any of its names).
         update_every: ``"epoch"`` (after each training epoch, after validation) or a number of optimizer steps
             (RigL's ΔT; GMP's pruning frequency Δt).
         seed: seed of the callback's random draws (initial masks, random growth); ``None`` draws one on rank 0 and
@@ -119,14 +119,15 @@ class SelfishSparsityCallback(Callback):
             averaging window (the authors' code; RigL).
         grown_optimizer_state: the optimizer state of a grown weight: ``"zero"``, ``"dense"`` (Adam's moments
             never masked) or ``"tensor_mean"`` (its second moment starts at its tensor's mean); see
-            :mod:`lightning_selfish.optim_state` and docs/methods.md for the measurements behind the defaults.
+            :mod:`lightning_selfish.core.optim_state` and docs/methods.md for the measurements behind the defaults.
         threshold, threshold_tolerance: DSR's initial global threshold and the relative miss of the expected
             removal count beyond which it is doubled or halved.
 
-    Monitors (:class:`~lightning_selfish.monitor.TopologyMonitor`, :class:`~lightning_selfish.history.MaskHistory`)
-    hear about the masks as :class:`~lightning_selfish.protocols.TopologyListener`\ s: at fit start (``stats=None``)
-    and after every topology update. The run's schedule state lives in :attr:`controller`
-    (:class:`~lightning_selfish.controller.SparsityController`), the masks in :attr:`engine`.
+    Monitors (:class:`~lightning_selfish.callbacks.monitor.TopologyMonitor`,
+    :class:`~lightning_selfish.callbacks.history.MaskHistory`) hear about the masks as
+    :class:`~lightning_selfish.core.protocols.TopologyListener`\ s: at fit start (``stats=None``) and after every
+    topology update. The run's schedule state lives in :attr:`controller`
+    (:class:`~lightning_selfish.run.controller.SparsityController`), the masks in :attr:`engine`.
     """
 
     def __init__(
@@ -237,7 +238,7 @@ class SelfishSparsityCallback(Callback):
     @property
     def dense_gradient_every(self) -> int | str | None:
         """When the method needs the dense weight gradient: ``1`` (every step, SNFS), the update cadence (RigL),
-        or ``None``; see :attr:`lightning_selfish.parts.MethodConfig.dense_gradient_every`."""
+        or ``None``; see :attr:`lightning_selfish.method.parts.MethodConfig.dense_gradient_every`."""
         return self.controller.config.dense_gradient_every
 
     def scheduled_sparsity(self, step: int) -> float:
@@ -255,7 +256,7 @@ class SelfishSparsityCallback(Callback):
         return config.schedule.amount(step, self.controller.total_steps, config)
 
     def skip_next_update(self) -> None:
-        """Skip the next scheduled topology update (:class:`~lightning_selfish.protocols.SkipsTopologyUpdates`:
+        """Skip the next scheduled topology update (:class:`~lightning_selfish.core.protocols.SkipsTopologyUpdates`:
         ``NonMonotonicTrigger`` calls it when averaging starts, as the authors' code skips that epoch's update)."""
         self.controller.skip_next = True
 

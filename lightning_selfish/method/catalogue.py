@@ -1,6 +1,6 @@
 """Sparse training methods as named presets of part objects, and the registries of the built-in parts.
 
-A method is one part of each kind (:mod:`lightning_selfish.parts`) plus a few numbers. The parts are registered
+A method is one part of each kind (:mod:`lightning_selfish.method.parts`) plus a few numbers. The parts are registered
 here by name, which is what presets, YAML configs and the CLI use:
 
 ======================== ========================= ===========================================================
@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_selfish import redistribution, topology
-from lightning_selfish.optim_state import GROWN_OPTIMIZER_STATES
-from lightning_selfish.parts import (
+from lightning_selfish.core.optim_state import GROWN_OPTIMIZER_STATES
+from lightning_selfish.method import redistribution, topology
+from lightning_selfish.method.parts import (
     GateRedistribution,
     Growth,
     Init,
@@ -38,7 +38,7 @@ from lightning_selfish.parts import (
     Removal,
     Schedule,
 )
-from lightning_selfish.schedules import COSINE, GMP, NEVER, scheduled_sparsity
+from lightning_selfish.method.schedules import COSINE, GMP, NEVER, scheduled_sparsity
 
 __all__ = [
     "GATE_REDISTRIBUTIONS",

@@ -1,6 +1,6 @@
 """``FlopsCallback``: the running training FLOPs and the current inference FLOPs, relative to dense, in the logs.
 
-The counting rules are :mod:`lightning_selfish.flops`'. The per-step cost only changes when the masks change
+The counting rules are :mod:`lightning_selfish.analysis.flops`'. The per-step cost only changes when the masks change
 (a topology update, a GMP pruning step), so the callback keeps the cost per token of the masks in force and, per
 batch, only adds the batch's token count on the host (no device work, no sync). When the sparsity callback's
 update counter moves, it books the tokens counted so far at the old cost and recomputes the cost from the new
@@ -24,13 +24,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from lightning_selfish.callback import SelfishSparsityCallback
-from lightning_selfish.flops import (
+from lightning_selfish.analysis.flops import (
     WeightCost,
     collect_weight_costs,
     inference_flops_per_token,
     training_flops_per_token,
 )
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 
 log = logging.getLogger(__name__)
 

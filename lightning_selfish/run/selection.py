@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_selfish.core.gates import parameter_aliases
+
 __all__ = [
     "adopt_existing_masks",
     "check_gate_layouts_sparsified",
@@ -25,18 +27,6 @@ __all__ = [
 #: A tensor with at least this share of exact zeros (and not all zeros) was made sparse: random initialisations
 #: give no exact zeros.
 SPARSE_ZERO_SHARE = 0.1
-
-
-def parameter_aliases(module: nn.Module) -> dict[str, list[str]]:
-    """Every name of each parameter, keyed by its name in ``named_parameters()`` (which comes first).
-
-    A tied weight (a decoder sharing its encoder's embedding) or a module registered twice is one tensor under
-    several names; ``named_parameters()`` yields it once, under the first.
-    """
-    names: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return {aliases[0]: aliases for aliases in names.values()}
 
 
 def _matches(aliases: Sequence[str], patterns: Sequence[str]) -> str | None:

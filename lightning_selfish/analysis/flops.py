@@ -1,7 +1,7 @@
 """Training and inference FLOPs of sparse RNNs, counted the way the paper's Appendix L (Tables 9 and 10) does.
 
 Pure functions on parameter shapes and active counts; no Lightning (the logging is
-:class:`lightning_selfish.flops_callback.FlopsCallback`). The conventions, all from Appendix L / Evci et al. (2020):
+:class:`lightning_selfish.callbacks.flops.FlopsCallback`). The conventions, all from Appendix L / Evci et al. (2020):
 
 * A weight matrix that multiplies an activation costs 2 FLOPs (multiply and add) per active weight per use. Most
   weights are used once per token (an LSTM's ``weight_ih``/``weight_hh``, a ``Linear``); a model declares other

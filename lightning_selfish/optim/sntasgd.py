@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_selfish.optim_state import MaskUpdate
+from lightning_selfish.core.optim_state import MaskUpdate
 
 __all__ = ["SNTASGD", "sntasgd"]
 
@@ -74,7 +74,7 @@ class SNTASGD(Optimizer):
     """
 
     #: ``step()`` never changes ``ax`` where an element does not exist and ``age`` is 0 there, so the sparsity
-    #: engine need not re-zero this state after every step (see :mod:`lightning_selfish.optim_state`).
+    #: engine need not re-zero this state after every step (see :mod:`lightning_selfish.core.optim_state`).
     keeps_inactive_state_zero = True  # (protocols.KeepsInactiveStateZero)
     momentum_is_gradient = True  # no momentum: SNFS reads the dense gradient (protocols.GradientAsMomentum)
 
@@ -164,7 +164,7 @@ class SNTASGD(Optimizer):
     # ------------------------------------------------------------------------------------------------------------
 
     def on_mask_update(self, param: Tensor, update: MaskUpdate) -> None:
-        """Follow a topology change of ``param`` (the hook of :mod:`lightning_selfish.optim_state`).
+        """Follow a topology change of ``param`` (the hook of :mod:`lightning_selfish.core.optim_state`).
 
         Grown elements (``update.grown``) start a new averaging window at their next step; removed and inactive
         ones average to 0. ``update.old is None`` attaches masks (start of fit, after loading a checkpoint, or

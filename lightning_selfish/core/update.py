@@ -1,7 +1,7 @@
 """One topology update, in steps: remove, budget per tensor, grow per block, apply, statistics.
 
-:meth:`lightning_selfish.engine.SparseEngine.update` runs :func:`topology_update` over its masks. The parts of the
-method (:mod:`lightning_selfish.parts`) decide what each step does; nothing here branches on a method's name.
+:meth:`lightning_selfish.core.engine.SparseEngine.update` runs :func:`topology_update` over its masks. The parts of the
+method (:mod:`lightning_selfish.method.parts`) decide what each step does; nothing here branches on a method's name.
 
 1. :func:`_remove`, per block (the whole tensor, or each gate unless gates are ranked jointly).
 2. :func:`_tensor_budgets`: how many each tensor regrows (its removals, or shared by an across-layer score).
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_selfish import topology
-from lightning_selfish.optim_state import MaskUpdate, reset_optimizer_state
-from lightning_selfish.parts import Growth, MethodConfig, UpdateAmount
-from lightning_selfish.redistribution import allocate_counts, momentum_of
+from lightning_selfish.core.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.method import topology
+from lightning_selfish.method.parts import Growth, MethodConfig, UpdateAmount
+from lightning_selfish.method.redistribution import allocate_counts, momentum_of
 
 if TYPE_CHECKING:
-    from lightning_selfish.engine import SparseEngine, SparseTensor
+    from lightning_selfish.core.engine import SparseEngine, SparseTensor
 
 __all__ = ["UpdateContext", "UpdateStats", "topology_update", "update_summary"]
 

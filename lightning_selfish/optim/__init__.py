@@ -1,0 +1,1 @@
+"""Optimizers that take part in sparse training (SNT-ASGD). Imports the core and the method layer."""
