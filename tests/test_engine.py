@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_selfish import SNTASGD, MaskUpdate, SelfishSparsityCallback, SparseEngine, topology
+from lightning_selfish import SNTASGD, MaskUpdate, SelfishSparsityCallback, SparseEngine
 from lightning_selfish.core import update as engine_module  # (the update steps reset the optimizer state)
 from lightning_selfish.core.gates import detect_gate_layouts
+from lightning_selfish.method import topology
 
 # --------------------------------------------------------------------------------------------------------------
 # initial masks

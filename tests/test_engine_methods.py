@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_selfish import SNTASGD, SparseEngine, detect_gate_layouts, topology
+from lightning_selfish import SNTASGD, SparseEngine, detect_gate_layouts
 from lightning_selfish.core.engine import UpdateContext
+from lightning_selfish.method import topology
 from lightning_selfish.method.catalogue import resolve
 from lightning_selfish.method.parts import UpdateAmount
 from lightning_selfish.method.redistribution import allocate_counts

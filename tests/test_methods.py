@@ -13,7 +13,8 @@ import torch
 from conftest import TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback
 
-from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine, topology
+from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine
+from lightning_selfish.method import topology
 from lightning_selfish.method.catalogue import METHODS, resolve
 from lightning_selfish.method.schedules import gmp_sparsity, scheduled_sparsity
 
