@@ -392,11 +392,16 @@ def update_engine(
     grown_optimizer_state: str = "zero",
     grow_into_removed: bool = True,
     removal_rounding: str = "ceil",
+    gate_redistribution: str | None = None,
 ):
     """One engine update with the parts named as in the callback's arguments (the method built from the
-    registries, unchecked as a whole, so a test may combine parts freely)."""
+    registries, unchecked as a whole, so a test may combine parts freely). ``gate_redistribution`` defaults to the
+    engine's blocks: ``"joint"`` when every tensor is one block, else ``"none"``."""
+    if gate_redistribution is None:
+        per_gate = any(len(t.groups) > 1 for t in engine.tensors.values())
+        gate_redistribution = "none" if per_gate else "joint"
     config = dataclasses.replace(
-        resolve("selfish", 0.5),
+        resolve("selfish", 0.5, gate_redistribution=gate_redistribution),
         removal=REMOVALS[removal],
         growth=GROWTHS[growth],
         redistribution=REDISTRIBUTIONS[redistribution],

@@ -316,7 +316,7 @@ def test_redistribution_under_sntasgd_without_a_gradient_says_which_tensor() -> 
 def test_gradient_gate_shares_without_a_gradient_say_so() -> None:
     engine = stacked_engine({"w": 1.0}, gate_redistribution="gradient")
     with pytest.raises(ValueError) as error:
-        update_engine(engine, 0.5, torch.Generator(), "magnitude", "random")
+        update_engine(engine, 0.5, torch.Generator(), "magnitude", "random", gate_redistribution="gradient")
     assert str(error.value) == (
         "gate_redistribution='gradient' needs the dense gradient of 'w', but it has none at the topology update "
         "(was the gradient freed by zero_grad(set_to_none=True)?)"
@@ -520,11 +520,12 @@ def test_update_tells_mask_aware_optimizers_the_live_mask():
 
 
 def test_engine_argument_messages() -> None:
-    # (part names are checked once, by methods.resolve; the engine is handed part objects)
+    # (names become parts in one place, lightning_selfish.method.catalogue.part: the engine's message is resolve's)
     with pytest.raises(ValueError) as error:
         SparseEngine({}, {}, gate_redistribution="mean")
     assert str(error.value) == (
-        "gate_redistribution must be True, False or one of ['joint', 'none', 'magnitude', 'gradient'], got 'mean'"
+        "gate_redistribution must be True, False, one of ['joint', 'none', 'magnitude', 'gradient'] or a "
+        "GateRedistribution object, got 'mean'"
     )
 
 
@@ -536,7 +537,9 @@ def test_engine_mask_of_another_shape():
 
 def test_unknown_init_removal_and_growth():
     param = nn.Parameter(torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"init must be one of \[.*'uniform', 'er'.*\], got 'xavier'"):
+    with pytest.raises(
+        ValueError, match=r"init must be one of \[.*'uniform', 'er'.*\] or an Init object, got 'xavier'"
+    ):
         SparseEngine.initialize({"w": param}, 0.5, torch.Generator(), init="xavier")
     # (removal and growth names are checked once, by methods.resolve: the engine is handed part objects)
     with pytest.raises(ValueError, match=r"growth must be one of \['random', 'gradient', 'momentum'.*\] or a Grow"):

@@ -71,7 +71,11 @@ def test_explicit_arguments_override_the_preset_and_none_keeps_it():
     [
         (dict(method="lottery"), ValueError, r"method must be one of \['selfish', 'static', 'set', 'set_selfish"),
         (dict(redistribution="gates"), ValueError, r"redistribution must be one of \['none', 'nonzeros', 'momentum'\]"),
-        (dict(gate_redistribution="mean"), ValueError, r"gate_redistribution must be one of \['joint', 'none', 'mag"),
+        (
+            dict(gate_redistribution="mean"),
+            ValueError,
+            r"gate_redistribution must be True, False, one of \['joint', 'none', 'mag",
+        ),
         (dict(schedule="linear"), ValueError, r"schedule must be one of \['cosine', 'gmp', 'never'\] or a Sched"),
         (dict(method="gmp", growth="random"), ValueError, "schedule='gmp' prunes without regrowth: growth must be"),
         (dict(growth="none"), ValueError, "growth='none' with removal='magnitude' would lose weights"),
@@ -104,8 +108,8 @@ def test_bad_method_arguments(kwargs, error, match):
         (
             dict(gate_redistribution="mean"),
             ValueError,
-            "gate_redistribution must be one of ['joint', 'none', 'magnitude', 'gradient'] or a GateRedistribution "
-            "object, got 'mean'",
+            "gate_redistribution must be True, False, one of ['joint', 'none', 'magnitude', 'gradient'] or a "
+            "GateRedistribution object, got 'mean'",
         ),
         (
             dict(schedule="gmp", growth="none", removal="threshold"),

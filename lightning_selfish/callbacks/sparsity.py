@@ -23,10 +23,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_selfish.core.engine import SparseEngine
+from lightning_selfish.callbacks.protocols import TopologyListener
+from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
-from lightning_selfish.core.protocols import TopologyListener
-from lightning_selfish.core.update import UpdateStats, update_summary
+from lightning_selfish.core.types import UpdateStats
 from lightning_selfish.method import catalogue as methods
 from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.schedules import check_run
@@ -117,7 +117,7 @@ class SelfishSparsityCallback(Callback):
 
     Monitors (:class:`~lightning_selfish.callbacks.monitor.TopologyMonitor`,
     :class:`~lightning_selfish.callbacks.history.MaskHistory`) hear about the masks as
-    :class:`~lightning_selfish.core.protocols.TopologyListener`\ s: at fit start (``stats=None``) and after every
+    :class:`~lightning_selfish.callbacks.protocols.TopologyListener`\ s: at fit start (``stats=None``) and after every
     topology update. The run's schedule state lives in :attr:`controller`
     (:class:`~lightning_selfish.run.controller.SparsityController`), the masks in :attr:`engine`.
     """
@@ -248,8 +248,9 @@ class SelfishSparsityCallback(Callback):
         return config.schedule.amount(step, self.controller.total_steps, config)
 
     def skip_next_update(self) -> None:
-        """Skip the next scheduled topology update (:class:`~lightning_selfish.core.protocols.SkipsTopologyUpdates`:
-        ``NonMonotonicTrigger`` calls it when averaging starts, as the authors' code skips that epoch's update)."""
+        """Skip the next scheduled topology update
+        (:class:`~lightning_selfish.callbacks.protocols.SkipsTopologyUpdates`: ``NonMonotonicTrigger`` calls it when
+        averaging starts, as the authors' code skips that epoch's update)."""
         self.controller.skip_next = True
 
     # ----------------------------------------------------------------------------------------------------------

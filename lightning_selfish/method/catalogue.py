@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_selfish.core.optim_state import GROWN_OPTIMIZER_STATES
 from lightning_selfish.method import redistribution, topology
 from lightning_selfish.method.parts import (
     GateRedistribution,
+    GrownState,
     Growth,
     Init,
     LayerRedistribution,
@@ -51,6 +51,7 @@ __all__ = [
     "GROWN_OPTIMIZER_STATES",
     "MethodConfig",
     "MethodPreset",
+    "part",
     "resolve",
     "scheduled_sparsity",
 ]
@@ -97,6 +98,9 @@ GATE_REDISTRIBUTIONS: dict[str, GateRedistribution] = {
 }
 
 SCHEDULES: dict[str, Schedule] = {schedule.name: schedule for schedule in (COSINE, GMP, NEVER)}
+
+#: The values of ``grown_optimizer_state`` (:class:`~lightning_selfish.method.parts.GrownState`).
+GROWN_OPTIMIZER_STATES: tuple[str, ...] = tuple(state.value for state in GrownState)
 
 
 _REGISTRIES: dict[str, tuple[Mapping[str, Any], type]] = {
@@ -206,12 +210,11 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     if unknown:
         raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(parts)}")
     chosen = {key: value for key, value in overrides.items() if value is not None}
-    gate = chosen.get("gate_redistribution")
-    if isinstance(gate, bool):
-        chosen["gate_redistribution"] = "joint" if gate else "none"
     values = {**{key: getattr(preset, key) for key in parts}, **chosen}
-    for key, (registry, kind) in _REGISTRIES.items():
-        values[key] = _part(key, values[key], registry, kind)
+    for key in _REGISTRIES:
+        values[key] = part(key, values[key])
+    _choice("grown_optimizer_state", values["grown_optimizer_state"], GROWN_OPTIMIZER_STATES)
+    values["grown_optimizer_state"] = GrownState(values["grown_optimizer_state"])
     config = MethodConfig(
         name=method,
         sparsity=float(sparsity),
@@ -223,12 +226,20 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     return config
 
 
-def _part(key: str, value: Any, registry: Mapping[str, Any], kind: type) -> Any:
+def part(key: str, value: Any) -> Any:
+    """The part of kind ``key`` (``"init"``, ``"growth"``, ...) that ``value`` names: a part object of that kind as
+    it is, or a registered name; ``gate_redistribution`` also takes ``True`` (= ``"joint"``) and ``False``
+    (= ``"none"``). The one place where names become parts."""
+    registry, kind = _REGISTRIES[key]
+    if key == "gate_redistribution" and isinstance(value, bool):
+        value = "joint" if value else "none"
     if isinstance(value, kind):
         return value
     if isinstance(value, str) and value in registry:
         return registry[value]
-    raise ValueError(f"{key} must be one of {list(registry)} or a {kind.__name__} object, got {value!r}")
+    extra = "True, False, " if key == "gate_redistribution" else ""
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise ValueError(f"{key} must be {extra}one of {list(registry)} or {article} {kind.__name__} object, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,7 +250,6 @@ def _part(key: str, value: Any, registry: Mapping[str, Any], kind: type) -> Any:
 def _check(config: MethodConfig) -> None:
     _choice("removed_and_regrown", config.removed_and_regrown, ("restart", "keep"))
     _choice("removal_rounding", config.removal_rounding, ("ceil", "floor"))
-    _choice("grown_optimizer_state", config.grown_optimizer_state, GROWN_OPTIMIZER_STATES)
     _number("prune_rate", config.prune_rate, 0.0, 1.0, "[0, 1]")
     _number("min_prune_rate", config.min_prune_rate, 0.0, 1.0, "[0, 1]")
     _number("threshold_tolerance", config.threshold_tolerance, 0.0, 1.0, "[0, 1]")

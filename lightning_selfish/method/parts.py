@@ -23,25 +23,62 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import Enum
+from typing import Any
 
 from torch import Tensor
 
 __all__ = [
     "GateRedistribution",
+    "GrownState",
     "Growth",
     "Init",
     "LayerRedistribution",
     "MethodConfig",
     "Removal",
     "Schedule",
+    "Signal",
     "UpdateAmount",
 ]
 
-#: What a growth or a score reads: the callback's random generator, the dense gradient of the optimizer step before
-#: the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
-#: optimizer without momentum such as SNT-ASGD).
-Signal = Literal["generator", "gradient", "momentum"]
+
+class Signal(str, Enum):
+    """What a growth or a score reads: the run's random generator, the dense gradient of the optimizer step before
+    the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
+    optimizer without momentum such as SNT-ASGD). The update hands a part what it names
+    (:class:`lightning_selfish.core.signals.UpdateContext`); a part may also name it by its string value."""
+
+    GENERATOR = "generator"
+    GRADIENT = "gradient"
+    MOMENTUM = "momentum"
+
+
+class GrownState(str, Enum):
+    """The optimizer state a grown weight starts with (``grown_optimizer_state``; the rules are in
+    :mod:`lightning_selfish.core.optim_state`, the measurements behind the defaults in docs/methods.md).
+
+    ``ZERO``: every state tensor is zero at inactive positions and a grown weight starts with zero state (RigL's
+    code). ``DENSE``: Adam's moments are never masked and a grown weight starts with them (the Selfish-RNN authors'
+    code). ``TENSOR_MEAN``: as ``ZERO``, but a grown weight's second moment starts at its tensor's mean.
+    """
+
+    ZERO = "zero"
+    DENSE = "dense"
+    TENSOR_MEAN = "tensor_mean"
+
+
+def _signal(
+    part: str, name: str, reads: Signal | str | None, allowed: tuple[Signal, ...], required: bool = False
+) -> Signal | None:
+    """``reads`` as a :class:`Signal` (a part may name it by its value): one of ``allowed``, or ``None`` unless
+    ``required``."""
+    if reads is None and not required:
+        return None
+    if isinstance(reads, str) and reads in {s.value for s in allowed}:
+        return Signal(reads)
+    names = [repr(s.value) for s in allowed]
+    choices = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    raise ValueError(f"{part} {name!r}: reads must be {choices}, got {reads!r}")
 
 
 @dataclass(frozen=True)
@@ -80,10 +117,8 @@ class Growth:
     reads: Signal | None = None
 
     def __post_init__(self) -> None:
-        if self.grow is not None and self.reads not in ("generator", "gradient", "momentum"):
-            raise ValueError(
-                f"Growth {self.name!r}: reads must be 'generator', 'gradient' or 'momentum', got {self.reads!r}"
-            )
+        if self.grow is not None:  # (a growth reads something: it must say what)
+            object.__setattr__(self, "reads", _signal("Growth", self.name, self.reads, tuple(Signal), required=True))
 
     @property
     def grows(self) -> bool:
@@ -98,7 +133,10 @@ class LayerRedistribution:
 
     name: str
     score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
-    reads: Literal["momentum"] | None = None
+    reads: Signal | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", _signal("LayerRedistribution", self.name, self.reads, (Signal.MOMENTUM,)))
 
 
 @dataclass(frozen=True)
@@ -113,7 +151,10 @@ class GateRedistribution:
     name: str
     joint: bool = False
     score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
-    reads: Literal["gradient"] | None = None
+    reads: Signal | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", _signal("GateRedistribution", self.name, self.reads, (Signal.GRADIENT,)))
 
 
 @dataclass(frozen=True)
@@ -171,7 +212,7 @@ class MethodConfig:
     threshold: float = 1e-3  # DSR: initial global magnitude threshold
     threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
     removal_rounding: str = "ceil"  # count of a removal: ceil(p * active) (the authors' code) or floor (RigL)
-    grown_optimizer_state: str = "zero"  # optimizer state of grown weights; see lightning_selfish.core.optim_state
+    grown_optimizer_state: GrownState = GrownState.ZERO  # optimizer state of grown weights (GrownState)
     grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
     min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
     update_every_given: bool = False  # the user chose update_every (it is then never scaled)
@@ -179,12 +220,12 @@ class MethodConfig:
     @property
     def reads_gradient(self) -> bool:
         """An update reads the dense gradient of the step before it (gradient growth, Table 6's gradient score)."""
-        return self.growth.reads == "gradient" or self.gate_redistribution.reads == "gradient"
+        return Signal.GRADIENT in (self.growth.reads, self.gate_redistribution.reads)
 
     @property
     def reads_momentum(self) -> bool:
         """An update reads the optimizer's momentum (SNFS's growth or its across-layer redistribution)."""
-        return self.growth.reads == "momentum" or self.redistribution.reads == "momentum"
+        return Signal.MOMENTUM in (self.growth.reads, self.redistribution.reads)
 
     @property
     def dense_gradient_every(self) -> int | str | None:
