@@ -374,6 +374,33 @@ def test_step_updates_happen_once_per_optimizer_step_under_accumulation(every: i
     assert callback.num_updates == len(expected)
 
 
+def test_the_callback_reports_the_cadence_the_run_uses() -> None:
+    """RigL's preset updates every 100 steps; a 300-step run gets the largest cadence that gives it 10 updates
+    before 0.75 of the run (22: updates at 22, 44, ..., 220). The callback, its config and the run agree on it."""
+    callback = SelfishSparsityCallback(sparsity=0.5, method="rigl", seed=0, total_steps=300)
+    topology = Topology(callback)
+    fit_tiny(callback, topology, max_epochs=-1, max_steps=23)
+    assert topology.update_steps == [22]
+    assert callback.update_every == 22 and callback.config.update_every == 22
+    assert callback.config is callback.controller.config
+    assert callback.dense_gradient_every == 22  # (what FlopsCallback books: RigL's dense gradient before an update)
+
+
+def test_seed_and_run_length_have_one_meaning() -> None:
+    """``seed`` is the seed of the run's draws (given, or drawn on rank 0 at fit start); ``total_steps`` the run's
+    length in optimizer steps (given, or read at train start): the callback and its controller say the same."""
+    callback = SelfishSparsityCallback(sparsity=0.5)
+    assert callback.seed is None and callback.total_steps == 0
+    fit_tiny(callback, max_epochs=2)
+    assert isinstance(callback.seed, int) and callback.seed == callback.controller.seed
+    assert callback.seed == callback.state_dict()["seed"]
+    assert callback.total_steps == callback.controller.total_steps == 16  # 8 batches per epoch, 2 epochs
+    given = SelfishSparsityCallback(sparsity=0.5, seed=3, total_steps=7)
+    assert (given.seed, given.total_steps) == (3, 7) == (given.controller.seed, given.controller.total_steps)
+    with pytest.raises(AttributeError):
+        given.seed = 4
+
+
 def test_skip_next_update():
     cb = SelfishSparsityCallback(sparsity=0.5, seed=0)
 

@@ -152,7 +152,7 @@ class SelfishSparsityCallback(Callback):
         grown_optimizer_state: str | None = None,
         growth_seed: int | None = None,
     ) -> None:
-        self.config: MethodConfig = methods.resolve(
+        config = methods.resolve(
             method,
             sparsity,
             prune_rate=prune_rate,
@@ -176,24 +176,23 @@ class SelfishSparsityCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.gate_layouts = dict(gate_layouts or {})
-        self.seed = seed
-        self.growth_seed = growth_seed
         self.mask_gradients = mask_gradients
-        self.total_steps = total_steps
         self.verbose = verbose
-        self.controller = SparsityController(self.config)
+        self._total_steps_given = total_steps  # an int, a function of the trainer, or None: Lightning's estimate
+        given_length = total_steps if isinstance(total_steps, int) else 0
+        self.controller = SparsityController(config, seed, growth_seed, given_length)
         self.engine: SparseEngine | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._batch_idx = -1
 
     def __getattr__(self, name: str) -> Any:
-        config = self.__dict__.get("config")  # (absent while unpickling)
-        if config is not None and name in _METHOD_SETTINGS:
-            return getattr(config, name)
+        controller = self.__dict__.get("controller")  # (absent while unpickling)
+        if controller is not None and name in _METHOD_SETTINGS:
+            return getattr(controller.config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _METHOD_SETTINGS and "config" in self.__dict__:
+        if name in _METHOD_SETTINGS and "controller" in self.__dict__:
             raise AttributeError(
                 f"SelfishSparsityCallback.{name} is a setting of the resolved method (callback.config), which is "
                 f"read-only: pass {name}=... to SelfishSparsityCallback(...)"
@@ -209,6 +208,27 @@ class SelfishSparsityCallback(Callback):
         # One sparsity callback per Trainer, and its state must be found again even if an argument changed:
         # otherwise a resumed run would silently draw fresh random masks over trained weights.
         return type(self).__qualname__
+
+    @property
+    def config(self) -> MethodConfig:
+        """The method as this run runs it (:attr:`SparsityController.config`): the resolved method, with the cadence
+        scaled to a short run or restored from a checkpoint; read-only."""
+        return self.controller.config
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the run's draws: the one given, or the one drawn on rank 0 at fit start (``None`` until)."""
+        return self.controller.seed
+
+    @property
+    def growth_seed(self) -> int | None:
+        """The seed of random growth alone, when given apart from :attr:`seed`."""
+        return self.controller.growth_seed
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length in optimizer steps: the one given, or the one read at train start (0 until)."""
+        return self.controller.total_steps
 
     @property
     def method(self) -> str:
@@ -231,7 +251,7 @@ class SelfishSparsityCallback(Callback):
     def dense_gradient_every(self) -> int | str | None:
         """When the method needs the dense weight gradient: ``1`` (every step, SNFS), the update cadence (RigL),
         or ``None``; see :attr:`lightning_selfish.method.parts.MethodConfig.dense_gradient_every`."""
-        return self.controller.config.dense_gradient_every
+        return self.config.dense_gradient_every
 
     def scheduled_sparsity(self, step: int) -> float:
         """The overall target sparsity after optimizer step ``step`` (GMP's cubic; ``sparsity`` otherwise)."""
@@ -301,8 +321,8 @@ class SelfishSparsityCallback(Callback):
         Lightning load and iterate it before the restore: Lightning issue #20550).
         """
         total_steps = self._run_length(trainer)
-        check_run(total_steps, self.config)
-        notice = self.controller.plan(total_steps, self.config)
+        check_run(total_steps, self.controller.requested)
+        notice = self.controller.plan(total_steps)
         if notice is not None and trainer.is_global_zero:
             rank_zero_info(notice)
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
@@ -475,7 +495,8 @@ class SelfishSparsityCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _run_length(self, trainer: pl.Trainer) -> int:
-        given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
+        source = self._total_steps_given
+        given = source(trainer) if callable(source) else source
         if given is not None:
             if isinstance(given, bool) or not isinstance(given, int):
                 raise TypeError(f"total_steps(trainer) must return a positive int or None, got {given!r}")

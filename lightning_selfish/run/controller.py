@@ -50,15 +50,25 @@ def derive_seed(seed: int, *stream: int) -> int:
 class SparsityController:
     """The schedule state of one sparse run (see the module docstring).
 
-    ``config`` is the method as this run runs it: the resolved method of the callback, with the update cadence
-    scaled to the run when a preset's default cadence would give a short run too few updates (:meth:`plan`).
+    ``config`` is the method as this run runs it, the one a callback reports: ``requested`` (the method as asked),
+    with the update cadence scaled to the run when a preset's default cadence would give a short run too few updates
+    (:meth:`plan`), or the cadence a restored checkpoint ran with (:meth:`load_state_dict`). ``seed`` is the seed of
+    the run's draws (given, or drawn on rank 0 when the run starts); ``total_steps`` the run's length in optimizer
+    steps (given, or known once :meth:`plan` has run; 0 until then).
     """
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(
+        self,
+        config: MethodConfig,
+        seed: int | None = None,
+        growth_seed: int | None = None,
+        total_steps: int = 0,
+    ) -> None:
+        self.requested = config
         self.config = config
-        self.total_steps = 0
-        self.seed: int | None = None  # the run's seed (given, or drawn on rank 0)
-        self.growth_seed: int | None = None  # the growth stream's own seed, when given apart from ``seed``
+        self.total_steps = total_steps
+        self.seed = seed
+        self.growth_seed = growth_seed  # the growth stream's own seed, when given apart from ``seed``
         self.generator = torch.Generator()
         self.num_updates = 0
         self.last_update_step = -1  # optimizer step of the last update (step cadence)
@@ -74,7 +84,7 @@ class SparsityController:
     # starting a run
     # ----------------------------------------------------------------------------------------------------------
 
-    def plan(self, total_steps: int, requested: MethodConfig) -> str | None:
+    def plan(self, total_steps: int, requested: MethodConfig | None = None) -> str | None:
         """Fix the run's length and its cadence (before the first step); returns a line to tell the user, if any.
 
         A run of a preset whose default step cadence gives it fewer than ``min_updates`` updates (RigL, GMP: every
@@ -83,7 +93,7 @@ class SparsityController:
         that gives fewer than the preset needs is warned about. A run restored from a checkpoint then goes on with
         the cadence the checkpoint ran with (:meth:`load_state_dict`, which may come before or after this).
         """
-        notice = self._fit_cadence(total_steps, requested)
+        notice = self._fit_cadence(total_steps, requested or self.requested)
         resumed = self.resumed_update_every
         if resumed is not None and resumed != self.config.update_every:
             self.config = dataclasses.replace(self.config, update_every=resumed)
