@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from lightning_selfish.method import redistribution, topology
@@ -118,9 +119,16 @@ _REGISTRIES: dict[str, tuple[Mapping[str, Any], type]] = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: The settings of a method other than its parts and its sparsity, with their defaults on :class:`MethodConfig`.
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(MethodConfig)}
+_PART_KEYS = ("init", "removal", "growth", "redistribution", "gate_redistribution", "schedule")
+_SETTINGS = frozenset(_CONFIG_FIELDS) - {"name", "sparsity", "update_every_given", "prune_rate", *_PART_KEYS}
+
+
 @dataclass(frozen=True)
 class MethodPreset:
-    """One sparse training method as registered names and default numbers (see :class:`MethodConfig`)."""
+    """One sparse training method: its parts by registered name, its prune rate, and ``settings``, the
+    :class:`MethodConfig` settings where it differs from their defaults (written once, on :class:`MethodConfig`)."""
 
     name: str
     init: str
@@ -130,20 +138,29 @@ class MethodPreset:
     gate_redistribution: str
     schedule: str
     prune_rate: float
-    min_prune_rate: float = 0.005
-    update_every: str | int = "epoch"
-    update_until: float | None = None
-    pruning_start: int | float = 0.0
-    pruning_end: int | float = 0.75
-    removed_and_regrown: str = "restart"
-    threshold: float = 1e-3
-    threshold_tolerance: float = 0.02
-    removal_rounding: str = "ceil"
-    grown_optimizer_state: str = "zero"
-    grow_into_removed: bool = True  # DSR: False, growth only where weights were inactive before the update
-    min_updates: int = 0  # a run the default cadence gives fewer updates scales the cadence (callback docs)
+    settings: Mapping[str, Any] = field(default_factory=dict)
     paper: str = ""
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.settings) - _SETTINGS
+        if unknown:
+            raise TypeError(
+                f"MethodPreset {self.name!r}: unknown settings {sorted(unknown)}; the settings are {sorted(_SETTINGS)}"
+            )
+
+    def value(self, key: str) -> Any:
+        """The preset's value of a part or a setting: its own, else :class:`MethodConfig`'s default."""
+        if key in _PART_KEYS or key == "prune_rate":
+            return getattr(self, key)
+        if key in self.settings:
+            return self.settings[key]
+        default = _CONFIG_FIELDS[key].default
+        return default.value if isinstance(default, Enum) else default
+
+    def values(self) -> dict[str, Any]:
+        """Every part name and setting of the preset (:meth:`value` of each)."""
+        return {key: self.value(key) for key in (*_PART_KEYS, "prune_rate", *sorted(_SETTINGS))}
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -170,7 +187,7 @@ METHODS: dict[str, MethodPreset] = {
         ),
         MethodPreset(
             "dsr", "uniform", "threshold", "random", "nonzeros", "joint", "cosine", prune_rate=0.5,
-            grow_into_removed=False,
+            settings=dict(grow_into_removed=False),
             paper="Mostafa & Wang, ICML 2019",
         ),
         MethodPreset(
@@ -178,21 +195,24 @@ METHODS: dict[str, MethodPreset] = {
             paper="Dettmers & Zettlemoyer, 2019",
         ),
         MethodPreset(
-            "rigl", "erk", "magnitude", "gradient", "none", "joint", "cosine", prune_rate=0.3, min_prune_rate=0.0,
-            update_every=100, update_until=0.75, removed_and_regrown="keep", removal_rounding="floor",
-            min_updates=10,
+            "rigl", "erk", "magnitude", "gradient", "none", "joint", "cosine", prune_rate=0.3,
+            settings=dict(
+                min_prune_rate=0.0, update_every=100, update_until=0.75, removed_and_regrown="keep",
+                removal_rounding="floor", min_updates=10,
+            ),
             paper="Evci et al., ICML 2020",
             notes="the authors' code updates RigL once per epoch: update_every='epoch', update_until=None",
         ),
         MethodPreset(
-            "gmp", "dense", "magnitude", "none", "none", "joint", "gmp", prune_rate=0.0, update_every=100,
-            min_updates=10,
+            "gmp", "dense", "magnitude", "none", "none", "joint", "gmp", prune_rate=0.0,
+            settings=dict(update_every=100, min_updates=10),
             paper="Zhu & Gupta, 2017",
         ),
     )
 }  # fmt: skip
 
-_DESCRIPTIONS = {"name", "paper", "notes", "min_updates"}  # describe a preset, are not overridable parts
+#: What a user may override (the callback's arguments): every part and setting but the preset-only min_updates.
+_OVERRIDABLE = frozenset((*_PART_KEYS, "prune_rate", *_SETTINGS)) - {"min_updates"}
 
 
 def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
@@ -205,12 +225,12 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     preset = METHODS[method]
-    parts = {f.name for f in dataclasses.fields(MethodPreset)} - _DESCRIPTIONS
+    parts = _OVERRIDABLE
     unknown = set(overrides) - parts
     if unknown:
         raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(parts)}")
     chosen = {key: value for key, value in overrides.items() if value is not None}
-    values = {**{key: getattr(preset, key) for key in parts}, **chosen}
+    values = {**{key: preset.value(key) for key in parts}, **chosen}
     for key in _REGISTRIES:
         values[key] = part(key, values[key])
     _choice("grown_optimizer_state", values["grown_optimizer_state"], GROWN_OPTIMIZER_STATES)
@@ -218,7 +238,7 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     config = MethodConfig(
         name=method,
         sparsity=float(sparsity),
-        min_updates=preset.min_updates,
+        min_updates=preset.value("min_updates"),
         update_every_given="update_every" in chosen,
         **values,
     )
