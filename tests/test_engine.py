@@ -5,6 +5,7 @@ optimizers, attach and detach), invariants, and the engine's messages."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from lightning_selfish import SNTASGD, MaskUpdate, SelfishSparsityCallback, Spar
 from lightning_selfish.core import update as engine_module  # (the update steps reset the optimizer state)
 from lightning_selfish.core.gates import detect_gate_layouts
 from lightning_selfish.method import topology
+from lightning_selfish.method.parts import Init
 
 # --------------------------------------------------------------------------------------------------------------
 # initial masks
@@ -63,6 +65,23 @@ def test_per_gate_uniform_init_rounds_every_gate_and_er_splits_the_tensor_count(
     assert int(joint.tensors["w"].mask.sum()) == topology.uniform_count(30, 1 - 0.55) == 13 and joint.tensors[
         "w"
     ].groups == [slice(None)]
+
+
+def test_a_users_own_uniform_init_starts_gates_as_the_built_in_one_does():
+    """What makes the uniform init start every gate at the density is a rule the part carries (block_budgets), not
+    its identity: a user's own uniform init that names the rule draws the built-in one's masks."""
+
+    def my_uniform(shapes, density):
+        return {name: topology.uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+    mine = Init("mine", my_uniform, topology.uniform_block_counts)
+    params = {"w": nn.Parameter(torch.randn(6, 5))}
+    ours = SparseEngine.initialize(params, 0.55, torch.Generator().manual_seed(0), mine, {"w": THREE_GATES}, False)
+    assert [int(ours.tensors["w"].mask[rows].sum()) for _, rows in THREE_GATES] == [4, 4, 4]  # each gate at 0.45
+    built_in = SparseEngine.initialize(
+        params, 0.55, torch.Generator().manual_seed(0), "uniform", {"w": THREE_GATES}, False
+    )
+    assert torch.equal(ours.tensors["w"].mask, built_in.tensors["w"].mask)
 
 
 def test_engine_defaults_to_joint_ranking_and_converts_masks():

@@ -93,10 +93,10 @@ class SparseEngine:
                 continue
             row_numel = param[0].numel()
             sizes = [(rows.stop - rows.start) * row_numel for _, rows in gates]
-            if init.budgets is topology.uniform_counts:
-                gate_counts = [topology.uniform_count(size, density) for size in sizes]
-            else:
+            if init.block_budgets is None:
                 gate_counts = topology.split_count(counts[name], sizes)
+            else:
+                gate_counts = init.block_budgets(counts[name], sizes, density)
             masks[name] = torch.cat(
                 [
                     topology.random_mask((rows.stop - rows.start, *param.shape[1:]), count, generator)

@@ -55,7 +55,7 @@ def topology_update(
     4. :meth:`_apply`: rank 0's outcome on every rank (DDP), the new masks, the weights and optimizer states.
 
     Grown weights start at zero, also one removed and regrown in the same update, unless
-    ``method.removed_and_regrown == "keep"`` (the authors' code, RigL: such a weight keeps its value and its
+    ``method.removed_and_regrown`` keeps them (the authors' code, RigL: such a weight keeps its value and its
     optimizer state, e.g. its SNT-ASGD averaging window). The returned stats carry DSR's next threshold.
     """
     old = {name: record.mask.clone() for name, record in tensors.items()}
@@ -206,7 +206,7 @@ def _apply(
         context.synchronize(code)
         kept, new = (code & 1).bool(), (code >= 2)
     by_rule = (old & ~kept).count_nonzero()
-    if method.removed_and_regrown == "keep":
+    if method.removed_and_regrown.keeps:
         kept = kept | (old & new)
     param, mask = record.param, record.mask
     param.mul_(kept.to(param.dtype))

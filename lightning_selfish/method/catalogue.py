@@ -23,7 +23,7 @@ paper or the Selfish-RNN authors' code, is in ``docs/methods.md``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -62,7 +62,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 INITS: dict[str, Init] = {
-    "uniform": Init("uniform", topology.uniform_counts),
+    "uniform": Init("uniform", topology.uniform_counts, topology.uniform_block_counts),
     # ER and ERK are one formula on matrices (density ∝ sum(shape) / prod(shape)), which all weights of the
     # recurrent language models are.
     "er": Init("er", topology.erdos_renyi_counts),
@@ -233,8 +233,6 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     values = {**{key: preset.value(key) for key in parts}, **chosen}
     for key in _REGISTRIES:
         values[key] = part(key, values[key])
-    _choice("grown_optimizer_state", values["grown_optimizer_state"], GROWN_OPTIMIZER_STATES)
-    values["grown_optimizer_state"] = GrownState(values["grown_optimizer_state"])
     config = MethodConfig(
         name=method,
         sparsity=float(sparsity),
@@ -268,8 +266,7 @@ def part(key: str, value: Any) -> Any:
 
 
 def _check(config: MethodConfig) -> None:
-    _choice("removed_and_regrown", config.removed_and_regrown, ("restart", "keep"))
-    _choice("removal_rounding", config.removal_rounding, ("ceil", "floor"))
+    # (removed_and_regrown, removal_rounding and grown_optimizer_state are checked by MethodConfig itself)
     _number("prune_rate", config.prune_rate, 0.0, 1.0, "[0, 1]")
     _number("min_prune_rate", config.min_prune_rate, 0.0, 1.0, "[0, 1]")
     _number("threshold_tolerance", config.threshold_tolerance, 0.0, 1.0, "[0, 1]")
@@ -311,11 +308,6 @@ def _check(config: MethodConfig) -> None:
             f"growth='none' with removal={removal.name!r} would lose weights at every update: a sparse-to-sparse "
             "schedule ('cosine') needs a growth, and pruning without regrowth is schedule='gmp'"
         )
-
-
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if isinstance(value, bool) or value not in allowed:  # (a bool is no choice; True == 1 would match an int)
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:

@@ -21,6 +21,7 @@ This module depends on nothing else of the library, so every other module can im
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -35,7 +36,9 @@ __all__ = [
     "Init",
     "LayerRedistribution",
     "MethodConfig",
+    "RemovedAndRegrown",
     "Removal",
+    "Rounding",
     "Schedule",
     "Signal",
     "UpdateAmount",
@@ -67,6 +70,45 @@ class GrownState(str, Enum):
     TENSOR_MEAN = "tensor_mean"
 
 
+class RemovedAndRegrown(str, Enum):
+    r"""A weight removed and regrown in the same update ``RESTART``\ s at zero with fresh optimizer state (the paper)
+    or ``KEEP``\ s its value and state, its SNT-ASGD averaging window included (the authors' code, RigL)."""
+
+    RESTART = "restart"
+    KEEP = "keep"
+
+    @property
+    def keeps(self) -> bool:
+        return self is RemovedAndRegrown.KEEP
+
+
+class Rounding(str, Enum):
+    """How the count of a removal is rounded: ``CEIL`` (``ceil(p * active)``, the authors' code) or ``FLOOR`` (RigL
+    casts ``drop_fraction * active`` to an integer)."""
+
+    CEIL = "ceil"
+    FLOOR = "floor"
+
+    def count(self, active: int, prune_rate: float) -> int:
+        """Weights to remove of ``active``. The 1e-9 keeps a product that is an integer in exact arithmetic from
+        moving to the next integer through floating-point error."""
+        exact = prune_rate * active
+        rounded = math.floor(exact + 1e-9) if self is Rounding.FLOOR else math.ceil(exact - 1e-9)
+        return min(active, int(rounded))
+
+
+#: The value ``update_every`` takes for a cadence of once per epoch (else a number of optimizer steps).
+EPOCH = "epoch"
+
+
+def _member(kind: type[Enum], name: str, value: Any) -> Any:
+    """``value`` as a member of ``kind`` (a setting may be given by its string value)."""
+    allowed = [member.value for member in kind]
+    if isinstance(value, bool) or value not in allowed:  # (a bool is no choice)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return kind(value)
+
+
 def _signal(
     part: str, name: str, reads: Signal | str | None, allowed: tuple[Signal, ...], required: bool = False
 ) -> Signal | None:
@@ -83,10 +125,17 @@ def _signal(
 
 @dataclass(frozen=True)
 class Init:
-    """Initial per-tensor budgets: ``budgets(shapes, density) -> {name: active count}``, exact counts."""
+    """Initial per-tensor budgets: ``budgets(shapes, density) -> {name: active count}``, exact counts.
+
+    When the gates of a stacked tensor are blocks of their own (not ranked jointly), ``block_budgets(count, sizes,
+    density) -> [count per block]`` starts each block: ``None`` shares the tensor's count by size (its total stays
+    exact); the uniform init gives every block its own uniform count (every gate at exactly the density:
+    :func:`~lightning_selfish.method.topology.uniform_block_counts`, which a user's own uniform init may name too).
+    """
 
     name: str
     budgets: Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]
+    block_budgets: Callable[[int, Sequence[int], float], list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,14 +257,27 @@ class MethodConfig:
     update_until: float | None = None  # fraction of the run after which no update happens (RigL: 0.75)
     pruning_start: int | float = 0.0  # GMP: first pruning step (int) or fraction of the run (float)
     pruning_end: int | float = 0.75  # GMP: last pruning step, where the sparsity reaches the target
-    removed_and_regrown: str = "restart"  # "restart" (paper: starts at 0) or "keep" (the authors' code, RigL)
+    removed_and_regrown: RemovedAndRegrown = RemovedAndRegrown.RESTART  # paper: restart at 0; RigL's code: keep
     threshold: float = 1e-3  # DSR: initial global magnitude threshold
     threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
-    removal_rounding: str = "ceil"  # count of a removal: ceil(p * active) (the authors' code) or floor (RigL)
+    removal_rounding: Rounding = Rounding.CEIL  # count of a removal: ceil (the authors' code) or floor (RigL)
     grown_optimizer_state: GrownState = GrownState.ZERO  # optimizer state of grown weights (GrownState)
     grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
     min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
     update_every_given: bool = False  # the user chose update_every (it is then never scaled)
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("removed_and_regrown", RemovedAndRegrown),
+            ("removal_rounding", Rounding),
+            ("grown_optimizer_state", GrownState),
+        ):
+            object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
+
+    @property
+    def by_epoch(self) -> bool:
+        """Updates happen once per epoch (``update_every="epoch"``), not every ``update_every`` optimizer steps."""
+        return self.update_every == EPOCH
 
     @property
     def reads_gradient(self) -> bool:

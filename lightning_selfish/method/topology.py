@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_selfish.method.parts import Rounding
+
 __all__ = [
     "adapt_threshold",
     "dense_counts",
@@ -39,6 +41,7 @@ __all__ = [
     "removal_count",
     "set_removal",
     "split_count",
+    "uniform_block_counts",
     "threshold_removal",
     "uniform_count",
     "uniform_counts",
@@ -123,13 +126,10 @@ def split_count(count: int, sizes: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def removal_count(active: int, prune_rate: float, rounding: str = "ceil") -> int:
+def removal_count(active: int, prune_rate: float, rounding: Rounding | str = Rounding.CEIL) -> int:
     """Weights to remove: ``ceil(prune_rate * active)``, as the authors' code does, or ``"floor"`` (RigL casts
-    ``drop_fraction * active`` to an integer). The 1e-9 keeps a product that is an integer in exact arithmetic from
-    moving to the next integer through floating-point error."""
-    if rounding == "floor":
-        return min(active, int(math.floor(prune_rate * active + 1e-9)))
-    return min(active, int(math.ceil(prune_rate * active - 1e-9)))
+    ``drop_fraction * active`` to an integer); see :meth:`~lightning_selfish.method.parts.Rounding.count`."""
+    return Rounding(rounding).count(active, prune_rate)
 
 
 def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
@@ -318,6 +318,11 @@ def momentum_growth(mask: Tensor, n: int, momentum: Tensor) -> Tensor:
 def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
     """Every tensor at the same density: ``round(density * numel)`` each (Selfish-RNN, DSR, SNFS)."""
     return {name: uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+
+def uniform_block_counts(count: int, sizes: Sequence[int], density: float) -> list[int]:
+    """The uniform init's blocks: each at its own uniform count, so every gate starts at exactly the density."""
+    return [uniform_count(size, density) for size in sizes]
 
 
 def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:

@@ -171,7 +171,7 @@ class SparsityController:
         config = self.config
         momentum_from_gradient = config.reads_momentum and any(momentum_is_gradient(opt) for opt in optimizers)
         self.needs_gradient = config.reads_gradient or momentum_from_gradient
-        self.running_gradient = self.needs_gradient and config.update_every == "epoch" and epoch_cadence_without_length
+        self.running_gradient = self.needs_gradient and config.by_epoch and epoch_cadence_without_length
 
     # ----------------------------------------------------------------------------------------------------------
     # questions the hooks ask
@@ -192,7 +192,7 @@ class SparsityController:
     def update_due_at_epoch_start(self, finished_epoch: int, step: int) -> UpdateAmount | None:
         """The update due at the start of the epoch after ``finished_epoch`` with the epoch cadence (``None``:
         none); marks that boundary as handled, so a resumed run does not repeat it."""
-        if self.config.update_every != "epoch" or finished_epoch <= self.last_updated_epoch:
+        if not self.config.by_epoch or finished_epoch <= self.last_updated_epoch:
             return None
         self.last_updated_epoch = finished_epoch
         return self._amount(step)
