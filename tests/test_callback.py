@@ -5,6 +5,7 @@ strategies, what it logs and says, and what it lets go of when the fit ends. Wha
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from pathlib import Path
@@ -29,10 +30,11 @@ from conftest import (
 )
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import SingleDeviceStrategy
 
 import lightning_selfish.callbacks.sparsity
 from lightning_selfish import SelfishSparsityCallback
+from lightning_selfish.callbacks.compat import lightning_classes
 from lightning_selfish.callbacks.sparsity import _check_strategy, _rank_zero_broadcast
 
 # --------------------------------------------------------------------------------------------------------------
@@ -606,19 +608,30 @@ def test_infinite_run_and_sharded_strategy_are_rejected():
         )
 
 
-def test_deepspeed_is_refused_although_it_is_a_ddp_strategy() -> None:
-    class DeepSpeedStrategy(DDPStrategy):  # as Lightning's derives from DDPStrategy
-        pass
-
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_deepspeed_is_refused_although_it_is_a_ddp_strategy(package: str) -> None:
+    """Lightning's DeepSpeedStrategy derives from DDPStrategy; it is recognised by class, under either package."""
+    deepspeed = importlib.import_module(f"{package}.strategies").DeepSpeedStrategy
+    assert issubclass(deepspeed, importlib.import_module(f"{package}.strategies").DDPStrategy)
+    strategy = deepspeed.__new__(deepspeed)
     with pytest.raises(ValueError) as error:
         _check_strategy(SimpleNamespace(strategy=strategy))
     assert str(error.value) == (
         "SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', 'ddp_spawn', ...), "
-        f"got {__name__}.{DeepSpeedStrategy.__qualname__}: every rank must hold every whole weight tensor "
+        f"got {deepspeed.__module__}.DeepSpeedStrategy: every rank must hold every whole weight tensor "
         "(strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a different slice of "
         "every mask)"
     )
+
+
+def test_lightning_classes_are_found_under_both_packages() -> None:
+    """The one compat function: each package's own class (they are distinct), and none for a name it lacks."""
+    import lightning.pytorch.callbacks
+    import pytorch_lightning.callbacks
+
+    found = lightning_classes("callbacks", "ModelPruning", "NoSuchCallback")
+    assert found == (pytorch_lightning.callbacks.ModelPruning, lightning.pytorch.callbacks.ModelPruning)
+    assert found[0] is not found[1]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,18 +11,17 @@ epoch (epoch cadence) or after an optimizer step (step cadence).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_selfish.callbacks.compat import lightning_classes
 from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
@@ -588,22 +587,12 @@ def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], 
             )
 
 
-def _supported_strategies() -> tuple[type, ...]:
-    """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
-    supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
-    # A Trainer of the unified ``lightning`` package has imported it already; it is never imported from here, so
-    # neither package is a requirement of the other.
-    unified = sys.modules.get("lightning.pytorch.strategies")
-    if unified is not None:
-        supported += (unified.SingleDeviceStrategy, unified.DDPStrategy)
-    return supported
-
-
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     kind = type(strategy)
-    sharded = kind.__name__ in ("DeepSpeedStrategy",)
-    if sharded or not isinstance(strategy, _supported_strategies()):
+    supported = lightning_classes("strategies", "SingleDeviceStrategy", "DDPStrategy")
+    sharded = lightning_classes("strategies", "DeepSpeedStrategy")  # (a DDPStrategy subclass that shards weights)
+    if isinstance(strategy, sharded) or not isinstance(strategy, supported):
         raise ValueError(
             f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
             f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
@@ -613,8 +602,9 @@ def _check_strategy(trainer: pl.Trainer) -> None:
 
 
 def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
+    pruning = lightning_classes("callbacks", "ModelPruning")
     for callback in trainer.callbacks:
-        if any(cls.__name__ == "ModelPruning" for cls in type(callback).__mro__):
+        if isinstance(callback, pruning):
             raise ValueError(
                 f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
                 "ModelPruning's masks would multiply with this callback's, so the model would be sparser than "
@@ -623,9 +613,9 @@ def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
 
 
 def _check_no_weight_averaging(trainer: pl.Trainer) -> None:
+    averaging = lightning_classes("callbacks", "WeightAveraging", "StochasticWeightAveraging")
     for callback in trainer.callbacks:
-        names = {cls.__name__ for cls in type(callback).__mro__}
-        if names & {"WeightAveraging", "StochasticWeightAveraging"}:
+        if isinstance(callback, averaging):
             raise ValueError(
                 f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
                 f"{type(callback).__name__} averages weights across topology updates, so the averaged model is not "
