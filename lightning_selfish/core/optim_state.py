@@ -55,12 +55,6 @@ def state_items_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterato
             yield key, value
 
 
-def state_tensors_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
-    """Every tensor in ``optimizer.state[param]`` that has the parameter's shape (momentum, moments, averages)."""
-    for _, value in state_items_like(optimizer, param):
-        yield value
-
-
 def dense_state_keys(grown_optimizer_state: GrownState | str) -> frozenset[str]:
     """The state entries that are never masked under ``grown_optimizer_state``."""
     return NEVER_MASKED.get(GrownState(grown_optimizer_state), frozenset())

@@ -47,8 +47,6 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-#: LanguageModel arguments that do not change what a run trains.
-_NOT_COMPARED = {"flops", "verbose_sparsity", "checkpoint", "topology_monitor", "mask_history", "small_batch_size"}
 #: Arguments of the sparsity callback (the nested ``sparsity`` group) that do not change what a run trains.
 _NOT_COMPARED_SPARSITY = {"seed", "growth_seed", "verbose"}
 #: The flat LanguageModel arguments of the sparsity callback, by the callback's name for them.
