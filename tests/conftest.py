@@ -414,3 +414,15 @@ def update_engine(
     amount = UpdateAmount(prune_rate, target_density)
     context = UpdateContext(generator, list(optimizers), gradients, synchronize, threshold)
     return engine.update(amount, config, context)
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path):
+    """A gloo process group of one process (this one): the collectives' real code path, without a second process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from conftest import (
     RecordingLogger,
     TinyLM,
@@ -35,7 +34,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 import lightning_selfish.callbacks.sparsity
 from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.callbacks.compat import lightning_classes
-from lightning_selfish.callbacks.sparsity import _check_strategy, _rank_zero_broadcast
+from lightning_selfish.callbacks.sparsity import _check_strategy
 
 # --------------------------------------------------------------------------------------------------------------
 # arguments
@@ -563,28 +562,6 @@ def test_a_non_zero_rank_takes_rank_zeros_seed_and_logs_nothing() -> None:
     for name, mask in reference.masks.items():
         assert torch.equal(mask, callback.masks[name]), name
     assert not any(key.startswith(("sparsity/", "topology/")) for _, metrics in logger.records for key in metrics)
-
-
-@pytest.fixture
-def one_process_group(tmp_path: Path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def test_the_mask_synchronizer_exists_only_in_an_initialised_multi_process_run(one_process_group) -> None:
-    assert _rank_zero_broadcast(SimpleNamespace(world_size=1)) is None  # one process: nothing to agree on
-    synchronize = _rank_zero_broadcast(SimpleNamespace(world_size=2))
-    code = torch.tensor([3, 0, 2], dtype=torch.uint8)
-    synchronize(code)  # rank 0 (this process) keeps its own code, in place
-    assert code.tolist() == [3, 0, 2]
-
-
-def test_no_mask_synchronizer_without_a_process_group() -> None:
-    assert not dist.is_initialized()
-    assert _rank_zero_broadcast(SimpleNamespace(world_size=2)) is None
 
 
 # --------------------------------------------------------------------------------------------------------------

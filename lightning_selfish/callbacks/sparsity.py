@@ -29,6 +29,7 @@ from lightning_selfish.core.types import UpdateStats
 from lightning_selfish.method import catalogue as methods
 from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.schedules import check_run
+from lightning_selfish.run.collective import collective_for
 from lightning_selfish.run.controller import SparsityController
 from lightning_selfish.run.selection import adopt_existing_masks, check_no_other_pruning, select_parameters
 
@@ -470,7 +471,8 @@ class SelfishSparsityCallback(Callback):
     def _update(self, trainer: pl.Trainer, amount: UpdateAmount) -> None:
         assert self.engine is not None
         step = trainer.global_step
-        stats = self.controller.run_update(self.engine, amount, step, trainer.optimizers, _rank_zero_broadcast(trainer))
+        collective = collective_for(trainer.world_size)
+        stats = self.controller.run_update(self.engine, amount, step, trainer.optimizers, collective)
         if stats is None:
             _say(trainer, f"SelfishSparsityCallback: topology update skipped at step {step}")
             return
@@ -623,16 +625,6 @@ def _check_no_weight_averaging(trainer: pl.Trainer) -> None:
                 "lightning_selfish.SNTASGD with NonMonotonicTrigger, which averages every weight over its own "
                 "lifetime (the paper's SNT-ASGD), or method='static', whose masks never change"
             )
-
-
-def _rank_zero_broadcast(trainer: pl.Trainer) -> Callable[[Tensor], None] | None:
-    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-
-    def synchronize(code: Tensor) -> None:
-        torch.distributed.broadcast(code, src=0)
-
-    return synchronize
 
 
 def _notify_topology_update(

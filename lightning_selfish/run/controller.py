@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from lightning_selfish.core.engine import SparseEngine, UpdateContext, UpdateSta
 from lightning_selfish.core.protocols import momentum_is_gradient
 from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.schedules import scheduled_sparsity
+from lightning_selfish.run.collective import Collective
 
 __all__ = ["MASK_STREAM", "GROWTH_STREAM", "RESEED_STREAM", "SparsityController", "derive_seed"]
 
@@ -237,13 +238,15 @@ class SparsityController:
         amount: UpdateAmount,
         step: int,
         optimizers: Sequence[torch.optim.Optimizer],
-        synchronize: Callable[[Tensor], None] | None,
+        collective: Collective | None = None,
     ) -> UpdateStats | None:
-        """Run the update the schedule asked for at ``step``, or skip it once after NT-ASGD's switch (``None``)."""
+        """Run the update the schedule asked for at ``step``, or skip it once after NT-ASGD's switch (``None``);
+        with several ranks (``collective``) every rank takes rank 0's outcome."""
         self.last_update_step = step
         if self.skip_next:
             self.skip_next = False
             return None
+        synchronize = collective.broadcast_ if collective is not None and collective.world_size > 1 else None
         context = UpdateContext(self.generator, list(optimizers), self.gradients, synchronize, self.threshold)
         stats = engine.update(amount, self.config, context)
         if not self.running_gradient:
