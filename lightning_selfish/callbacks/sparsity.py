@@ -27,11 +27,23 @@ from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
 from lightning_selfish.core.types import UpdateStats
 from lightning_selfish.method import catalogue as methods
-from lightning_selfish.method.parts import MethodConfig, UpdateAmount
+from lightning_selfish.method.parts import (
+    GateRedistribution,
+    GrownState,
+    Growth,
+    Init,
+    LayerRedistribution,
+    MethodConfig,
+    Removal,
+    RemovedAndRegrown,
+    Schedule,
+    UpdateAmount,
+)
 from lightning_selfish.method.schedules import check_run
 from lightning_selfish.run.collective import collective_for
 from lightning_selfish.run.controller import SparsityController
-from lightning_selfish.run.selection import adopt_existing_masks, check_no_other_pruning, select_parameters
+from lightning_selfish.run.selection import check_no_other_pruning, select_parameters
+from lightning_selfish.run.setup import continued_engine, fresh_engine, restored_engine
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
 _METHOD_SETTINGS = frozenset(
@@ -126,10 +138,10 @@ class SelfishSparsityCallback(Callback):
         self,
         sparsity: float,
         prune_rate: float | None = None,
-        init: str | None = None,
-        removal: str | None = None,
-        growth: str | None = None,
-        gate_redistribution: bool | str | None = None,
+        init: str | Init | None = None,
+        removal: str | Removal | None = None,
+        growth: str | Growth | None = None,
+        gate_redistribution: bool | str | GateRedistribution | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         gate_layouts: Mapping[str, GateLayoutSpec] | None = None,
@@ -141,15 +153,15 @@ class SelfishSparsityCallback(Callback):
         verbose: bool = False,
         *,
         method: str = "selfish",
-        redistribution: str | None = None,
-        schedule: str | None = None,
+        redistribution: str | LayerRedistribution | None = None,
+        schedule: str | Schedule | None = None,
         update_until: float | None = None,
         pruning_start: int | float | None = None,
         pruning_end: int | float | None = None,
-        removed_and_regrown: str | None = None,
+        removed_and_regrown: str | RemovedAndRegrown | None = None,
         threshold: float | None = None,
         threshold_tolerance: float | None = None,
-        grown_optimizer_state: str | None = None,
+        grown_optimizer_state: str | GrownState | None = None,
         growth_seed: int | None = None,
     ) -> None:
         config = methods.resolve(
@@ -408,65 +420,29 @@ class SelfishSparsityCallback(Callback):
     def _start_engine(
         self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict, device: torch.device
     ) -> SparseEngine:
-        """A fresh run: the weights' own zero pattern when they are already sparse at the asked-for counts, else
-        random masks from the mask stream; then the generator moves to the growth stream."""
+        """A fresh run (:func:`~lightning_selfish.run.setup.fresh_engine`), seeded on rank 0."""
         if trainer.ckpt_path is not None:
             raise ValueError(
                 f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
                 "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
             )
-        config = self.config
-        generator = self.controller.seed_run(self._shared_seed(trainer), self.growth_seed, device)
-        budgets = config.init.budgets({name: p.shape for name, p in params.items()}, 1.0 - config.sparsity)
-        adopted = adopt_existing_masks(params, budgets)
-        if adopted is not None:
-            engine = SparseEngine(params, adopted, layouts, config.gate_redistribution)
+        engine, adopted = fresh_engine(self.controller, params, layouts, device, self._shared_seed(trainer))
+        if adopted:
             rank_zero_info(
                 "SelfishSparsityCallback: the weights are already sparse at the asked-for counts: their "
                 "zero pattern is the initial masks"
             )
-        else:
-            engine = SparseEngine.initialize(
-                params, config.sparsity, generator, config.init, layouts, config.gate_redistribution
-            )
-        self.controller.start_growth_stream()
-        engine.apply_masks_()
         return engine
 
     def _continue_engine(self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict) -> SparseEngine:
-        """A later fit with this callback: the current masks go on (over this module's parameters)."""
+        """A later fit with this callback (a new Trainer counts from step 0: the schedule restarts)."""
         assert self.engine is not None
-        masks = self.engine.masks
-        self.engine.detach()
-        _check_masks_fit(masks, params, "the previous fit")
-        if trainer.global_step == 0:  # a new Trainer counts from 0: the schedule restarts over the new run
-            self.controller.restart_cadence()
-        self.controller.gradients = None
-        engine = SparseEngine(
-            params, {name: mask.clone() for name, mask in masks.items()}, layouts, self.config.gate_redistribution
-        )
-        engine.apply_masks_()
-        return engine
+        return continued_engine(self.controller, self.engine, params, layouts, trainer.global_step == 0)
 
     def _restore_engine(self, params: dict[str, Tensor], layouts: dict, device: torch.device) -> SparseEngine:
         state, self._loaded_state = self._loaded_state, None
         assert state is not None
-        masks: dict[str, Tensor] = state["masks"]
-        _check_masks_fit(masks, params, "the checkpoint")
-        if state.get("sparsity", self.config.sparsity) != self.config.sparsity:
-            raise ValueError(
-                f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
-                f"sparsity={self.config.sparsity}: resume with the same sparsity"
-            )
-        if state.get("method", "selfish") != self.config.name:
-            raise ValueError(
-                f"the checkpoint was trained with method={state.get('method', 'selfish')!r}, this callback has "
-                f"method={self.config.name!r}: resume with the same method"
-            )
-        self.controller.load_state_dict(state, device)
-        engine = SparseEngine(params, masks, layouts, self.config.gate_redistribution)
-        engine.apply_masks_()
-        return engine
+        return restored_engine(self.controller, state, params, layouts, device)
 
     def _update(self, trainer: pl.Trainer, amount: UpdateAmount) -> None:
         assert self.engine is not None
@@ -572,21 +548,6 @@ def _check_arguments(
         raise TypeError(f"mask_gradients must be a bool, got {mask_gradients!r}")
     if not isinstance(verbose, bool):
         raise TypeError(f"verbose must be a bool, got {verbose!r}")
-
-
-def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], source: str) -> None:
-    if set(masks) != set(params):
-        raise ValueError(
-            f"{source}'s sparsity masks do not match the parameters chosen for sparsification: "
-            f"only in {source}: {sorted(set(masks) - set(params))}; "
-            f"only in the model: {sorted(set(params) - set(masks))}"
-        )
-    for name, mask in masks.items():
-        if mask.shape != params[name].shape:
-            raise ValueError(
-                f"{source}'s mask for {name!r} has shape {tuple(mask.shape)}, the parameter has "
-                f"{tuple(params[name].shape)}"
-            )
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
