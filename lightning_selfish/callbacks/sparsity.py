@@ -54,9 +54,9 @@ _METHOD_SETTINGS = frozenset(
 class SelfishSparsityCallback(Callback):
     r"""Train the chosen weights of any LightningModule sparse, with Selfish-RNN or any method it is compared with.
 
-    (A long class for a reason: a third of it is this docstring, the reference of every argument; the code is hooks
-    that delegate to the run controller and the engine, and the three ways a fit finds its masks: drawn, continued
-    from a previous fit, or restored from a checkpoint.)
+    (A long class for a reason: a third of it is this docstring, the reference of every argument, and a fifth the
+    read-only views of the run's method and state; the code is hooks that delegate to the run controller, the run's
+    set-up (:mod:`lightning_selfish.run.setup`: masks drawn, continued or restored) and the engine.)
 
     Every sparsified tensor starts with a mask with an exact number of active weights. After every optimizer step
     the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. At each topology update
