@@ -125,7 +125,7 @@ def test_bad_method_arguments(kwargs, error, match):
             "unknown method parts ['paper']; the parts are ['gate_redistribution', 'grow_into_removed', "
             "'grown_optimizer_state', 'growth', 'init', 'min_prune_rate', 'prune_rate', 'pruning_end', "
             "'pruning_start', 'redistribution', 'removal', 'removal_rounding', 'removed_and_regrown', 'schedule', "
-            "'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
+            "'structure', 'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
         ),
         (dict(threshold_tolerance=1.5), ValueError, "threshold_tolerance must be in [0, 1], got 1.5"),
         (dict(threshold="0.1"), TypeError, "threshold must be a number in (0, inf), got str '0.1'"),

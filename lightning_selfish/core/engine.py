@@ -29,7 +29,14 @@ from lightning_selfish.core.signals import UpdateContext
 from lightning_selfish.core.types import MaskUpdate, UpdateStats
 from lightning_selfish.core.update import topology_update
 from lightning_selfish.method import catalogue, topology
-from lightning_selfish.method.parts import GateRedistribution, GrownState, Init, MethodConfig, UpdateAmount
+from lightning_selfish.method.parts import (
+    GateRedistribution,
+    GrownState,
+    Init,
+    MethodConfig,
+    Structure,
+    UpdateAmount,
+)
 
 __all__ = ["SparseEngine", "SparseTensor", "UpdateContext", "UpdateStats", "update_summary"]
 
@@ -74,20 +81,26 @@ class SparseEngine:
         init: Init | str = "uniform",
         gate_layouts: Mapping[str, GateLayout] | None = None,
         gate_redistribution: GateRedistribution | bool | str = True,
+        structure: Structure | None = None,
     ) -> SparseEngine:
         """Random masks with exact counts (``init.budgets``), applied to the weights in place.
 
         Unless gates are ranked jointly every gate is a block of its own and starts at exactly the tensor's density
-        (uniform init) or its share of the tensor's budget by size.
+        (uniform init) or its share of the tensor's budget by size. A ``structure`` (N:M) draws its own masks.
         """
         gate_layouts = gate_layouts or {}
         mode = catalogue.part("gate_redistribution", gate_redistribution)
         init = catalogue.part("init", init)
         density = 1.0 - sparsity
+        if structure is not None and abs(density - structure.density) > 1e-9:
+            raise ValueError(f"structure={structure.name!r} draws masks at density {structure.density}, not {density}")
         counts = init.budgets({name: p.shape for name, p in params.items()}, density)
         masks = {}
         for name, param in params.items():
             gates = gate_layouts.get(name)
+            if structure is not None:
+                masks[name] = structure.initial_mask(param.shape, generator)
+                continue
             if not gates or mode.joint:
                 masks[name] = topology.random_mask(param.shape, counts[name], generator)
                 continue

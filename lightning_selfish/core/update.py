@@ -161,10 +161,16 @@ def _grow(
     # may not be regrown (DSR) they are still set in the base, and taken out after.
     base = _growth_base(method, old, kept)
     source = context.read(part.reads, record, f"growth={part.name!r}")
-    new = base.clone()
-    for rows, n in zip(record.groups, _block_budgets(record, budget, removed_per_block, old, base, method, context)):
+    taken = base
+    if method.structure is not None:  # positions the structure does not allow are taken too, and given back after
+        assert part.score is not None  # (resolve checks it)
+        taken = base | ~method.structure.allowed(base, part.score(base, source))
+    new = taken.clone()
+    for rows, n in zip(record.groups, _block_budgets(record, budget, removed_per_block, old, taken, method, context)):
         block_source = source if isinstance(source, torch.Generator) else source[rows]
-        new[rows] = part.grow(base[rows], n, block_source)
+        new[rows] = part.grow(taken[rows], n, block_source)
+    if taken is not base:
+        new &= ~(taken & ~base)
     return new if method.grow_into_removed else new & ~(old & ~kept)
 
 

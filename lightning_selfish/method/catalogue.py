@@ -79,9 +79,9 @@ REMOVALS: dict[str, Removal] = {
 }
 
 GROWTHS: dict[str, Growth] = {
-    "random": Growth("random", topology.random_growth, reads="generator"),
-    "gradient": Growth("gradient", topology.gradient_growth, reads="gradient"),
-    "momentum": Growth("momentum", topology.momentum_growth, reads="momentum"),
+    "random": Growth("random", topology.random_growth, reads="generator", score=topology.random_score),
+    "gradient": Growth("gradient", topology.gradient_growth, reads="gradient", score=topology.magnitude_score),
+    "momentum": Growth("momentum", topology.momentum_growth, reads="momentum", score=topology.magnitude_score),
     "none": Growth("none", None),
 }
 
@@ -293,6 +293,8 @@ def _check(config: MethodConfig) -> None:
                 f"{name} must be a step (int >= 0) or a fraction of the run (float in [0, 1]), got {value!r}"
             )
     schedule, removal, growth = config.schedule, config.removal, config.growth
+    if config.structure is not None:
+        _check_structure(config)
     if schedule.prunes_to_target and growth.grows:
         raise ValueError(
             f"schedule={schedule.name!r} prunes without regrowth: growth must be 'none', got {growth.name!r} "
@@ -307,6 +309,28 @@ def _check(config: MethodConfig) -> None:
         raise ValueError(
             f"growth='none' with removal={removal.name!r} would lose weights at every update: a sparse-to-sparse "
             "schedule ('cosine') needs a growth, and pruning without regrowth is schedule='gmp'"
+        )
+
+
+def _check_structure(config: MethodConfig) -> None:
+    """A structure fixes the density of every tensor: one sparsity, no counts moved between tensors, growth that
+    ranks (the structure keeps its best-ranked candidates), no pruning to a schedule."""
+    structure = config.structure
+    assert structure is not None
+    if abs((1.0 - config.sparsity) - structure.density) > 1e-9:
+        raise ValueError(
+            f"structure={structure.name!r} keeps a density of {structure.density}: sparsity must be "
+            f"{1.0 - structure.density}, got {config.sparsity}"
+        )
+    if config.redistribution.score is not None or config.schedule.prunes_to_target:
+        raise ValueError(
+            f"structure={structure.name!r} keeps every tensor at its density: redistribution must be 'none' and the "
+            f"schedule must not prune to a target, got redistribution={config.redistribution.name!r}, "
+            f"schedule={config.schedule.name!r}"
+        )
+    if config.growth.grows and config.growth.score is None:
+        raise ValueError(
+            f"structure={structure.name!r} needs the growth's ranking: growth {config.growth.name!r} has no score"
         )
 
 

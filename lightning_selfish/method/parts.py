@@ -41,6 +41,7 @@ __all__ = [
     "Rounding",
     "Schedule",
     "Signal",
+    "Structure",
     "UpdateAmount",
 ]
 
@@ -164,6 +165,9 @@ class Growth:
     name: str
     grow: Callable[[Tensor, int, Any], Tensor] | None
     reads: Signal | None = None
+    #: The growth's ranking of the positions, higher first, from the same source: ``score(mask, source) ->
+    #: Tensor``. Only a structure (:class:`Structure`) asks for it, to know which positions fit.
+    score: Callable[[Tensor, Any], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.grow is not None:  # (a growth reads something: it must say what)
@@ -172,6 +176,23 @@ class Growth:
     @property
     def grows(self) -> bool:
         return self.grow is not None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A structural constraint on the masks (N:M, blocks): one part the engine and the update consult.
+
+    ``initial_mask(shape, generator)`` draws a mask that satisfies it at its ``density`` (which the method's
+    sparsity must be). ``allowed(kept, score)`` are the inactive positions of ``kept`` (the mask after removal) a
+    growth may take, given the growth's ranking ``score`` (higher first) such that any subset of them keeps the
+    constraint and the best-scored ones are the best set that does. Removal needs nothing: removing weights never
+    breaks a constraint of "at most so many per group".
+    """
+
+    name: str
+    density: float
+    initial_mask: Callable[[Sequence[int], Any], Tensor]
+    allowed: Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -263,6 +284,7 @@ class MethodConfig:
     removal_rounding: Rounding = Rounding.CEIL  # count of a removal: ceil (the authors' code) or floor (RigL)
     grown_optimizer_state: GrownState = GrownState.ZERO  # optimizer state of grown weights (GrownState)
     grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
+    structure: Structure | None = None  # a structural constraint (N:M) on every mask, None: unstructured
     min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
     update_every_given: bool = False  # the user chose update_every (it is then never scaled)
 

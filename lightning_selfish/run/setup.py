@@ -36,7 +36,7 @@ def fresh_engine(
         engine = SparseEngine(params, adopted, layouts, config.gate_redistribution)
     else:
         engine = SparseEngine.initialize(
-            params, config.sparsity, generator, config.init, layouts, config.gate_redistribution
+            params, config.sparsity, generator, config.init, layouts, config.gate_redistribution, config.structure
         )
     controller.start_growth_stream()
     engine.apply_masks_()
