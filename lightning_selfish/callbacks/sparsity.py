@@ -26,7 +26,7 @@ from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
 from lightning_selfish.core.types import UpdateStats
-from lightning_selfish.method import catalogue as methods
+from lightning_selfish.method import catalogue
 from lightning_selfish.method.parts import (
     GateRedistribution,
     GrownState,
@@ -164,7 +164,7 @@ class SelfishSparsityCallback(Callback):
         grown_optimizer_state: str | GrownState | None = None,
         growth_seed: int | None = None,
     ) -> None:
-        config = methods.resolve(
+        config = catalogue.resolve(
             method,
             sparsity,
             prune_rate=prune_rate,
@@ -526,7 +526,7 @@ def _check_arguments(
     mask_gradients: Any,
     verbose: Any,
 ) -> None:
-    """The callback's own arguments (the method's are checked by ``methods.resolve``)."""
+    """The callback's own arguments (the method's are checked by ``catalogue.resolve``)."""
     if total_steps is not None and not callable(total_steps):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):
             raise TypeError(
