@@ -8,7 +8,8 @@ from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
 from lightning_selfish.core.engine import SparseEngine, UpdateStats
 from lightning_selfish.core.gates import detect_gate_layouts
-from lightning_selfish.core.optim_state import MaskAwareOptimizer, MaskUpdate
+from lightning_selfish.core.protocols import MaskAwareOptimizer
+from lightning_selfish.core.types import MaskUpdate
 from lightning_selfish.method.catalogue import METHODS, MethodConfig, MethodPreset
 from lightning_selfish.optim.sntasgd import SNTASGD, sntasgd
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes import console
-from recipes.compat import module
+from recipes.compat import argument_groups, group_actions, module, set_argument_groups
 from recipes.data import LanguageModelingDataModule
 from recipes.hparams import PerplexityHParams
 from recipes.inference import add_sparse_inference_argument, enable_sparse_inference
@@ -114,14 +114,14 @@ class SelfishRNNCLI(LightningCLI):
         if subcommand == "test":
             add_sparse_inference_argument(parser)
         parser.usage = f"selfish-rnn {subcommand} --config CONFIG [--ARGUMENT VALUE ...] [--help | --help-all]"
-        groups = parser._action_groups
-        trainer = [g for g in groups if any(a.dest.startswith("trainer.") for a in g._group_actions)]
-        parser._action_groups = [g for g in groups if g not in trainer] + trainer
+        groups = argument_groups(parser)
+        trainer = [g for g in groups if any(a.dest.startswith("trainer.") for a in group_actions(g))]
+        set_argument_groups(parser, [g for g in groups if g not in trainer] + trainer)
         if not self.help_all:
             for group in trainer:
                 group.title = f"Trainer (a few options; all of them: selfish-rnn {subcommand} --help-all)"
                 group.description = None
-                for action in group._group_actions:
+                for action in group_actions(group):
                     if action.dest.removeprefix("trainer.").split(".")[0] not in BRIEF_TRAINER_OPTIONS:
                         action.help = argparse.SUPPRESS
         return parser

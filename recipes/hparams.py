@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from recipes.compat import module, pl
+from recipes.compat import module, pl, tensorboard_file_writer, tensorboard_hparams
 
 TensorBoardLogger = module("loggers").TensorBoardLogger
 
@@ -26,17 +26,16 @@ class PerplexityHParams(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams
 
-        params = dict(_convert_params(pl_module.hparams_initial))
+        params = dict(pl_module.hparams_initial)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
-            params.update(_convert_params(datamodule.hparams_initial))
+            params.update(datamodule.hparams_initial)
         params.pop("_instantiator", None)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                flat = logger._sanitize_params(_flatten_dict(params))
-                writer = logger.experiment._get_file_writer()
+                flat = tensorboard_hparams(logger, params)
+                writer = tensorboard_file_writer(logger)
                 for summary in hparams(flat, dict.fromkeys(METRICS, 0.0)):
                     writer.add_summary(summary)

@@ -43,7 +43,7 @@ from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
 from lightning_selfish.core.optim_state import MaskUpdate
 from lightning_selfish.optim.sntasgd import SNTASGD
-from recipes.compat import module, pl
+from recipes.compat import given_hyperparameters, logs_this_step, module, pl
 from recipes.metrics import TokenWeightedCrossEntropy
 
 Callback = pl.Callback
@@ -263,7 +263,7 @@ class LanguageModel(pl.LightningModule):
         # Under LightningCLI the hyperparameters are the parsed config, where ``network`` is a class path with its
         # arguments: keeping it lets ``load_from_checkpoint`` and ``--ckpt_path`` rebuild the model. Called from
         # plain Python, ``network`` is the module itself, which the state dict already holds: not saved twice.
-        given = module("core.mixins.hparams_mixin")._given_hyperparameters.get()
+        given = given_hyperparameters()
         network_is_config = isinstance(given, dict) and not isinstance(given.get("network"), nn.Module)
         self.save_hyperparameters(ignore=None if network_is_config else ["network"])
 
@@ -437,9 +437,8 @@ class LanguageModel(pl.LightningModule):
                     param.grad.add_(grad)
 
     def _logs_this_step(self) -> bool:
-        # Lightning's own rule for the steps whose metrics reach the loggers (private, stable across 2.x).
         trainer = self._trainer
-        return trainer is None or trainer._logger_connector.should_update_logs
+        return trainer is None or logs_this_step(trainer)
 
     def on_train_epoch_end(self) -> None:
         if self.train_ce.update_count:

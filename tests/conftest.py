@@ -466,11 +466,16 @@ def update_engine(
     grown_optimizer_state: str = "zero",
     grow_into_removed: bool = True,
     removal_rounding: str = "ceil",
+    gate_redistribution: str | None = None,
 ):
     """One engine update with the parts named as in the callback's arguments (the method built from the
-    registries, unchecked as a whole, so a test may combine parts freely)."""
+    registries, unchecked as a whole, so a test may combine parts freely). ``gate_redistribution`` defaults to the
+    engine's blocks: ``"joint"`` when every tensor is one block, else ``"none"``."""
+    if gate_redistribution is None:
+        per_gate = any(len(t.groups) > 1 for t in engine.tensors.values())
+        gate_redistribution = "none" if per_gate else "joint"
     config = dataclasses.replace(
-        resolve("selfish", 0.5),
+        resolve("selfish", 0.5, gate_redistribution=gate_redistribution),
         removal=REMOVALS[removal],
         growth=GROWTHS[growth],
         redistribution=REDISTRIBUTIONS[redistribution],
@@ -483,3 +488,15 @@ def update_engine(
     amount = UpdateAmount(prune_rate, target_density)
     context = UpdateContext(generator, list(optimizers), gradients, synchronize, threshold)
     return engine.update(amount, config, context)
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path):
+    """A gloo process group of one process (this one): the collectives' real code path, without a second process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

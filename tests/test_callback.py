@@ -5,6 +5,7 @@ strategies, what it logs and says, and what it lets go of when the fit ends. Wha
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from conftest import (
     RecordingLogger,
     TinyLM,
@@ -29,11 +29,12 @@ from conftest import (
 )
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import SingleDeviceStrategy
 
 import lightning_selfish.callbacks.sparsity
 from lightning_selfish import SelfishSparsityCallback
-from lightning_selfish.callbacks.sparsity import _check_strategy, _rank_zero_broadcast
+from lightning_selfish.callbacks.compat import lightning_classes
+from lightning_selfish.callbacks.sparsity import _check_strategy
 
 # --------------------------------------------------------------------------------------------------------------
 # arguments
@@ -374,6 +375,33 @@ def test_step_updates_happen_once_per_optimizer_step_under_accumulation(every: i
     assert callback.num_updates == len(expected)
 
 
+def test_the_callback_reports_the_cadence_the_run_uses() -> None:
+    """RigL's preset updates every 100 steps; a 300-step run gets the largest cadence that gives it 10 updates
+    before 0.75 of the run (22: updates at 22, 44, ..., 220). The callback, its config and the run agree on it."""
+    callback = SelfishSparsityCallback(sparsity=0.5, method="rigl", seed=0, total_steps=300)
+    topology = Topology(callback)
+    fit_tiny(callback, topology, max_epochs=-1, max_steps=23)
+    assert topology.update_steps == [22]
+    assert callback.update_every == 22 and callback.config.update_every == 22
+    assert callback.config is callback.controller.config
+    assert callback.dense_gradient_every == 22  # (what FlopsCallback books: RigL's dense gradient before an update)
+
+
+def test_seed_and_run_length_have_one_meaning() -> None:
+    """``seed`` is the seed of the run's draws (given, or drawn on rank 0 at fit start); ``total_steps`` the run's
+    length in optimizer steps (given, or read at train start): the callback and its controller say the same."""
+    callback = SelfishSparsityCallback(sparsity=0.5)
+    assert callback.seed is None and callback.total_steps == 0
+    fit_tiny(callback, max_epochs=2)
+    assert isinstance(callback.seed, int) and callback.seed == callback.controller.seed
+    assert callback.seed == callback.state_dict()["seed"]
+    assert callback.total_steps == callback.controller.total_steps == 16  # 8 batches per epoch, 2 epochs
+    given = SelfishSparsityCallback(sparsity=0.5, seed=3, total_steps=7)
+    assert (given.seed, given.total_steps) == (3, 7) == (given.controller.seed, given.controller.total_steps)
+    with pytest.raises(AttributeError):
+        given.seed = 4
+
+
 def test_skip_next_update():
     cb = SelfishSparsityCallback(sparsity=0.5, seed=0)
 
@@ -536,28 +564,6 @@ def test_a_non_zero_rank_takes_rank_zeros_seed_and_logs_nothing() -> None:
     assert not any(key.startswith(("sparsity/", "topology/")) for _, metrics in logger.records for key in metrics)
 
 
-@pytest.fixture
-def one_process_group(tmp_path: Path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def test_the_mask_synchronizer_exists_only_in_an_initialised_multi_process_run(one_process_group) -> None:
-    assert _rank_zero_broadcast(SimpleNamespace(world_size=1)) is None  # one process: nothing to agree on
-    synchronize = _rank_zero_broadcast(SimpleNamespace(world_size=2))
-    code = torch.tensor([3, 0, 2], dtype=torch.uint8)
-    synchronize(code)  # rank 0 (this process) keeps its own code, in place
-    assert code.tolist() == [3, 0, 2]
-
-
-def test_no_mask_synchronizer_without_a_process_group() -> None:
-    assert not dist.is_initialized()
-    assert _rank_zero_broadcast(SimpleNamespace(world_size=2)) is None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------------------------------
@@ -579,19 +585,30 @@ def test_infinite_run_and_sharded_strategy_are_rejected():
         )
 
 
-def test_deepspeed_is_refused_although_it_is_a_ddp_strategy() -> None:
-    class DeepSpeedStrategy(DDPStrategy):  # as Lightning's derives from DDPStrategy
-        pass
-
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_deepspeed_is_refused_although_it_is_a_ddp_strategy(package: str) -> None:
+    """Lightning's DeepSpeedStrategy derives from DDPStrategy; it is recognised by class, under either package."""
+    deepspeed = importlib.import_module(f"{package}.strategies").DeepSpeedStrategy
+    assert issubclass(deepspeed, importlib.import_module(f"{package}.strategies").DDPStrategy)
+    strategy = deepspeed.__new__(deepspeed)
     with pytest.raises(ValueError) as error:
         _check_strategy(SimpleNamespace(strategy=strategy))
     assert str(error.value) == (
         "SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', 'ddp_spawn', ...), "
-        f"got {__name__}.{DeepSpeedStrategy.__qualname__}: every rank must hold every whole weight tensor "
+        f"got {deepspeed.__module__}.DeepSpeedStrategy: every rank must hold every whole weight tensor "
         "(strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a different slice of "
         "every mask)"
     )
+
+
+def test_lightning_classes_are_found_under_both_packages() -> None:
+    """The one compat function: each package's own class (they are distinct), and none for a name it lacks."""
+    import lightning.pytorch.callbacks
+    import pytorch_lightning.callbacks
+
+    found = lightning_classes("callbacks", "ModelPruning", "NoSuchCallback")
+    assert found == (pytorch_lightning.callbacks.ModelPruning, lightning.pytorch.callbacks.ModelPruning)
+    assert found[0] is not found[1]
 
 
 # --------------------------------------------------------------------------------------------------------------

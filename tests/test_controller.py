@@ -155,7 +155,7 @@ def test_keep_gradients_copies_before_the_update_and_run_update_drops_the_copy()
     assert run.gradients is None
     run.keep_gradients(engine, 99, False)
     assert torch.equal(run.gradients["w"], param.grad) and run.gradients["w"] is not param.grad
-    stats = run.run_update(engine, run.update_due_after_step(100), 100, [], None)
+    stats = run.run_update(engine, run.update_due_after_step(100), 100, [])
     assert stats is not None and run.gradients is None and run.num_updates == 1 and run.last_update_step == 100
 
 
@@ -165,7 +165,7 @@ def test_a_skipped_update_is_recorded_but_changes_nothing() -> None:
     mask = engine.masks["w"].clone()
     run = controller(update_every=4, total=24)
     run.skip_next = True
-    assert run.run_update(engine, run.update_due_after_step(4), 4, [], None) is None
+    assert run.run_update(engine, run.update_due_after_step(4), 4, []) is None
     assert torch.equal(engine.masks["w"], mask) and run.num_updates == 0 and run.last_update_step == 4
     assert not run.skip_next
 

@@ -5,6 +5,7 @@ optimizers, attach and detach), invariants, and the engine's messages."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -14,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_selfish import SNTASGD, MaskUpdate, SelfishSparsityCallback, SparseEngine, topology
+from lightning_selfish import SNTASGD, MaskUpdate, SelfishSparsityCallback, SparseEngine
 from lightning_selfish.core import update as engine_module  # (the update steps reset the optimizer state)
 from lightning_selfish.core.gates import detect_gate_layouts
+from lightning_selfish.method import topology
+from lightning_selfish.method.parts import Init
 
 # --------------------------------------------------------------------------------------------------------------
 # initial masks
@@ -62,6 +65,23 @@ def test_per_gate_uniform_init_rounds_every_gate_and_er_splits_the_tensor_count(
     assert int(joint.tensors["w"].mask.sum()) == topology.uniform_count(30, 1 - 0.55) == 13 and joint.tensors[
         "w"
     ].groups == [slice(None)]
+
+
+def test_a_users_own_uniform_init_starts_gates_as_the_built_in_one_does():
+    """What makes the uniform init start every gate at the density is a rule the part carries (block_budgets), not
+    its identity: a user's own uniform init that names the rule draws the built-in one's masks."""
+
+    def my_uniform(shapes, density):
+        return {name: topology.uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
+
+    mine = Init("mine", my_uniform, topology.uniform_block_counts)
+    params = {"w": nn.Parameter(torch.randn(6, 5))}
+    ours = SparseEngine.initialize(params, 0.55, torch.Generator().manual_seed(0), mine, {"w": THREE_GATES}, False)
+    assert [int(ours.tensors["w"].mask[rows].sum()) for _, rows in THREE_GATES] == [4, 4, 4]  # each gate at 0.45
+    built_in = SparseEngine.initialize(
+        params, 0.55, torch.Generator().manual_seed(0), "uniform", {"w": THREE_GATES}, False
+    )
+    assert torch.equal(ours.tensors["w"].mask, built_in.tensors["w"].mask)
 
 
 def test_engine_defaults_to_joint_ranking_and_converts_masks():
@@ -315,7 +335,7 @@ def test_redistribution_under_sntasgd_without_a_gradient_says_which_tensor() -> 
 def test_gradient_gate_shares_without_a_gradient_say_so() -> None:
     engine = stacked_engine({"w": 1.0}, gate_redistribution="gradient")
     with pytest.raises(ValueError) as error:
-        update_engine(engine, 0.5, torch.Generator(), "magnitude", "random")
+        update_engine(engine, 0.5, torch.Generator(), "magnitude", "random", gate_redistribution="gradient")
     assert str(error.value) == (
         "gate_redistribution='gradient' needs the dense gradient of 'w', but it has none at the topology update "
         "(was the gradient freed by zero_grad(set_to_none=True)?)"
@@ -519,11 +539,12 @@ def test_update_tells_mask_aware_optimizers_the_live_mask():
 
 
 def test_engine_argument_messages() -> None:
-    # (part names are checked once, by methods.resolve; the engine is handed part objects)
+    # (names become parts in one place, lightning_selfish.method.catalogue.part: the engine's message is resolve's)
     with pytest.raises(ValueError) as error:
         SparseEngine({}, {}, gate_redistribution="mean")
     assert str(error.value) == (
-        "gate_redistribution must be True, False or one of ['joint', 'none', 'magnitude', 'gradient'], got 'mean'"
+        "gate_redistribution must be True, False, one of ['joint', 'none', 'magnitude', 'gradient'] or a "
+        "GateRedistribution object, got 'mean'"
     )
 
 
@@ -535,7 +556,9 @@ def test_engine_mask_of_another_shape():
 
 def test_unknown_init_removal_and_growth():
     param = nn.Parameter(torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"init must be one of \[.*'uniform', 'er'.*\], got 'xavier'"):
+    with pytest.raises(
+        ValueError, match=r"init must be one of \[.*'uniform', 'er'.*\] or an Init object, got 'xavier'"
+    ):
         SparseEngine.initialize({"w": param}, 0.5, torch.Generator(), init="xavier")
     # (removal and growth names are checked once, by methods.resolve: the engine is handed part objects)
     with pytest.raises(ValueError, match=r"growth must be one of \['random', 'gradient', 'momentum'.*\] or a Grow"):

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_selfish import SNTASGD, SparseEngine, detect_gate_layouts, topology
+from lightning_selfish import SNTASGD, SparseEngine, detect_gate_layouts
 from lightning_selfish.core.engine import UpdateContext
+from lightning_selfish.method import topology
 from lightning_selfish.method.catalogue import resolve
 from lightning_selfish.method.parts import UpdateAmount
 from lightning_selfish.method.redistribution import allocate_counts
@@ -132,7 +133,7 @@ def test_table6_gate_redistribution_shares_regrowth_by_gate_scores(mode):
     grads = {"weight_hh_l0": torch.ones(32, 8)}
     grads["weight_hh_l0"][16:24] *= 20
     gate_counts = [int(record.mask[r].sum()) for _, r in layouts["weight_hh_l0"]]
-    stats = update_engine(engine, 0.5, torch.Generator().manual_seed(1), gradients=grads)
+    stats = update_engine(engine, 0.5, torch.Generator().manual_seed(1), gradients=grads, gate_redistribution=mode)
     after = [int(record.mask[r].sum()) for _, r in layouts["weight_hh_l0"]]
     assert sum(after) == sum(gate_counts) and stats.total_removed == stats.total_grown
     assert after[2] == 64 and all(a < c for i, (a, c) in enumerate(zip(after, gate_counts)) if i != 2)

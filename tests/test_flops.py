@@ -16,6 +16,7 @@ from lightning_selfish.analysis.flops import (
     training_flops_per_token,
 )
 from lightning_selfish.callbacks.flops import FlopsCallback, tokens_in_batch
+from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.method import topology
 from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
@@ -244,11 +245,12 @@ def test_the_total_follows_masks_that_change_and_survives_a_checkpoint() -> None
     sparsity = SelfishSparsityCallback(sparsity=0.5, prune_rate=0.3, update_every=5, seed=0)
     flops = FlopsCallback()
     trainer, _ = fit([sparsity, flops], epochs=2)
-    # change a mask behind the run's back, as a dense-to-sparse schedule would, and book one more batch
-    sparsity.engine.tensors["rnn.weight_hh_l0"].mask.zero_()
-    sparsity.controller.num_updates += 1
-    batch = next(iter(token_loader()))
+    # change a mask, as a dense-to-sparse schedule would, tell the listeners as the sparsity callback does, and
+    # book one more batch
     before = flops.train_flops + flops._pending_tokens * flops._step_cost
+    sparsity.engine.tensors["rnn.weight_hh_l0"].mask.zero_()
+    flops.on_topology_update(trainer, trainer.lightning_module, sparsity.engine, None)
+    batch = next(iter(token_loader()))
     flops.on_train_batch_start(trainer, trainer.lightning_module, batch, 0)
     cost = training_flops_per_token(flops.costs, sparsity.engine.active_counts())
     after = flops.metrics()["flops/train_total"]
@@ -298,6 +300,30 @@ def test_every_method_costs_what_its_masks_cost_step_by_step(method: str) -> Non
     if method == "gmp":  # dense to sparse: more than the final masks' cost, less than dense
         assert 0.4 < logger.last("flops/train_vs_dense") < 1.0
         assert logger.last("flops/inference_vs_dense") == pytest.approx(0.4, abs=0.02)
+
+
+def test_flops_callback_hears_about_the_masks_instead_of_polling() -> None:
+    """A TopologyListener: it recounts when the sparsity callback tells it, whichever of the two comes first in the
+    trainer's callbacks, and counts what it counted before (RigL's extra dense gradient per update included)."""
+    assert isinstance(FlopsCallback(), TopologyListener)
+    metrics = {}
+    for order in ("sparsity", "flops"):
+        sparsity = SelfishSparsityCallback(sparsity=0.6, method="rigl", seed=0, update_every=3)
+        flops = FlopsCallback()
+        torch.manual_seed(0)
+        fit([sparsity, flops] if order == "sparsity" else [flops, sparsity], epochs=2, optimizer="momentum")
+        assert sparsity.num_updates >= 2
+        metrics[order] = flops.metrics()
+    assert metrics["sparsity"] == metrics["flops"]
+    reference = SelfishSparsityCallback(sparsity=0.6, method="rigl", seed=0, update_every=3)
+    naive = NaiveFlops()
+    torch.manual_seed(0)
+    fit([reference, naive], epochs=2, optimizer="momentum")
+    assert metrics["flops"]["flops/train_vs_dense"] > naive.reference / naive.reference_dense  # + RigL's gradients
+    assert metrics["flops"]["flops/inference_vs_dense"] == pytest.approx(
+        inference_flops_per_token(naive.costs, reference.engine.active_counts())
+        / inference_flops_per_token(naive.costs)
+    )
 
 
 @pytest.mark.parametrize("method", ["rigl", "gmp"])

@@ -129,3 +129,21 @@ def test_a_bad_override_names_its_parameter() -> None:
     with pytest.raises(ValueError) as error:
         detect_gate_layouts(nn.LSTM(4, 2), {"weight_hh_l0": ["i", "i"]})
     assert str(error.value).startswith("gate_layouts['weight_hh_l0'] names a gate twice")
+
+
+def test_the_gate_layout_type_and_the_rnn_gate_names_are_defined_once() -> None:
+    """One GateLayout (the library's), one table of PyTorch's gate names: the analysis and the recipes use them."""
+    from torch import nn
+
+    from lightning_selfish.analysis import masks, plots
+    from lightning_selfish.core import gates
+    from recipes import models
+    from recipes.models.common import WeightDrop
+
+    assert masks.GateLayout is plots.GateLayout is models.GateLayout is gates.GateLayout
+    dropped = WeightDrop(nn.GRU(3, 4), dropout=0.1)
+    assert [gate for gate, _ in dropped.gate_layouts["weight_hh_l0_raw"]] == list(gates.RNN_GATES[nn.GRU])
+    assert (
+        gates.rnn_gate_names(nn.LSTMCell(2, 2)) == ("i", "f", "g", "o")
+        and gates.rnn_gate_names(nn.Linear(2, 2)) is None
+    )

@@ -5,6 +5,7 @@ own paper's reference in ``test_method_references.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,8 +14,10 @@ import torch
 from conftest import TinyLM, make_trainer, token_loader
 from pytorch_lightning.callbacks import Callback
 
-from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine, topology
-from lightning_selfish.method.catalogue import METHODS, resolve
+from lightning_selfish import SNTASGD, SelfishSparsityCallback, SparseEngine
+from lightning_selfish.method import topology
+from lightning_selfish.method.catalogue import METHODS, MethodPreset, resolve
+from lightning_selfish.method.parts import MethodConfig
 from lightning_selfish.method.schedules import gmp_sparsity, scheduled_sparsity
 
 # --------------------------------------------------------------------------------------------------------------
@@ -38,9 +41,32 @@ def test_presets_are_the_paper_table():
         "gmp": ("dense", "magnitude", "none", "none", "joint", "gmp"),
     }
     rigl = METHODS["rigl"]
-    assert (rigl.prune_rate, rigl.min_prune_rate, rigl.update_every, rigl.update_until) == (0.3, 0.0, 100, 0.75)
-    assert (rigl.removed_and_regrown, rigl.removal_rounding) == ("keep", "floor")  # RigL's code
-    assert not METHODS["dsr"].grow_into_removed and METHODS["selfish"].grow_into_removed
+    assert [rigl.value(s) for s in ("prune_rate", "min_prune_rate", "update_every", "update_until")] == [
+        0.3,
+        0,
+        100,
+        0.75,
+    ]
+    assert (rigl.value("removed_and_regrown"), rigl.value("removal_rounding")) == ("keep", "floor")  # RigL's code
+    assert not METHODS["dsr"].value("grow_into_removed") and METHODS["selfish"].value("grow_into_removed")
+
+
+def test_a_preset_names_its_parts_and_only_the_settings_it_changes() -> None:
+    """MethodConfig's defaults are written once, on MethodConfig: a preset holds its part names, its prune rate and
+    the settings where it differs (nothing else of MethodConfig is repeated on MethodPreset)."""
+    config_fields = {f.name: f for f in dataclasses.fields(MethodConfig)}
+    repeated = {f.name for f in dataclasses.fields(MethodPreset)} & set(config_fields)
+    assert repeated == {"name", "init", "removal", "growth", "redistribution", "gate_redistribution", "schedule"} | {
+        "prune_rate"
+    }
+    assert dict(METHODS["selfish"].settings) == {}
+    assert dict(METHODS["rigl"].settings) == dict(
+        min_prune_rate=0.0, update_every=100, update_until=0.75, removed_and_regrown="keep", removal_rounding="floor",
+        min_updates=10,
+    )  # fmt: skip
+    assert METHODS["rigl"].value("threshold") == config_fields["threshold"].default
+    with pytest.raises(TypeError, match=r"MethodPreset 'mine': unknown settings \['update_evry'\]; the settings are"):
+        MethodPreset("mine", "uniform", "magnitude", "random", "none", "joint", "cosine", 0.5, {"update_evry": 3})
 
 
 def test_explicit_arguments_override_the_preset_and_none_keeps_it():
@@ -70,7 +96,11 @@ def test_explicit_arguments_override_the_preset_and_none_keeps_it():
     [
         (dict(method="lottery"), ValueError, r"method must be one of \['selfish', 'static', 'set', 'set_selfish"),
         (dict(redistribution="gates"), ValueError, r"redistribution must be one of \['none', 'nonzeros', 'momentum'\]"),
-        (dict(gate_redistribution="mean"), ValueError, r"gate_redistribution must be one of \['joint', 'none', 'mag"),
+        (
+            dict(gate_redistribution="mean"),
+            ValueError,
+            r"gate_redistribution must be True, False, one of \['joint', 'none', 'mag",
+        ),
         (dict(schedule="linear"), ValueError, r"schedule must be one of \['cosine', 'gmp', 'never'\] or a Sched"),
         (dict(method="gmp", growth="random"), ValueError, "schedule='gmp' prunes without regrowth: growth must be"),
         (dict(growth="none"), ValueError, "growth='none' with removal='magnitude' would lose weights"),
@@ -95,7 +125,7 @@ def test_bad_method_arguments(kwargs, error, match):
             "unknown method parts ['paper']; the parts are ['gate_redistribution', 'grow_into_removed', "
             "'grown_optimizer_state', 'growth', 'init', 'min_prune_rate', 'prune_rate', 'pruning_end', "
             "'pruning_start', 'redistribution', 'removal', 'removal_rounding', 'removed_and_regrown', 'schedule', "
-            "'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
+            "'structure', 'threshold', 'threshold_tolerance', 'update_every', 'update_until']",
         ),
         (dict(threshold_tolerance=1.5), ValueError, "threshold_tolerance must be in [0, 1], got 1.5"),
         (dict(threshold="0.1"), TypeError, "threshold must be a number in (0, inf), got str '0.1'"),
@@ -103,8 +133,8 @@ def test_bad_method_arguments(kwargs, error, match):
         (
             dict(gate_redistribution="mean"),
             ValueError,
-            "gate_redistribution must be one of ['joint', 'none', 'magnitude', 'gradient'] or a GateRedistribution "
-            "object, got 'mean'",
+            "gate_redistribution must be True, False, one of ['joint', 'none', 'magnitude', 'gradient'] or a "
+            "GateRedistribution object, got 'mean'",
         ),
         (
             dict(schedule="gmp", growth="none", removal="threshold"),

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_selfish import SNTASGD
-from lightning_selfish.method.redistribution import allocate_counts, mean_active_magnitude, momentum_of
+from lightning_selfish.core.signals import momentum_of
+from lightning_selfish.method.redistribution import allocate_counts, mean_active_magnitude
 
 # --------------------------------------------------------------------------------------------------------------
 # allocate_counts

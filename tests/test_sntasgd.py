@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_selfish import SparseEngine
-from lightning_selfish.core.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.core.optim_state import reset_optimizer_state
+from lightning_selfish.core.types import MaskUpdate
 from lightning_selfish.optim.sntasgd import SNTASGD, sntasgd
 
 SHAPES = {"w1": (6, 5), "w2": (4, 6), "b": (4,)}

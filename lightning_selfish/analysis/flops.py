@@ -32,7 +32,6 @@ from typing import Literal
 from torch import nn
 
 __all__ = [
-    "DenseGradient",
     "WeightCost",
     "collect_weight_costs",
     "inference_flops_per_token",
@@ -40,7 +39,6 @@ __all__ = [
 ]
 
 WeightKind = Literal["matmul", "lookup"]
-DenseGradient = Literal["never", "every_step", "update_steps"]
 
 #: The attribute a module sets to declare how many times per token each of its weights is used.
 USES_ATTRIBUTE = "flops_uses_per_token"

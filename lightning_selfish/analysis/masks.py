@@ -26,13 +26,13 @@ activation correlations are matrix products, so a 1500-unit stacked LSTM takes s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-GateLayout = Sequence[tuple[str, slice]]
+from lightning_selfish.core.gates import GateLayout
 
 __all__ = [
     "CONSTANT_SPREAD",

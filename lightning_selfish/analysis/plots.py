@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GateLayout = Sequence[tuple[str, slice]]
+from lightning_selfish.core.gates import GateLayout
 
 # Anchors of matplotlib's viridis colour map: density 0 is dark blue, density 1 yellow.
 _VIRIDIS = torch.tensor(

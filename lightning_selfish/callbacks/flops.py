@@ -2,9 +2,10 @@
 
 The counting rules are :mod:`lightning_selfish.analysis.flops`'. The per-step cost only changes when the masks change
 (a topology update, a GMP pruning step), so the callback keeps the cost per token of the masks in force and, per
-batch, only adds the batch's token count on the host (no device work, no sync). When the sparsity callback's
-update counter moves, it books the tokens counted so far at the old cost and recomputes the cost from the new
-masks (one reduction per tensor, at update time only).
+batch, only adds the batch's token count on the host (no device work, no sync). It is a
+:class:`~lightning_selfish.callbacks.protocols.TopologyListener`: the sparsity callback tells it when the masks are
+set (fit start) and changed (every update); it then books the tokens counted so far at the old cost and recomputes
+the cost from the new masks (one reduction per tensor, at update time only).
 
 Logged to every logger of the trainer, at the end of each training epoch (and of the fit):
 
@@ -31,6 +32,8 @@ from lightning_selfish.analysis.flops import (
     training_flops_per_token,
 )
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
+from lightning_selfish.core.engine import SparseEngine
+from lightning_selfish.core.types import UpdateStats
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class FlopsCallback(Callback):
         self.tokens_per_batch = tokens_per_batch or tokens_in_batch
         self.costs: dict[str, WeightCost] = {}
         self._sparsity: Any = None
-        self._version: tuple[int, int] | None = None  # (engine id, update count) behind the cached costs
+        self._engine: SparseEngine | None = None  # the masks behind the cached costs
         self._active: dict[str, int] | None = None
         self._step_cost = self._dense_step_cost = 0.0
         self._pending_tokens = 0  # tokens trained at _step_cost, not yet booked
@@ -100,12 +103,20 @@ class FlopsCallback(Callback):
         self._dense_step_cost = training_flops_per_token(self.costs)
         self._sparsity = _find_sparsity_callback(trainer)
         self._world_size = trainer.world_size
-        self._refresh(force=True)
+        # (the sparsity callback may have set this fit's masks already, if it comes first; else it will tell us)
+        self._engine = getattr(self._sparsity, "engine", None)
+        self._recompute()
+
+    def on_topology_update(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: SparseEngine, stats: UpdateStats | None
+    ) -> None:
+        """The masks were set (``stats=None``) or changed by an update: book the tokens so far, recompute the cost."""
+        self._engine = engine
+        self._recompute(updated=stats is not None)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._refresh()
         self._last_tokens = int(self.tokens_per_batch(batch))
         self._pending_tokens += self._last_tokens
 
@@ -113,7 +124,6 @@ class FlopsCallback(Callback):
         self._log(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._refresh()
         self._log(trainer)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -141,23 +151,16 @@ class FlopsCallback(Callback):
         self.dense_train_flops += self._pending_tokens * self._dense_step_cost
         self._pending_tokens = 0
 
-    def _refresh(self, force: bool = False) -> None:
-        """Re-read the masks when the sparsity callback has updated them since the last look (a host int compare)."""
-        sparsity = self._sparsity
-        engine = getattr(sparsity, "engine", None)
-        version = (id(engine), _update_count(sparsity) if engine is not None else 0)
-        if not force and version == self._version:
-            return
+    def _recompute(self, updated: bool = False) -> None:
+        """Book the tokens counted so far at the old cost, then take the cost of the masks in force."""
         self._book()
-        every = _dense_gradient_every(sparsity)
-        previous = self._version
-        if every not in (None, 1) and previous is not None and previous[0] == version[0] and version[1] > previous[1]:
+        every = _dense_gradient_every(self._sparsity)
+        if updated and every not in (None, 1):
             # RigL: the step before each update computed the dense weight gradient (Table 10's extra f_D - f_S).
             extra = training_flops_per_token(self.costs, self._active, dense_gradient=True) - self._step_cost
-            self.train_flops += (version[1] - previous[1]) * self._last_tokens * extra
-        self._active = engine.active_counts() if engine is not None else None
+            self.train_flops += self._last_tokens * extra
+        self._active = self._engine.active_counts() if self._engine is not None else None
         self._step_cost = training_flops_per_token(self.costs, self._active, dense_gradient=every == 1)
-        self._version = version
 
     def _log(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -175,7 +178,3 @@ def _find_sparsity_callback(trainer: pl.Trainer) -> Any:
 def _dense_gradient_every(sparsity: Any) -> int | str | None:
     """1: a dense weight gradient every step (SNFS); a cadence: on update steps (RigL); None: never."""
     return None if sparsity is None else sparsity.dense_gradient_every
-
-
-def _update_count(sparsity: Any) -> int:
-    return int(sparsity.num_updates)

@@ -12,32 +12,39 @@ from __future__ import annotations
 
 import datetime
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_selfish.core.engine import SparseEngine
+from lightning_selfish.callbacks.compat import lightning_classes
+from lightning_selfish.callbacks.protocols import TopologyListener
+from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
-from lightning_selfish.core.protocols import TopologyListener
-from lightning_selfish.core.update import UpdateStats, update_summary
-from lightning_selfish.method import catalogue as methods
-from lightning_selfish.method.parts import MethodConfig, UpdateAmount
-from lightning_selfish.method.schedules import check_run
-from lightning_selfish.run.controller import SparsityController
-from lightning_selfish.run.selection import (
-    adopt_existing_masks,
-    check_gate_layouts_sparsified,
-    check_no_other_pruning,
-    select_parameters,
+from lightning_selfish.core.types import UpdateStats
+from lightning_selfish.method import catalogue
+from lightning_selfish.method.parts import (
+    GateRedistribution,
+    GrownState,
+    Growth,
+    Init,
+    LayerRedistribution,
+    MethodConfig,
+    Removal,
+    RemovedAndRegrown,
+    Schedule,
+    UpdateAmount,
 )
+from lightning_selfish.method.schedules import check_run
+from lightning_selfish.run.collective import collective_for
+from lightning_selfish.run.controller import SparsityController
+from lightning_selfish.run.selection import check_gate_layouts_sparsified, check_no_other_pruning, select_parameters
+from lightning_selfish.run.setup import continued_engine, fresh_engine, restored_engine
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
 _METHOD_SETTINGS = frozenset(
@@ -48,9 +55,9 @@ _METHOD_SETTINGS = frozenset(
 class SelfishSparsityCallback(Callback):
     r"""Train the chosen weights of any LightningModule sparse, with Selfish-RNN or any method it is compared with.
 
-    (A long class for a reason: a third of it is this docstring, the reference of every argument; the code is hooks
-    that delegate to the run controller and the engine, and the three ways a fit finds its masks: drawn, continued
-    from a previous fit, or restored from a checkpoint.)
+    (A long class for a reason: a third of it is this docstring, the reference of every argument, and a fifth the
+    read-only views of the run's method and state; the code is hooks that delegate to the run controller, the run's
+    set-up (:mod:`lightning_selfish.run.setup`: masks drawn, continued or restored) and the engine.)
 
     Every sparsified tensor starts with a mask with an exact number of active weights. After every optimizer step
     the inactive weights, and every optimizer state tensor shaped like them, are re-zeroed. At each topology update
@@ -125,7 +132,7 @@ class SelfishSparsityCallback(Callback):
 
     Monitors (:class:`~lightning_selfish.callbacks.monitor.TopologyMonitor`,
     :class:`~lightning_selfish.callbacks.history.MaskHistory`) hear about the masks as
-    :class:`~lightning_selfish.core.protocols.TopologyListener`\ s: at fit start (``stats=None``) and after every
+    :class:`~lightning_selfish.callbacks.protocols.TopologyListener`\ s: at fit start (``stats=None``) and after every
     topology update. The run's schedule state lives in :attr:`controller`
     (:class:`~lightning_selfish.run.controller.SparsityController`), the masks in :attr:`engine`.
     """
@@ -134,10 +141,10 @@ class SelfishSparsityCallback(Callback):
         self,
         sparsity: float,
         prune_rate: float | None = None,
-        init: str | None = None,
-        removal: str | None = None,
-        growth: str | None = None,
-        gate_redistribution: bool | str | None = None,
+        init: str | Init | None = None,
+        removal: str | Removal | None = None,
+        growth: str | Growth | None = None,
+        gate_redistribution: bool | str | GateRedistribution | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         gate_layouts: Mapping[str, GateLayoutSpec] | None = None,
@@ -149,18 +156,18 @@ class SelfishSparsityCallback(Callback):
         verbose: bool = False,
         *,
         method: str = "selfish",
-        redistribution: str | None = None,
-        schedule: str | None = None,
+        redistribution: str | LayerRedistribution | None = None,
+        schedule: str | Schedule | None = None,
         update_until: float | None = None,
         pruning_start: int | float | None = None,
         pruning_end: int | float | None = None,
-        removed_and_regrown: str | None = None,
+        removed_and_regrown: str | RemovedAndRegrown | None = None,
         threshold: float | None = None,
         threshold_tolerance: float | None = None,
-        grown_optimizer_state: str | None = None,
+        grown_optimizer_state: str | GrownState | None = None,
         growth_seed: int | None = None,
     ) -> None:
-        self.config: MethodConfig = methods.resolve(
+        config = catalogue.resolve(
             method,
             sparsity,
             prune_rate=prune_rate,
@@ -184,24 +191,23 @@ class SelfishSparsityCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.gate_layouts = dict(gate_layouts or {})
-        self.seed = seed
-        self.growth_seed = growth_seed
         self.mask_gradients = mask_gradients
-        self.total_steps = total_steps
         self.verbose = verbose
-        self.controller = SparsityController(self.config)
+        self._total_steps_given = total_steps  # an int, a function of the trainer, or None: Lightning's estimate
+        given_length = total_steps if isinstance(total_steps, int) else 0
+        self.controller = SparsityController(config, seed, growth_seed, given_length)
         self.engine: SparseEngine | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._batch_idx = -1
 
     def __getattr__(self, name: str) -> Any:
-        config = self.__dict__.get("config")  # (absent while unpickling)
-        if config is not None and name in _METHOD_SETTINGS:
-            return getattr(config, name)
+        controller = self.__dict__.get("controller")  # (absent while unpickling)
+        if controller is not None and name in _METHOD_SETTINGS:
+            return getattr(controller.config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _METHOD_SETTINGS and "config" in self.__dict__:
+        if name in _METHOD_SETTINGS and "controller" in self.__dict__:
             raise AttributeError(
                 f"SelfishSparsityCallback.{name} is a setting of the resolved method (callback.config), which is "
                 f"read-only: pass {name}=... to SelfishSparsityCallback(...)"
@@ -217,6 +223,27 @@ class SelfishSparsityCallback(Callback):
         # One sparsity callback per Trainer, and its state must be found again even if an argument changed:
         # otherwise a resumed run would silently draw fresh random masks over trained weights.
         return type(self).__qualname__
+
+    @property
+    def config(self) -> MethodConfig:
+        """The method as this run runs it (:attr:`SparsityController.config`): the resolved method, with the cadence
+        scaled to a short run or restored from a checkpoint; read-only."""
+        return self.controller.config
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the run's draws: the one given, or the one drawn on rank 0 at fit start (``None`` until)."""
+        return self.controller.seed
+
+    @property
+    def growth_seed(self) -> int | None:
+        """The seed of random growth alone, when given apart from :attr:`seed`."""
+        return self.controller.growth_seed
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length in optimizer steps: the one given, or the one read at train start (0 until)."""
+        return self.controller.total_steps
 
     @property
     def method(self) -> str:
@@ -239,7 +266,7 @@ class SelfishSparsityCallback(Callback):
     def dense_gradient_every(self) -> int | str | None:
         """When the method needs the dense weight gradient: ``1`` (every step, SNFS), the update cadence (RigL),
         or ``None``; see :attr:`lightning_selfish.method.parts.MethodConfig.dense_gradient_every`."""
-        return self.controller.config.dense_gradient_every
+        return self.config.dense_gradient_every
 
     def scheduled_sparsity(self, step: int) -> float:
         """The overall target sparsity after optimizer step ``step`` (GMP's cubic; ``sparsity`` otherwise)."""
@@ -256,8 +283,9 @@ class SelfishSparsityCallback(Callback):
         return config.schedule.amount(step, self.controller.total_steps, config)
 
     def skip_next_update(self) -> None:
-        """Skip the next scheduled topology update (:class:`~lightning_selfish.core.protocols.SkipsTopologyUpdates`:
-        ``NonMonotonicTrigger`` calls it when averaging starts, as the authors' code skips that epoch's update)."""
+        """Skip the next scheduled topology update
+        (:class:`~lightning_selfish.callbacks.protocols.SkipsTopologyUpdates`: ``NonMonotonicTrigger`` calls it when
+        averaging starts, as the authors' code skips that epoch's update)."""
         self.controller.skip_next = True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +337,8 @@ class SelfishSparsityCallback(Callback):
         Lightning load and iterate it before the restore: Lightning issue #20550).
         """
         total_steps = self._run_length(trainer)
-        check_run(total_steps, self.config)
-        notice = self.controller.plan(total_steps, self.config, _epoch_ends(trainer))
+        check_run(total_steps, self.controller.requested)
+        notice = self.controller.plan(total_steps, epoch_ends=_epoch_ends(trainer))
         if notice is not None and trainer.is_global_zero:
             rank_zero_info(notice)
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
@@ -410,70 +438,35 @@ class SelfishSparsityCallback(Callback):
     def _start_engine(
         self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict, device: torch.device
     ) -> SparseEngine:
-        """A fresh run: the weights' own zero pattern when they are already sparse at the asked-for counts, else
-        random masks from the mask stream; then the generator moves to the growth stream."""
+        """A fresh run (:func:`~lightning_selfish.run.setup.fresh_engine`), seeded on rank 0."""
         if trainer.ckpt_path is not None:
             raise ValueError(
                 f"resuming from {trainer.ckpt_path!r}, which holds no SelfishSparsityCallback state: its masks "
                 "are unknown. Load the weights in the LightningModule instead of passing ckpt_path to fit()."
             )
-        config = self.config
-        generator = self.controller.seed_run(self._shared_seed(trainer), self.growth_seed, device)
-        budgets = config.init.budgets({name: p.shape for name, p in params.items()}, 1.0 - config.sparsity)
-        adopted = adopt_existing_masks(params, budgets)
-        if adopted is not None:
-            engine = SparseEngine(params, adopted, layouts, config.gate_redistribution)
+        engine, adopted = fresh_engine(self.controller, params, layouts, device, self._shared_seed(trainer))
+        if adopted:
             rank_zero_info(
                 "SelfishSparsityCallback: the weights are already sparse at the asked-for counts: their "
                 "zero pattern is the initial masks"
             )
-        else:
-            engine = SparseEngine.initialize(
-                params, config.sparsity, generator, config.init, layouts, config.gate_redistribution
-            )
-        self.controller.start_growth_stream()
-        engine.apply_masks_()
         return engine
 
     def _continue_engine(self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict) -> SparseEngine:
-        """A later fit with this callback: the current masks go on (over this module's parameters)."""
+        """A later fit with this callback (a new Trainer counts from step 0: the schedule restarts)."""
         assert self.engine is not None
-        masks = self.engine.masks
-        self.engine.detach()
-        _check_masks_fit(masks, params, "the previous fit")
-        if trainer.global_step == 0:  # a new Trainer counts from 0: the schedule restarts over the new run
-            self.controller.restart_cadence()
-        self.controller.gradients = None
-        engine = SparseEngine(
-            params, {name: mask.clone() for name, mask in masks.items()}, layouts, self.config.gate_redistribution
-        )
-        engine.apply_masks_()
-        return engine
+        return continued_engine(self.controller, self.engine, params, layouts, trainer.global_step == 0)
 
     def _restore_engine(self, params: dict[str, Tensor], layouts: dict, device: torch.device) -> SparseEngine:
         state, self._loaded_state = self._loaded_state, None
         assert state is not None
-        masks: dict[str, Tensor] = state["masks"]
-        _check_masks_fit(masks, params, "the checkpoint")
-        if state.get("sparsity", self.config.sparsity) != self.config.sparsity:
-            raise ValueError(
-                f"the checkpoint was trained with sparsity={state['sparsity']}, this callback has "
-                f"sparsity={self.config.sparsity}: resume with the same sparsity"
-            )
-        if state.get("method", "selfish") != self.config.name:
-            raise ValueError(
-                f"the checkpoint was trained with method={state.get('method', 'selfish')!r}, this callback has "
-                f"method={self.config.name!r}: resume with the same method"
-            )
-        self.controller.load_state_dict(state, device)
-        engine = SparseEngine(params, masks, layouts, self.config.gate_redistribution)
-        engine.apply_masks_()
-        return engine
+        return restored_engine(self.controller, state, params, layouts, device)
 
     def _update(self, trainer: pl.Trainer, amount: UpdateAmount) -> None:
         assert self.engine is not None
         step = trainer.global_step
-        stats = self.controller.run_update(self.engine, amount, step, trainer.optimizers, _rank_zero_broadcast(trainer))
+        collective = collective_for(trainer.world_size)
+        stats = self.controller.run_update(self.engine, amount, step, trainer.optimizers, collective)
         if stats is None:
             _say(trainer, f"SelfishSparsityCallback: topology update skipped at step {step}")
             return
@@ -497,7 +490,8 @@ class SelfishSparsityCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _run_length(self, trainer: pl.Trainer) -> int:
-        given = self.total_steps(trainer) if callable(self.total_steps) else self.total_steps
+        source = self._total_steps_given
+        given = source(trainer) if callable(source) else source
         if given is not None:
             if isinstance(given, bool) or not isinstance(given, int):
                 raise TypeError(f"total_steps(trainer) must return a positive int or None, got {given!r}")
@@ -557,7 +551,7 @@ def _check_arguments(
     mask_gradients: Any,
     verbose: Any,
 ) -> None:
-    """The callback's own arguments (the method's are checked by ``methods.resolve``)."""
+    """The callback's own arguments (the method's are checked by ``catalogue.resolve``)."""
     if total_steps is not None and not callable(total_steps):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):
             raise TypeError(
@@ -584,8 +578,9 @@ def _check_arguments(
 def _time_left(trainer: pl.Trainer) -> float | None:
     """Seconds of training the trainer's time limit (``Trainer(max_time=...)`` or a ``Timer`` callback, of either
     Lightning package) leaves, or ``None`` without one."""
+    timers = lightning_classes("callbacks", "Timer")
     for callback in trainer.callbacks:
-        if any(cls.__name__ == "Timer" for cls in type(callback).__mro__) and hasattr(callback, "time_remaining"):
+        if isinstance(callback, timers):
             left = callback.time_remaining()
             if left is not None:
                 return float(left)
@@ -619,37 +614,12 @@ def _epoch_ends(trainer: pl.Trainer) -> range | None:
     return range(per_epoch, int(run), per_epoch)
 
 
-def _check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor], source: str) -> None:
-    if set(masks) != set(params):
-        raise ValueError(
-            f"{source}'s sparsity masks do not match the parameters chosen for sparsification: "
-            f"only in {source}: {sorted(set(masks) - set(params))}; "
-            f"only in the model: {sorted(set(params) - set(masks))}"
-        )
-    for name, mask in masks.items():
-        if mask.shape != params[name].shape:
-            raise ValueError(
-                f"{source}'s mask for {name!r} has shape {tuple(mask.shape)}, the parameter has "
-                f"{tuple(params[name].shape)}"
-            )
-
-
-def _supported_strategies() -> tuple[type, ...]:
-    """Single-device and DDP strategy classes of ``pytorch_lightning`` and, when in use, of ``lightning.pytorch``."""
-    supported: tuple[type, ...] = (SingleDeviceStrategy, DDPStrategy)
-    # A Trainer of the unified ``lightning`` package has imported it already; it is never imported from here, so
-    # neither package is a requirement of the other.
-    unified = sys.modules.get("lightning.pytorch.strategies")
-    if unified is not None:
-        supported += (unified.SingleDeviceStrategy, unified.DDPStrategy)
-    return supported
-
-
 def _check_strategy(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     kind = type(strategy)
-    sharded = kind.__name__ in ("DeepSpeedStrategy",)
-    if sharded or not isinstance(strategy, _supported_strategies()):
+    supported = lightning_classes("strategies", "SingleDeviceStrategy", "DDPStrategy")
+    sharded = lightning_classes("strategies", "DeepSpeedStrategy")  # (a DDPStrategy subclass that shards weights)
+    if isinstance(strategy, sharded) or not isinstance(strategy, supported):
         raise ValueError(
             f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
             f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
@@ -659,8 +629,9 @@ def _check_strategy(trainer: pl.Trainer) -> None:
 
 
 def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
+    pruning = lightning_classes("callbacks", "ModelPruning")
     for callback in trainer.callbacks:
-        if any(cls.__name__ == "ModelPruning" for cls in type(callback).__mro__):
+        if isinstance(callback, pruning):
             raise ValueError(
                 f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
                 "ModelPruning's masks would multiply with this callback's, so the model would be sparser than "
@@ -669,9 +640,9 @@ def _check_no_pruning_callback(trainer: pl.Trainer) -> None:
 
 
 def _check_no_weight_averaging(trainer: pl.Trainer) -> None:
+    averaging = lightning_classes("callbacks", "WeightAveraging", "StochasticWeightAveraging")
     for callback in trainer.callbacks:
-        names = {cls.__name__ for cls in type(callback).__mro__}
-        if names & {"WeightAveraging", "StochasticWeightAveraging"}:
+        if isinstance(callback, averaging):
             raise ValueError(
                 f"SelfishSparsityCallback and {type(callback).__name__} are both in the trainer's callbacks: "
                 f"{type(callback).__name__} averages weights across topology updates, so the averaged model is not "
@@ -679,16 +650,6 @@ def _check_no_weight_averaging(trainer: pl.Trainer) -> None:
                 "lightning_selfish.SNTASGD with NonMonotonicTrigger, which averages every weight over its own "
                 "lifetime (the paper's SNT-ASGD), or method='static', whose masks never change"
             )
-
-
-def _rank_zero_broadcast(trainer: pl.Trainer) -> Callable[[Tensor], None] | None:
-    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-
-    def synchronize(code: Tensor) -> None:
-        torch.distributed.broadcast(code, src=0)
-
-    return synchronize
 
 
 def _notify_topology_update(

@@ -24,7 +24,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from lightning_selfish.core.protocols import AveragingOptimizer, SkipsTopologyUpdates
+from lightning_selfish.callbacks.protocols import SkipsTopologyUpdates
+from lightning_selfish.core.protocols import AveragingOptimizer
 
 __all__ = ["NonMonotonicTrigger"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,47 +22,25 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_selfish.core.gates import GateLayout
-from lightning_selfish.core.optim_state import MaskUpdate, dense_state_keys, reset_optimizer_state, state_items_like
+from lightning_selfish.core.masks import SparseTensor
+from lightning_selfish.core.optim_state import dense_state_keys, reset_optimizer_state, state_items_like
 from lightning_selfish.core.protocols import keeps_inactive_state_zero
-from lightning_selfish.core.update import UpdateContext, UpdateStats, topology_update
-from lightning_selfish.method import topology
-from lightning_selfish.method.catalogue import GATE_REDISTRIBUTIONS, INITS
-from lightning_selfish.method.parts import GateRedistribution, Init, MethodConfig, UpdateAmount
+from lightning_selfish.core.signals import UpdateContext
+from lightning_selfish.core.types import MaskUpdate, UpdateStats
+from lightning_selfish.core.update import topology_update
+from lightning_selfish.method import catalogue, topology
+from lightning_selfish.method.parts import (
+    GateRedistribution,
+    GrownState,
+    Init,
+    MethodConfig,
+    Structure,
+    UpdateAmount,
+)
+
+__all__ = ["SparseEngine", "SparseTensor", "UpdateContext", "UpdateStats", "update_summary"]
 
 log = logging.getLogger(__name__)
-
-
-def gate_part(gate_redistribution: GateRedistribution | bool | str) -> GateRedistribution:
-    """The gate handling part: one given, or ``True``/``"joint"`` (one ranking over all gates), ``False``/``"none"``
-    (per-gate counts), or a registered Table 6 score name."""
-    if isinstance(gate_redistribution, GateRedistribution):
-        return gate_redistribution
-    name = {True: "joint", False: "none"}.get(gate_redistribution, gate_redistribution)  # type: ignore[call-overload]
-    if name not in GATE_REDISTRIBUTIONS:
-        raise ValueError(
-            f"gate_redistribution must be True, False or one of {list(GATE_REDISTRIBUTIONS)}, "
-            f"got {gate_redistribution!r}"
-        )
-    return GATE_REDISTRIBUTIONS[name]
-
-
-@dataclass
-class SparseTensor:
-    """One sparsified parameter: its live masks and the row blocks that removal and growth work on."""
-
-    name: str
-    param: Tensor
-    mask: Tensor  # bool, live: updated in place
-    groups: list[slice]  # one slice over all rows (joint ranking) or one per gate
-    gates: GateLayout | None = None
-    mask_as_param: Tensor = field(init=False)  # the mask in the parameter's dtype, for fast multiplies
-
-    def __post_init__(self) -> None:
-        self.mask_as_param = self.mask.to(self.param.dtype)
-
-    @property
-    def active(self) -> int:
-        return int(self.mask.count_nonzero())
 
 
 class SparseEngine:
@@ -77,7 +54,7 @@ class SparseEngine:
         gate_redistribution: GateRedistribution | bool | str = True,
     ) -> None:
         gate_layouts = gate_layouts or {}
-        self.gate_redistribution = gate_part(gate_redistribution)
+        joint = catalogue.part("gate_redistribution", gate_redistribution).joint
         self.tensors: dict[str, SparseTensor] = {}
         for name, param in params.items():
             mask = masks[name].to(device=param.device, dtype=torch.bool)
@@ -86,7 +63,7 @@ class SparseEngine:
                     f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)}"
                 )
             gates = gate_layouts.get(name)
-            groups = [rows for _, rows in gates] if gates and not self.gate_redistribution.joint else [slice(None)]
+            groups = [rows for _, rows in gates] if gates and not joint else [slice(None)]
             self.tensors[name] = SparseTensor(name, param, mask, groups, gates)
         self._handles: list[RemovableHandle] = []
         self._records: dict[int, list[SparseTensor]] = {}  # per optimizer: the sparse tensors it holds
@@ -104,32 +81,35 @@ class SparseEngine:
         init: Init | str = "uniform",
         gate_layouts: Mapping[str, GateLayout] | None = None,
         gate_redistribution: GateRedistribution | bool | str = True,
+        structure: Structure | None = None,
     ) -> SparseEngine:
         """Random masks with exact counts (``init.budgets``), applied to the weights in place.
 
         Unless gates are ranked jointly every gate is a block of its own and starts at exactly the tensor's density
-        (uniform init) or its share of the tensor's budget by size.
+        (uniform init) or its share of the tensor's budget by size. A ``structure`` (N:M) draws its own masks.
         """
         gate_layouts = gate_layouts or {}
-        mode = gate_part(gate_redistribution)
+        mode = catalogue.part("gate_redistribution", gate_redistribution)
+        init = catalogue.part("init", init)
         density = 1.0 - sparsity
-        if isinstance(init, str):
-            if init not in INITS:
-                raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
-            init = INITS[init]
+        if structure is not None and abs(density - structure.density) > 1e-9:
+            raise ValueError(f"structure={structure.name!r} draws masks at density {structure.density}, not {density}")
         counts = init.budgets({name: p.shape for name, p in params.items()}, density)
         masks = {}
         for name, param in params.items():
             gates = gate_layouts.get(name)
+            if structure is not None:
+                masks[name] = structure.initial_mask(param.shape, generator)
+                continue
             if not gates or mode.joint:
                 masks[name] = topology.random_mask(param.shape, counts[name], generator)
                 continue
             row_numel = param[0].numel()
             sizes = [(rows.stop - rows.start) * row_numel for _, rows in gates]
-            if init.budgets is topology.uniform_counts:
-                gate_counts = [topology.uniform_count(size, density) for size in sizes]
-            else:
+            if init.block_budgets is None:
                 gate_counts = topology.split_count(counts[name], sizes)
+            else:
+                gate_counts = init.block_budgets(counts[name], sizes, density)
             masks[name] = torch.cat(
                 [
                     topology.random_mask((rows.stop - rows.start, *param.shape[1:]), count, generator)
@@ -208,7 +188,9 @@ class SparseEngine:
         if tensors:
             torch._foreach_mul_(tensors, masks)
 
-    def attach(self, optimizer: torch.optim.Optimizer, mask_state: bool = True, grown_state: str = "zero") -> None:
+    def attach(
+        self, optimizer: torch.optim.Optimizer, mask_state: bool = True, grown_state: GrownState | str = GrownState.ZERO
+    ) -> None:
         """Re-zero after every real step of ``optimizer`` and tell it the masks (``on_mask_update``).
 
         A step post-hook fires once per actual ``optimizer.step()``: after clipping of the dense gradient and the
@@ -251,7 +233,14 @@ class SparseEngine:
 
     def update(self, amount: UpdateAmount, method: MethodConfig, context: UpdateContext) -> UpdateStats:
         """One topology update of these masks by ``method`` (:func:`lightning_selfish.core.update.topology_update`)."""
-        return topology_update(self, amount, method, context)
+        joint = method.gate_redistribution.joint
+        if any(t.gates and (len(t.groups) == 1) != joint for t in self.tensors.values()):
+            ranks = "jointly over the gates" if joint else "per gate"
+            raise ValueError(
+                f"the method's gate_redistribution={method.gate_redistribution.name!r} ranks {ranks}, the engine's "
+                "masks were built for the other: build the engine with the method's gate part"
+            )
+        return topology_update(self.tensors, amount, method, context)
 
     # ----------------------------------------------------------------------------------------------------------
     # monitoring
@@ -274,3 +263,19 @@ class SparseEngine:
 
     def active_counts(self) -> dict[str, int]:
         return {name: record.active for name, record in self.tensors.items()}
+
+
+def update_summary(engine: SparseEngine, stats: UpdateStats, number: int) -> str:
+    """The per-tensor, per-gate text of update ``number`` (what ``verbose=True`` prints)."""
+    report = engine.sparsity_report()
+    lines = [
+        f"topology update {number}: prune rate {stats.prune_rate:.4f}, "
+        f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
+    ]
+    for name, record in engine.tensors.items():
+        gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.3f}" for gate, _ in record.gates or [])
+        lines.append(
+            f"  {name}: sparsity {report[name]:.4f}, changed {stats.changed_fraction[name]:.3f}"
+            + (f" | gates: {gates}" if gates else "")
+        )
+    return "\n".join(lines)

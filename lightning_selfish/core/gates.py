@@ -28,7 +28,8 @@ GateLayout = list[tuple[str, slice]]
 #: What a user may write for one tensor: gate names (equal blocks) or (gate, slice | (start, stop)) pairs.
 GateLayoutSpec = Sequence[str] | Sequence[tuple[str, slice | Sequence[int]]]
 
-_RNN_GATES: dict[type, tuple[str, ...]] = {
+#: The gates of PyTorch's recurrent modules, in the order their stacked weights hold them.
+RNN_GATES: dict[type, tuple[str, ...]] = {
     nn.LSTM: ("i", "f", "g", "o"),
     nn.LSTMCell: ("i", "f", "g", "o"),
     nn.GRU: ("r", "z", "n"),
@@ -37,6 +38,11 @@ _RNN_GATES: dict[type, tuple[str, ...]] = {
     nn.RNNCell: ("h",),
 }
 _STACKED = re.compile(r"^weight_(ih|hh)(_l\d+(_reverse)?)?$")
+
+
+def rnn_gate_names(module: nn.Module) -> tuple[str, ...] | None:
+    """The gate names of a PyTorch recurrent module (``nn.LSTM``: i, f, g, o), ``None`` for any other module."""
+    return next((gates for cls, gates in RNN_GATES.items() if isinstance(module, cls)), None)
 
 
 def normalize_layout(spec: GateLayoutSpec, rows: int, name: str) -> GateLayout:
@@ -132,7 +138,7 @@ def detect_gate_layouts(
     specs: dict[str, GateLayoutSpec] = {}
     for prefix, child in module.named_modules():
         dot = f"{prefix}." if prefix else ""
-        gates = next((g for cls, g in _RNN_GATES.items() if isinstance(child, cls)), None)
+        gates = rnn_gate_names(child)
         if gates is not None:
             for local, _ in child.named_parameters(recurse=False):
                 if _STACKED.match(local):

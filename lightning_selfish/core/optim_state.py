@@ -18,40 +18,13 @@ every step (weights are still re-zeroed), which saves two passes over each spars
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_selfish.core.protocols import MaskAwareOptimizer
-
-
-@dataclass(frozen=True)
-class MaskUpdate:
-    """One parameter's topology change; all three are bool tensors shaped like the parameter (True = active).
-
-    ``old`` is ``None`` when masks are attached for the first time (start of fit, or after loading a checkpoint).
-    ``new`` is the engine's live mask tensor: it is updated in place at every later update, so an optimizer may keep
-    a reference to it instead of copying. ``kept`` is the mask after removal and before growth, which is what tells
-    a weight removed and regrown in the same update (it restarts from zero) from one that simply stayed.
-    """
-
-    old: Tensor | None
-    kept: Tensor
-    new: Tensor
-
-    @property
-    def grown(self) -> Tensor:
-        """Positions that start a new life at this update (all start at zero)."""
-        return self.new & ~self.kept
-
-    @property
-    def removed(self) -> Tensor:
-        """Positions active before the update and dropped by its removal step (some may be regrown)."""
-        if self.old is None:
-            return torch.zeros_like(self.kept)
-        return self.old & ~self.kept
-
+from lightning_selfish.core.types import MaskUpdate
+from lightning_selfish.method.parts import GrownState
 
 #: The moments of the Adam family (Adam, AdamW, NAdam, RAdam, Adamax keep these names); ``grown_optimizer_state``
 #: decides what a grown weight's moments are.
@@ -59,15 +32,20 @@ ADAM_MOMENTS: frozenset[str] = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_
 #: Second moments: the per-weight scale of Adam's step (``tensor_mean`` starts a grown weight's at its tensor's mean).
 SECOND_MOMENTS: frozenset[str] = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_inf"})
 
-#: ``grown_optimizer_state`` (a method setting; evidence in docs/methods.md, "Adam and grown weights"):
+#: The rules of ``grown_optimizer_state`` (:class:`~lightning_selfish.method.parts.GrownState`; evidence in
+#: docs/methods.md, "Adam and grown weights"):
 #:
-#: * ``"zero"``: every state tensor is zero at inactive positions (re-zeroed after every step) and a grown weight
+#: * ``ZERO``: every state tensor is zero at inactive positions (re-zeroed after every step) and a grown weight
 #:   starts with zero state (RigL's code; with Adam its first steps are ~1/sqrt(1 - beta2^t) times larger).
-#: * ``"dense"``: Adam's moments are never masked: they keep accumulating the dense gradient at inactive positions,
+#: * ``DENSE``: Adam's moments are never masked: they keep accumulating the dense gradient at inactive positions,
 #:   and a grown weight starts with them (the Selfish-RNN authors' code, which masks only SGD's momentum).
-#: * ``"tensor_mean"``: as ``"zero"``, but a grown weight's second moment starts at the mean second moment of its
+#: * ``TENSOR_MEAN``: as ``ZERO``, but a grown weight's second moment starts at the mean second moment of its
 #:   tensor's surviving weights, so its first steps are as large as theirs.
-GROWN_OPTIMIZER_STATES: tuple[str, ...] = ("zero", "dense", "tensor_mean")
+#:
+#: The state entries each rule never masks:
+NEVER_MASKED: dict[GrownState, frozenset[str]] = {GrownState.DENSE: ADAM_MOMENTS}
+#: The state entries a grown weight starts at its tensor's mean of, under each rule:
+STARTS_AT_TENSOR_MEAN: dict[GrownState, frozenset[str]] = {GrownState.TENSOR_MEAN: SECOND_MOMENTS}
 
 
 def state_items_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -77,22 +55,16 @@ def state_items_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterato
             yield key, value
 
 
-def state_tensors_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
-    """Every tensor in ``optimizer.state[param]`` that has the parameter's shape (momentum, moments, averages)."""
-    for _, value in state_items_like(optimizer, param):
-        yield value
-
-
-def dense_state_keys(grown_optimizer_state: str) -> frozenset[str]:
+def dense_state_keys(grown_optimizer_state: GrownState | str) -> frozenset[str]:
     """The state entries that are never masked under ``grown_optimizer_state``."""
-    return ADAM_MOMENTS if grown_optimizer_state == "dense" else frozenset()
+    return NEVER_MASKED.get(GrownState(grown_optimizer_state), frozenset())
 
 
 def reset_optimizer_state(
     optimizers: Iterable[torch.optim.Optimizer],
     param: Tensor,
     update: MaskUpdate,
-    grown_state: str = "zero",
+    grown_state: GrownState | str = GrownState.ZERO,
     keep_dense: bool = False,
 ) -> None:
     """Zero state at removed and grown positions (as ``grown_state`` says), then notify mask-aware optimizers.
@@ -101,6 +73,7 @@ def reset_optimizer_state(
     leaves the state untouched; mask-aware optimizers are told either way.
     """
     dense_keys = dense_state_keys(grown_state)
+    mean_keys = STARTS_AT_TENSOR_MEAN.get(GrownState(grown_state), frozenset())
     for optimizer in optimizers:
         if not any(p is param for group in optimizer.param_groups for p in group["params"]):
             continue
@@ -108,7 +81,7 @@ def reset_optimizer_state(
             for key, state in state_items_like(optimizer, param):
                 if key in dense_keys:
                     continue
-                if grown_state == "tensor_mean" and key in SECOND_MOMENTS and update.old is not None:
+                if key in mean_keys and update.old is not None:
                     kept = update.kept.to(state.dtype)
                     mean = (state * kept).sum() / kept.sum().clamp(min=1.0)  # (on the device: no host sync)
                     state.mul_(kept).add_(update.grown.to(state.dtype) * mean)

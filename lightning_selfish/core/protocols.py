@@ -1,6 +1,7 @@
-"""The small interfaces the library's pieces talk through, declared once.
+"""The small interfaces an optimizer takes part through, declared once (the callbacks' are in
+:mod:`lightning_selfish.callbacks.protocols`).
 
-A callback, an optimizer or a monitor takes part by having these methods or attributes; nothing checks for a
+An optimizer takes part by having these methods or attributes; nothing checks for a
 particular class. Every check in the library is ``isinstance(obj, Protocol)`` against one of these (they are
 ``runtime_checkable``: the check is that the names exist), plus the attribute's value for the capability flags.
 """
@@ -8,54 +9,21 @@ particular class. Every check in the library is ``isinstance(obj, Protocol)`` ag
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_selfish.core.engine import SparseEngine, UpdateStats
-    from lightning_selfish.core.optim_state import MaskUpdate
+from lightning_selfish.core.types import MaskUpdate
 
 __all__ = [
     "AveragingOptimizer",
     "GradientAsMomentum",
     "KeepsInactiveStateZero",
     "MaskAwareOptimizer",
-    "SkipsTopologyUpdates",
-    "TopologyListener",
     "keeps_inactive_state_zero",
     "momentum_is_gradient",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# callbacks
-# --------------------------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class TopologyListener(Protocol):
-    """A callback that hears about the masks (``TopologyMonitor``, ``MaskHistory``, ``FlopsCallback``).
-
-    The sparsity callback calls it at fit start (``stats=None``: the initial or restored masks) and after every
-    topology update, on every callback of the trainer that has it.
-    """
-
-    def on_topology_update(
-        self, trainer: Any, pl_module: Any, engine: SparseEngine, stats: UpdateStats | None
-    ) -> None: ...
-
-
-@runtime_checkable
-class SkipsTopologyUpdates(Protocol):
-    """A callback whose next scheduled topology update can be skipped (``SelfishSparsityCallback``).
-
-    ``NonMonotonicTrigger`` calls it when averaging starts: the authors' code does not update the topology in the
-    epoch where NT-ASGD switches to averaging.
-    """
-
-    def skip_next_update(self) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------------------------

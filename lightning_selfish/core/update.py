@@ -12,77 +12,21 @@ method (:mod:`lightning_selfish.method.parts`) decide what each step does; nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_selfish.core.optim_state import MaskUpdate, reset_optimizer_state
+from lightning_selfish.core.masks import SparseTensor
+from lightning_selfish.core.optim_state import reset_optimizer_state
+from lightning_selfish.core.signals import UpdateContext
+from lightning_selfish.core.types import MaskUpdate, UpdateStats
 from lightning_selfish.method import topology
-from lightning_selfish.method.parts import Growth, MethodConfig, UpdateAmount
-from lightning_selfish.method.redistribution import allocate_counts, momentum_of
+from lightning_selfish.method.parts import MethodConfig, UpdateAmount
+from lightning_selfish.method.redistribution import allocate_counts
 
-if TYPE_CHECKING:
-    from lightning_selfish.core.engine import SparseEngine, SparseTensor
-
-__all__ = ["UpdateContext", "UpdateStats", "topology_update", "update_summary"]
-
-
-@dataclass(frozen=True)
-class UpdateStats:
-    """What one topology update did, per tensor and in total."""
-
-    prune_rate: float
-    removed: dict[str, int]
-    grown: dict[str, int]
-    newly_active: dict[str, int]  # active now, inactive before the update (regrown-in-place ones not counted)
-    active: dict[str, int]
-    threshold: float | None = None  # DSR: the global threshold for the next update
-
-    @property
-    def total_removed(self) -> int:
-        return sum(self.removed.values())
-
-    @property
-    def total_grown(self) -> int:
-        return sum(self.grown.values())
-
-    @property
-    def changed_fraction(self) -> dict[str, float]:
-        """Per tensor: the share of its active weights that were not active before the update."""
-        return {name: self.newly_active[name] / n if n else 0.0 for name, n in self.active.items()}
-
-    def metrics(self) -> dict[str, float]:
-        """The update's ``topology/*`` scalars."""
-        metrics = {
-            "topology/prune_rate": self.prune_rate,
-            "topology/removed": float(self.total_removed),
-            "topology/grown": float(self.total_grown),
-            "topology/changed_fraction": self.total_changed_fraction,
-        }
-        for name, fraction in self.changed_fraction.items():
-            metrics[f"topology/changed_fraction/{name}"] = fraction
-        return metrics
-
-    @property
-    def total_changed_fraction(self) -> float:
-        active = sum(self.active.values())
-        return sum(self.newly_active.values()) / active if active else 0.0
-
-
-@dataclass
-class UpdateContext:
-    """What one update reads besides the method: the run's random generator, the optimizers (state to reset,
-    momentum to read), the dense gradients of the step before (``None``: the parameters' ``.grad``), DDP's
-    ``synchronize`` (overwrites a tensor in place with rank 0's; ``None`` on one process) and DSR's threshold."""
-
-    generator: torch.Generator
-    optimizers: Sequence[torch.optim.Optimizer] = ()
-    gradients: Mapping[str, Tensor] | None = None
-    synchronize: Callable[[Tensor], None] | None = None
-    threshold: float | None = None
+__all__ = ["topology_update"]
 
 
 @dataclass
@@ -94,7 +38,7 @@ class _Removed:
 
 @torch.no_grad()
 def topology_update(
-    engine: SparseEngine, amount: UpdateAmount, method: MethodConfig, context: UpdateContext
+    tensors: Mapping[str, SparseTensor], amount: UpdateAmount, method: MethodConfig, context: UpdateContext
 ) -> UpdateStats:
     """One topology update: removal, then growth of exactly as many weights as were removed.
 
@@ -111,30 +55,34 @@ def topology_update(
     4. :meth:`_apply`: rank 0's outcome on every rank (DDP), the new masks, the weights and optimizer states.
 
     Grown weights start at zero, also one removed and regrown in the same update, unless
-    ``method.removed_and_regrown == "keep"`` (the authors' code, RigL: such a weight keeps its value and its
+    ``method.removed_and_regrown`` keeps them (the authors' code, RigL: such a weight keeps its value and its
     optimizer state, e.g. its SNT-ASGD averaging window). The returned stats carry DSR's next threshold.
     """
-    old = {name: record.mask.clone() for name, record in engine.tensors.items()}
-    removal = _remove(engine, amount, method, context, old)
-    budgets = _tensor_budgets(engine, amount, method, context, old, removal)
+    old = {name: record.mask.clone() for name, record in tensors.items()}
+    removal = _remove(tensors, amount, method, context, old)
+    budgets = _tensor_budgets(tensors, amount, method, context, old, removal)
     counts: dict[str, Tensor] = {}
-    for name, record in engine.tensors.items():
+    for name, record in tensors.items():
         kept = removal.kept[name]
-        new = _grow(engine, record, budgets[name], method, context, old[name], kept, removal.per_block[name])
-        counts[name] = _apply(engine, record, old[name], kept, new, method, context)
-    if context.synchronize is not None and engine.tensors:
-        device = next(iter(engine.tensors.values())).param.device
+        new = _grow(record, budgets[name], method, context, old[name], kept, removal.per_block[name])
+        counts[name] = _apply(record, old[name], kept, new, method, context)
+    if context.synchronize is not None and tensors:
+        device = next(iter(tensors.values())).param.device
         _synchronize_generator(context.generator, context.synchronize, device)
     return _statistics(amount, method, context, counts, removal.expected)
 
 
 def _remove(
-    engine: SparseEngine, amount: UpdateAmount, method: MethodConfig, context: UpdateContext, old: Mapping[str, Tensor]
+    tensors: Mapping[str, SparseTensor],
+    amount: UpdateAmount,
+    method: MethodConfig,
+    context: UpdateContext,
+    old: Mapping[str, Tensor],
 ) -> _Removed:
     """Step 1: the mask after removal per tensor, the count removed per block, and (DSR) the count expected."""
     removed = _Removed({}, {}, 0)
     part = method.removal
-    for name, record in engine.tensors.items():
+    for name, record in tensors.items():
         if not part.removes:
             removed.kept[name], removed.per_block[name] = record.mask.clone(), [0] * len(record.groups)
         elif part.by_threshold:  # (the count-based ones know their counts; these read them back, once per block)
@@ -145,13 +93,11 @@ def _remove(
             removed.per_block[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
             removed.expected += topology.removal_count(record.active, amount.prune_rate, method.removal_rounding)
         else:
-            removed.kept[name], removed.per_block[name] = _remove_blocks(engine, record, amount, method)
+            removed.kept[name], removed.per_block[name] = _remove_blocks(record, amount, method)
     return removed
 
 
-def _remove_blocks(
-    engine: SparseEngine, record: SparseTensor, amount: UpdateAmount, method: MethodConfig
-) -> tuple[Tensor, list[int]]:
+def _remove_blocks(record: SparseTensor, amount: UpdateAmount, method: MethodConfig) -> tuple[Tensor, list[int]]:
     """Count-based removal per block: ``ceil(prune_rate * active)``, or down to ``target_density``."""
     mask = record.mask
     block_active = [int(mask[rows].count_nonzero()) for rows in record.groups]
@@ -167,7 +113,7 @@ def _remove_blocks(
 
 
 def _tensor_budgets(
-    engine: SparseEngine,
+    tensors: Mapping[str, SparseTensor],
     amount: UpdateAmount,
     method: MethodConfig,
     context: UpdateContext,
@@ -178,18 +124,14 @@ def _tensor_budgets(
     (none above its free room)."""
     totals = {name: sum(blocks) for name, blocks in removed.per_block.items()}
     if not method.growth.grows or amount.target_density is not None:
-        return dict.fromkeys(engine.tensors, 0)
+        return dict.fromkeys(tensors, 0)
     part = method.redistribution
     if part.score is None:
         return totals
-    names = list(engine.tensors)
+    names = list(tensors)
     scores = []
     for name in names:
-        record = engine.tensors[name]
-        signal = None
-        if part.reads == "momentum":
-            gradient = _gradient_of(record, context.gradients, None)
-            signal = momentum_of(context.optimizers, record.param, gradient, name, f"redistribution={part.name!r}")
+        signal = context.read(part.reads, tensors[name], f"redistribution={part.name!r}")
         scores.append(part.score(old[name], removed.kept[name], signal))
     bases = {name: _growth_base(method, old[name], removed.kept[name]) for name in names}
     caps = [bases[name].numel() - int(bases[name].count_nonzero()) for name in names]
@@ -203,7 +145,6 @@ def _growth_base(method: MethodConfig, old: Tensor, kept: Tensor) -> Tensor:
 
 
 def _grow(
-    engine: SparseEngine,
     record: SparseTensor,
     budget: int,
     method: MethodConfig,
@@ -219,33 +160,37 @@ def _grow(
     # Growth functions grow into the inactive positions of the mask they are handed; where just-removed positions
     # may not be regrown (DSR) they are still set in the base, and taken out after.
     base = _growth_base(method, old, kept)
-    source = _growth_input(record, part, context)
-    new = base.clone()
-    for rows, n in zip(record.groups, _block_budgets(engine, record, budget, removed_per_block, old, base, context)):
+    source = context.read(part.reads, record, f"growth={part.name!r}")
+    taken = base
+    if method.structure is not None:  # positions the structure does not allow are taken too, and given back after
+        assert part.score is not None  # (resolve checks it)
+        taken = base | ~method.structure.allowed(base, part.score(base, source))
+    new = taken.clone()
+    for rows, n in zip(record.groups, _block_budgets(record, budget, removed_per_block, old, taken, method, context)):
         block_source = source if isinstance(source, torch.Generator) else source[rows]
-        new[rows] = part.grow(base[rows], n, block_source)
+        new[rows] = part.grow(taken[rows], n, block_source)
+    if taken is not base:
+        new &= ~(taken & ~base)
     return new if method.grow_into_removed else new & ~(old & ~kept)
 
 
 def _block_budgets(
-    engine: SparseEngine,
     record: SparseTensor,
     budget: int,
     removed: list[int],
     old: Tensor,
     base: Tensor,
+    method: MethodConfig,
     context: UpdateContext,
 ) -> list[int]:
     """A tensor's regrowth split over its blocks (one block when gates are ranked jointly)."""
     if len(record.groups) == 1:
         return [budget]
-    part = engine.gate_redistribution
+    part = method.gate_redistribution
     caps = [base[rows].numel() - int(base[rows].count_nonzero()) for rows in record.groups]
     if part.score is None:  # each gate regrows its own count unless the tensor's changed (shared as removals)
         return allocate_counts(budget, removed, caps)
-    signal = None
-    if part.reads == "gradient":
-        signal = _gradient_of(record, context.gradients, f"gate_redistribution={part.name!r}")
+    signal = context.read(part.reads, record, f"gate_redistribution={part.name!r}")
     scores = [
         part.score(record.param[rows], old[rows], None if signal is None else signal[rows]) for rows in record.groups
     ]
@@ -253,7 +198,6 @@ def _block_budgets(
 
 
 def _apply(
-    engine: SparseEngine,
     record: SparseTensor,
     old: Tensor,
     kept: Tensor,
@@ -268,7 +212,7 @@ def _apply(
         context.synchronize(code)
         kept, new = (code & 1).bool(), (code >= 2)
     by_rule = (old & ~kept).count_nonzero()
-    if method.removed_and_regrown == "keep":
+    if method.removed_and_regrown.keeps:
         kept = kept | (old & new)
     param, mask = record.param, record.mask
     param.mul_(kept.to(param.dtype))
@@ -319,41 +263,3 @@ def _synchronize_generator(
     state = generator.get_state().to(device)
     synchronize(state)
     generator.set_state(state.cpu())
-
-
-def _gradient_of(record: SparseTensor, gradients: Mapping[str, Tensor] | None, what: str | None) -> Tensor | None:
-    if gradients is not None and record.name in gradients:
-        return gradients[record.name].to(record.param.device)
-    if record.param.grad is not None:
-        return record.param.grad
-    if what is None:
-        return None
-    raise ValueError(
-        f"{what} needs the dense gradient of {record.name!r}, but it has none at the topology update (was the "
-        "gradient freed by zero_grad(set_to_none=True)?)"
-    )
-
-
-def _growth_input(record: SparseTensor, part: Growth, context: UpdateContext) -> Tensor | torch.Generator:
-    if part.reads == "generator":
-        return context.generator
-    if part.reads == "gradient":
-        return _gradient_of(record, context.gradients, f"growth={part.name!r}")
-    gradient = _gradient_of(record, context.gradients, None)
-    return momentum_of(context.optimizers, record.param, gradient, record.name, f"growth={part.name!r}")
-
-
-def update_summary(engine: SparseEngine, stats: UpdateStats, number: int) -> str:
-    """The per-tensor, per-gate text of update ``number`` (what ``verbose=True`` prints)."""
-    report = engine.sparsity_report()
-    lines = [
-        f"topology update {number}: prune rate {stats.prune_rate:.4f}, "
-        f"removed {stats.total_removed}, grown {stats.total_grown}, overall sparsity {report['overall']:.4f}"
-    ]
-    for name, record in engine.tensors.items():
-        gates = ", ".join(f"{gate} {report[f'{name}/{gate}']:.3f}" for gate, _ in record.gates or [])
-        lines.append(
-            f"  {name}: sparsity {report[name]:.4f}, changed {stats.changed_fraction[name]:.3f}"
-            + (f" | gates: {gates}" if gates else "")
-        )
-    return "\n".join(lines)

@@ -23,14 +23,15 @@ paper or the Selfish-RNN authors' code, is in ``docs/methods.md``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from lightning_selfish.core.optim_state import GROWN_OPTIMIZER_STATES
 from lightning_selfish.method import redistribution, topology
 from lightning_selfish.method.parts import (
     GateRedistribution,
+    GrownState,
     Growth,
     Init,
     LayerRedistribution,
@@ -51,6 +52,7 @@ __all__ = [
     "GROWN_OPTIMIZER_STATES",
     "MethodConfig",
     "MethodPreset",
+    "part",
     "resolve",
     "scheduled_sparsity",
 ]
@@ -60,7 +62,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 INITS: dict[str, Init] = {
-    "uniform": Init("uniform", topology.uniform_counts),
+    "uniform": Init("uniform", topology.uniform_counts, topology.uniform_block_counts),
     # ER and ERK are one formula on matrices (density ∝ sum(shape) / prod(shape)), which all weights of the
     # recurrent language models are.
     "er": Init("er", topology.erdos_renyi_counts),
@@ -77,9 +79,9 @@ REMOVALS: dict[str, Removal] = {
 }
 
 GROWTHS: dict[str, Growth] = {
-    "random": Growth("random", topology.random_growth, reads="generator"),
-    "gradient": Growth("gradient", topology.gradient_growth, reads="gradient"),
-    "momentum": Growth("momentum", topology.momentum_growth, reads="momentum"),
+    "random": Growth("random", topology.random_growth, reads="generator", score=topology.random_score),
+    "gradient": Growth("gradient", topology.gradient_growth, reads="gradient", score=topology.magnitude_score),
+    "momentum": Growth("momentum", topology.momentum_growth, reads="momentum", score=topology.magnitude_score),
     "none": Growth("none", None),
 }
 
@@ -98,6 +100,9 @@ GATE_REDISTRIBUTIONS: dict[str, GateRedistribution] = {
 
 SCHEDULES: dict[str, Schedule] = {schedule.name: schedule for schedule in (COSINE, GMP, NEVER)}
 
+#: The values of ``grown_optimizer_state`` (:class:`~lightning_selfish.method.parts.GrownState`).
+GROWN_OPTIMIZER_STATES: tuple[str, ...] = tuple(state.value for state in GrownState)
+
 
 _REGISTRIES: dict[str, tuple[Mapping[str, Any], type]] = {
     "init": (INITS, Init),
@@ -114,9 +119,16 @@ _REGISTRIES: dict[str, tuple[Mapping[str, Any], type]] = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: The settings of a method other than its parts and its sparsity, with their defaults on :class:`MethodConfig`.
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(MethodConfig)}
+_PART_KEYS = ("init", "removal", "growth", "redistribution", "gate_redistribution", "schedule")
+_SETTINGS = frozenset(_CONFIG_FIELDS) - {"name", "sparsity", "update_every_given", "prune_rate", *_PART_KEYS}
+
+
 @dataclass(frozen=True)
 class MethodPreset:
-    """One sparse training method as registered names and default numbers (see :class:`MethodConfig`)."""
+    """One sparse training method: its parts by registered name, its prune rate, and ``settings``, the
+    :class:`MethodConfig` settings where it differs from their defaults (written once, on :class:`MethodConfig`)."""
 
     name: str
     init: str
@@ -126,20 +138,29 @@ class MethodPreset:
     gate_redistribution: str
     schedule: str
     prune_rate: float
-    min_prune_rate: float = 0.005
-    update_every: str | int = "epoch"
-    update_until: float | None = None
-    pruning_start: int | float = 0.0
-    pruning_end: int | float = 0.75
-    removed_and_regrown: str = "restart"
-    threshold: float = 1e-3
-    threshold_tolerance: float = 0.02
-    removal_rounding: str = "ceil"
-    grown_optimizer_state: str = "zero"
-    grow_into_removed: bool = True  # DSR: False, growth only where weights were inactive before the update
-    min_updates: int = 0  # a run the default cadence gives fewer updates scales the cadence (callback docs)
+    settings: Mapping[str, Any] = field(default_factory=dict)
     paper: str = ""
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.settings) - _SETTINGS
+        if unknown:
+            raise TypeError(
+                f"MethodPreset {self.name!r}: unknown settings {sorted(unknown)}; the settings are {sorted(_SETTINGS)}"
+            )
+
+    def value(self, key: str) -> Any:
+        """The preset's value of a part or a setting: its own, else :class:`MethodConfig`'s default."""
+        if key in _PART_KEYS or key == "prune_rate":
+            return getattr(self, key)
+        if key in self.settings:
+            return self.settings[key]
+        default = _CONFIG_FIELDS[key].default
+        return default.value if isinstance(default, Enum) else default
+
+    def values(self) -> dict[str, Any]:
+        """Every part name and setting of the preset (:meth:`value` of each)."""
+        return {key: self.value(key) for key in (*_PART_KEYS, "prune_rate", *sorted(_SETTINGS))}
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -166,7 +187,7 @@ METHODS: dict[str, MethodPreset] = {
         ),
         MethodPreset(
             "dsr", "uniform", "threshold", "random", "nonzeros", "joint", "cosine", prune_rate=0.5,
-            grow_into_removed=False,
+            settings=dict(grow_into_removed=False),
             paper="Mostafa & Wang, ICML 2019",
         ),
         MethodPreset(
@@ -174,21 +195,24 @@ METHODS: dict[str, MethodPreset] = {
             paper="Dettmers & Zettlemoyer, 2019",
         ),
         MethodPreset(
-            "rigl", "erk", "magnitude", "gradient", "none", "joint", "cosine", prune_rate=0.3, min_prune_rate=0.0,
-            update_every=100, update_until=0.75, removed_and_regrown="keep", removal_rounding="floor",
-            min_updates=10,
+            "rigl", "erk", "magnitude", "gradient", "none", "joint", "cosine", prune_rate=0.3,
+            settings=dict(
+                min_prune_rate=0.0, update_every=100, update_until=0.75, removed_and_regrown="keep",
+                removal_rounding="floor", min_updates=10,
+            ),
             paper="Evci et al., ICML 2020",
             notes="the authors' code updates RigL once per epoch: update_every='epoch', update_until=None",
         ),
         MethodPreset(
-            "gmp", "dense", "magnitude", "none", "none", "joint", "gmp", prune_rate=0.0, update_every=100,
-            min_updates=10,
+            "gmp", "dense", "magnitude", "none", "none", "joint", "gmp", prune_rate=0.0,
+            settings=dict(update_every=100, min_updates=10),
             paper="Zhu & Gupta, 2017",
         ),
     )
 }  # fmt: skip
 
-_DESCRIPTIONS = {"name", "paper", "notes", "min_updates"}  # describe a preset, are not overridable parts
+#: What a user may override (the callback's arguments): every part and setting but the preset-only min_updates.
+_OVERRIDABLE = frozenset((*_PART_KEYS, "prune_rate", *_SETTINGS)) - {"min_updates"}
 
 
 def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
@@ -207,21 +231,18 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     preset = METHODS[method]
-    parts = {f.name for f in dataclasses.fields(MethodPreset)} - _DESCRIPTIONS
+    parts = _OVERRIDABLE
     unknown = set(overrides) - parts
     if unknown:
         raise TypeError(f"unknown method parts {sorted(unknown)}; the parts are {sorted(parts)}")
     chosen = {key: value for key, value in overrides.items() if value is not None}
-    gate = chosen.get("gate_redistribution")
-    if isinstance(gate, bool):
-        chosen["gate_redistribution"] = "joint" if gate else "none"
-    values = {**{key: getattr(preset, key) for key in parts}, **chosen}
-    for key, (registry, kind) in _REGISTRIES.items():
-        values[key] = _part(key, values[key], registry, kind)
+    values = {**{key: preset.value(key) for key in parts}, **chosen}
+    for key in _REGISTRIES:
+        values[key] = part(key, values[key])
     config = MethodConfig(
         name=method,
         sparsity=float(sparsity),
-        min_updates=preset.min_updates,
+        min_updates=preset.value("min_updates"),
         update_every_given="update_every" in chosen,
         **values,
     )
@@ -229,12 +250,20 @@ def resolve(method: str, sparsity: float, **overrides: Any) -> MethodConfig:
     return config
 
 
-def _part(key: str, value: Any, registry: Mapping[str, Any], kind: type) -> Any:
+def part(key: str, value: Any) -> Any:
+    """The part of kind ``key`` (``"init"``, ``"growth"``, ...) that ``value`` names: a part object of that kind as
+    it is, or a registered name; ``gate_redistribution`` also takes ``True`` (= ``"joint"``) and ``False``
+    (= ``"none"``). The one place where names become parts."""
+    registry, kind = _REGISTRIES[key]
+    if key == "gate_redistribution" and isinstance(value, bool):
+        value = "joint" if value else "none"
     if isinstance(value, kind):
         return value
     if isinstance(value, str) and value in registry:
         return registry[value]
-    raise ValueError(f"{key} must be one of {list(registry)} or a {kind.__name__} object, got {value!r}")
+    extra = "True, False, " if key == "gate_redistribution" else ""
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise ValueError(f"{key} must be {extra}one of {list(registry)} or {article} {kind.__name__} object, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,9 +272,7 @@ def _part(key: str, value: Any, registry: Mapping[str, Any], kind: type) -> Any:
 
 
 def _check(config: MethodConfig) -> None:
-    _choice("removed_and_regrown", config.removed_and_regrown, ("restart", "keep"))
-    _choice("removal_rounding", config.removal_rounding, ("ceil", "floor"))
-    _choice("grown_optimizer_state", config.grown_optimizer_state, GROWN_OPTIMIZER_STATES)
+    # (removed_and_regrown, removal_rounding and grown_optimizer_state are checked by MethodConfig itself)
     _number("prune_rate", config.prune_rate, 0.0, 1.0, "[0, 1]")
     _number("min_prune_rate", config.min_prune_rate, 0.0, 1.0, "[0, 1]")
     _number("threshold_tolerance", config.threshold_tolerance, 0.0, 1.0, "[0, 1]")
@@ -272,6 +299,8 @@ def _check(config: MethodConfig) -> None:
                 f"{name} must be a step (int >= 0) or a fraction of the run (float in [0, 1]), got {value!r}"
             )
     schedule, removal, growth = config.schedule, config.removal, config.growth
+    if config.structure is not None:
+        _check_structure(config)
     if schedule.prunes_to_target and growth.grows:
         raise ValueError(
             f"schedule={schedule.name!r} prunes without regrowth: growth must be 'none', got {growth.name!r} "
@@ -289,9 +318,26 @@ def _check(config: MethodConfig) -> None:
         )
 
 
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if isinstance(value, bool) or value not in allowed:  # (a bool is no choice; True == 1 would match an int)
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+def _check_structure(config: MethodConfig) -> None:
+    """A structure fixes the density of every tensor: one sparsity, no counts moved between tensors, growth that
+    ranks (the structure keeps its best-ranked candidates), no pruning to a schedule."""
+    structure = config.structure
+    assert structure is not None
+    if abs((1.0 - config.sparsity) - structure.density) > 1e-9:
+        raise ValueError(
+            f"structure={structure.name!r} keeps a density of {structure.density}: sparsity must be "
+            f"{1.0 - structure.density}, got {config.sparsity}"
+        )
+    if config.redistribution.score is not None or config.schedule.prunes_to_target:
+        raise ValueError(
+            f"structure={structure.name!r} keeps every tensor at its density: redistribution must be 'none' and the "
+            f"schedule must not prune to a target, got redistribution={config.redistribution.name!r}, "
+            f"schedule={config.schedule.name!r}"
+        )
+    if config.growth.grows and config.growth.score is None:
+        raise ValueError(
+            f"structure={structure.name!r} needs the growth's ranking: growth {config.growth.name!r} has no score"
+        )
 
 
 def _number(name: str, value: Any, low: float, high: float, allowed: str, upper_open: bool = False) -> None:

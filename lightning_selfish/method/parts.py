@@ -21,35 +21,122 @@ This module depends on nothing else of the library, so every other module can im
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import Enum
+from typing import Any
 
 from torch import Tensor
 
 __all__ = [
     "GateRedistribution",
+    "GrownState",
     "Growth",
     "Init",
     "LayerRedistribution",
     "MethodConfig",
+    "RemovedAndRegrown",
     "Removal",
+    "Rounding",
     "Schedule",
+    "Signal",
+    "Structure",
     "UpdateAmount",
 ]
 
-#: What a growth or a score reads: the callback's random generator, the dense gradient of the optimizer step before
-#: the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
-#: optimizer without momentum such as SNT-ASGD).
-Signal = Literal["generator", "gradient", "momentum"]
+
+class Signal(str, Enum):
+    """What a growth or a score reads: the run's random generator, the dense gradient of the optimizer step before
+    the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
+    optimizer without momentum such as SNT-ASGD). The update hands a part what it names
+    (:class:`lightning_selfish.core.signals.UpdateContext`); a part may also name it by its string value."""
+
+    GENERATOR = "generator"
+    GRADIENT = "gradient"
+    MOMENTUM = "momentum"
+
+
+class GrownState(str, Enum):
+    """The optimizer state a grown weight starts with (``grown_optimizer_state``; the rules are in
+    :mod:`lightning_selfish.core.optim_state`, the measurements behind the defaults in docs/methods.md).
+
+    ``ZERO``: every state tensor is zero at inactive positions and a grown weight starts with zero state (RigL's
+    code). ``DENSE``: Adam's moments are never masked and a grown weight starts with them (the Selfish-RNN authors'
+    code). ``TENSOR_MEAN``: as ``ZERO``, but a grown weight's second moment starts at its tensor's mean.
+    """
+
+    ZERO = "zero"
+    DENSE = "dense"
+    TENSOR_MEAN = "tensor_mean"
+
+
+class RemovedAndRegrown(str, Enum):
+    r"""A weight removed and regrown in the same update ``RESTART``\ s at zero with fresh optimizer state (the paper)
+    or ``KEEP``\ s its value and state, its SNT-ASGD averaging window included (the authors' code, RigL)."""
+
+    RESTART = "restart"
+    KEEP = "keep"
+
+    @property
+    def keeps(self) -> bool:
+        return self is RemovedAndRegrown.KEEP
+
+
+class Rounding(str, Enum):
+    """How the count of a removal is rounded: ``CEIL`` (``ceil(p * active)``, the authors' code) or ``FLOOR`` (RigL
+    casts ``drop_fraction * active`` to an integer)."""
+
+    CEIL = "ceil"
+    FLOOR = "floor"
+
+    def count(self, active: int, prune_rate: float) -> int:
+        """Weights to remove of ``active``. The 1e-9 keeps a product that is an integer in exact arithmetic from
+        moving to the next integer through floating-point error."""
+        exact = prune_rate * active
+        rounded = math.floor(exact + 1e-9) if self is Rounding.FLOOR else math.ceil(exact - 1e-9)
+        return min(active, int(rounded))
+
+
+#: The value ``update_every`` takes for a cadence of once per epoch (else a number of optimizer steps).
+EPOCH = "epoch"
+
+
+def _member(kind: type[Enum], name: str, value: Any) -> Any:
+    """``value`` as a member of ``kind`` (a setting may be given by its string value)."""
+    allowed = [member.value for member in kind]
+    if isinstance(value, bool) or value not in allowed:  # (a bool is no choice)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return kind(value)
+
+
+def _signal(
+    part: str, name: str, reads: Signal | str | None, allowed: tuple[Signal, ...], required: bool = False
+) -> Signal | None:
+    """``reads`` as a :class:`Signal` (a part may name it by its value): one of ``allowed``, or ``None`` unless
+    ``required``."""
+    if reads is None and not required:
+        return None
+    if isinstance(reads, str) and reads in {s.value for s in allowed}:
+        return Signal(reads)
+    names = [repr(s.value) for s in allowed]
+    choices = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    raise ValueError(f"{part} {name!r}: reads must be {choices}, got {reads!r}")
 
 
 @dataclass(frozen=True)
 class Init:
-    """Initial per-tensor budgets: ``budgets(shapes, density) -> {name: active count}``, exact counts."""
+    """Initial per-tensor budgets: ``budgets(shapes, density) -> {name: active count}``, exact counts.
+
+    When the gates of a stacked tensor are blocks of their own (not ranked jointly), ``block_budgets(count, sizes,
+    density) -> [count per block]`` starts each block: ``None`` shares the tensor's count by size (its total stays
+    exact); the uniform init gives every block its own uniform count (every gate at exactly the density:
+    :func:`~lightning_selfish.method.topology.uniform_block_counts`, which a user's own uniform init may name too).
+    """
 
     name: str
     budgets: Callable[[Mapping[str, Sequence[int]], float], dict[str, int]]
+    block_budgets: Callable[[int, Sequence[int], float], list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,16 +165,34 @@ class Growth:
     name: str
     grow: Callable[[Tensor, int, Any], Tensor] | None
     reads: Signal | None = None
+    #: The growth's ranking of the positions, higher first, from the same source: ``score(mask, source) ->
+    #: Tensor``. Only a structure (:class:`Structure`) asks for it, to know which positions fit.
+    score: Callable[[Tensor, Any], Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.grow is not None and self.reads not in ("generator", "gradient", "momentum"):
-            raise ValueError(
-                f"Growth {self.name!r}: reads must be 'generator', 'gradient' or 'momentum', got {self.reads!r}"
-            )
+        if self.grow is not None:  # (a growth reads something: it must say what)
+            object.__setattr__(self, "reads", _signal("Growth", self.name, self.reads, tuple(Signal), required=True))
 
     @property
     def grows(self) -> bool:
         return self.grow is not None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A structural constraint on the masks (N:M, blocks): one part the engine and the update consult.
+
+    ``initial_mask(shape, generator)`` draws a mask that satisfies it at its ``density`` (which the method's
+    sparsity must be). ``allowed(kept, score)`` are the inactive positions of ``kept`` (the mask after removal) a
+    growth may take, given the growth's ranking ``score`` (higher first) such that any subset of them keeps the
+    constraint and the best-scored ones are the best set that does. Removal needs nothing: removing weights never
+    breaks a constraint of "at most so many per group".
+    """
+
+    name: str
+    density: float
+    initial_mask: Callable[[Sequence[int], Any], Tensor]
+    allowed: Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -98,7 +203,10 @@ class LayerRedistribution:
 
     name: str
     score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
-    reads: Literal["momentum"] | None = None
+    reads: Signal | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", _signal("LayerRedistribution", self.name, self.reads, (Signal.MOMENTUM,)))
 
 
 @dataclass(frozen=True)
@@ -113,7 +221,10 @@ class GateRedistribution:
     name: str
     joint: bool = False
     score: Callable[[Tensor, Tensor, Tensor | None], float] | None = None
-    reads: Literal["gradient"] | None = None
+    reads: Signal | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", _signal("GateRedistribution", self.name, self.reads, (Signal.GRADIENT,)))
 
 
 @dataclass(frozen=True)
@@ -167,24 +278,38 @@ class MethodConfig:
     update_until: float | None = None  # fraction of the run after which no update happens (RigL: 0.75)
     pruning_start: int | float = 0.0  # GMP: first pruning step (int) or fraction of the run (float)
     pruning_end: int | float = 0.75  # GMP: last pruning step, where the sparsity reaches the target
-    removed_and_regrown: str = "restart"  # "restart" (paper: starts at 0) or "keep" (the authors' code, RigL)
+    removed_and_regrown: RemovedAndRegrown = RemovedAndRegrown.RESTART  # paper: restart at 0; RigL's code: keep
     threshold: float = 1e-3  # DSR: initial global magnitude threshold
     threshold_tolerance: float = 0.02  # DSR: the threshold moves when removals miss the expected count by more
-    removal_rounding: str = "ceil"  # count of a removal: ceil(p * active) (the authors' code) or floor (RigL)
-    grown_optimizer_state: str = "zero"  # optimizer state of grown weights; see lightning_selfish.core.optim_state
+    removal_rounding: Rounding = Rounding.CEIL  # count of a removal: ceil (the authors' code) or floor (RigL)
+    grown_optimizer_state: GrownState = GrownState.ZERO  # optimizer state of grown weights (GrownState)
     grow_into_removed: bool = True  # growth may pick a weight this update removed (DSR's code: False)
+    structure: Structure | None = None  # a structural constraint (N:M) on every mask, None: unstructured
     min_updates: int = 0  # fewer updates than this in a run and the preset's default cadence is scaled to the run
     update_every_given: bool = False  # the user chose update_every (it is then never scaled)
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("removed_and_regrown", RemovedAndRegrown),
+            ("removal_rounding", Rounding),
+            ("grown_optimizer_state", GrownState),
+        ):
+            object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
+
+    @property
+    def by_epoch(self) -> bool:
+        """Updates happen once per epoch (``update_every="epoch"``), not every ``update_every`` optimizer steps."""
+        return self.update_every == EPOCH
 
     @property
     def reads_gradient(self) -> bool:
         """An update reads the dense gradient of the step before it (gradient growth, Table 6's gradient score)."""
-        return self.growth.reads == "gradient" or self.gate_redistribution.reads == "gradient"
+        return Signal.GRADIENT in (self.growth.reads, self.gate_redistribution.reads)
 
     @property
     def reads_momentum(self) -> bool:
         """An update reads the optimizer's momentum (SNFS's growth or its across-layer redistribution)."""
-        return self.growth.reads == "momentum" or self.redistribution.reads == "momentum"
+        return Signal.MOMENTUM in (self.growth.reads, self.redistribution.reads)
 
     @property
     def dense_gradient_every(self) -> int | str | None:

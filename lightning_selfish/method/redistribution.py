@@ -19,17 +19,13 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
-import torch
 from torch import Tensor
-
-from lightning_selfish.core.protocols import momentum_is_gradient
 
 __all__ = [
     "allocate_counts",
     "gate_gradient_score",
     "gate_magnitude_score",
     "mean_active_magnitude",
-    "momentum_of",
     "momentum_score",
     "nonzeros_score",
 ]
@@ -79,36 +75,6 @@ def allocate_counts(total: int, scores: Sequence[float], caps: Sequence[int]) ->
 # --------------------------------------------------------------------------------------------------------------
 # Signals: what a score or a growth criterion reads
 # --------------------------------------------------------------------------------------------------------------
-
-
-def momentum_of(
-    optimizers: Sequence[torch.optim.Optimizer],
-    param: Tensor,
-    gradient: Tensor | None,
-    name: str,
-    what: str = "growth='momentum'",
-) -> Tensor:
-    """The "momentum" of SNFS for ``param``: SGD's momentum buffer, Adam's ``exp_avg / (sqrt(exp_avg_sq) + 1e-8)``
-    (the authors' and sparselearning's choice), or, under an optimizer that has none and says so
-    (:class:`~lightning_selfish.core.optim_state.GradientAsMomentum`: SNT-ASGD), the dense gradient ``gradient``, as the
-    paper does for SNFS (SNT-ASGD)."""
-    for optimizer in optimizers:
-        state = optimizer.state.get(param, {})
-        if isinstance(state.get("exp_avg"), Tensor) and isinstance(state.get("exp_avg_sq"), Tensor):
-            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
-        if isinstance(state.get("momentum_buffer"), Tensor):
-            return state["momentum_buffer"]
-    holds = [opt for opt in optimizers if any(p is param for g in opt.param_groups for p in g["params"])]
-    if any(momentum_is_gradient(opt) for opt in holds):
-        if gradient is None:
-            raise ValueError(
-                f"{what} under SNT-ASGD uses the dense gradient, but {name!r} has none at the topology update"
-            )
-        return gradient
-    raise ValueError(
-        f"{what} needs a momentum buffer for {name!r} (momentum_buffer, or "
-        "Adam's exp_avg and exp_avg_sq, in the optimizer state), found none: use SGD with momentum, Adam or SNTASGD"
-    )
 
 
 def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:

@@ -59,8 +59,8 @@ def step_of(position: int | float, total_steps: int) -> int:
     return int(position)
 
 
-def _on_cadence(step: int, every: str | int) -> bool:
-    return every == "epoch" or step % every == 0
+def _on_cadence(step: int, config: MethodConfig) -> bool:
+    return config.by_epoch or step % int(config.update_every) == 0
 
 
 def cosine_rate(step: int, total_steps: int, config: MethodConfig) -> float:
@@ -75,7 +75,7 @@ def cosine_rate(step: int, total_steps: int, config: MethodConfig) -> float:
 
 
 def cosine_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmount | None:
-    if not _on_cadence(step, config.update_every):
+    if not _on_cadence(step, config):
         return None
     if config.update_until is not None and step >= config.update_until * total_steps:
         return None
@@ -97,8 +97,7 @@ def gmp_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmo
     end = step_of(config.pruning_end, total_steps)
     if step < start:
         return None
-    every = config.update_every
-    if every != "epoch" and step != end and (step > end or (step - start) % every != 0):
+    if not config.by_epoch and step != end and (step > end or (step - start) % int(config.update_every) != 0):
         return None  # (with epoch updates every boundary from the start on prunes to the cubic's value there)
     sparsity = gmp_sparsity(step, total_steps, config)
     if sparsity <= 0.0:
@@ -109,7 +108,7 @@ def gmp_schedule(step: int, total_steps: int, config: MethodConfig) -> UpdateAmo
 def gmp_sparsity_in_force(step: int, total_steps: int, config: MethodConfig) -> float:
     """The sparsity of the last pruning step at or before ``step`` (exact with a step cadence; with epoch updates the
     cubic's value at ``step``)."""
-    if config.update_every == "epoch":
+    if config.by_epoch:
         return gmp_sparsity(step, total_steps, config)
     start = step_of(config.pruning_start, total_steps)
     end = step_of(config.pruning_end, total_steps)

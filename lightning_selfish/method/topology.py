@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_selfish.method.parts import Rounding, Structure
+
 __all__ = [
     "adapt_threshold",
     "dense_counts",
@@ -32,13 +34,17 @@ __all__ = [
     "gradient_growth",
     "lowest_positions",
     "magnitude_removal",
+    "magnitude_score",
+    "n_m",
     "momentum_growth",
     "negativity_removal",
     "random_growth",
     "random_mask",
+    "random_score",
     "removal_count",
     "set_removal",
     "split_count",
+    "uniform_block_counts",
     "threshold_removal",
     "uniform_count",
     "uniform_counts",
@@ -123,13 +129,10 @@ def split_count(count: int, sizes: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def removal_count(active: int, prune_rate: float, rounding: str = "ceil") -> int:
+def removal_count(active: int, prune_rate: float, rounding: Rounding | str = Rounding.CEIL) -> int:
     """Weights to remove: ``ceil(prune_rate * active)``, as the authors' code does, or ``"floor"`` (RigL casts
-    ``drop_fraction * active`` to an integer). The 1e-9 keeps a product that is an integer in exact arithmetic from
-    moving to the next integer through floating-point error."""
-    if rounding == "floor":
-        return min(active, int(math.floor(prune_rate * active + 1e-9)))
-    return min(active, int(math.ceil(prune_rate * active - 1e-9)))
+    ``drop_fraction * active`` to an integer); see :meth:`~lightning_selfish.method.parts.Rounding.count`."""
+    return Rounding(rounding).count(active, prune_rate)
 
 
 def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
@@ -320,6 +323,11 @@ def uniform_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[
     return {name: uniform_count(math.prod(shape), density) for name, shape in shapes.items()}
 
 
+def uniform_block_counts(count: int, sizes: Sequence[int], density: float) -> list[int]:
+    """The uniform init's blocks: each at its own uniform count, so every gate starts at exactly the density."""
+    return [uniform_count(size, density) for size in sizes]
+
+
 def dense_counts(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, int]:
     """Every tensor fully active, whatever ``density`` (dense-to-sparse methods such as GMP start here)."""
     return {name: math.prod(shape) for name, shape in shapes.items()}
@@ -338,3 +346,63 @@ def adapt_threshold(threshold: float, removed: int, expected: int, tolerance: fl
     if removed > (1.0 + tolerance) * expected:
         return threshold * 0.5
     return threshold
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Growth scores (what a structure ranks candidates by) and the N:M structure
+# --------------------------------------------------------------------------------------------------------------
+
+
+def magnitude_score(mask: Tensor, signal: Tensor) -> Tensor:
+    """Gradient and momentum growth rank positions by the signal's magnitude."""
+    return signal.detach().abs()
+
+
+def random_score(mask: Tensor, generator: torch.Generator) -> Tensor:
+    """Random growth ranks positions by uniform draws from the run's generator."""
+    return torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+
+
+def _check_groups(shape: Sequence[int], m: int) -> None:
+    if len(shape) < 1 or shape[-1] % m:
+        raise ValueError(f"an N:M structure with M={m} needs a last dimension divisible by {m}, got {tuple(shape)}")
+
+
+def _in_groups(tensor: Tensor, m: int) -> Tensor:
+    _check_groups(tensor.shape, m)
+    return tensor.reshape(*tensor.shape[:-1], tensor.shape[-1] // m, m)
+
+
+def _rank_in_group(score: Tensor) -> Tensor:
+    """Each position's rank inside its group by ``score``, highest first (ties: lowest position first)."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    return torch.argsort(order, dim=-1)
+
+
+def n_m_initial_mask(n: int, m: int, shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """Exactly ``n`` active positions in every group of ``m``, uniformly at random."""
+    _check_groups(shape, m)
+    scores = torch.rand((*shape[:-1], shape[-1] // m, m), generator=generator, device=generator.device)
+    return (_rank_in_group(scores) < n).reshape(tuple(shape))
+
+
+def n_m_allowed(n: int, m: int, kept: Tensor, score: Tensor) -> Tensor:
+    """The inactive positions growth may take: in every group of ``m``, the best-scored ``n - active`` of its
+    inactive ones (so the best-scored candidates overall are the best set that keeps every group at most ``n``)."""
+    groups = _in_groups(kept, m)
+    scores = score.detach().reshape(groups.shape).float().masked_fill(groups, -math.inf)
+    room = (n - groups.sum(dim=-1, keepdim=True)).clamp(min=0)
+    return (~groups & (_rank_in_group(scores) < room)).reshape(kept.shape)
+
+
+def n_m(n: int, m: int) -> Structure:
+    """N:M sparsity along the last dimension (rows of a weight matrix): at most ``n`` active weights in every group of
+    ``m`` consecutive ones, at density ``n / m`` (2:4 is what sparse tensor cores run)."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"an N:M structure needs whole numbers 0 < N < M, got N={n!r}, M={m!r}")
+    return Structure(
+        f"{n}:{m}",
+        n / m,
+        initial_mask=lambda shape, generator: n_m_initial_mask(n, m, shape, generator),
+        allowed=lambda kept, score: n_m_allowed(n, m, kept, score),
+    )

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_selfish.core.optim_state import MaskUpdate
+from lightning_selfish.core.types import MaskUpdate
 
 __all__ = ["SNTASGD", "sntasgd"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from lightning_selfish.core.engine import SparseEngine, UpdateContext, UpdateSta
 from lightning_selfish.core.protocols import momentum_is_gradient
 from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.schedules import scheduled_sparsity
+from lightning_selfish.run.collective import Collective
 
 __all__ = ["MASK_STREAM", "GROWTH_STREAM", "RESEED_STREAM", "SparsityController", "derive_seed"]
 
@@ -50,15 +51,25 @@ def derive_seed(seed: int, *stream: int) -> int:
 class SparsityController:
     """The schedule state of one sparse run (see the module docstring).
 
-    ``config`` is the method as this run runs it: the resolved method of the callback, with the update cadence
-    scaled to the run when a preset's default cadence would give a short run too few updates (:meth:`plan`).
+    ``config`` is the method as this run runs it, the one a callback reports: ``requested`` (the method as asked),
+    with the update cadence scaled to the run when a preset's default cadence would give a short run too few updates
+    (:meth:`plan`), or the cadence a restored checkpoint ran with (:meth:`load_state_dict`). ``seed`` is the seed of
+    the run's draws (given, or drawn on rank 0 when the run starts); ``total_steps`` the run's length in optimizer
+    steps (given, or known once :meth:`plan` has run; 0 until then).
     """
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(
+        self,
+        config: MethodConfig,
+        seed: int | None = None,
+        growth_seed: int | None = None,
+        total_steps: int = 0,
+    ) -> None:
+        self.requested = config
         self.config = config
-        self.total_steps = 0
-        self.seed: int | None = None  # the run's seed (given, or drawn on rank 0)
-        self.growth_seed: int | None = None  # the growth stream's own seed, when given apart from ``seed``
+        self.total_steps = total_steps
+        self.seed = seed
+        self.growth_seed = growth_seed  # the growth stream's own seed, when given apart from ``seed``
         self.generator = torch.Generator()
         self.num_updates = 0
         self.last_update_step = -1  # optimizer step of the last update (step cadence)
@@ -74,7 +85,9 @@ class SparsityController:
     # starting a run
     # ----------------------------------------------------------------------------------------------------------
 
-    def plan(self, total_steps: int, requested: MethodConfig, epoch_ends: range | None = None) -> str | None:
+    def plan(
+        self, total_steps: int, requested: MethodConfig | None = None, epoch_ends: range | None = None
+    ) -> str | None:
         """Fix the run's length and its cadence (before the first step); returns a line to tell the user, if any.
 
         A run of a preset whose default step cadence gives it fewer than ``min_updates`` updates (RigL, GMP: every
@@ -87,7 +100,7 @@ class SparsityController:
         from a checkpoint then goes on with the cadence the checkpoint ran with (:meth:`load_state_dict`, which
         may come before or after this).
         """
-        notice = self._fit_cadence(total_steps, requested, epoch_ends)
+        notice = self._fit_cadence(total_steps, requested or self.requested, epoch_ends)
         resumed = self.resumed_update_every
         if resumed is not None and resumed != self.config.update_every:
             self.config = dataclasses.replace(self.config, update_every=resumed)
@@ -97,7 +110,7 @@ class SparsityController:
     def _fit_cadence(self, total_steps: int, requested: MethodConfig, epoch_ends: range | None) -> str | None:
         self.total_steps = total_steps
         self.config = requested
-        if requested.update_every == "epoch":
+        if requested.by_epoch:
             return _check_epoch_cadence(total_steps, requested, epoch_ends)
         updates = count_updates(total_steps, requested)
         if updates is None or (updates > 0 and updates >= requested.min_updates):
@@ -180,7 +193,7 @@ class SparsityController:
         config = self.config
         momentum_from_gradient = config.reads_momentum and any(momentum_is_gradient(opt) for opt in optimizers)
         self.needs_gradient = config.reads_gradient or momentum_from_gradient
-        self.running_gradient = self.needs_gradient and config.update_every == "epoch" and epoch_cadence_without_length
+        self.running_gradient = self.needs_gradient and config.by_epoch and epoch_cadence_without_length
 
     # ----------------------------------------------------------------------------------------------------------
     # questions the hooks ask
@@ -201,7 +214,7 @@ class SparsityController:
     def update_due_at_epoch_start(self, finished_epoch: int, step: int) -> UpdateAmount | None:
         """The update due at the start of the epoch after ``finished_epoch`` with the epoch cadence (``None``:
         none); marks that boundary as handled, so a resumed run does not repeat it."""
-        if self.config.update_every != "epoch" or finished_epoch <= self.last_updated_epoch:
+        if not self.config.by_epoch or finished_epoch <= self.last_updated_epoch:
             return None
         self.last_updated_epoch = finished_epoch
         return self._amount(step)
@@ -243,13 +256,15 @@ class SparsityController:
         amount: UpdateAmount,
         step: int,
         optimizers: Sequence[torch.optim.Optimizer],
-        synchronize: Callable[[Tensor], None] | None,
+        collective: Collective | None = None,
     ) -> UpdateStats | None:
-        """Run the update the schedule asked for at ``step``, or skip it once after NT-ASGD's switch (``None``)."""
+        """Run the update the schedule asked for at ``step``, or skip it once after NT-ASGD's switch (``None``);
+        with several ranks (``collective``) every rank takes rank 0's outcome."""
         self.last_update_step = step
         if self.skip_next:
             self.skip_next = False
             return None
+        synchronize = collective.broadcast_ if collective is not None and collective.world_size > 1 else None
         context = UpdateContext(self.generator, list(optimizers), self.gradients, synchronize, self.threshold)
         stats = engine.update(amount, self.config, context)
         if not self.running_gradient:

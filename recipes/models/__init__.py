@@ -18,14 +18,6 @@ from recipes.models.on_lstm import ONLSTM, ONLSTMCell, ONLSTMStack, cumsoftmax, 
 from recipes.models.rhn import RHN, HighwayBlock
 from recipes.models.stacked_lstm import StackedLSTM
 
-MODELS: dict[str, type] = {
-    "lstm": StackedLSTM,
-    "rhn": RHN,
-    "onlstm": ONLSTM,
-    "mos": AWDLSTMMoS,
-}
-"""Short names -> model classes, for configs and command lines."""
-
 __all__ = [
     "AWDLSTMMoS",
     "GateLayout",
@@ -33,7 +25,6 @@ __all__ = [
     "LMOutput",
     "LinearDropConnect",
     "LockedDropout",
-    "MODELS",
     "ONLSTM",
     "ONLSTMCell",
     "ONLSTMStack",

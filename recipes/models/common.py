@@ -15,12 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-GateLayout = list[tuple[str, slice]]
-"""Ordered ``(gate name, row slice)`` pairs that tile dim 0 of a stacked-gate weight."""
-
-LSTM_GATES: tuple[str, ...] = ("i", "f", "g", "o")
-GRU_GATES: tuple[str, ...] = ("r", "z", "n")
-RNN_GATES: tuple[str, ...] = ("h",)
+from lightning_selfish.core.gates import GateLayout, rnn_gate_names
 
 
 class LMOutput(NamedTuple):
@@ -114,16 +109,6 @@ class LinearDropConnect(nn.Linear):
         return f"{super().extra_repr()}, dropout={self.dropout}"
 
 
-def _rnn_gate_names(module: nn.RNNBase) -> tuple[str, ...] | None:
-    if isinstance(module, nn.LSTM):
-        return LSTM_GATES
-    if isinstance(module, nn.GRU):
-        return GRU_GATES
-    if isinstance(module, nn.RNN):
-        return RNN_GATES
-    return None
-
-
 class WeightDrop(nn.Module):
     """DropConnect on an RNN's recurrent weight (awd-lstm-lm / MoS ``wdrop``), without the parameter hack.
 
@@ -147,7 +132,7 @@ class WeightDrop(nn.Module):
         # The raw weights are multiplied once per token, like the RNN weights they stand for
         # (lightning_selfish.analysis.flops).
         self.flops_uses_per_token = {f"{name}_raw": 1 for name in self.weights}
-        gates = _rnn_gate_names(module)
+        gates = rnn_gate_names(module)
         for name in self.weights:
             param = module._parameters.pop(name, None)
             if param is None:

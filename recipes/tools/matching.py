@@ -22,7 +22,6 @@ Not compared: seeds (repeats of a cell differ by them), where data and logs live
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import inspect
@@ -48,8 +47,6 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-#: LanguageModel arguments that do not change what a run trains.
-_NOT_COMPARED = {"flops", "verbose_sparsity", "checkpoint", "topology_monitor", "mask_history", "small_batch_size"}
 #: Arguments of the sparsity callback (the nested ``sparsity`` group) that do not change what a run trains.
 _NOT_COMPARED_SPARSITY = {"seed", "growth_seed", "verbose"}
 #: The flat LanguageModel arguments of the sparsity callback, by the callback's name for them.
@@ -160,15 +157,7 @@ def _method_parts(group: Mapping[str, Any]) -> dict[str, Any]:
     method = str(group.get("method") or "selfish")
     parts: dict[str, Any] = {"name": method}
     preset = METHODS.get(method)
-    preset_parts = (
-        {
-            f.name: getattr(preset, f.name)
-            for f in dataclasses.fields(preset)
-            if f.name not in ("name", "paper", "notes")
-        }
-        if preset is not None
-        else {}
-    )
+    preset_parts = preset.values() if preset is not None else {}
     for key in sorted(set(preset_parts) | {k for k in group if k != "method"}):
         value = group.get(key)
         parts[key] = _plain(preset_parts.get(key) if value is None else value)

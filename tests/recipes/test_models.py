@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from lightning_selfish.core.gates import detect_gate_layouts
 from recipes.models import (
-    MODELS,
     ONLSTM,
     RHN,
     AWDLSTMMoS,
@@ -125,8 +124,7 @@ def test_sparsified_tensor_names_follow_the_spec():
     assert tiny("lstm").sparsity_exclude == tiny("rhn").sparsity_exclude == tiny("onlstm").sparsity_exclude == []
 
 
-def test_defaults_and_registry():
-    assert {"lstm": StackedLSTM, "rhn": RHN, "onlstm": ONLSTM, "mos": AWDLSTMMoS} == MODELS
+def test_defaults():
     for kind, (alpha, beta) in {"lstm": (0, 0), "rhn": (0, 0), "onlstm": (2, 1), "mos": (2, 1)}.items():
         model = tiny(kind)
         assert (model.alpha, model.beta) == (alpha, beta)

@@ -63,7 +63,8 @@ def error_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ),
         (
             ["--model.sparsity.gate_redistribution", "[1]"],
-            f"error: --model.sparsity.gate_redistribution: expected true or false, a string or null, got [1] ({HELP})",
+            "error: --model.sparsity.gate_redistribution: expected true or false, a string, GateRedistribution or "
+            f"null, got [1] ({HELP})",
         ),
         (
             ["--model.sparsity.include", "3"],
