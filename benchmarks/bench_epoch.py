@@ -37,11 +37,11 @@ import torch.nn.functional as F
 
 from lightning_selfish import SNTASGD, SparseEngine
 from lightning_selfish.core.gates import detect_gate_layouts
-from recipes.cli import PROGRESS_BAR_REFRESH_RATE, progress_bar
-from recipes.data import LanguageModelingDataModule
-from recipes.lm import LanguageModel, detach_hidden
-from recipes.models import StackedLSTM
-from recipes.runtime import keep_freed_memory_for_reuse
+from lightning_selfish_recipes.cli import PROGRESS_BAR_REFRESH_RATE, progress_bar
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.lm import LanguageModel, detach_hidden
+from lightning_selfish_recipes.models import StackedLSTM
+from lightning_selfish_recipes.runtime import keep_freed_memory_for_reuse
 
 
 def sync(device: str) -> None:

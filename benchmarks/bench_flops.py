@@ -22,7 +22,7 @@ from lightning_selfish import SelfishSparsityCallback
 from lightning_selfish.callbacks.flops import FlopsCallback
 from lightning_selfish.core.engine import SparseEngine
 from lightning_selfish.core.types import UpdateStats
-from recipes.models import StackedLSTM
+from lightning_selfish_recipes.models import StackedLSTM
 
 
 def main() -> None:

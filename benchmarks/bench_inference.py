@@ -51,7 +51,7 @@ from lightning_selfish.inference import (
     sparse_inference_report,
     to_sparse,
 )
-from recipes.models import StackedLSTM
+from lightning_selfish_recipes.models import StackedLSTM
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 warnings.filterwarnings("ignore", message=".*semi-structured.*")

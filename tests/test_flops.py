@@ -19,7 +19,7 @@ from lightning_selfish.callbacks.flops import FlopsCallback, tokens_in_batch
 from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.method import topology
-from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+from lightning_selfish_recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
 
 PTB_TRAIN_TOKENS = 46_479 * 20  # batchified PTB train split (docs/data.md#batching)
 

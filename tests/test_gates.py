@@ -137,8 +137,8 @@ def test_the_gate_layout_type_and_the_rnn_gate_names_are_defined_once() -> None:
 
     from lightning_selfish.analysis import masks, plots
     from lightning_selfish.core import gates
-    from recipes import models
-    from recipes.models.common import WeightDrop
+    from lightning_selfish_recipes import models
+    from lightning_selfish_recipes.models.common import WeightDrop
 
     assert masks.GateLayout is plots.GateLayout is models.GateLayout is gates.GateLayout
     dropped = WeightDrop(nn.GRU(3, 4), dropout=0.1)

@@ -287,7 +287,7 @@ def test_the_assumed_table_keeps_the_papers_density_dense_and_sparsifies_lower_o
     every weight stays dense; at 0.2 the LSTM goes CSR for generation (1 row per product) and, at batch 20 x 35
     steps, in its recurrent products (20 rows) but not its input products (700 rows, CSR up to 0.1); at 0.1 in both.
     The decoder (50 x 400) is too small."""
-    from recipes.models import StackedLSTM
+    from lightning_selfish_recipes.models import StackedLSTM
 
     network = StackedLSTM(ntoken=50, ninp=400, nhid=400).eval()  # LSTM weights 1600 x 400 (640,000 entries)
     exact_density_(network, density)

@@ -264,7 +264,7 @@ def test_the_report_names_the_cpu_and_whether_the_table_was_measured_or_assumed(
 def test_batch_1_generation_of_the_papers_stacked_lstm_samples_the_dense_words() -> None:
     """2 x 1500 LSTM + 10000 x 1500 decoder at density 0.33, every weight a bit mask (and CSR16 for the decoder):
     the same sampled words as the dense model (oneDNN off, the fastest dense path word by word)."""
-    from recipes.models import StackedLSTM
+    from lightning_selfish_recipes.models import StackedLSTM
 
     torch.manual_seed(0)
     network = StackedLSTM(ntoken=10000, ninp=1500, nhid=1500, nlayers=2).eval()

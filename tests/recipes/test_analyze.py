@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
+from lightning_selfish_recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
 from tests.conftest import write_random_corpus
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,8 +143,8 @@ def test_analyze_errors_name_what_is_missing(runs: tuple[Path, Path, Path], tmp_
 
 
 def test_replayed_lstm_layers_are_the_modules_own_activations():
-    from recipes.models import StackedLSTM
-    from recipes.tools.analyze import lstm_unit_activations
+    from lightning_selfish_recipes.models import StackedLSTM
+    from lightning_selfish_recipes.tools.analyze import lstm_unit_activations
 
     torch.manual_seed(0)
     network = StackedLSTM(ntoken=20, ninp=6, nhid=5, nlayers=3, dropout=0.0).eval()
@@ -163,8 +163,8 @@ def test_replayed_lstm_layers_are_the_modules_own_activations():
 
 def test_sparse_recipes_monitor_and_save_masks_by_default():
     from lightning_selfish import MaskHistory, TopologyMonitor
-    from recipes.lm import LanguageModel
-    from recipes.models import StackedLSTM
+    from lightning_selfish_recipes.lm import LanguageModel
+    from lightning_selfish_recipes.models import StackedLSTM
 
     def kinds(**kwargs):
         model = LanguageModel(StackedLSTM(ntoken=10, ninp=4, nhid=4, dropout=0.0), lr=1.0, **kwargs)
@@ -180,9 +180,9 @@ def test_sparse_recipes_monitor_and_save_masks_by_default():
 def test_recipes_save_masks_only_beside_a_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import pytorch_lightning as pl
 
-    from recipes.data import LanguageModelingDataModule
-    from recipes.lm import LanguageModel
-    from recipes.models import StackedLSTM
+    from lightning_selfish_recipes.data import LanguageModelingDataModule
+    from lightning_selfish_recipes.lm import LanguageModel
+    from lightning_selfish_recipes.models import StackedLSTM
 
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus"
@@ -229,8 +229,8 @@ def renumbered(network, generator: torch.Generator):
 def test_renumbered_units_are_at_distance_zero_in_every_aligned_tensor():
     """The issue's case: after alignment the decoder read 0.655 (chance 0.667) while the LSTM tensors read 0."""
     from lightning_selfish.core.gates import detect_gate_layouts
-    from recipes.models import StackedLSTM
-    from recipes.tools.analyze import _aligned_rows, lstm_unit_activations
+    from lightning_selfish_recipes.models import StackedLSTM
+    from lightning_selfish_recipes.tools.analyze import _aligned_rows, lstm_unit_activations
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def assert_readable(figure, png: Path) -> None:
 
 
 def test_every_figure_fits_its_picture_and_has_data(runs: tuple[Path, Path, Path], tmp_path: Path):
-    from recipes.tools.analyze import analyze as run_analysis
+    from lightning_selfish_recipes.tools.analyze import analyze as run_analysis
 
     run, other, _ = runs
     result = run_analysis(run, compare=other, out=tmp_path / "out")
@@ -333,7 +333,7 @@ def test_a_long_title_is_wrapped_to_the_figure(tmp_path: Path):
 
 
 def test_a_short_run_gets_the_figures_it_can_and_says_what_it_left_out(runs, tmp_path: Path, capsys):
-    from recipes.tools.analyze import analyze as run_analysis
+    from lightning_selfish_recipes.tools.analyze import analyze as run_analysis
 
     _, _, short = runs
     result = run_analysis(short, out=tmp_path / "short")
@@ -347,7 +347,7 @@ def test_a_short_run_gets_the_figures_it_can_and_says_what_it_left_out(runs, tmp
 
 
 def test_epochs_before_the_reference_are_drawn_too(runs, tmp_path: Path):
-    from recipes.tools.analyze import analyze as run_analysis
+    from lightning_selfish_recipes.tools.analyze import analyze as run_analysis
 
     run, _, _ = runs
     result = run_analysis(run, out=tmp_path / "ref", reference_epoch=1)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from recipes import data as d
-from recipes.lm import LanguageModel
-from recipes.models import RHN, StackedLSTM
-from recipes.models.common import WeightDrop
-from recipes.models.on_lstm import ONLSTMCell
+from lightning_selfish_recipes import data as d
+from lightning_selfish_recipes.lm import LanguageModel
+from lightning_selfish_recipes.models import RHN, StackedLSTM
+from lightning_selfish_recipes.models.common import WeightDrop
+from lightning_selfish_recipes.models.on_lstm import ONLSTMCell
 
 
 def tiny_lstm() -> StackedLSTM:
@@ -25,7 +25,11 @@ def tiny_lstm() -> StackedLSTM:
     "kwargs,error,match",
     [
         (dict(network="lstm"), TypeError, "network must be a torch.nn.Module, got str"),
-        (dict(network=nn.Linear(2, 2)), TypeError, r"network Linear has no init_hidden\(\): see recipes.models"),
+        (
+            dict(network=nn.Linear(2, 2)),
+            TypeError,
+            r"network Linear has no init_hidden\(\): see lightning_selfish_recipes.models",
+        ),
         (
             dict(optimizer="rmsprop"),
             ValueError,

@@ -16,12 +16,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
-from recipes.data import LanguageModelingDataModule
-from recipes.lm import LanguageModel
-from recipes.models import StackedLSTM
-from recipes.summary import fit_summary
-from recipes.tools.export import find_checkpoint
+from lightning_selfish_recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.lm import LanguageModel
+from lightning_selfish_recipes.models import StackedLSTM
+from lightning_selfish_recipes.summary import fit_summary
+from lightning_selfish_recipes.tools.export import find_checkpoint
 from tests.conftest import write_random_corpus
 
 BATCHES = 3  # training batches per epoch

@@ -12,10 +12,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
-from recipes.cli import CONFIG_DIR, build_cli, main, resolve_checkpoint
-from recipes.data import LanguageModelingDataModule
-from recipes.lm import LanguageModel, MaskBlindNTASGD
-from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+from lightning_selfish_recipes.cli import CONFIG_DIR, build_cli, main, resolve_checkpoint
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.lm import LanguageModel, MaskBlindNTASGD
+from lightning_selfish_recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
 from tests.conftest import write_random_corpus
 
 MODELS = ["stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"]
@@ -72,7 +72,7 @@ def tiny_data(corpus_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- configs
 
 
-VARIANTS = {  # name -> overlays over the model config (recipes/configs/{methods,optimizers,small_dense}/)
+VARIANTS = {  # name -> overlays over the model config (lightning_selfish_recipes/configs/{methods,optimizers,small_dense}/)
     "": [],
     "dense": ["methods/dense.yaml", "optimizers/ntasgd.yaml"],
     "adam": ["optimizers/adam.yaml"],
@@ -268,7 +268,9 @@ def test_fit_then_test_the_best_checkpoint_in_another_process(
     ]
     fit = build_cli(args=["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3"])
     best = Path(fit.trainer.checkpoint_callback.best_model_path)
-    label = "selfish-sntasgd-s0.67-p0.7-seed1111"  # the composition's own run directory (recipes/runs.py)
+    label = (
+        "selfish-sntasgd-s0.67-p0.7-seed1111"  # the composition's own run directory (lightning_selfish_recipes/runs.py)
+    )
     assert best.is_file() and best.parents[2].name == label and best.parents[3].name == "stacked_lstm_ptb"
     assert (tmp_path / "lightning_logs" / "stacked_lstm_ptb" / label / "version_0" / "config.yaml").is_file()
 

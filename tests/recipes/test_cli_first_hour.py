@@ -1,7 +1,7 @@
 """A first hour with ``selfish-rnn``: one-line user errors, quiet runs, a result at the end, one log version per
 run, short help, and the recipes on the unified ``lightning`` package.
 
-The command runs in subprocesses (``python -m recipes.cli`` with this checkout first on ``PYTHONPATH``), as a user
+The command runs in subprocesses (``python -m lightning_selfish_recipes.cli`` with this checkout first on ``PYTHONPATH``), as a user
 runs it. No assertion is on time: an argument error must instead come before the corpus is read.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import compat, console
-from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
-from recipes.data import resolve_corpus
+from lightning_selfish_recipes import compat, console
+from lightning_selfish_recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
+from lightning_selfish_recipes.data import resolve_corpus
 from tests.conftest import write_random_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> su
     }
     # The timeout only guards against a hang; nothing here measures time.
     return subprocess.run(
-        [sys.executable, "-m", "recipes.cli", *args],
+        [sys.executable, "-m", "lightning_selfish_recipes.cli", *args],
         cwd=cwd,
         env=environment,
         capture_output=True,
@@ -257,7 +257,7 @@ def test_the_model_summary_shows_the_runs_flops_per_token(package: str, tiny_cor
 
 def test_the_model_summary_in_a_trainer_of_ones_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """A dense model of one's own: the dense figure; a weight of unknown cost: no figure, and why (no crash)."""
-    from recipes import model_summary
+    from lightning_selfish_recipes import model_summary
     from tests.conftest import TinyLM, make_trainer, token_loader
 
     printed: list[str] = []
@@ -331,7 +331,7 @@ def test_overview_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     listing = capsys.readouterr().out
     assert "quickstart.yaml" in listing
     for model in ("stacked_lstm_ptb", "rhn_ptb", "onlstm_ptb", "awd_lstm_mos_wt2"):
-        assert f"--config recipes/configs/{model}.yaml" in listing
+        assert f"--config lightning_selfish_recipes/configs/{model}.yaml" in listing
     assert re.search(
         r"stacked_lstm_ptb: Selfish-RNN \(SNT-ASGD\), sparsity 0\.67\s+paper val/test 73\.76 / 71\.65\s+100 epochs, "
         r"GPU ~1-2 h",
@@ -358,7 +358,7 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     assert "``" not in text and ":class:" not in text and ":func:" not in text
     assert '"sntasgd" (SGD, then SNT-ASGD' in text  # from ``"sntasgd"`` in LanguageModel's docstring
-    assert console.plain_text("``x`` and :class:`~recipes.models.StackedLSTM` and :func:`a.b`") == (
+    assert console.plain_text("``x`` and :class:`~lightning_selfish_recipes.models.StackedLSTM` and :func:`a.b`") == (
         "x and StackedLSTM and a.b"
     )
 
@@ -432,7 +432,7 @@ def test_a_value_of_the_wrong_type_is_one_plain_line(args, expected, capsys: pyt
 
 
 def test_an_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    from recipes.cli import SelfishRNNCLI
+    from lightning_selfish_recipes.cli import SelfishRNNCLI
 
     with pytest.raises(SystemExit) as exit_info:
         main(["exprot", "--config", QUICKSTART])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
-from recipes.cli import PROGRESS_BAR_REFRESH_RATE, build_cli
+from lightning_selfish_recipes.cli import PROGRESS_BAR_REFRESH_RATE, build_cli
 
-QUICKSTART = ["--config", "recipes/configs/quickstart.yaml", "--trainer.logger", "false"]
+QUICKSTART = ["--config", "lightning_selfish_recipes/configs/quickstart.yaml", "--trainer.logger", "false"]
 
 
 def bars(trainer) -> list[ProgressBar]:

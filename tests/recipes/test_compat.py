@@ -1,4 +1,4 @@
-"""recipes/compat.py: each private attribute of another library the recipes read, on the real library. A test here
+"""lightning_selfish_recipes/compat.py: each private attribute of another library the recipes read, on the real library. A test here
 fails when the library changes the attribute (renamed, moved, other meaning): fix the one function, nothing else."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from recipes import compat
-from recipes.compat import pl
+from lightning_selfish_recipes import compat
+from lightning_selfish_recipes.compat import pl
 
 
 class Tiny(pl.LightningModule):

@@ -1,4 +1,4 @@
-"""Tests of recipes.data: corpus resolution and checksums, tokenisation, batching, BPTT windows, DataModule.
+"""Tests of lightning_selfish_recipes.data: corpus resolution and checksums, tokenisation, batching, BPTT windows, DataModule.
 
 Real-corpus tests use the copies bundled with the package (always present, checked against the canonical digests
 below); nothing is skipped for want of data. Everything else uses a tiny synthetic corpus.
@@ -18,8 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from recipes import data as d
-from recipes.data import sources
+from lightning_selfish_recipes import data as d
+from lightning_selfish_recipes.data import sources
 
 # sha256sum of the canonical files (Mikolov's PTB, WikiText-2 v1 tokens), as the reference data lists them.
 CANONICAL_SHA256SUMS = """\

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from recipes import data as d
+from lightning_selfish_recipes import data as d
 from tests.conftest import write_random_corpus
 
 

@@ -1,4 +1,4 @@
-"""docs/experiments.md, recipes/tools/paper_results.py and the configs agree: every documented command builds its
+"""docs/experiments.md, lightning_selfish_recipes/tools/paper_results.py and the configs agree: every documented command builds its
 row."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
-from recipes.cli import build_cli
-from recipes.data import LanguageModelingDataModule
-from recipes.lm import LanguageModel
-from recipes.runs import run_label
-from recipes.tools.matching import differences, paper_epochs, run_settings
-from recipes.tools.paper_results import PAPER_ROWS, TABLES
+from lightning_selfish_recipes.cli import build_cli
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.lm import LanguageModel
+from lightning_selfish_recipes.runs import run_label
+from lightning_selfish_recipes.tools.matching import differences, paper_epochs, run_settings
+from lightning_selfish_recipes.tools.paper_results import PAPER_ROWS, TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "experiments.md").read_text()
@@ -77,7 +77,7 @@ def test_every_row_command_trains_what_its_row_says(command: str, run_directorie
     settings = run_settings(cli.config.as_dict())
     # selfish-rnn results files a run of this command under exactly the rows of this command
     assert [row for row in TRAINED if not differences(row, settings)] == rows
-    # the run directory of this composition (recipes.runs) is its own: --ckpt_path best/last find this run only
+    # the run directory of this composition (lightning_selfish_recipes.runs) is its own: --ckpt_path best/last find this run only
     directory = (
         cli.config.trainer.logger.init_args.name,
         run_label(cli.config.model, cli.config.seed_everything),

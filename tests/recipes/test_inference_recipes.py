@@ -11,14 +11,14 @@ import torch
 
 from lightning_selfish.export import load_compressed
 from lightning_selfish.inference import SparseRNN, cpu_name, sparse_inference_report
-from recipes import inference as recipe_inference
-from recipes.cli import CONFIG_DIR, build_cli, main
-from recipes.data import LanguageModelingDataModule
-from recipes.inference import SparseONLSTMCell, SparseRHN, sparse_network
-from recipes.lm import LanguageModel
-from recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
-from recipes.tools.export import export_run, load_network
-from recipes.tools.generate import generate
+from lightning_selfish_recipes import inference as recipe_inference
+from lightning_selfish_recipes.cli import CONFIG_DIR, build_cli, main
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.inference import SparseONLSTMCell, SparseRHN, sparse_network
+from lightning_selfish_recipes.lm import LanguageModel
+from lightning_selfish_recipes.models import ONLSTM, RHN, AWDLSTMMoS, StackedLSTM
+from lightning_selfish_recipes.tools.export import export_run, load_network
+from lightning_selfish_recipes.tools.generate import generate
 from tests.conftest import write_random_corpus
 
 NETWORKS = {

@@ -21,9 +21,15 @@ from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
 from lightning_selfish.core.optim_state import MaskUpdate
 from lightning_selfish.optim.sntasgd import SNTASGD
-from recipes.data import BPTTBatch, LanguageModelingDataModule
-from recipes.lm import SPARSITY_ARGUMENTS, LanguageModel, MaskBlindNTASGD, SparsityArguments, detach_hidden
-from recipes.models import ONLSTM, LMOutput, StackedLSTM
+from lightning_selfish_recipes.data import BPTTBatch, LanguageModelingDataModule
+from lightning_selfish_recipes.lm import (
+    SPARSITY_ARGUMENTS,
+    LanguageModel,
+    MaskBlindNTASGD,
+    SparsityArguments,
+    detach_hidden,
+)
+from lightning_selfish_recipes.models import ONLSTM, LMOutput, StackedLSTM
 
 V = 12
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_selfish.core.gates import detect_gate_layouts
-from recipes.models import (
+from lightning_selfish_recipes.models import (
     ONLSTM,
     RHN,
     AWDLSTMMoS,

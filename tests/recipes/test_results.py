@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from lightning_selfish.callbacks.flops import FlopsCallback
-from recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
-from recipes.data import LanguageModelingDataModule
-from recipes.tools.paper_results import PAPER_ROWS, PaperRow
-from recipes.tools.results import collect_runs
+from lightning_selfish_recipes.cli import CONFIG_DIR, TOOL_COMMANDS, build_cli, main
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.tools.paper_results import PAPER_ROWS, PaperRow
+from lightning_selfish_recipes.tools.results import collect_runs
 from tests.conftest import write_random_corpus
 
 TINY = ["--model.network.init_args.ninp=8", "--model.network.init_args.nhid=8"]
@@ -29,7 +29,7 @@ METHODS = ["selfish", "static", "set", "dsr", "snfs", "rigl", "gmp"]
 
 def absolute(args: list[str]) -> list[str]:
     """A row's arguments with the config paths made absolute (the runs happen in a temporary directory)."""
-    return [arg.replace("recipes/configs", str(CONFIG_DIR)) for arg in args]
+    return [arg.replace("lightning_selfish_recipes/configs", str(CONFIG_DIR)) for arg in args]
 
 
 def row_of(method: str) -> PaperRow:
@@ -296,7 +296,7 @@ ONE_SETTING = [
     ("data.test_batch_size", 1),
     ("data.bptt", 70),
     ("data.variable_bptt", True),
-    ("model.network.class_path", "recipes.models.RHN"),
+    ("model.network.class_path", "lightning_selfish_recipes.models.RHN"),
     ("model.network.init_args.ninp", 700),
     ("model.network.init_args.nhid", 700),
     ("model.network.init_args.nlayers", 3),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from recipes.runtime import HEAP_LIMIT_BYTES
+from lightning_selfish_recipes.runtime import HEAP_LIMIT_BYTES
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux")
@@ -23,7 +23,7 @@ def test_large_buffers_come_from_the_heap_after_the_setting() -> None:
     """A 64 MB block: mapped (and unmapped when freed) by default, served from the heap once the setting applies."""
     script = f"""
 import ctypes, ctypes.util
-from recipes.runtime import keep_freed_memory_for_reuse
+from lightning_selfish_recipes.runtime import keep_freed_memory_for_reuse
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

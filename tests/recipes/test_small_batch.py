@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from recipes.data import LanguageModelingDataModule
-from recipes.lm import LanguageModel
-from recipes.models import AWDLSTMMoS
+from lightning_selfish_recipes.data import LanguageModelingDataModule
+from lightning_selfish_recipes.lm import LanguageModel
+from lightning_selfish_recipes.models import AWDLSTMMoS
 from tests.conftest import write_random_corpus
 
 V = 14

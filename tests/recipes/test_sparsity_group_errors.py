@@ -1,5 +1,5 @@
 """``--model.sparsity`` is a group of ``SelfishSparsityCallback``'s arguments: a mistake in it ends in one short
-``error:`` line that names the argument, what was given and what is allowed (recipes/console.py).
+``error:`` line that names the argument, what was given and what is allowed (lightning_selfish_recipes/console.py).
 
 jsonargparse reports every such mistake as a failed ``Union[SparsityArguments, None]`` (about 400 characters), and
 the old flat form ``--model.sparsity 0.5`` as "Expected a path but 0.5 either not accessible or invalid".
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes import console
-from recipes.cli import CONFIG_DIR, main
+from lightning_selfish_recipes import console
+from lightning_selfish_recipes.cli import CONFIG_DIR, main
 
 QUICKSTART = str(CONFIG_DIR / "quickstart.yaml")
 HELP = "--model.sparsity.help lists the arguments"
