@@ -1,4 +1,5 @@
-"""The ``selfish-rnn`` command: LightningCLI over :class:`~lightning_selfish_recipes.lm.LanguageModel` and the PTB/WikiText-2 data.
+"""The ``selfish-rnn`` command: LightningCLI over :class:`~lightning_selfish_recipes.lm.LanguageModel` and the
+PTB/WikiText-2 data.
 
 ::
 
@@ -326,7 +327,8 @@ def resolve_checkpoint_in(root: Path, which: str, require: bool = True) -> Path 
     """The ``best`` or ``last`` checkpoint of the newest run under ``root`` (a logger's ``<save_dir>/<name>``).
 
     Runs are ``<root>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``last`` is that file:
-    the run's latest epoch, which the recipes rewrite after every epoch (:func:`lightning_selfish_recipes.lm.run_checkpoints`). A
+    the run's latest epoch, which the recipes rewrite after every epoch
+    (:func:`lightning_selfish_recipes.lm.run_checkpoints`). A
     ``last.ckpt`` written instead by a ``ModelCheckpoint`` with a monitor and ``save_last=True`` (runs of earlier
     recipes, or a checkpoint callback of your own) holds the last epoch whose validation *improved*, which may be
     older than the run's end: that is said in a warning. ``best`` is read from the file's monitored

@@ -13,8 +13,9 @@ traceback of user errors too). These are user errors:
   corpus errors of :mod:`lightning_selfish_recipes.data` (a file whose checksum does not match);
 * Lightning's ``MisconfigurationException`` (e.g. an accelerator that is not available);
 * ``ValueError`` and ``TypeError`` raised *deliberately*, by a ``raise`` statement, in the argument checks of this
-  project (``lightning_selfish_recipes``, ``lightning_selfish``), of Lightning or of jsonargparse. The same types raised anywhere
-  else (inside torch, or by an operation that failed in our own code, such as an unpacking) are treated as bugs.
+  project (``lightning_selfish_recipes``, ``lightning_selfish``), of Lightning or of jsonargparse. The same types raised
+  anywhere else (inside torch, or by an operation that failed in our own code, such as an unpacking) are treated as
+  bugs.
 
 **Noise.** Lightning prints lines a user of this command cannot act on; they are filtered by message *and*
 emitting module or logger, never by category alone, so anything else Lightning says still shows.

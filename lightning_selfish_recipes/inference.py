@@ -4,11 +4,11 @@
 stacked LSTM. The other models compute with their weights in their own code; the converters here give them the
 same per-tensor choice (CSR or dense):
 
-* AWD-LSTM-MoS: each :class:`~lightning_selfish_recipes.models.WeightDrop` LSTM (in eval the dropout is the identity: the LSTM with
-  its raw recurrent weight) becomes a :class:`~lightning_selfish.inference.SparseRNN`; ``latent`` and ``decoder``
-  are ``nn.Linear`` (the decoder multiplies ``K`` rows per token: ``rows = K·batch·steps``);
-* ON-LSTM: each :class:`~lightning_selfish_recipes.models.ONLSTMCell` becomes :class:`SparseONLSTMCell` (its ``hh`` weight as the
-  eval DropConnect weight ``weight·(1-p)``);
+* AWD-LSTM-MoS: each :class:`~lightning_selfish_recipes.models.WeightDrop` LSTM (in eval the dropout is the identity:
+  the LSTM with its raw recurrent weight) becomes a :class:`~lightning_selfish.inference.SparseRNN`; ``latent`` and
+  ``decoder`` are ``nn.Linear`` (the decoder multiplies ``K`` rows per token: ``rows = K·batch·steps``);
+* ON-LSTM: each :class:`~lightning_selfish_recipes.models.ONLSTMCell` becomes :class:`SparseONLSTMCell` (its ``hh``
+  weight as the eval DropConnect weight ``weight·(1-p)``);
 * RHN: the whole network becomes :class:`SparseRHN` (the recurrence reads ``W``, ``R`` and ``fc1`` directly).
 
 Every model gives the same log-probabilities as the dense one within float tolerance (tests/test_inference_recipes.py).
@@ -46,7 +46,8 @@ __all__ = ["RECIPE_CONVERTERS", "SparseInference", "SparseONLSTMCell", "SparseRH
 
 
 class SparseONLSTMCell(nn.Module):
-    """:class:`~lightning_selfish_recipes.models.ONLSTMCell` in eval, with ``ih`` and ``hh`` each CSR or dense (same math and state)."""
+    """:class:`~lightning_selfish_recipes.models.ONLSTMCell` in eval, with ``ih`` and ``hh`` each CSR or dense (same
+    math and state)."""
 
     def __init__(self, cell: ONLSTMCell, context: ConversionContext, prefix: str) -> None:
         super().__init__()
@@ -78,7 +79,8 @@ class SparseONLSTMCell(nn.Module):
 
 
 class SparseRHN(nn.Module):
-    """:class:`~lightning_selfish_recipes.models.RHN` in eval, with ``W``, every ``R`` and ``fc1`` each CSR or dense (same math)."""
+    """:class:`~lightning_selfish_recipes.models.RHN` in eval, with ``W``, every ``R`` and ``fc1`` each CSR or dense
+    (same math)."""
 
     def __init__(self, rhn: RHN, context: ConversionContext, prefix: str) -> None:
         super().__init__()

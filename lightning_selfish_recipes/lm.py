@@ -118,9 +118,9 @@ class LanguageModel(pl.LightningModule):
     the networks, data, optimizers and sparse training live in their own modules.)
 
     Args:
-        network: the language model (e.g. :class:`lightning_selfish_recipes.models.StackedLSTM`); see the module docstring for the
-            interface. Its ``alpha``/``beta`` attributes weight AR/TAR, its ``sparsity_exclude`` patterns (names
-            as in ``network.named_parameters()``) stay dense.
+        network: the language model (e.g. :class:`lightning_selfish_recipes.models.StackedLSTM`); see the module
+            docstring for the interface. Its ``alpha``/``beta`` attributes weight AR/TAR, its ``sparsity_exclude``
+            patterns (names as in ``network.named_parameters()``) stay dense.
         lr: learning rate (Table 4: 40 stacked LSTM, 15 RHN, 30 ON-LSTM, 15 MoS; Adam 1e-3; momentum SGD 2).
         optimizer: ``"sntasgd"`` (SGD, then SNT-ASGD once the validation loss stops improving), ``"ntasgd"``
             (standard NT-ASGD, which ignores the masks when averaging: the dense baselines and the ablation),
@@ -201,7 +201,8 @@ class LanguageModel(pl.LightningModule):
         for required in ("init_hidden", "forward"):
             if not callable(getattr(network, required, None)):
                 raise TypeError(
-                    f"network {type(network).__name__} has no {required}(): see lightning_selfish_recipes.models.LMOutput"
+                    f"network {type(network).__name__} has no {required}(): "
+                    f"see lightning_selfish_recipes.models.LMOutput"
                 )
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")

@@ -14,9 +14,10 @@ awd-lstm-lm, MoS, ON-LSTM) exactly, because the published perplexities depend on
   per training step, in order, with per-rank column groups under DDP.
 
 One module per concern: :mod:`lightning_selfish_recipes.data.sources` (finding, verifying, extracting, downloading),
-:mod:`lightning_selfish_recipes.data.tokens` (tokenisation), :mod:`lightning_selfish_recipes.data.windows` (batching, BPTT windows and their random
-lengths, DDP columns) and :mod:`lightning_selfish_recipes.data.datamodule` (the Lightning DataModule). Everything public is
-imported here: ``from lightning_selfish_recipes.data import LanguageModelingDataModule``.
+:mod:`lightning_selfish_recipes.data.tokens` (tokenisation), :mod:`lightning_selfish_recipes.data.windows` (batching,
+BPTT windows and their random lengths, DDP columns) and :mod:`lightning_selfish_recipes.data.datamodule` (the Lightning
+DataModule). Everything public is imported here: ``from lightning_selfish_recipes.data import
+LanguageModelingDataModule``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The bundled experiments at a glance: ``selfish-rnn list`` and the overview ``selfish-rnn`` prints alone.
 
-The rows, the paper's perplexities and the command of each experiment come from :mod:`lightning_selfish_recipes.tools.paper_results`
-(model configs composed with method and optimizer overlays). Costs are the estimates of docs/recipes.md ("What the
-runs cost") for one modern data-centre GPU, except the quickstart's, which was measured on a CPU.
+The rows, the paper's perplexities and the command of each experiment come from
+:mod:`lightning_selfish_recipes.tools.paper_results` (model configs composed with method and optimizer overlays). Costs
+are the estimates of docs/recipes.md ("What the runs cost") for one modern data-centre GPU, except the quickstart's,
+which was measured on a CPU.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@
     selfish-rnn generate lightning_logs/stacked_lstm_ptb/<label>/version_0 --words 100
     selfish-rnn generate model.compressed.pt --inference sparse --temperature 0.8
 
-``SOURCE`` is a checkpoint, a run's version directory or an export (:mod:`lightning_selfish_recipes.tools.export`). The network
-samples one word at a time (batch 1), the way a language model generates; the sparse network is
-:func:`lightning_selfish_recipes.inference.sparse_network` at batch 1, one step per call. Both run the same loop from the same seed
-(``--rounds`` alternated rounds, after ``--warmup`` words) on ``--threads`` threads, and the command prints the
-sampled text, the words per second of each and whether they sampled the same words (they compute the same
+``SOURCE`` is a checkpoint, a run's version directory or an export (:mod:`lightning_selfish_recipes.tools.export`). The
+network samples one word at a time (batch 1), the way a language model generates; the sparse network is
+:func:`lightning_selfish_recipes.inference.sparse_network` at batch 1, one step per call. Both run the same loop from
+the same seed (``--rounds`` alternated rounds, after ``--warmup`` words) on ``--threads`` threads, and the command
+prints the sampled text, the words per second of each and whether they sampled the same words (they compute the same
 probabilities up to float rounding, so they do unless a draw falls within rounding of a boundary).
 
 PyTorch's CPU ``nn.LSTM`` goes through oneDNN, which re-packs the weights on every call: about 10 times slower

@@ -1,9 +1,10 @@
 """Which cell of the paper's tables a run is: every setting the paper fixes for the cell must agree.
 
-A row's settings are those of its command (:meth:`~lightning_selfish_recipes.tools.paper_results.PaperRow.command_args`): the model config
-and overlays merged in order, then its command-line arguments, with the classes' defaults for what they leave out.
-A run's settings are those of its saved ``config.yaml``. Both go through :func:`run_settings`, the one function
-that knows the layout of a config, and are compared setting by setting:
+A row's settings are those of its command
+(:meth:`~lightning_selfish_recipes.tools.paper_results.PaperRow.command_args`): the model config and overlays merged in
+order, then its command-line arguments, with the classes' defaults for what they leave out. A run's settings are those
+of its saved ``config.yaml``. Both go through :func:`run_settings`, the one function that knows the layout of a config,
+and are compared setting by setting:
 
 * the corpus and the data settings that change what is trained or measured (batch sizes, BPTT);
 * the network class and every argument of it (sizes, dropouts, ...), except the vocabulary (linked from the data);

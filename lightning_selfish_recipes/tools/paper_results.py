@@ -4,8 +4,8 @@ One record per table row: the paper's validation/test perplexity and FLOPs, and,
 here, the ``selfish-rnn fit`` command that runs it (a model config composed with a method and an optimizer
 overlay). Rows quoted from other papers whose setup the configs do not reproduce (``Dense*``, ``ISS*``) have no
 command. ``docs/experiments.md`` shows these commands, ``selfish-rnn results`` fills the tables in from finished
-runs (:mod:`lightning_selfish_recipes.tools.matching` decides which run belongs to which row), and ``tests/recipes/test_experiments.py``
-checks that every documented command builds the run its row describes.
+runs (:mod:`lightning_selfish_recipes.tools.matching` decides which run belongs to which row), and
+``tests/recipes/test_experiments.py`` checks that every documented command builds the run its row describes.
 """
 
 from __future__ import annotations

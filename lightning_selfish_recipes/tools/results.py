@@ -1,13 +1,13 @@
 """``selfish-rnn results DIR``: the runs found under DIR, each filed under the cells of the paper's tables it is.
 
 Every run of ``selfish-rnn`` leaves a version directory with its ``config.yaml`` and its TensorBoard event files
-(``<save_dir>/<name>/<label>/version_N``, see :mod:`lightning_selfish_recipes.runs`). A ``fit``, its resumptions and the ``test``
-of its best checkpoint are version directories of the same run directory (``<label>``): this command reads them
-together. A run belongs to a row of the paper's tables (:mod:`lightning_selfish_recipes.tools.paper_results`) only when every setting the
-paper fixes for that cell agrees (:mod:`lightning_selfish_recipes.tools.matching`: corpus, network and its sizes, method and its parts,
-optimizer and its settings, BPTT, batch sizes, dropouts, epochs planned, restarts, sparsity to the paper's printed
-precision). Several runs of one row (seeds, save directories) are averaged and counted. Runs that match no row are
-listed apart, with the nearest row and the settings that differ from it.
+(``<save_dir>/<name>/<label>/version_N``, see :mod:`lightning_selfish_recipes.runs`). A ``fit``, its resumptions and the
+``test`` of its best checkpoint are version directories of the same run directory (``<label>``): this command reads them
+together. A run belongs to a row of the paper's tables (:mod:`lightning_selfish_recipes.tools.paper_results`) only when
+every setting the paper fixes for that cell agrees (:mod:`lightning_selfish_recipes.tools.matching`: corpus, network and
+its sizes, method and its parts, optimizer and its settings, BPTT, batch sizes, dropouts, epochs planned, restarts,
+sparsity to the paper's printed precision). Several runs of one row (seeds, save directories) are averaged and counted.
+Runs that match no row are listed apart, with the nearest row and the settings that differ from it.
 
 Shown by default: the rows that have a run, then the runs that match none; ``--all`` shows every row of the
 paper's tables. Per row: our best validation perplexity (the checkpoint the paper reports) and the test perplexity

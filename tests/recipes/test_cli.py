@@ -72,7 +72,8 @@ def tiny_data(corpus_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- configs
 
 
-VARIANTS = {  # name -> overlays over the model config (lightning_selfish_recipes/configs/{methods,optimizers,small_dense}/)
+# name -> overlays over the model config (lightning_selfish_recipes/configs/{methods,optimizers,small_dense}/)
+VARIANTS = {
     "": [],
     "dense": ["methods/dense.yaml", "optimizers/ntasgd.yaml"],
     "adam": ["optimizers/adam.yaml"],

@@ -1,8 +1,9 @@
 """A first hour with ``selfish-rnn``: one-line user errors, quiet runs, a result at the end, one log version per
 run, short help, and the recipes on the unified ``lightning`` package.
 
-The command runs in subprocesses (``python -m lightning_selfish_recipes.cli`` with this checkout first on ``PYTHONPATH``), as a user
-runs it. No assertion is on time: an argument error must instead come before the corpus is read.
+The command runs in subprocesses (``python -m lightning_selfish_recipes.cli`` with this checkout first on
+``PYTHONPATH``), as a user runs it. No assertion is on time: an argument error must instead come before the corpus is
+read.
 """
 
 from __future__ import annotations

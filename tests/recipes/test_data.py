@@ -1,4 +1,5 @@
-"""Tests of lightning_selfish_recipes.data: corpus resolution and checksums, tokenisation, batching, BPTT windows, DataModule.
+"""Tests of lightning_selfish_recipes.data: corpus resolution and checksums, tokenisation, batching, BPTT windows,
+DataModule.
 
 Real-corpus tests use the copies bundled with the package (always present, checked against the canonical digests
 below); nothing is skipped for want of data. Everything else uses a tiny synthetic corpus.

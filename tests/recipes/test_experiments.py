@@ -1,5 +1,5 @@
-"""docs/experiments.md, lightning_selfish_recipes/tools/paper_results.py and the configs agree: every documented command builds its
-row."""
+"""docs/experiments.md, lightning_selfish_recipes/tools/paper_results.py and the configs agree: every documented command
+builds its row."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def test_every_row_command_trains_what_its_row_says(command: str, run_directorie
     settings = run_settings(cli.config.as_dict())
     # selfish-rnn results files a run of this command under exactly the rows of this command
     assert [row for row in TRAINED if not differences(row, settings)] == rows
-    # the run directory of this composition (lightning_selfish_recipes.runs) is its own: --ckpt_path best/last find this run only
+    # the run directory of this composition (lightning_selfish_recipes.runs) is its own: --ckpt_path best/last find this
+    # run only
     directory = (
         cli.config.trainer.logger.init_args.name,
         run_label(cli.config.model, cli.config.seed_everything),
