@@ -44,6 +44,7 @@ from lightning_selfish_recipes.hparams import PerplexityHParams
 from lightning_selfish_recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from lightning_selfish_recipes.lm import LanguageModel
 from lightning_selfish_recipes.model_summary import FlopsPerTokenModelSummary
+from lightning_selfish_recipes.old_names import check_config_files
 from lightning_selfish_recipes.runs import label_run_logger
 from lightning_selfish_recipes.runtime import keep_freed_memory_for_reuse
 from lightning_selfish_recipes.summary import fit_summary, test_summary
@@ -142,6 +143,8 @@ class SelfishRNNCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # A config saved by an earlier version names the old package: one line with the new name, not an ImportError.
+        check_config_files(sys.argv[1:] if args is None else args if isinstance(args, list | tuple) else ())
         super().parse_arguments(parser, args)
         # Argument mistakes must surface right after parsing, before the corpus is read (seconds for WikiText-2).
         subcommand = self.config.get("subcommand")

@@ -386,12 +386,15 @@ def _load_checkpoint(path: Path, batches: list[Tensor]) -> tuple[dict[str, Tenso
     """Masks, gate layouts, activations per unit group and the tensor -> (row group, column group) map."""
     from lightning_selfish.core.gates import detect_gate_layouts
     from lightning_selfish_recipes.lm import LanguageModel
+    from lightning_selfish_recipes.old_names import with_current_class_paths
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state = checkpoint.get("callbacks", {}).get("SelfishSparsityCallback", {})
     if "masks" not in state:
         raise AnalyzeError(f"{path} holds no SelfishSparsityCallback masks: was the run sparse?")
-    model = LanguageModel.load_from_checkpoint(path, map_location="cpu")
+    # a run of an earlier version names its network recipes.models.X: give the current class path instead
+    network = with_current_class_paths((checkpoint.get("hyper_parameters") or {}).get("network"))
+    model = LanguageModel.load_from_checkpoint(path, map_location="cpu", **({"network": network} if network else {}))
     model.eval()
     gates = detect_gate_layouts(model)
     activations, groups = lstm_unit_activations(model, batches)

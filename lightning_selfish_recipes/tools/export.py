@@ -36,6 +36,7 @@ from lightning_selfish.export import (
     decompress_state_dict,
     masked_state_dict,
 )
+from lightning_selfish_recipes.old_names import with_current_class_paths
 
 __all__ = ["ExportError", "LoadedNetwork", "export_run", "find_checkpoint", "load_network", "main"]
 
@@ -95,7 +96,7 @@ def export_run(source: str | Path, format: str, out: str | Path | None = None, w
         raise ValueError(f"format must be 'dense' or 'compressed', got {format!r}")
     ckpt_path = find_checkpoint(source, which)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    hyper = _plain(checkpoint.get("hyper_parameters"))
+    hyper = with_current_class_paths(_plain(checkpoint.get("hyper_parameters")))  # also runs of earlier versions
     if not isinstance(hyper, dict) or "network" not in hyper:
         raise ExportError(f"{ckpt_path} is not a checkpoint of a selfish-rnn run (no network in its hyper_parameters)")
     masks = _checkpoint_masks(checkpoint)
@@ -156,6 +157,7 @@ def load_network(source: str | Path, which: str = "best") -> LoadedNetwork:
             vocabulary = _vocabulary(_plain(data.get("datamodule_hyper_parameters")))
     else:
         raise ExportError(f"{path} is neither a selfish-rnn checkpoint nor an export")
+    hyper = with_current_class_paths(hyper)  # a checkpoint or an export of an earlier version: recipes.models.X
     if not isinstance(hyper, dict) or "network" not in hyper:
         raise ExportError(f"{path} does not say which network it holds (no network in its hyper_parameters)")
     network = _build_network(hyper["network"])

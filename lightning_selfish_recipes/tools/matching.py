@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from lightning_selfish_recipes.old_names import with_current_class_paths
 from lightning_selfish_recipes.tools.paper_results import CONFIGS, PaperRow
 
 __all__ = [
@@ -238,6 +239,7 @@ def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     from lightning_selfish_recipes.data import LanguageModelingDataModule
     from lightning_selfish_recipes.lm import LanguageModel
 
+    config = with_current_class_paths(config)  # a run of an earlier version: recipes.models.X
     full = {key: dict(value) if isinstance(value, Mapping) else value for key, value in config.items()}
     for section, cls in (("model", LanguageModel), ("data", LanguageModelingDataModule), ("trainer", pl.Trainer)):
         full[section] = {**_defaults(cls), **(full.get(section) or {})}
