@@ -44,7 +44,7 @@ from lightning_selfish_recipes.hparams import PerplexityHParams
 from lightning_selfish_recipes.inference import add_sparse_inference_argument, enable_sparse_inference
 from lightning_selfish_recipes.lm import LanguageModel
 from lightning_selfish_recipes.model_summary import FlopsPerTokenModelSummary
-from lightning_selfish_recipes.old_names import check_config_files
+from lightning_selfish_recipes.old_names import check_checkpoint, check_config_files
 from lightning_selfish_recipes.runs import label_run_logger
 from lightning_selfish_recipes.runtime import keep_freed_memory_for_reuse
 from lightning_selfish_recipes.summary import fit_summary, test_summary
@@ -151,6 +151,7 @@ class SelfishRNNCLI(LightningCLI):
         section = self.config[subcommand] if subcommand else self.config
         check_model_arguments(section["model"])
         check_checkpoint_path(section.get("ckpt_path"))
+        check_checkpoint(section.get("ckpt_path"))
         if subcommand == "fit":
             check_trains_something(section["trainer"])
 

@@ -9,6 +9,7 @@ unimportable, as for a user who no longer has it (or has another project's ``rec
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,9 @@ import pytest
 import torch
 import yaml
 
+from lightning_selfish_recipes import old_names
 from lightning_selfish_recipes.cli import CONFIG_DIR, build_cli, main
+from lightning_selfish_recipes.lm import LanguageModel
 from lightning_selfish_recipes.old_names import current_class_path, with_current_class_paths
 from lightning_selfish_recipes.tools.export import export_run, load_network
 from lightning_selfish_recipes.tools.results import collect_runs
@@ -100,6 +103,13 @@ def one_error_line(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
     return lines[0]
 
 
+def refusal(path: Path, update: Path) -> str:
+    return (
+        f"error: {path} names class_path {OLD}, now {NEW} (the recipes' package was renamed from recipes to "
+        f"lightning_selfish_recipes): update it once with python -m lightning_selfish_recipes.old_names {update}"
+    )
+
+
 @pytest.mark.parametrize("command", ["fit", "test"])
 def test_the_cli_refuses_an_old_saved_config_in_one_line_naming_the_new_path(
     old_run: tuple[Path, list[str]], command: str, capsys: pytest.CaptureFixture[str]
@@ -107,16 +117,50 @@ def test_the_cli_refuses_an_old_saved_config_in_one_line_naming_the_new_path(
     version, _ = old_run
     config = version / "config.yaml"
     before = sorted(version.parent.iterdir())
-    line = one_error_line(
-        capsys, [command, "--config", str(config), "--ckpt_path", str(version / "checkpoints/last.ckpt")]
-    )
-    assert line == (
-        f"error: {config} names class_path {OLD}, now {NEW} (the recipes' package was renamed from recipes to "
-        "lightning_selfish_recipes): replace 'class_path: recipes.' by 'class_path: lightning_selfish_recipes.' in "
-        "that file"
-    )
+    last = str(version / "checkpoints" / "last.ckpt")
+    line = one_error_line(capsys, [command, "--config", str(config), "--ckpt_path", last])
+    assert line == refusal(config, version)  # the run's directory: its checkpoints too
     assert one_error_line(capsys, [command, f"--config={config}"]) == line
     assert sorted(version.parent.iterdir()) == before  # no new log version
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_the_cli_refuses_an_old_checkpoint_in_one_line_naming_the_new_path(
+    old_run: tuple[Path, list[str]], command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, args = old_run
+    last = version / "checkpoints" / "last.ckpt"
+    line = one_error_line(capsys, [command, *args, "--ckpt_path", str(last)])  # today's config, an old checkpoint
+    assert line == refusal(last, version)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"model:\n  network:\n    class_path: {OLD}\n")
+    assert one_error_line(capsys, [command, *args, "--config", str(mine)]) == refusal(mine, mine)
+
+
+def test_an_old_run_updated_once_resumes_and_loads(
+    old_run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = tmp_path / "run" / "version_0"
+    shutil.copytree(old_run[0], version)
+    assert old_names.main([str(version)]) == 0
+    updated = capsys.readouterr().out.split()
+    checkpoints = sorted(str(p) for p in (version / "checkpoints").glob("*.ckpt"))
+    assert len(checkpoints) == 3  # epoch 0 and epoch 1 (every_epoch_checkpoints; one of them is the best), last
+    assert sorted(updated[1::2]) == sorted([*checkpoints, str(version / "config.yaml"), str(version / "hparams.yaml")])
+    text = (version / "config.yaml").read_text()
+    assert f"class_path: {NEW}" in text and "recipes.models" not in text.replace(NEW, "")
+    assert text.startswith("# pytorch_lightning==")  # the rest of the file as it was
+    assert old_names.main([str(version)]) == 0 and "nothing names recipes." in capsys.readouterr().out
+
+    last = version / "checkpoints" / "last.ckpt"
+    assert type(LanguageModel.load_from_checkpoint(last).network).__name__ == "StackedLSTM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = build_cli(
+            ["fit", "--config", str(version / "config.yaml"), *QUIET, "--trainer.max_epochs=3"]
+            + [f"--trainer.logger.init_args.save_dir={tmp_path}", "--ckpt_path", str(last)]
+        )
+    assert cli.trainer.current_epoch == 3 and cli.trainer.global_step > 0
 
 
 def test_results_reads_an_old_run_as_the_same_run_under_the_new_name(old_run: tuple[Path, list[str]]) -> None:
