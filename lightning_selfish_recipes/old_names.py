@@ -147,8 +147,10 @@ def update_files(path: Path) -> list[Path]:
     """
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and (p.name in _RUN_FILES or p.suffix == ".ckpt"))
-    elif path.is_file():
+    elif path.is_file() and path.suffix in (".ckpt", ".yaml", ".yml"):
         files = [path]
+    elif path.is_file():
+        raise ValueError(f"{path}: not a checkpoint (.ckpt) or a YAML config (.yaml, .yml)")
     else:
         raise FileNotFoundError(f"{path}: no such run directory or file")
     changed = []
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in arguments.paths:
         try:
             changed = update_files(path)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             sys.stderr.write(f"error: {error}\n")
             return 2
         for file in changed:

@@ -151,6 +151,13 @@ def test_an_old_run_updated_once_resumes_and_loads(
     assert f"class_path: {NEW}" in text and "recipes.models" not in text.replace(NEW, "")
     assert text.startswith("# pytorch_lightning==")  # the rest of the file as it was
     assert old_names.main([str(version)]) == 0 and "nothing names recipes." in capsys.readouterr().out
+    assert old_names.main([str(version / "masks" / "init.pt")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {version / 'masks' / 'init.pt'}: not a checkpoint (.ckpt) or a YAML config (.yaml, .yml)\n"
+    )
+    assert old_names.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such run directory or file\n"
 
     last = version / "checkpoints" / "last.ckpt"
     assert type(LanguageModel.load_from_checkpoint(last).network).__name__ == "StackedLSTM"
