@@ -370,7 +370,8 @@ class PlainTextHelpFormatter(DefaultHelpFormatter):
 
 NOISE_LOG_MESSAGES: tuple[str, ...] = (
     "💡 Tip: For seamless cloud",  # advertising for litlogger / litmodels, on every run
-    # The command's own model summary (lightning_selfish_recipes.model_summary) replaces Lightning's default, which Lightning says.
+    # The command's own model summary (lightning_selfish_recipes.model_summary) replaces Lightning's default,
+    # which Lightning says.
     "Trainer already configured with model summary callbacks",
 )
 """Start of the INFO lines of Lightning's rank-zero logger that are dropped."""

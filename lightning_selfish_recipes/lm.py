@@ -701,7 +701,8 @@ def _refuse_zero_sparsity(arguments: Any) -> None:
     if not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0:
         raise ValueError(
             f"sparsity.sparsity must be in (0, 1), got {value!r}: a dense run has no sparsity callback: "
-            "--model.sparsity null on the command line, `sparsity: null` in YAML (lightning_selfish_recipes/configs/methods/dense.yaml), "
+            "--model.sparsity null on the command line, `sparsity: null` in YAML "
+            "(lightning_selfish_recipes/configs/methods/dense.yaml), "
             "LanguageModel(sparsity=None) in Python"
         )
 

@@ -1,5 +1,6 @@
-"""lightning_selfish_recipes/compat.py: each private attribute of another library the recipes read, on the real library. A test here
-fails when the library changes the attribute (renamed, moved, other meaning): fix the one function, nothing else."""
+"""lightning_selfish_recipes/compat.py: each private attribute of another library the recipes read, on the real
+library. A test here fails when the library changes the attribute (renamed, moved, other meaning): fix the one
+function, nothing else."""
 
 from __future__ import annotations
 
