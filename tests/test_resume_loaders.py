@@ -120,13 +120,36 @@ def test_a_checkpoint_after_the_last_batch_of_an_epoch_resumes_bit_exact(kind: s
     """``every_n_train_steps=8`` writes after the second epoch's last batch, before its validation and its end: the
     resumed run starts the third epoch as the uninterrupted run did (it counts as written between epochs). Without
     the sparsity callback: Lightning does not call that epoch's ``on_train_epoch_end`` on this resume, so the
-    callback's epoch-cadence update of that epoch is not made (a separate issue)."""
+    callback's epoch-cadence update of that epoch is pinned by the next test."""
     straight = fit(PACKAGES[0], kind, sparse=False)
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
     with pytest.raises(Crash):
         fit(PACKAGES[0], kind, sparse=False, extra=[saver, CrashAtStep(9)])
     resumed = fit(PACKAGES[0], kind, sparse=False, ckpt_path=tmp_path / "step=8.ckpt")
     assert_resumed_exactly(straight, resumed, steps=4)
+
+
+def test_a_checkpoint_after_an_epochs_last_batch_keeps_that_epochs_update(tmp_path) -> None:
+    """``every_n_train_steps`` landing on an epoch's last batch writes before the epoch's end: the resumed run
+    still makes the epoch-cadence update of that epoch's end, as the uninterrupted run did (same masks, weights and
+    number of updates)."""
+
+    def sparse_fit(extra=(), ckpt_path=None):
+        model = fit("pytorch_lightning", "shuffle", sparse=True, extra=extra, ckpt_path=ckpt_path)
+        return model, model.trainer.callbacks
+
+    straight, straight_callbacks = sparse_fit()
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    with pytest.raises(Crash):
+        sparse_fit(extra=[saver, CrashAtStep(9)])
+    resumed, resumed_callbacks = sparse_fit(ckpt_path=tmp_path / "step=8.ckpt")
+    (a,) = [cb for cb in straight_callbacks if isinstance(cb, SelfishSparsityCallback)]
+    (b,) = [cb for cb in resumed_callbacks if isinstance(cb, SelfishSparsityCallback)]
+    assert a.controller.num_updates == b.controller.num_updates == 2
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+    for (name, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), name
 
 
 def test_a_plain_loader_checkpointed_inside_an_epoch_resumes_with_lightnings_warning(tmp_path: Path) -> None:

@@ -342,6 +342,9 @@ class SelfishSparsityCallback(Callback):
         if notice is not None and trainer.is_global_zero:
             rank_zero_info(notice)
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
+        # A resume from a checkpoint written after an epoch's last batch (before that epoch's end) starts the next
+        # epoch without on_train_epoch_start: the update of that boundary is due here (at most once).
+        self._epoch_boundary_update(trainer)
 
     @override
     def on_train_batch_start(
@@ -376,6 +379,9 @@ class SelfishSparsityCallback(Callback):
         epoch?"): a checkpoint then holds the weights that were validated, and resuming from it replays the update.
         No step happens in between, so this is the same point in training as the end of the previous epoch.
         """
+        self._epoch_boundary_update(trainer)
+
+    def _epoch_boundary_update(self, trainer: pl.Trainer) -> None:
         amount = self.controller.update_due_at_epoch_start(trainer.current_epoch - 1, trainer.global_step)
         if amount is not None:
             self._update(trainer, amount)
