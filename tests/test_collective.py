@@ -45,5 +45,5 @@ def test_a_process_group_runs_the_collectives(one_process_group) -> None:
     assert counts.tolist() == [4, 5]
     values = torch.tensor([[5.0, -1.0], [2.0, 7.0]])
     assert [float(group.kth_value(values, k)) for k in (1, 2, 4)] == [-1.0, 2.0, 7.0]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\] \(the number of values\), got 5"):
         group.kth_value(values, 5)
