@@ -198,6 +198,7 @@ class SelfishSparsityCallback(Callback):
         self.controller = SparsityController(config, seed, growth_seed, given_length)
         self.engine: SparseEngine | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._restored = False  # this fit resumed from a checkpoint (until its training starts)
         self._batch_idx = -1
 
     def __getattr__(self, name: str) -> Any:
@@ -314,7 +315,8 @@ class SelfishSparsityCallback(Callback):
         check_gate_layouts_sparsified(pl_module, self.gate_layouts, params, self.include, self.exclude)
         layouts = {name: layout for name, layout in layouts.items() if name in params}
         device = next(iter(params.values())).device
-        if self._loaded_state is not None:
+        self._restored = self._loaded_state is not None
+        if self._restored:
             self.engine = self._restore_engine(params, layouts, device)
         elif self.engine is not None:
             self.engine = self._continue_engine(trainer, params, layouts)
@@ -344,7 +346,9 @@ class SelfishSparsityCallback(Callback):
         self.controller.prepare_gradients(trainer.optimizers, math.isinf(trainer.num_training_batches))
         # A resume from a checkpoint written after an epoch's last batch (before that epoch's end) starts the next
         # epoch without on_train_epoch_start: the update of that boundary is due here (at most once).
-        self._epoch_boundary_update(trainer)
+        if self._restored:
+            self._restored = False
+            self._epoch_boundary_update(trainer)
 
     @override
     def on_train_batch_start(
