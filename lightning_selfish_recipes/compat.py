@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -104,6 +104,17 @@ def group_actions(group: Any) -> list[Any]:
     return group._group_actions
 
 
+def forget_rnn_weights(rnn: Any, names: Sequence[str]) -> None:
+    """Make an ``nn.RNNBase`` forget the tensors it caches for its weights ``names`` (``_flat_weights`` and their
+    weak references ``_flat_weight_refs``), which a weight moved out of it (``WeightDrop``) or swapped in for one call
+    (``torch.func.functional_call``) leaves behind. Its other weights stay as they are; no public API forgets one
+    weight (``_init_flat_weights`` re-reads them all, and is private too)."""
+    for name in names:
+        index = rnn._flat_weights_names.index(name)
+        rnn._flat_weights[index] = None
+        rnn._flat_weight_refs[index] = None
+
+
 def help_formatter(base: type, *, help_text: Callable[[str], str], other_text: Callable[[str], str], name: str) -> type:
     """A subclass of the argparse help formatter ``base`` that passes each argument's help through ``help_text`` and
     every other text it prints (descriptions of the parser and of the groups) through ``other_text``, before its
@@ -130,6 +141,7 @@ __all__ = [
     "PACKAGE",
     "PACKAGES",
     "argument_groups",
+    "forget_rnn_weights",
     "given_hyperparameters",
     "group_actions",
     "help_formatter",

@@ -108,3 +108,19 @@ def test_subcommand_parsers_are_the_parsers_lightningcli_set_up() -> None:
     assert list(parsers) == list(LightningCLI.subcommands())
     assert all(isinstance(p, compat.module("cli").LightningArgumentParser) for p in parsers.values())
     assert "--ckpt_path" in parsers["fit"].format_help() and "--trainer.max_epochs" in parsers["test"].format_help()
+
+
+def test_forget_rnn_weights_drops_the_cached_tensors_of_the_named_weights_only() -> None:
+    lstm = nn.LSTM(3, 4)
+    kept = lstm.weight_ih_l0
+    compat.forget_rnn_weights(lstm, ["weight_hh_l0"])
+    index = lstm._flat_weights_names.index("weight_hh_l0")
+    assert lstm._flat_weights[index] is None and lstm._flat_weight_refs[index] is None
+    assert lstm._flat_weights[0] is kept and lstm._flat_weight_refs[0]() is kept
+    # what it is for: a weight swapped in for one call is not kept, and is not taken for a changed weight after
+    weight = nn.Parameter(torch.randn(16, 4))
+    delattr(lstm, "weight_hh_l0")
+    out, _ = torch.func.functional_call(lstm, {"weight_hh_l0": weight * 1.0}, (torch.randn(2, 1, 3),))
+    assert lstm._flat_weights[index] is not None  # torch left the call's tensor behind
+    compat.forget_rnn_weights(lstm, ["weight_hh_l0"])
+    assert lstm._flat_weights[index] is None and not lstm._weights_have_changed()
