@@ -25,20 +25,30 @@ subcommands are dispatched from :data:`TOOL_COMMANDS`. Mistakes in arguments, co
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from lightning_selfish_recipes import console
-from lightning_selfish_recipes.compat import argument_groups, group_actions, module, set_argument_groups
+from lightning_selfish_recipes.command.checkpoint_paths import (
+    check_checkpoint_path,
+    checkpoint_global_step,
+    config_log_root,
+    continue_log_version,
+    resolve_checkpoint,
+    resolve_checkpoint_in,
+)
+from lightning_selfish_recipes.command.checks import check_model_arguments, check_trains_something
+from lightning_selfish_recipes.command.help import (
+    BRIEF_TRAINER_OPTIONS,
+    PlainTextHelpFormatter,
+    arrange_subcommand_help,
+)
+from lightning_selfish_recipes.command.noise import expect_checkpoints_in_log_dir, quiet_dependency_noise
+from lightning_selfish_recipes.compat import module, subcommand_parsers
+from lightning_selfish_recipes.console import user_error_message
 from lightning_selfish_recipes.data import LanguageModelingDataModule
 from lightning_selfish_recipes.hparams import PerplexityHParams
 from lightning_selfish_recipes.inference import add_sparse_inference_argument, enable_sparse_inference
@@ -87,19 +97,6 @@ class _SaveFitConfig(_cli.SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-#: The Trainer options ``selfish-rnn fit --help`` shows; ``--help-all`` shows them all.
-BRIEF_TRAINER_OPTIONS = (
-    "max_epochs",
-    "accelerator",
-    "devices",
-    "precision",
-    "limit_train_batches",
-    "limit_val_batches",
-    "logger",
-    "callbacks",
-)
-
-
 class SelfishRNNCLI(LightningCLI):
     """LightningCLI with the data -> network links, TensorBoard by default and cross-process ``best``/``last``.
 
@@ -111,22 +108,16 @@ class SelfishRNNCLI(LightningCLI):
         self.help_all = help_all
         super().__init__(*args, **kwargs)
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "test":
-            add_sparse_inference_argument(parser)
-        parser.usage = f"selfish-rnn {subcommand} --config CONFIG [--ARGUMENT VALUE ...] [--help | --help-all]"
-        groups = argument_groups(parser)
-        trainer = [g for g in groups if any(a.dest.startswith("trainer.") for a in group_actions(g))]
-        set_argument_groups(parser, [g for g in groups if g not in trainer] + trainer)
-        if not self.help_all:
-            for group in trainer:
-                group.title = f"Trainer (a few options; all of them: selfish-rnn {subcommand} --help-all)"
-                group.description = None
-                for action in group_actions(group):
-                    if action.dest.removeprefix("trainer.").split(".")[0] not in BRIEF_TRAINER_OPTIONS:
-                        action.help = argparse.SUPPRESS
-        return parser
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            return
+        for subcommand, parser in subcommand_parsers(self).items():
+            if subcommand == "test":
+                add_sparse_inference_argument(parser)
+            arrange_subcommand_help(parser, subcommand, self.help_all)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The vocabulary is only known once the corpus is read: link it when the classes are instantiated.
@@ -164,7 +155,7 @@ class SelfishRNNCLI(LightningCLI):
         logger_args = getattr(config["trainer"].get("logger"), "init_args", None)
         if logger_args is not None and "default_hp_metric" in logger_args:
             logger_args["default_hp_metric"] = False  # no placeholder hp_metric: see lightning_selfish_recipes.hparams
-        root = _config_log_root(config["trainer"])
+        root = config_log_root(config["trainer"])
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("best", "last") and root is not None:
             resolved = resolve_checkpoint_in(root, ckpt_path, require=self.subcommand != "fit")
@@ -175,10 +166,10 @@ class SelfishRNNCLI(LightningCLI):
             bool(ckpt_path)
             and root is not None
             and config.get("continue_log_version", True)
-            and _continue_log_version(config["trainer"], root, Path(ckpt_path))
+            and continue_log_version(config["trainer"], root, Path(ckpt_path))
         )
         if continued and self.subcommand == "fit":
-            console.expect_checkpoints_in_log_dir()
+            expect_checkpoints_in_log_dir()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The bar redraws every PROGRESS_BAR_REFRESH_RATE batches and the model summary shows this project's FLOPs,
@@ -209,7 +200,7 @@ class SelfishRNNCLI(LightningCLI):
             arguments["ckpt_path"] = None if resolved is None else str(resolved)
 
     def before_fit(self) -> None:
-        self._steps_before_fit = _checkpoint_global_step(self.config_init[self.subcommand].get("ckpt_path"))
+        self._steps_before_fit = checkpoint_global_step(self.config_init[self.subcommand].get("ckpt_path"))
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -231,182 +222,6 @@ class SelfishRNNCLI(LightningCLI):
 
     def before_test(self) -> None:
         enable_sparse_inference(self.trainer, self.config_init["test"])
-
-
-def check_model_arguments(model_config: Any) -> None:
-    """Validate ``--model.*`` with the real constructor and callbacks, on a stand-in network (no corpus needed).
-
-    ``LanguageModel`` names an argument as its constructor does (``lr``, ``sparsity.sparsity``); the error says the
-    option the command takes (``--model.lr``, ``--model.sparsity.sparsity``).
-    """
-    arguments = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
-    arguments = {key: value for key, value in arguments.items() if key != "network" and not key.startswith("__")}
-    try:
-        LanguageModel(_StandInNetwork(), **arguments).configure_callbacks()
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        if re.split(r"[ .:=]", message, maxsplit=1)[0] not in arguments:
-            raise
-        raise type(error)(f"--model.{message}") from error
-
-
-#: ``--ckpt_path`` values that are no file: this command's ``best``/``last`` and Lightning's ``hpc``/``registry``.
-_CHECKPOINT_WORDS = ("best", "last", "hpc", "registry")
-
-
-def check_checkpoint_path(ckpt_path: Any) -> None:
-    """Refuse a ``--ckpt_path`` file that is not there, before the corpus is read and a log folder is made.
-
-    Lightning finds out only when it restores the checkpoint: after the data, the Trainer and the run's log
-    version directory exist. Remote paths (``s3://...``) and Lightning's keywords are left to Lightning.
-    """
-    if ckpt_path is None or "://" in str(ckpt_path):
-        return
-    text = str(ckpt_path)
-    if text.lower() in _CHECKPOINT_WORDS or text.lower().startswith("registry:"):
-        return
-    path = Path(text)
-    if not path.is_file():
-        found = "a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
-        raise FileNotFoundError(
-            f"--ckpt_path {text}: {found} (give the path of a .ckpt file, or best / last for the newest run of this "
-            "config's logger name)"
-        )
-
-
-#: Trainer arguments whose 0 leaves a fit nothing to train, with what they count.
-_RUN_LENGTH_ARGUMENTS = (
-    ("max_epochs", "epochs"),
-    ("max_steps", "optimizer steps"),
-    ("limit_train_batches", "training batches per epoch"),
-)
-
-
-def check_trains_something(trainer_config: Any) -> None:
-    """Refuse a ``fit`` that cannot train a single step, before anything is created.
-
-    Lightning ends such a fit at once and reports success (``selfish-rnn fit: done``, exit status 0, an empty log
-    folder): ``--trainer.max_epochs 0``, ``--trainer.max_steps 0`` or ``--trainer.limit_train_batches 0``.
-    """
-    for key, counted in _RUN_LENGTH_ARGUMENTS:
-        value = trainer_config.get(key)
-        if value is not None and not isinstance(value, bool) and value == 0:
-            raise ValueError(
-                f"--trainer.{key} {value} trains nothing (0 {counted}): selfish-rnn fit needs at least one training "
-                f"step; give a positive --trainer.{key} (or leave it out)"
-            )
-
-
-def _checkpoint_global_step(ckpt_path: Any) -> int:
-    """The optimizer steps a checkpoint has already trained (0 without one)."""
-    if not ckpt_path:
-        return 0
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return int(checkpoint.get("global_step", 0))
-
-
-class _StandInNetwork(nn.Module):
-    """The smallest network with the interface ``LanguageModel`` checks, to validate its other arguments."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(2, 2))
-
-    def init_hidden(self, batch_size: int) -> None:
-        return None
-
-    def forward(self, input: Tensor, hidden: Any) -> Any:  # never called
-        raise NotImplementedError
-
-
-def resolve_checkpoint(trainer: Any, which: str, require: bool = True) -> Path | None:
-    """The ``best`` or ``last`` checkpoint of the newest earlier run logged under the trainer's logger name.
-
-    See :func:`resolve_checkpoint_in`; the runs' root is the logger's ``root_dir``.
-    """
-    return resolve_checkpoint_in(_runs_root(trainer), which, require)
-
-
-def resolve_checkpoint_in(root: Path, which: str, require: bool = True) -> Path | None:
-    """The ``best`` or ``last`` checkpoint of the newest run under ``root`` (a logger's ``<save_dir>/<name>``).
-
-    Runs are ``<root>/version_*``; the newest one that has ``checkpoints/last.ckpt`` is used. ``last`` is that file:
-    the run's latest epoch, which the recipes rewrite after every epoch
-    (:func:`lightning_selfish_recipes.lm.run_checkpoints`). A
-    ``last.ckpt`` written instead by a ``ModelCheckpoint`` with a monitor and ``save_last=True`` (runs of earlier
-    recipes, or a checkpoint callback of your own) holds the last epoch whose validation *improved*, which may be
-    older than the run's end: that is said in a warning. ``best`` is read from the file's monitored
-    ``ModelCheckpoint`` state (``best_model_path``). Returns None when nothing is found and ``require`` is False;
-    raises ``FileNotFoundError`` otherwise.
-    """
-    candidates = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        if not require:
-            return None
-        raise FileNotFoundError(
-            f"--ckpt_path {which}: no earlier run with a last.ckpt under {root}. Train first (selfish-rnn fit with "
-            "the same config and logger name), or pass the path of a checkpoint file."
-        )
-    last = candidates[-1]
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    states = [
-        state
-        for key, state in checkpoint.get("callbacks", {}).items()
-        if key.startswith("ModelCheckpoint") and isinstance(state, dict)
-    ]
-    if which == "last":
-        if not any(s.get("monitor") is None and Path(s.get("best_model_path") or "").name == last.name for s in states):
-            rank_zero_warn(
-                f"--ckpt_path last: {last} (epoch {checkpoint.get('epoch')}) was not written as the run's latest "
-                "epoch but by a ModelCheckpoint with a monitor and save_last=True, which Lightning writes only when "
-                "that checkpoint improves: it is the last epoch whose validation improved, and the epochs after it "
-                "are trained again. Runs of the current recipes keep the latest epoch in last.ckpt"
-            )
-        return last
-    for state in states:
-        if state.get("monitor") is not None and state.get("best_model_path"):
-            best = Path(state["best_model_path"])
-            if best.is_file():
-                return best
-            raise FileNotFoundError(f"--ckpt_path best: {last} names {best} as the best checkpoint, which is missing")
-    raise FileNotFoundError(
-        f"--ckpt_path best: {last} records no best checkpoint (was a val_loss monitor configured?); pass a path"
-    )
-
-
-def _runs_root(trainer: Any) -> Path:
-    logger = trainer.logger
-    root = getattr(logger, "root_dir", None) if logger is not None else None
-    if root is None:
-        return Path(trainer.default_root_dir) / "lightning_logs"
-    return Path(root)
-
-
-def _config_log_root(trainer_config: Any) -> Path | None:
-    """``<save_dir>/<name>`` of the configured logger (a TensorBoard or CSV logger), before it exists."""
-    logger = trainer_config.get("logger")
-    init_args = getattr(logger, "init_args", None)
-    if init_args is None or init_args.get("save_dir") is None or "version" not in init_args:
-        return None
-    return Path(init_args["save_dir"]) / (init_args.get("name") or "")
-
-
-def _continue_log_version(trainer_config: Any, root: Path, ckpt_path: Path) -> bool:
-    """Log to the version directory that holds ``ckpt_path`` (``<root>/<version>/checkpoints/<file>``).
-
-    Besides keeping one run's curves in one place, the checkpoint callback then finds its own directory again
-    and restores its whole state (top-k, last) instead of warning that the directory changed. Returns whether
-    the version was set.
-    """
-    init_args = trainer_config["logger"].init_args
-    version_dir = ckpt_path.resolve().parent.parent
-    if init_args.get("version") is not None or ckpt_path.resolve().parent.name != "checkpoints":
-        return False
-    if version_dir.parent != root.resolve():
-        return False
-    match = re.fullmatch(r"version_(\d+)", version_dir.name)
-    init_args["version"] = int(match.group(1)) if match else version_dir.name
-    return True
 
 
 def configure_logging() -> None:
@@ -465,7 +280,7 @@ def build_cli(
         parser_kwargs={
             "description": DESCRIPTION,
             "exit_on_error": exit_on_error,
-            "formatter_class": console.PlainTextHelpFormatter,
+            "formatter_class": PlainTextHelpFormatter,
         },
     )
 
@@ -535,14 +350,14 @@ def main(args: ArgsType = None) -> None:
     help_all = "--help-all" in argv
     argv = ["--help" if a == "--help-all" else a for a in argv]
     configure_logging()
-    console.quiet_dependency_noise()
+    quiet_dependency_noise()
     keep_freed_memory_for_reuse()  # CPU training: reuse large per-step buffers instead of re-faulting them
     if args is None:
         sys.argv[1:] = argv  # without --debug (and --help-all as --help); LightningCLI reads sys.argv itself
     try:
         build_cli(None if args is None else argv, exit_on_error=False, help_all=help_all)
     except Exception as error:
-        message = None if debug else console.user_error_message(error, argv, commands, str(QUICKSTART))
+        message = None if debug else user_error_message(error, argv, commands, str(QUICKSTART))
         if message is None:
             raise
         sys.stderr.write(f"error: {message}\n")
@@ -550,6 +365,7 @@ def main(args: ArgsType = None) -> None:
 
 
 __all__ = [
+    "BRIEF_TRAINER_OPTIONS",
     "CONFIG_DIR",
     "TOOL_COMMANDS",
     "SelfishRNNCLI",

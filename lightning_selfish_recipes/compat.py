@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -104,19 +104,53 @@ def group_actions(group: Any) -> list[Any]:
     return group._group_actions
 
 
+def forget_rnn_weights(rnn: Any, names: Sequence[str]) -> None:
+    """Make an ``nn.RNNBase`` forget the tensors it caches for its weights ``names`` (``_flat_weights`` and their
+    weak references ``_flat_weight_refs``), which a weight moved out of it (``WeightDrop``) or swapped in for one call
+    (``torch.func.functional_call``) leaves behind. Its other weights stay as they are; no public API forgets one
+    weight (``_init_flat_weights`` re-reads them all, and is private too)."""
+    for name in names:
+        index = rnn._flat_weights_names.index(name)
+        rnn._flat_weights[index] = None
+        rnn._flat_weight_refs[index] = None
+
+
+def help_formatter(base: type, *, help_text: Callable[[str], str], other_text: Callable[[str], str], name: str) -> type:
+    """A subclass of the argparse help formatter ``base`` that passes each argument's help through ``help_text`` and
+    every other text it prints (descriptions of the parser and of the groups) through ``other_text``, before its
+    wrapping (argparse's ``_expand_help`` and ``_format_text``: argparse has no public hook for either)."""
+
+    def _expand_help(self: Any, action: Any) -> str:
+        return help_text(base._expand_help(self, action))
+
+    def _format_text(self: Any, text: str) -> str:
+        return base._format_text(self, other_text(text))
+
+    return type(name, (base,), {"_expand_help": _expand_help, "_format_text": _format_text, "__module__": __name__})
+
+
+def subcommand_parsers(cli: Any) -> dict[str, Any]:
+    """The parser of each subcommand of a ``LightningCLI`` (``fit``, ``validate``, ...), once its ``setup_parser`` has
+    run with subcommands (LightningCLI's ``_subcommand_parsers``: neither it nor jsonargparse has a public accessor)."""
+    return cli._subcommand_parsers
+
+
 __all__ = [
     "DEFAULT",
     "ENV_VAR",
     "PACKAGE",
     "PACKAGES",
     "argument_groups",
+    "forget_rnn_weights",
     "given_hyperparameters",
     "group_actions",
+    "help_formatter",
     "logs_this_step",
     "module",
     "pl",
     "selected",
     "set_argument_groups",
+    "subcommand_parsers",
     "tensorboard_file_writer",
     "tensorboard_hparams",
 ]

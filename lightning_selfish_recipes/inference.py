@@ -129,7 +129,7 @@ def _convert_weight_drop(wrapper: WeightDrop, prefix: str, context: ConversionCo
     ).to(device=reference.device, dtype=reference.dtype)
     sparse, choices = {}, {}
     with torch.no_grad():
-        for name in plain._flat_weights_names:
+        for name, _ in plain.named_parameters(recurse=False):  # the RNN's weights and biases, in its order
             raw = name in wrapper.weights
             value = getattr(wrapper, f"{name}_raw") if raw else getattr(lstm, name)
             getattr(plain, name).copy_(value)  # eval: F.dropout is the identity, the raw weight is what runs

@@ -24,98 +24,73 @@ position in the epoch a resumed fit is exactly the uninterrupted one, dropout in
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
-import typing
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_selfish.callbacks.flops import FlopsCallback
-from lightning_selfish.callbacks.history import MaskHistory
-from lightning_selfish.callbacks.monitor import TopologyMonitor
-from lightning_selfish.callbacks.random_state import RandomStateCheckpoint
 from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
-from lightning_selfish.callbacks.trigger import NonMonotonicTrigger
-from lightning_selfish.core.optim_state import MaskUpdate
-from lightning_selfish.optim.sntasgd import SNTASGD
 from lightning_selfish_recipes.compat import given_hyperparameters, logs_this_step, module, pl
 from lightning_selfish_recipes.metrics import TokenWeightedCrossEntropy
+from lightning_selfish_recipes.training.bptt import (
+    carried_state_of_this_rank,
+    carried_states_of_every_rank,
+    detach_hidden,
+    scaled_lr,
+    schedule_length,
+    to_device,
+    window_lr_scale,
+)
+from lightning_selfish_recipes.training.callbacks import run_callbacks, run_checkpoints
+from lightning_selfish_recipes.training.checks import (
+    check_network,
+    check_single_device_for_column_groups,
+    check_small_batch_size,
+    check_training_arguments,
+    check_training_seed,
+)
+from lightning_selfish_recipes.training.column_groups import GroupGradients, group_sizes
+from lightning_selfish_recipes.training.optimizers import (
+    AVERAGING_OPTIMIZERS,
+    OPTIMIZERS,
+    PLATEAU_DEFAULTS,
+    MaskBlindNTASGD,
+    OptimizerName,
+    build_optimizer,
+)
+from lightning_selfish_recipes.training.sparsity_arguments import (
+    SPARSITY_ARGUMENTS,
+    SparsityArguments,
+    as_sparsity_arguments,
+    callback_arguments,
+    sparsity_callback,
+)
 
 Callback = pl.Callback
 rank_zero_warn = module("utilities.rank_zero").rank_zero_warn
-ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
-OptimizerName = Literal["sntasgd", "ntasgd", "sgd", "momentum", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd", "sgd", "momentum", "adam")
-AVERAGING_OPTIMIZERS: tuple[str, ...] = ("sntasgd", "ntasgd")
-
-#: Table 4's learning-rate drops "(A x, B)": divide by A after B epochs without improvement of ``val_loss``.
-PLATEAU_DEFAULTS: dict[str, tuple[float, int]] = {"adam": (0.5, 2), "momentum": (1.0 / 1.33, 1)}
-
-
-def _keyword_arguments_of(cls: type, name: str) -> type:
-    """A frozen dataclass whose fields are the arguments of ``cls.__init__``: same names, types and defaults.
-
-    Typed with it, a parameter is one nested group on the command line and in YAML (jsonargparse reads the fields,
-    their types and the ``Args:`` of ``cls``'s docstring for the help), validated field by field, and never out of
-    step with ``cls``: there is no second list of its arguments to keep.
-    """
-    hints = typing.get_type_hints(cls.__init__)
-    fields = []
-    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        if parameter.default is parameter.empty:
-            field = dataclasses.field()
-        elif isinstance(parameter.default, (list, dict, set)):
-            field = dataclasses.field(default_factory=lambda default=parameter.default: type(default)(default))
-        else:
-            field = dataclasses.field(default=parameter.default)
-        fields.append((parameter.name, hints[parameter.name], field))
-    made = dataclasses.make_dataclass(name, fields, kw_only=True, frozen=True)
-    made.__module__ = __name__
-    summary, _, details = (inspect.getdoc(cls) or "").partition("\n\n")
-    made.__doc__ = f"The arguments of {cls.__name__} (its names, types and defaults).\n\n{details}"
-    return made
-
-
-SparsityArguments = _keyword_arguments_of(SelfishSparsityCallback, "SparsityArguments")
-"""``LanguageModel(sparsity=...)``: the arguments of :class:`~lightning_selfish.SelfishSparsityCallback`, as a
-frozen dataclass made from its signature (``SparsityArguments(sparsity=0.67, method="rigl")``). On the command line
-they are ``--model.sparsity.<argument>``, in YAML ``model: {sparsity: {sparsity: 0.67, method: rigl}}``."""
-
-SPARSITY_ARGUMENTS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(SparsityArguments))
-"""The names of :data:`SparsityArguments`' fields (the callback's arguments)."""
-
-
-class MaskBlindNTASGD(SNTASGD):
-    """Standard NT-ASGD on a sparse model: the ablation "without SNT-ASGD" (Table 5).
-
-    Every weight is averaged over the whole averaging phase, whatever its lifetime. The sparsity engine still
-    multiplies the average by the mask after every step (it does so for every optimizer state tensor), so the
-    averaged model has exactly the current topology, but a weight grown after the trigger has been zero for most
-    of the window and its average stays near zero: the failure mode SNT-ASGD removes. On a dense model this is
-    identical to :class:`~lightning_selfish.optim.sntasgd.SNTASGD`.
-    """
-
-    #: Unlike SNT-ASGD, the step does write averages at inactive positions: the engine re-zeroes them.
-    keeps_inactive_state_zero = False
-
-    def on_mask_update(self, param: Tensor, update: MaskUpdate) -> None:
-        """Ignore topology changes: the average of every tensor is the dense running mean since the trigger."""
+__all__ = [
+    "AVERAGING_OPTIMIZERS",
+    "OPTIMIZERS",
+    "PLATEAU_DEFAULTS",
+    "SPARSITY_ARGUMENTS",
+    "LanguageModel",
+    "MaskBlindNTASGD",
+    "OptimizerName",
+    "SparsityArguments",
+    "detach_hidden",
+    "run_checkpoints",
+]
 
 
 class LanguageModel(pl.LightningModule):
     r"""A stateful RNN language model trained as in Selfish-RNN, dense or sparse.
 
-    (One class of ~500 lines on purpose: it is the authors' training loop as one LightningModule, whose hooks share
-    the carried hidden state, the variable-BPTT learning-rate scaling, MoS's column groups and the split metrics;
-    the networks, data, optimizers and sparse training live in their own modules.)
+    (One class of ~390 lines, 80 of them this docstring, on purpose: it is the authors' training loop as one
+    LightningModule, whose hooks share the carried hidden state, the variable-BPTT learning-rate scaling, MoS's
+    column groups and the split metrics; the argument checks, the sparsity group, the optimizers, truncated BPTT,
+    the column groups' gradients and the run's callbacks are in :mod:`lightning_selfish_recipes.training`.)
 
     Args:
         network: the language model (e.g. :class:`lightning_selfish_recipes.models.StackedLSTM`); see the module
@@ -196,25 +171,10 @@ class LanguageModel(pl.LightningModule):
         training_seed: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(network, nn.Module):
-            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        for required in ("init_hidden", "forward"):
-            if not callable(getattr(network, required, None)):
-                raise TypeError(
-                    f"network {type(network).__name__} has no {required}(): "
-                    f"see lightning_selfish_recipes.models.LMOutput"
-                )
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-        _check_positive_number("lr", lr)
-        if clip is not None:
-            _check_positive_number("clip", clip)
-        if not isinstance(bptt, int) or isinstance(bptt, bool) or bptt < 1:
-            raise ValueError(f"bptt must be a positive int, got {bptt!r}")
-        if not isinstance(nonmono, int) or isinstance(nonmono, bool) or nonmono < 1:
-            raise ValueError(f"nonmono must be an int >= 1, got {nonmono!r}")
-        if plateau_factor is not None and not 0.0 < plateau_factor < 1.0:
-            raise ValueError(f"plateau_factor must be in (0, 1), got {plateau_factor!r}")
+        check_network(network)
+        check_training_arguments(
+            optimizer=optimizer, lr=lr, clip=clip, bptt=bptt, nonmono=nonmono, plateau_factor=plateau_factor
+        )
         self._save_hyperparameters(network)
 
         self.network = network
@@ -229,11 +189,8 @@ class LanguageModel(pl.LightningModule):
         self.plateau_patience = int(plateau_patience) if plateau_patience is not None else patience
         self.clip = clip
         self.bptt = bptt
-        if small_batch_size is not None and (
-            isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1
-        ):
-            raise ValueError(f"small_batch_size must be a positive int or None, got {small_batch_size!r}")
-        self.sparsity: SparsityArguments | None = _sparsity_arguments(sparsity)
+        check_small_batch_size(small_batch_size)
+        self.sparsity: SparsityArguments | None = as_sparsity_arguments(sparsity)
         self.flops = flops
         self.small_batch_size = small_batch_size
         self.nonmono = nonmono
@@ -241,8 +198,7 @@ class LanguageModel(pl.LightningModule):
         self.checkpoint = checkpoint
         self.topology_monitor = topology_monitor
         self.mask_history = mask_history
-        if training_seed is not None and (isinstance(training_seed, bool) or not isinstance(training_seed, int)):
-            raise TypeError(f"training_seed must be an int or None, got {training_seed!r}")
+        check_training_seed(training_seed)
         self.training_seed = training_seed
 
         self.alpha = float(getattr(network, "alpha", 0.0) or 0.0)
@@ -257,7 +213,7 @@ class LanguageModel(pl.LightningModule):
         self._train_hidden: Any = None
         self._eval_hidden: tuple[int, Any] | None = None
         self._lr_scale = 1.0
-        self._group_grads: dict[Tensor, Tensor | None] | None = None  # small_batch_size: earlier groups' gradients
+        self._group_grads = GroupGradients()  # small_batch_size: the gradients of a step's earlier groups
         self._sparsity_callback: SelfishSparsityCallback | None = None
         if self.sparsity is not None:
             self._sparsity_callback_or_error()  # the callback's own checks of the group, before any work
@@ -314,35 +270,18 @@ class LanguageModel(pl.LightningModule):
     def on_train_start(self) -> None:
         # a state restored from a mid-epoch checkpoint (on_load_checkpoint) goes to the device the model is on now
         if self._train_hidden is not None:
-            self._train_hidden = _to_device(self._train_hidden, self.device)
+            self._train_hidden = to_device(self._train_hidden, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the hidden state carried to the next training window, so a mid-epoch resume carries it on."""
-        hidden = _to_device(self._train_hidden, "cpu")
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
-            ranks: list[Any] = [None] * trainer.world_size  # every rank carries its own columns' states
-            torch.distributed.all_gather_object(ranks, hidden)
-        else:
-            ranks = [hidden]
-        checkpoint["train_hidden"] = ranks
+        checkpoint["train_hidden"] = carried_states_of_every_rank(self._train_hidden, self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ranks = checkpoint.get("train_hidden")  # absent from older checkpoints: the state starts at zero
-        trainer = self._trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._train_hidden = None
-        if isinstance(ranks, list) and len(ranks) == world_size:
-            self._train_hidden = ranks[rank]
-        elif isinstance(ranks, list):
-            rank_zero_warn(
-                f"the checkpoint holds the carried hidden states of {len(ranks)} process(es), this run has "
-                f"{world_size}: a resume in the middle of an epoch starts the hidden state at zero"
-            )
+        # absent from older checkpoints: the state starts at zero
+        self._train_hidden = carried_state_of_this_rank(checkpoint.get("train_hidden"), self._trainer, rank_zero_warn)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seq_len = batch[2] if len(batch) > 2 else batch[0].size(0)
-        self._lr_scale = float(seq_len) / self.bptt
+        self._lr_scale = window_lr_scale(batch, self.bptt)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.small_batch_size is not None and self.small_batch_size < batch[0].size(1):
@@ -379,9 +318,7 @@ class LanguageModel(pl.LightningModule):
         target = target.view(steps, batch_size)
         starts = range(0, batch_size, self.small_batch_size)
         carried = self._train_hidden if isinstance(self._train_hidden, list) else None
-        if carried is not None and [size for size, _ in carried] != [
-            min(self.small_batch_size, batch_size - start) for start in starts
-        ]:
+        if carried is not None and [size for size, _ in carried] != group_sizes(batch_size, self.small_batch_size):
             carried = None
         hidden_out: list[tuple[int, Any]] = []
         ce_sum = input.new_zeros((), dtype=torch.float32)
@@ -415,29 +352,11 @@ class LanguageModel(pl.LightningModule):
 
     def _accumulate_group_gradient(self, loss: Tensor) -> None:
         params = [p for p in self.parameters() if p.requires_grad]
-        scaled = self.trainer.strategy.precision_plugin.pre_backward(loss, self)  # the loss scale of mixed precision
-        grads = torch.autograd.grad(scaled, params, allow_unused=True)
-        if self._group_grads is None:
-            self._group_grads = dict(zip(params, grads))
-            return
-        for param, grad in zip(params, grads):
-            if grad is None:
-                continue
-            held = self._group_grads.get(param)
-            self._group_grads[param] = grad if held is None else held.add_(grad)
+        precision = self.trainer.strategy.precision_plugin  # the loss scale of mixed precision
+        self._group_grads.accumulate(loss, params, lambda loss: precision.pre_backward(loss, self))
 
     def on_after_backward(self) -> None:
-        groups, self._group_grads = self._group_grads, None
-        if not groups:
-            return
-        with torch.no_grad():
-            for param, grad in groups.items():
-                if grad is None:
-                    continue
-                if param.grad is None:
-                    param.grad = grad
-                else:
-                    param.grad.add_(grad)
+        self._group_grads.add_to_grads()
 
     def _logs_this_step(self) -> bool:
         trainer = self._trainer
@@ -452,19 +371,11 @@ class LanguageModel(pl.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step at ``lr * seq_len / bptt`` (variable BPTT), the configured lr restored right after it."""
-        scale = self._lr_scale
-        if scale == 1.0:
+        if self._lr_scale == 1.0:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
             return
-        groups = optimizer.param_groups
-        saved = [group["lr"] for group in groups]
-        for group, lr in zip(groups, saved):
-            group["lr"] = lr * scale
-        try:
+        with scaled_lr(optimizer, self._lr_scale):
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        finally:
-            for group, lr in zip(groups, saved):
-                group["lr"] = lr
 
     def configure_gradient_clipping(
         self,
@@ -517,216 +428,49 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        params = list(self.network.parameters())  # tied weights appear once
-        name = self.optimizer_name
-        if name == "sntasgd":
-            return SNTASGD(params, lr=self.lr, weight_decay=self.weight_decay)
-        if name == "ntasgd":
-            return MaskBlindNTASGD(params, lr=self.lr, weight_decay=self.weight_decay)
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
-        if name == "momentum":
-            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(
-                params, lr=self.lr, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay
-            )
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.plateau_factor, patience=self.plateau_patience, threshold=0.0
+        return build_optimizer(
+            self.network.parameters(),  # tied weights appear once
+            self.optimizer_name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            adam_betas=self.adam_betas,
+            adam_eps=self.adam_eps,
+            plateau_factor=self.plateau_factor,
+            plateau_patience=self.plateau_patience,
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch", "frequency": 1},
-        }
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = []
         if self.sparsity is not None:
             self._sparsity_callback = self._sparsity_callback_or_error()
-            callbacks.append(self._sparsity_callback)
-            if self.topology_monitor:
-                callbacks.append(TopologyMonitor())
-            if self.mask_history and self._trainer_has_logger():  # the masks go beside the run's logs
-                callbacks.append(MaskHistory())
-        if self.flops:
-            callbacks.append(FlopsCallback())
-        callbacks.append(RandomStateCheckpoint())  # resumes draw the dropout masks the saved run would have
-        if self.optimizer_name in AVERAGING_OPTIMIZERS:
-            callbacks.append(
-                NonMonotonicTrigger(monitor="val_loss", nonmono=self.nonmono, restart_at_epochs=self.restart_at_epochs)
-            )
-        if self.checkpoint and not self._trainer_has_monitored_checkpoint():
-            self._drop_default_checkpoint()
-            callbacks.extend(run_checkpoints())
-        return callbacks
-
-    def _drop_default_checkpoint(self) -> None:
-        # Lightning replaces a trainer's callbacks by the module's callbacks of the same type, and says so on every
-        # run; the ones without a monitor (the default one) would be replaced anyway, and are removed here instead.
-        trainer = self._trainer
-        if trainer is not None:
-            trainer.callbacks = [
-                cb for cb in trainer.callbacks if not (isinstance(cb, ModelCheckpoint) and cb.monitor is None)
-            ]
+        return run_callbacks(
+            self._trainer,
+            sparsity_callback=self._sparsity_callback if self.sparsity is not None else None,
+            topology_monitor=self.topology_monitor,
+            mask_history=self.mask_history,
+            flops=self.flops,
+            optimizer_name=self.optimizer_name,
+            nonmono=self.nonmono,
+            restart_at_epochs=self.restart_at_epochs,
+            checkpoint=self.checkpoint,
+        )
 
     def sparsity_arguments(self) -> dict[str, Any]:
         """The keyword arguments of the run's ``SelfishSparsityCallback``: the ``sparsity`` group in the module's terms.
 
         The parameter names of ``include``, ``exclude`` and ``gate_layouts`` get the ``network.`` prefix, ``exclude``
-        defaults to the network's ``sparsity_exclude``, and ``total_steps=None`` becomes :meth:`_schedule_length`,
-        which the callback asks at fit start. Raises ``RuntimeError`` for a dense model.
+        defaults to the network's ``sparsity_exclude``, and ``total_steps=None`` becomes
+        :func:`~lightning_selfish_recipes.training.bptt.schedule_length`, which the callback asks at fit start.
+        Raises ``RuntimeError`` for a dense model.
         """
         if self.sparsity is None:
             raise RuntimeError("sparsity_arguments(): this LanguageModel trains dense (sparsity=None)")
-        arguments = {name: getattr(self.sparsity, name) for name in SPARSITY_ARGUMENTS}
-        exclude = arguments["exclude"]
-        if exclude is None:
-            exclude = getattr(self.network, "sparsity_exclude", None) or []
-        arguments["exclude"] = [f"network.{pattern}" for pattern in exclude]
-        if arguments["include"] is not None:
-            arguments["include"] = [f"network.{pattern}" for pattern in arguments["include"]]
-        if arguments["gate_layouts"] is not None:
-            arguments["gate_layouts"] = {f"network.{name}": spec for name, spec in arguments["gate_layouts"].items()}
-        if arguments["total_steps"] is None:
-            arguments["total_steps"] = self._schedule_length
-        return arguments
+        return callback_arguments(self.sparsity, self.network, schedule_length)
 
     def _sparsity_callback_or_error(self) -> SelfishSparsityCallback:
         # The callback checks its arguments; its messages name them as "sparsity.<argument>" (--model.sparsity.*).
-        try:
-            return SelfishSparsityCallback(**self.sparsity_arguments())
-        except (TypeError, ValueError) as error:
-            message = str(error)
-            named = message.split(" ", 1)[0] in SPARSITY_ARGUMENTS
-            raise type(error)(f"sparsity.{message}" if named else f"sparsity: {message}") from error
-
-    def _trainer_has_logger(self) -> bool:
-        trainer = self._trainer
-        return trainer is None or bool(trainer.loggers)
-
-    def _trainer_has_monitored_checkpoint(self) -> bool:
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        return any(isinstance(cb, ModelCheckpoint) and cb.monitor is not None for cb in trainer.callbacks)
+        return sparsity_callback(self.sparsity_arguments())
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.small_batch_size is not None and self.trainer.world_size > 1:
-            raise ValueError(
-                f"small_batch_size={self.small_batch_size} runs a backward per column group inside one training step, "
-                f"which is only supported on a single device, not with {self.trainer.world_size} processes: give "
-                "each process a smaller data.batch_size instead, or small_batch_size=None"
-            )
-
-    def _schedule_length(self, trainer: Any = None) -> int | None:
-        """The prune-rate cosine's length in optimizer steps (the callback's ``total_steps``, asked at fit start).
-
-        With fixed windows None: the trainer's ``estimated_stepping_batches`` is exact. Variable BPTT has no length
-        Lightning can know; the authors use ``max_epochs * train_rows // bptt`` for every model, which is returned
-        (capped by ``max_steps``).
-        """
-        trainer = self.trainer if trainer is None else trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        if not getattr(datamodule, "variable_bptt", False):
-            return None  # the trainer's estimated_stepping_batches is exact
-        if trainer.max_epochs is None or trainer.max_epochs < 0:
-            if trainer.max_steps and trainer.max_steps > 0:
-                return int(trainer.max_steps)
-            return None
-        steps = trainer.max_epochs * datamodule.split_rows("train") // datamodule.bptt
-        if trainer.max_steps and trainer.max_steps > 0:
-            steps = min(steps, trainer.max_steps)
-        return max(1, int(steps))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_checkpoints() -> list[Callback]:
-    """The run's checkpoints: the best ``val_loss`` epoch (``epoch<N>-val_ppl<ppl>.ckpt``) and the latest epoch
-    (``last.ckpt``, rewritten after every epoch's validation), in that order.
-
-    The latest one is a checkpoint of its own: Lightning 2.6's ``save_last=True`` beside a monitor writes
-    ``last.ckpt`` only when the monitored checkpoint is saved, i.e. at the last epoch whose validation improved, and
-    a resume from it would train the later epochs again. Both write at the same point (after validation, before the
-    next epoch's topology update), the best one first, so ``last.ckpt`` records which checkpoint is best.
-    """
-    best = ModelCheckpoint(
-        monitor="val_loss",
-        mode="min",
-        filename="epoch{epoch:04d}-val_ppl{val_ppl:.2f}",
-        auto_insert_metric_name=False,
-    )
-    # No monitor, top 1: every epoch replaces the file; one name, so Lightning's own ckpt_path="last" finds it.
-    latest = ModelCheckpoint(filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False)
-    return [best, latest]
-
-
-def _sparsity_arguments(sparsity: Any) -> SparsityArguments | None:
-    """``LanguageModel(sparsity=...)`` as :data:`SparsityArguments` (a mapping of the same names is accepted)."""
-    if sparsity is None:
-        return None
-    if isinstance(sparsity, SparsityArguments):
-        _refuse_zero_sparsity(sparsity)
-        return sparsity
-    if isinstance(sparsity, (bool, int, float)):
-        raise TypeError(
-            f"sparsity must be the SelfishSparsityCallback arguments (e.g. {{'sparsity': {sparsity!r}}}) or None "
-            f"(dense), got {sparsity!r}"
-        )
-    if not isinstance(sparsity, Mapping):
-        raise TypeError(
-            f"sparsity must be a SparsityArguments, a mapping of SelfishSparsityCallback arguments or None (dense), "
-            f"got {type(sparsity).__name__}"
-        )
-    unknown = [str(name) for name in sparsity if name not in SPARSITY_ARGUMENTS]
-    if unknown:
-        raise TypeError(
-            f"sparsity has no argument {', '.join(map(repr, unknown))}: the arguments of SelfishSparsityCallback "
-            f"are {', '.join(SPARSITY_ARGUMENTS)}"
-        )
-    if "sparsity" not in sparsity:
-        raise TypeError("sparsity.sparsity is required: the fraction of the sparsified weights that is zero")
-    arguments = SparsityArguments(**sparsity)
-    _refuse_zero_sparsity(arguments)
-    return arguments
-
-
-def _refuse_zero_sparsity(arguments: Any) -> None:
-    """A sweep's dense point written as sparsity 0: the recipes' dense run is the one without the callback (the
-    callback refuses 0 too, but can only name itself)."""
-    value = arguments.sparsity
-    if not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0:
-        raise ValueError(
-            f"sparsity.sparsity must be in (0, 1), got {value!r}: a dense run has no sparsity callback: "
-            "--model.sparsity null on the command line, `sparsity: null` in YAML "
-            "(lightning_selfish_recipes/configs/methods/dense.yaml), "
-            "LanguageModel(sparsity=None) in Python"
-        )
-
-
-def detach_hidden(hidden: Any) -> Any:
-    """Detach a hidden state made of tensors nested in tuples and lists (truncated BPTT)."""
-    if isinstance(hidden, Tensor):
-        return hidden.detach()
-    if isinstance(hidden, tuple):
-        return tuple(detach_hidden(h) for h in hidden)
-    if isinstance(hidden, list):
-        return [detach_hidden(h) for h in hidden]
-    return hidden
-
-
-def _to_device(hidden: Any, device: Any) -> Any:
-    """A carried hidden state (tensors nested in tuples and lists, with ints beside them) on ``device``."""
-    if isinstance(hidden, Tensor):
-        return hidden.to(device)
-    if isinstance(hidden, (tuple, list)):
-        return type(hidden)(_to_device(h, device) for h in hidden)
-    return hidden
-
-
-def _check_positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if stage == "fit":
+            check_single_device_for_column_groups(self.small_batch_size, self.trainer.world_size)

@@ -157,4 +157,4 @@ def _resolve(module: nn.Module, dotted: str) -> nn.Parameter | None:
         owner = module.get_submodule(owner_path) if owner_path else module
     except AttributeError:
         return None
-    return owner._parameters.get(leaf)
+    return dict(owner.named_parameters(recurse=False, remove_duplicate=False)).get(leaf)

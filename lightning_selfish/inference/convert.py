@@ -233,9 +233,8 @@ def _convert_rnn(module: nn.RNNBase, prefix: str, context: ConversionContext) ->
     if module.bidirectional or getattr(module, "proj_size", 0):
         reason = "bidirectional" if module.bidirectional else "proj_size"
         why = f"kept dense: {reason} {type(module).__name__} is not supported"
-        for w in module._flat_weights_names:
+        for w, weight in module.named_parameters(recurse=False):
             if w.startswith("weight"):
-                weight = getattr(module, w)
                 name = qualified_name(prefix, w)
                 context.decisions.append(TensorChoice(name, tuple(weight.shape), density_of(weight), 1, False, why))
         return None

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfish.core.gates import parameter_aliases
+from lightning_selfish.core.torch_compat import pruning_methods
 
 __all__ = [
     "adopt_existing_masks",
@@ -107,14 +108,14 @@ def check_no_other_pruning(module: nn.Module, params: Mapping[str, Tensor]) -> N
     Their masks (or functions) would apply on top of ours: ``ModelPruning(amount=0.3)`` beside a callback at
     sparsity 0.5 trains with about 0.66 of the weights zero while the callback reports 0.5.
     """
-    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils import parametrize
 
     for module_name, child in module.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        for hook in child._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod) and f"{prefix}{hook._tensor_name}_orig" in params:
+        for tensor_name, method in pruning_methods(child).items():
+            if f"{prefix}{tensor_name}_orig" in params:
                 raise ValueError(
-                    f"{prefix}{hook._tensor_name} is pruned by torch.nn.utils.prune ({type(hook).__name__}): its "
+                    f"{prefix}{tensor_name} is pruned by torch.nn.utils.prune ({type(method).__name__}): its "
                     "mask would multiply with SelfishSparsityCallback's, so the model would be sparser than the "
                     "callback reports. Remove that pruning (torch.nn.utils.prune.remove) or exclude the weight "
                     "(exclude=[...])"

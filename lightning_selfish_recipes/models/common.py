@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_selfish.core.gates import GateLayout, rnn_gate_names
+from lightning_selfish_recipes.compat import forget_rnn_weights
 
 
 class LMOutput(NamedTuple):
@@ -134,14 +135,15 @@ class WeightDrop(nn.Module):
         self.flops_uses_per_token = {f"{name}_raw": 1 for name in self.weights}
         gates = rnn_gate_names(module)
         for name in self.weights:
-            param = module._parameters.pop(name, None)
+            param = dict(module.named_parameters(recurse=False)).get(name)
             if param is None:
                 raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
+            delattr(module, name)
             self.register_parameter(f"{name}_raw", param)
             if gates is not None:
                 self.gate_layouts[f"{name}_raw"] = stacked_gate_layout(gates, module.hidden_size)
         if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()  # forget the moved tensors
+            forget_rnn_weights(module, self.weights)  # the moved tensors
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Same call signature and return value as the wrapped RNN."""
@@ -150,10 +152,9 @@ class WeightDrop(nn.Module):
             return functional_call(self.module, weights, args, kwargs)
         finally:
             if isinstance(self.module, nn.RNNBase):
-                # nn.RNNBase caches the per-call tensors in _flat_weights; drop them so the module holds no
-                # non-leaf tensor between calls (that would break deepcopy and keep the last graph alive).
-                for name in self.weights:
-                    self.module._flat_weights[self.module._flat_weights_names.index(name)] = None
+                # nn.RNNBase caches the per-call tensors; drop them so the module holds no non-leaf tensor
+                # between calls (that would break deepcopy and keep the last graph alive).
+                forget_rnn_weights(self.module, self.weights)
 
     def extra_repr(self) -> str:
         return f"weights={list(self.weights)}, dropout={self.dropout}"

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from lightning_selfish import analysis
 from lightning_selfish.analysis import plots
 from lightning_selfish.callbacks.history import MaskSnapshot, load_mask_history, load_mask_snapshot
-from lightning_selfish_recipes.console import positive_int
+from lightning_selfish_recipes.tools.options import positive_int
 
 PAPER_REFERENCE_EPOCH = 4  # "We start alignment at the 5th epoch" (Appendix J), counting from 0 here
 _CHECKPOINT_EPOCH = re.compile(r"epoch[=_]?(\d+)")

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from lightning_selfish.inference import cpu_name, sparse_inference_basis, sparse_inference_report
-from lightning_selfish_recipes.console import positive_int
 from lightning_selfish_recipes.inference import sparse_network
 from lightning_selfish_recipes.tools.export import ExportError, load_network
+from lightning_selfish_recipes.tools.options import positive_int
 
 __all__ = ["generate", "main", "sample_words"]
 

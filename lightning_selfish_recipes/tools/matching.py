@@ -117,7 +117,7 @@ def run_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         settings["adam_betas"] = _plain(model.get("adam_betas"))
         settings["adam_eps"] = _plain(model.get("adam_eps"))
     if optimizer in ("adam", "momentum"):
-        from lightning_selfish_recipes.lm import PLATEAU_DEFAULTS
+        from lightning_selfish_recipes.training.optimizers import PLATEAU_DEFAULTS
 
         factor, patience = PLATEAU_DEFAULTS[optimizer]
         given_factor, given_patience = model.get("plateau_factor"), model.get("plateau_patience")
