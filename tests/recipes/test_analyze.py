@@ -144,7 +144,7 @@ def test_analyze_errors_name_what_is_missing(runs: tuple[Path, Path, Path], tmp_
 
 def test_replayed_lstm_layers_are_the_modules_own_activations():
     from lightning_selfish_recipes.models import StackedLSTM
-    from lightning_selfish_recipes.tools.analyze import lstm_unit_activations
+    from lightning_selfish_recipes.tools.topology_sources import lstm_unit_activations
 
     torch.manual_seed(0)
     network = StackedLSTM(ntoken=20, ninp=6, nhid=5, nlayers=3, dropout=0.0).eval()
@@ -230,7 +230,7 @@ def test_renumbered_units_are_at_distance_zero_in_every_aligned_tensor():
     """The issue's case: after alignment the decoder read 0.655 (chance 0.667) while the LSTM tensors read 0."""
     from lightning_selfish.core.gates import detect_gate_layouts
     from lightning_selfish_recipes.models import StackedLSTM
-    from lightning_selfish_recipes.tools.analyze import _aligned_rows, lstm_unit_activations
+    from lightning_selfish_recipes.tools.topology_sources import aligned_rows, lstm_unit_activations
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_renumbered_units_are_at_distance_zero_in_every_aligned_tensor():
     acts_a, groups = lstm_unit_activations(network, batches)
     acts_b, _ = lstm_unit_activations(other, batches)
     assert groups["encoder.weight"] == (None, "rnn.input") and groups["decoder.weight"] == (None, "rnn.l1")
-    rows = _aligned_rows((masks_a, gates, acts_a, groups), (masks_b, gates, acts_b, groups))
+    rows = aligned_rows((masks_a, gates, acts_a, groups), (masks_b, gates, acts_b, groups))
     assert {row.tensor for row in rows} == set(masks_a)
     for row in rows:
         assert row.aligned and row.distance == 0.0, row
