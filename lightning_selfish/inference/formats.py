@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_selfish.inference.kernels import KernelLibrary, load_kernels
 
 __all__ = [
+    "CSR16_PANEL",
     "FORMATS",
     "KERNEL_FORMATS",
     "BitmaskMatrix",
@@ -31,6 +32,9 @@ __all__ = [
 #: Every format, and those of the compiled kernels (float32 on the CPU, a little-endian machine, a C compiler).
 FORMATS = ("dense", "csr", "csr16", "bitmask")
 KERNEL_FORMATS = ("csr16", "bitmask")
+#: Columns per panel of the CSR16 many-row product: a panel of a 64-row input tile (128 x 64 floats, 32 KB) stays
+#: in the L1 cache while the weight's rows go through it (``kernels.c``, SPMM).
+CSR16_PANEL = 128
 
 
 def csr_matrix(weight: Tensor) -> Tensor:
@@ -159,7 +163,8 @@ class BitmaskMatrix(PackedMatrix):
 
 
 class Csr16Matrix(PackedMatrix):
-    """CSR with 16-bit column indices (``in_features <= 65536``) and 64-bit row offsets."""
+    """CSR with 16-bit column indices (``in_features <= 65536``) and 64-bit row offsets; for the many-row product
+    also where each row's non-zeros cross into each panel of :data:`CSR16_PANEL` columns (``panel_start``)."""
 
     def __init__(self, weight: Tensor, kernels: KernelLibrary, isa: str | None = None) -> None:
         weight = weight.detach()
@@ -168,10 +173,17 @@ class Csr16Matrix(PackedMatrix):
             raise ValueError(f"Csr16Matrix: at most 65536 columns fit 16-bit indices, got {cols}")
         mask = weight != 0
         self.shape = (rows, cols)
-        self.cols = mask.nonzero()[:, 1].to(torch.int32).to(torch.int16).contiguous()  # (the uint16 bits)
+        positions = mask.nonzero()
+        self.cols = positions[:, 1].to(torch.int32).to(torch.int16).contiguous()  # (the uint16 bits)
         self.values = weight[mask].to(torch.float32).contiguous()
         self.nnz = int(self.values.numel())
         self.row_start = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(dim=1).cumsum(0)])
+        self.panels = max(1, -(-cols // CSR16_PANEL))
+        per_panel = torch.bincount(positions[:, 0] * self.panels + positions[:, 1] // CSR16_PANEL,
+                                   minlength=rows * self.panels).view(rows, self.panels)  # fmt: skip
+        self.panel_start = torch.cat(
+            [self.row_start[:-1, None], self.row_start[:-1, None] + per_panel.cumsum(dim=1)], dim=1
+        ).contiguous()  # (rows, panels + 1)
         super().__init__(kernels, isa)
 
     def _bind(self) -> None:
@@ -180,6 +192,7 @@ class Csr16Matrix(PackedMatrix):
 
     @property
     def nbytes(self) -> int:
+        """What one row's product (``mv``) reads; the many-row product also reads ``panel_start``."""
         return 6 * self.nnz + self.row_start.numel() * 8
 
     def mv(self, x: Tensor) -> Tensor:
@@ -190,11 +203,14 @@ class Csr16Matrix(PackedMatrix):
         return y
 
     def mm(self, rows: Tensor) -> Tensor:
-        xt = self._check(rows, 2).t().contiguous()
-        n = xt.shape[1]
+        x = self._check(rows, 2)
+        n = x.shape[0]
         yt = torch.empty(self.shape[0], n, dtype=torch.float32)
-        self._mm(self.shape[0], self.cols.data_ptr(), self.values.data_ptr(), self.row_start.data_ptr(),
-                 xt.data_ptr(), n, yt.data_ptr(), torch.get_num_threads())  # fmt: skip
+        status = self._mm(self.shape[0], self.shape[1], self.cols.data_ptr(), self.values.data_ptr(),
+                          self.panel_start.data_ptr(), self.panels, x.data_ptr(), n, yt.data_ptr(),
+                          torch.get_num_threads())  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"Csr16Matrix.mm: could not allocate the work space for {n} rows")
         return yt
 
     def to_dense(self) -> Tensor:
