@@ -63,7 +63,7 @@ def kernel_formats_available(weight: Tensor, kernels: KernelLibrary | None) -> t
 
 
 class PackedMatrix:
-    """A weight held for a compiled kernel: ``mv(x)`` is ``W x``, ``mm(rows)`` is ``(rows W^T)^T``."""
+    """A weight held for a compiled kernel: ``mv(x)`` is ``W x``, ``mm(rows)`` is ``rows W^T``."""
 
     shape: tuple[int, int]
     nnz: int
@@ -152,7 +152,7 @@ class BitmaskMatrix(PackedMatrix):
         yt = torch.empty(self.shape[0], n, dtype=torch.float32)
         self._mm(self.shape[0], self.words, self.bits.data_ptr(), self.values.data_ptr(), self.row_start.data_ptr(),
                  xt.data_ptr(), n, yt.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return yt
+        return yt.t()  # (the kernel writes the product transposed)
 
     def to_dense(self) -> Tensor:
         rows, cols = self.shape
@@ -202,16 +202,21 @@ class Csr16Matrix(PackedMatrix):
                  x.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
         return y
 
-    def mm(self, rows: Tensor) -> Tensor:
+    def mm(self, rows: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``rows W^T`` (``+ bias``, added as the kernel stores the product: no second pass over it)."""
         x = self._check(rows, 2)
         n = x.shape[0]
-        yt = torch.empty(self.shape[0], n, dtype=torch.float32)
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous()
+            if bias.shape != (self.shape[0],) or bias.device.type != "cpu":
+                raise ValueError(f"Csr16Matrix.mm: bias must be ({self.shape[0]},) on the CPU, got {tuple(bias.shape)}")
+        y = torch.empty(n, self.shape[0], dtype=torch.float32)
         status = self._mm(self.shape[0], self.shape[1], self.cols.data_ptr(), self.values.data_ptr(),
-                          self.panel_start.data_ptr(), self.panels, x.data_ptr(), n, yt.data_ptr(),
-                          torch.get_num_threads())  # fmt: skip
+                          self.panel_start.data_ptr(), self.panels, x.data_ptr(), n,
+                          None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
         if status != 0:
             raise MemoryError(f"Csr16Matrix.mm: could not allocate the work space for {n} rows")
-        return yt
+        return y
 
     def to_dense(self) -> Tensor:
         rows, cols = self.shape
@@ -256,7 +261,7 @@ def multiply(held, rows: Tensor) -> Tensor:
     """``rows W^T`` (``rows`` ``(N, in)``) for a weight as :func:`hold` returns it; ``(N, out)``, maybe a
     transposed view."""
     if isinstance(held, PackedMatrix):
-        return held.mv(rows[0]).unsqueeze(0) if rows.size(0) == 1 else held.mm(rows).t()
+        return held.mv(rows[0]).unsqueeze(0) if rows.size(0) == 1 else held.mm(rows)
     if held.layout == torch.sparse_csr:
         return torch.mv(held, rows[0]).unsqueeze(0) if rows.size(0) == 1 else (held @ rows.t()).t()
     return rows @ held.t()

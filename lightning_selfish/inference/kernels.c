@@ -11,7 +11,9 @@
  * Two products each:
  *   *_mv: y[r] = sum_c W[r, c] x[c]                (one input row: generation at batch 1)
  *   *_mm: yt[r, i] = sum_c W[r, c] xt[c, i], i < n (n input rows, given transposed: xt is (in_features, n));
- *         csr16_mm takes the rows as they are (x is (n, in_features)) and is register-blocked (see SPMM below).
+ *         csr16_mm takes the rows as they are and gives the product as torch wants it, row-major:
+ *         y[i, r] = bias[r] + sum_c x[i, c] W[r, c] (x is (n, in_features), y is (n, rows), bias NULL for none);
+ *         it is register-blocked (SPMM).
  *
  * Every function exists once per instruction set (generic C, AVX2+FMA, AVX-512F); selfish_best_isa() says which
  * ones this CPU runs, and the caller picks (so a test can force any path the CPU supports). Rows are split over
@@ -150,13 +152,26 @@ static inline void spmm_prefetch(const uint16_t *cols, const float *values, cons
 
 static inline size_t spmm_round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* SPMM_DRIVER(ATTR, NAME, LANES, TILE, TILE_SETUP, SEGMENT): the product for one instruction set. TILE_SETUP runs
- * once per tile (width rows); SEGMENT(nv) accumulates the non-zeros k .. e - 1 of row r (starting from zero when
- * p == 0, else from o[0 .. nv * LANES)), xp's rows being nv * LANES floats apart, and stores the sums to o, or,
- * after the last panel, the first width of them to dst (the output row's tile). */
-#define SPMM_DRIVER(ATTR, NAME, LANES, TILE, TILE_SETUP, SEGMENT)                                              \
+/* The block's sums (acc, one R-float row per weight row), plus the bias, into y's rows i0 .. i0 + width, columns
+ * r0 .. r1. */
+static inline void spmm_store(const float *acc, int64_t R, int64_t r0, int64_t r1, int64_t i0, int64_t width,
+                              int64_t rows, const float *bias, float *y) {
+    for (int64_t j = 0; j < width; ++j) {
+        float *out = y + (i0 + j) * rows;
+        if (bias)
+            for (int64_t r = r0; r < r1; ++r) out[r] = acc[(r - r0) * R + j] + bias[r];
+        else
+            for (int64_t r = r0; r < r1; ++r) out[r] = acc[(r - r0) * R + j];
+    }
+}
+
+/* SPMM_DRIVER(ATTR, NAME, LANES, TILE, SEGMENT): the product for one instruction set. SEGMENT(nv) accumulates the
+ * non-zeros k .. e - 1 of row r (starting from zero when p == 0, else from o[0 .. nv * LANES)), xp's rows being
+ * nv * LANES floats apart, and stores the sums to o. */
+#define SPMM_DRIVER(ATTR, NAME, LANES, TILE, SEGMENT)                                                          \
     ATTR int NAME(int64_t rows, int64_t in, const uint16_t *cols, const float *values,                       \
-                  const int64_t *panel_start, int64_t panels, const float *x, int64_t n, float *yt,            \
+                  const int64_t *panel_start, int64_t panels, const float *x, int64_t n, const float *bias,    \
+                  float *y,                                                                                    \
                   int threads) {                                                                               \
         if (threads < 1) threads = 1;                                                                          \
         size_t xp_bytes = spmm_round64((size_t)(in > 0 ? in : 1) * TILE * sizeof(float));                      \
@@ -175,7 +190,6 @@ static inline size_t spmm_round64(size_t bytes) { return (bytes + 63) / 64 * 64;
                 int nv = (int)((width + LANES - 1) / LANES);                                                   \
                 int64_t R = (int64_t)nv * LANES;                                                               \
                 spmm_pack(x, in, i0, width, R, xp);                                                            \
-                TILE_SETUP                                                                                     \
                 _Pragma("omp for schedule(static) nowait")                                                     \
                 for (int64_t blk = 0; blk < blocks; ++blk) {                                                   \
                     int64_t r0 = blk * SPMM_BLOCK, r1 = r0 + SPMM_BLOCK < rows ? r0 + SPMM_BLOCK : rows;       \
@@ -185,10 +199,10 @@ static inline size_t spmm_round64(size_t bytes) { return (bytes + 63) / 64 * 64;
                             int64_t k = split[0], e = split[1];                                                \
                             if (r + SPMM_AHEAD < r1) spmm_prefetch(cols, values, split + SPMM_AHEAD * (panels + 1)); \
                             float *o = acc + (r - r0) * R;                                                     \
-                            float *dst = p + 1 == panels ? yt + r * n + i0 : NULL;                             \
                             SEGMENT(nv);                                                                       \
                         }                                                                                      \
                     }                                                                                          \
+                    spmm_store(acc, R, r0, r1, i0, width, rows, bias, y);                                       \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
@@ -208,10 +222,10 @@ static inline size_t spmm_round64(size_t bytes) { return (bytes + 63) / 64 * 64;
         float a[16] = {0};                                                                                     \
         if (p) memcpy(a, o, sizeof(a));                                                                        \
         for (; k < e; ++k) generic_axpy_tile(a, values[k], xp + (int64_t)cols[k] * 16, 16);                    \
-        memcpy(dst ? dst : o, a, (dst ? (size_t)width : 16) * sizeof(float));                                 \
+        memcpy(o, a, sizeof(a));                                                                               \
     } while (0)
 
-SPMM_DRIVER(, csr16_mm_generic, 16, 16, , GENERIC_SEGMENT)
+SPMM_DRIVER(, csr16_mm_generic, 16, 16, GENERIC_SEGMENT)
 
 #if SELFISH_X86 && defined(__GNUC__)
 
@@ -400,19 +414,10 @@ AVX2 void bitmask_mm_avx2(int64_t rows, int64_t words, const uint64_t *bits, con
             AVX2_SPMM_STEP(B, NV, k + 1);                                                                      \
         }                                                                                                      \
         if (k < e) AVX2_SPMM_STEP(A, NV, k);                                                                   \
-        A0 = _mm256_add_ps(A0, B0), A1 = _mm256_add_ps(A1, B1), A2 = _mm256_add_ps(A2, B2);                    \
-        A3 = _mm256_add_ps(A3, B3);                                                                            \
-        if (dst) {                                                                                             \
-            _mm256_maskstore_ps(dst, mk0, A0);                                                                 \
-            if (NV > 1) _mm256_maskstore_ps(dst + 8, mk1, A1);                                                 \
-            if (NV > 2) _mm256_maskstore_ps(dst + 16, mk2, A2);                                                \
-            if (NV > 3) _mm256_maskstore_ps(dst + 24, mk3, A3);                                                \
-        } else {                                                                                               \
-            _mm256_store_ps(o, A0);                                                                            \
-            if (NV > 1) _mm256_store_ps(o + 8, A1);                                                            \
-            if (NV > 2) _mm256_store_ps(o + 16, A2);                                                           \
-            if (NV > 3) _mm256_store_ps(o + 24, A3);                                                           \
-        }                                                                                                      \
+        _mm256_store_ps(o, _mm256_add_ps(A0, B0));                                                             \
+        if (NV > 1) _mm256_store_ps(o + 8, _mm256_add_ps(A1, B1));                                             \
+        if (NV > 2) _mm256_store_ps(o + 16, _mm256_add_ps(A2, B2));                                            \
+        if (NV > 3) _mm256_store_ps(o + 24, _mm256_add_ps(A3, B3));                                            \
     } while (0)
 
 #define AVX2_SPMM_SEGMENT(nv)                                                                                  \
@@ -423,13 +428,7 @@ AVX2 void bitmask_mm_avx2(int64_t rows, int64_t words, const uint64_t *bits, con
         default: AVX2_SPMM_ROW(4); break;                                                                      \
     }
 
-#define AVX2_SPMM_MASKS                                                                                        \
-    __m256i mk0 = _mm256_load_si256((const __m256i *)FIRST[width > 8 ? 8 : width]);                          \
-    __m256i mk1 = _mm256_load_si256((const __m256i *)FIRST[width > 16 ? 8 : (width > 8 ? width - 8 : 0)]);    \
-    __m256i mk2 = _mm256_load_si256((const __m256i *)FIRST[width > 24 ? 8 : (width > 16 ? width - 16 : 0)]);  \
-    __m256i mk3 = _mm256_load_si256((const __m256i *)FIRST[width > 24 ? width - 24 : 0]);
-
-SPMM_DRIVER(AVX2, csr16_mm_avx2, 8, 32, AVX2_SPMM_MASKS, AVX2_SPMM_SEGMENT)
+SPMM_DRIVER(AVX2, csr16_mm_avx2, 8, 32, AVX2_SPMM_SEGMENT)
 
 /* ------------------------------------------------------------------------------------------------ AVX-512F */
 
@@ -622,19 +621,10 @@ AVX512 void bitmask_mm_avx512(int64_t rows, int64_t words, const uint64_t *bits,
             AVX512_SPMM_STEP(B, NV, k + 1);                                                                    \
         }                                                                                                      \
         if (k < e) AVX512_SPMM_STEP(A, NV, k);                                                                 \
-        A0 = _mm512_add_ps(A0, B0), A1 = _mm512_add_ps(A1, B1), A2 = _mm512_add_ps(A2, B2);                    \
-        A3 = _mm512_add_ps(A3, B3);                                                                            \
-        if (dst) {                                                                                             \
-            _mm512_mask_storeu_ps(dst, mk0, A0);                                                               \
-            if (NV > 1) _mm512_mask_storeu_ps(dst + 16, mk1, A1);                                              \
-            if (NV > 2) _mm512_mask_storeu_ps(dst + 32, mk2, A2);                                              \
-            if (NV > 3) _mm512_mask_storeu_ps(dst + 48, mk3, A3);                                              \
-        } else {                                                                                               \
-            _mm512_store_ps(o, A0);                                                                            \
-            if (NV > 1) _mm512_store_ps(o + 16, A1);                                                           \
-            if (NV > 2) _mm512_store_ps(o + 32, A2);                                                           \
-            if (NV > 3) _mm512_store_ps(o + 48, A3);                                                           \
-        }                                                                                                      \
+        _mm512_store_ps(o, _mm512_add_ps(A0, B0));                                                             \
+        if (NV > 1) _mm512_store_ps(o + 16, _mm512_add_ps(A1, B1));                                            \
+        if (NV > 2) _mm512_store_ps(o + 32, _mm512_add_ps(A2, B2));                                            \
+        if (NV > 3) _mm512_store_ps(o + 48, _mm512_add_ps(A3, B3));                                            \
     } while (0)
 
 #define AVX512_SPMM_SEGMENT(nv)                                                                                \
@@ -645,10 +635,6 @@ AVX512 void bitmask_mm_avx512(int64_t rows, int64_t words, const uint64_t *bits,
         default: AVX512_SPMM_ROW(4); break;                                                                    \
     }
 
-#define AVX512_SPMM_MASKS                                                                                      \
-    __mmask16 mk0 = first_lanes(width), mk1 = first_lanes(width - 16), mk2 = first_lanes(width - 32),          \
-              mk3 = first_lanes(width - 48);
-
-SPMM_DRIVER(AVX512, csr16_mm_avx512, 16, 64, AVX512_SPMM_MASKS, AVX512_SPMM_SEGMENT)
+SPMM_DRIVER(AVX512, csr16_mm_avx512, 16, 64, AVX512_SPMM_SEGMENT)
 
 #endif

@@ -40,7 +40,7 @@ _SIGNATURES = {
     "bitmask_mv": (_i64, _i64, _p, _p, _p, _p, _p, _int, _int),
     "bitmask_mm": (_i64, _i64, _p, _p, _p, _p, _i64, _p, _int),
     "csr16_mv": (_i64, _p, _p, _p, _p, _p, _int),
-    "csr16_mm": (_i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _int),
+    "csr16_mm": (_i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _int),
 }
 #: The functions that return a status (0, or -1 when their work space could not be allocated); the rest return none.
 _RETURNS_STATUS = {"csr16_mm"}
