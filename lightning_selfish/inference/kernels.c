@@ -143,10 +143,10 @@ static inline void spmm_pack(const float *x, int64_t in, int64_t i0, int64_t wid
  * the hardware prefetchers follow, so the segment SPMM_AHEAD rows ahead is fetched by hand. */
 #define SPMM_AHEAD 4
 
-static inline void spmm_prefetch(const uint16_t *cols, const float *values, const int64_t *split) {
-    for (const char *a = (const char *)(values + split[0]); a < (const char *)(values + split[1]); a += 64)
+static inline void spmm_prefetch(const uint16_t *cols, const float *values, const int64_t *split, int64_t span) {
+    for (const char *a = (const char *)(values + split[0]); a < (const char *)(values + split[span]); a += 64)
         __builtin_prefetch(a);
-    for (const char *a = (const char *)(cols + split[0]); a < (const char *)(cols + split[1]); a += 64)
+    for (const char *a = (const char *)(cols + split[0]); a < (const char *)(cols + split[span]); a += 64)
         __builtin_prefetch(a);
 }
 
@@ -189,15 +189,18 @@ static inline void spmm_store(const float *acc, int64_t R, int64_t r0, int64_t r
                 int64_t width = n - i0 < TILE ? n - i0 : TILE;                                                 \
                 int nv = (int)((width + LANES - 1) / LANES);                                                   \
                 int64_t R = (int64_t)nv * LANES;                                                               \
+                int64_t group = TILE / R;  /* panels taken at once: a narrower tile takes wider ones */         \
                 spmm_pack(x, in, i0, width, R, xp);                                                            \
                 _Pragma("omp for schedule(static) nowait")                                                     \
                 for (int64_t blk = 0; blk < blocks; ++blk) {                                                   \
                     int64_t r0 = blk * SPMM_BLOCK, r1 = r0 + SPMM_BLOCK < rows ? r0 + SPMM_BLOCK : rows;       \
-                    for (int64_t p = 0; p < panels; ++p) {                                                     \
+                    for (int64_t p = 0; p < panels; p += group) {                                              \
+                        int64_t span = p + group < panels ? group : panels - p;                                \
                         for (int64_t r = r0; r < r1; ++r) {                                                    \
                             const int64_t *split = panel_start + r * (panels + 1) + p;                         \
-                            int64_t k = split[0], e = split[1];                                                \
-                            if (r + SPMM_AHEAD < r1) spmm_prefetch(cols, values, split + SPMM_AHEAD * (panels + 1)); \
+                            int64_t k = split[0], e = split[span];                                             \
+                            if (r + SPMM_AHEAD < r1)                                                           \
+                                spmm_prefetch(cols, values, split + SPMM_AHEAD * (panels + 1), span);          \
                             float *o = acc + (r - r0) * R;                                                     \
                             SEGMENT(nv);                                                                       \
                         }                                                                                      \
