@@ -110,7 +110,10 @@ def test_the_many_row_csr16_product_equals_the_dense_product_across_tiles_blocks
     (AVX-512) lanes with unaligned tails, weight rows in blocks, columns in panels; with and without the bias it
     adds as it stores, on a non-contiguous input."""
     generator = torch.Generator().manual_seed(sum(shape))
-    weight = sparse_weight(shape, density, generator, empty_rows=[0, min(128, shape[0] - 1), shape[0] - 1], empty_cols=[0] if shape[1] > 1 else [])
+    empty_cols = [0] if shape[1] > 1 else []
+    weight = sparse_weight(
+        shape, density, generator, empty_rows=[0, min(128, shape[0] - 1), shape[0] - 1], empty_cols=empty_cols
+    )
     matrix = Csr16Matrix(weight, KERNELS, isa)
     bias = torch.randn(shape[0], generator=generator)
     for rows in (2, 15, 16, 17, 33, 64, 65, 130):
