@@ -473,7 +473,56 @@ def targets_part(args: argparse.Namespace, device: torch.device, threads: int) -
         formats={c.name: c.format for c in sparse_inference_report(sparse)},
         basis=sparse_inference_basis(sparse),
     )
+    products_part(args, threads)
     bandwidth_part(args, threads)
+
+
+def products_part(args: argparse.Namespace, threads: int) -> None:
+    """One 4H x H weight (and the V x H decoder) at the evaluation's density times the window's rows (batch x bptt)
+    and the recurrent product's (batch): dense (both paths) against every sparse format, alternated round by round,
+    the calls repeated to ``--kernel-min-ms``; process CPU time, median and range per call."""
+    from lightning_selfish.inference.formats import hold, multiply
+
+    kernels = load_kernels()
+    generator = torch.Generator().manual_seed(4)
+    for shape in ((4 * args.hidden, args.hidden), (args.vocab, args.hidden)):
+        weight = masked_weight(shape, args.eval_density, generator)
+        formats = ["csr", *(("csr16", "bitmask") if kernels is not None else ())]
+        held = {f: hold(weight, f, kernels) for f in formats}
+        for rows in (args.eval_batch * args.bptt, args.eval_batch):
+            if shape[0] == args.vocab and rows == args.eval_batch:
+                continue  # (the decoder multiplies the whole window at once)
+            x = torch.randn(rows, shape[1], generator=generator)
+            functions: dict[str, Callable[[], None]] = {
+                "dense_onednn_off": onednn(False, lambda x=x, w=weight: torch.nn.functional.linear(x, w)),
+                "dense_onednn_on": onednn(True, lambda x=x, w=weight: torch.nn.functional.linear(x, w)),
+            }
+            functions.update({f: lambda h=h, x=x: multiply(h, x) for f, h in held.items()})
+            with torch.no_grad():
+                for function in functions.values():
+                    function()
+                once = interleaved(functions, 1)
+                repeats = {
+                    name: max(1, min(args.kernel_repeats, round(args.kernel_min_ms / 1e3 / max(t["cpu_s"], 1e-6))))
+                    for name, t in once.items()
+                }
+                timed = interleaved({n: _repeat(f, repeats[n]) for n, f in functions.items()}, args.rounds)
+            ms = {
+                name: [round(t[key] / repeats[name] * 1e3, 3) for key in ("cpu_s", "cpu_min_s", "cpu_max_s")]
+                for name, t in timed.items()
+            }
+            fastest = min(ms["dense_onednn_off"][0], ms["dense_onednn_on"][0])
+            emit(
+                part="targets_products",
+                shape=list(shape),
+                rows=rows,
+                density=args.eval_density,
+                threads=threads,
+                cpu=cpu_name(),
+                ms_median_min_max=ms,
+                speedup_vs_fastest_dense={name: round(fastest / v[0], 3) for name, v in ms.items()},
+                isa=kernels.isa() if kernels else None,
+            )
 
 
 def bandwidth_part(args: argparse.Namespace, threads: int) -> None:

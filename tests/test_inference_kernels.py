@@ -87,10 +87,86 @@ def test_kernels_equal_the_dense_product(isa, format, shape, density) -> None:
     assert torch.equal(matrix.to_dense(), weight), "the format holds exactly the weight"
     for rows in (1, 2, 20, 37, 70):  # one row (mv), and tiles of 16/64 lanes with unaligned tails
         x = torch.randn(rows, shape[1], generator=generator)
-        got = matrix.mv(x[0]).unsqueeze(0) if rows == 1 else matrix.mm(x).t()
+        got = matrix.mv(x[0]).unsqueeze(0) if rows == 1 else matrix.mm(x)
         assert_product_close(got, x, weight)
         if rows > 1:
-            assert_product_close(matrix.mm(x[:1]).t(), x[:1], weight)  # one row through the matrix product too
+            assert_product_close(matrix.mm(x[:1]), x[:1], weight)  # one row through the matrix product too
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize(
+    ("shape", "density"),
+    [
+        ((300, 1000), 0.33),  # 3 blocks of 128 weight rows (the last partial), 8 panels of 128 columns (the last 104)
+        ((129, 256), 0.05),  # panels that end exactly at the last column; most rows a few non-zeros
+        ((200, 129), 1.0),  # a one-column last panel; no zero
+        ((140, 1), 0.5),  # one column
+        ((70, 300), 0.0),  # no non-zero at all
+    ],
+)
+def test_the_many_row_csr16_product_equals_the_dense_product_across_tiles_blocks_and_panels(isa, shape, density):
+    """The register-blocked product (kernels.c, SPMM): input rows in tiles of 16 (generic), 32 (AVX2) or 64
+    (AVX-512) lanes with unaligned tails, weight rows in blocks, columns in panels; with and without the bias it
+    adds as it stores, on a non-contiguous input."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    empty_cols = [0] if shape[1] > 1 else []
+    weight = sparse_weight(
+        shape, density, generator, empty_rows=[0, min(128, shape[0] - 1), shape[0] - 1], empty_cols=empty_cols
+    )
+    matrix = Csr16Matrix(weight, KERNELS, isa)
+    bias = torch.randn(shape[0], generator=generator)
+    for rows in (2, 15, 16, 17, 33, 64, 65, 130):
+        x = torch.randn(shape[1], rows, generator=generator).t()  # (rows, in), not contiguous
+        got = matrix.mm(x)
+        assert got.shape == (rows, shape[0]) and got.is_contiguous()
+        assert_product_close(got, x, weight)
+        assert_product_close(matrix.mm(x, bias) - bias, x, weight)
+        assert torch.equal(matrix.mm(x, bias), got + bias), "the bias is added to the same sums"
+
+
+@needs_kernels
+def test_csr16_splits_each_row_at_the_panel_boundaries() -> None:
+    """``panel_start[r, p]``: the first of row r's non-zeros at a column >= p * CSR16_PANEL, counted naively."""
+    from lightning_selfish.inference.formats import CSR16_PANEL
+
+    weight = sparse_weight((9, 2 * CSR16_PANEL + 5), 0.3, torch.Generator().manual_seed(4), empty_rows=[2])
+    weight[5, CSR16_PANEL] = 1.0  # a non-zero on a boundary belongs to the panel it starts
+    matrix = Csr16Matrix(weight, KERNELS)
+    assert matrix.panels == 3 and matrix.panel_start.shape == (9, 4)
+    offset = 0
+    for r in range(9):
+        nonzero = [c for c in range(weight.shape[1]) if weight[r, c] != 0]
+        for p in range(4):
+            assert matrix.panel_start[r, p] == offset + sum(c < p * CSR16_PANEL for c in nonzero), (r, p)
+        offset += len(nonzero)
+        assert matrix.panel_start[r, 3] == offset == matrix.row_start[r + 1]
+
+
+@needs_kernels
+def test_the_many_row_product_is_the_same_on_two_threads() -> None:
+    """Each weight row is summed by one thread in one order: two threads give the same floats as one."""
+    if not KERNELS.openmp:
+        pytest.skip("the kernels were built without OpenMP")
+    generator = torch.Generator().manual_seed(6)
+    weight = sparse_weight((700, 300), 0.33, generator)
+    x = torch.randn(100, 300, generator=generator)
+    matrix = Csr16Matrix(weight, KERNELS)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matrix.mm(x)
+        torch.set_num_threads(2)
+        assert torch.equal(matrix.mm(x), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_a_bias_of_the_wrong_shape_is_refused() -> None:
+    matrix = Csr16Matrix(sparse_weight((6, 10), 0.5, torch.Generator().manual_seed(7)), KERNELS)
+    with pytest.raises(ValueError, match=r"bias must be \(6,\) on the CPU, got \(5,\)"):
+        matrix.mm(torch.randn(3, 10), torch.randn(5))
 
 
 @needs_kernels
@@ -160,6 +236,25 @@ def test_an_lstm_and_a_linear_layer_in_kernel_formats_equal_pytorchs(format) -> 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse_linear(out), linear(expected), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse_lstm(x[:1, :1])[0], lstm(x[:1, :1])[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@torch.no_grad()
+def test_an_evaluation_window_in_csr16_equals_pytorchs() -> None:
+    """A 35 x 4 window: the input products over 140 rows (three tiles, the last partial) and the decoder with its
+    bias through the many-row kernel, the recurrent ones over 4 rows: log-probabilities as PyTorch's."""
+    generator = torch.Generator().manual_seed(8)
+    lstm, decoder = nn.LSTM(200, 150, num_layers=2).eval(), nn.Linear(150, 300).eval()
+    for module in (lstm, decoder):
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape, generator=generator) < 0.33)
+    sparse_lstm = to_sparse(lstm, choose="csr16", batch_size=4, steps=35)
+    sparse_decoder = to_sparse(decoder, choose="csr16")
+    x = torch.randn(35, 4, 200, generator=generator)
+    expected = torch.log_softmax(decoder(lstm(x)[0]), dim=-1)
+    got = torch.log_softmax(sparse_decoder(sparse_lstm(x)[0]), dim=-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
 
 
 def test_without_a_c_compiler_the_kernels_are_skipped_with_one_line(monkeypatch, tmp_path, caplog) -> None:

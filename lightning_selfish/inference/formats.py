@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_selfish.inference.kernels import KernelLibrary, load_kernels
 
 __all__ = [
+    "CSR16_PANEL",
     "FORMATS",
     "KERNEL_FORMATS",
     "BitmaskMatrix",
@@ -31,6 +32,9 @@ __all__ = [
 #: Every format, and those of the compiled kernels (float32 on the CPU, a little-endian machine, a C compiler).
 FORMATS = ("dense", "csr", "csr16", "bitmask")
 KERNEL_FORMATS = ("csr16", "bitmask")
+#: Columns per panel of the CSR16 many-row product: a panel of a 64-row input tile (128 x 64 floats, 32 KB) stays
+#: in the L1 cache while the weight's rows go through it (``kernels.c``, SPMM).
+CSR16_PANEL = 128
 
 
 def csr_matrix(weight: Tensor) -> Tensor:
@@ -59,7 +63,7 @@ def kernel_formats_available(weight: Tensor, kernels: KernelLibrary | None) -> t
 
 
 class PackedMatrix:
-    """A weight held for a compiled kernel: ``mv(x)`` is ``W x``, ``mm(rows)`` is ``(rows W^T)^T``."""
+    """A weight held for a compiled kernel: ``mv(x)`` is ``W x``, ``mm(rows)`` is ``rows W^T``."""
 
     shape: tuple[int, int]
     nnz: int
@@ -148,7 +152,7 @@ class BitmaskMatrix(PackedMatrix):
         yt = torch.empty(self.shape[0], n, dtype=torch.float32)
         self._mm(self.shape[0], self.words, self.bits.data_ptr(), self.values.data_ptr(), self.row_start.data_ptr(),
                  xt.data_ptr(), n, yt.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return yt
+        return yt.t()  # (the kernel writes the product transposed)
 
     def to_dense(self) -> Tensor:
         rows, cols = self.shape
@@ -159,7 +163,8 @@ class BitmaskMatrix(PackedMatrix):
 
 
 class Csr16Matrix(PackedMatrix):
-    """CSR with 16-bit column indices (``in_features <= 65536``) and 64-bit row offsets."""
+    """CSR with 16-bit column indices (``in_features <= 65536``) and 64-bit row offsets; for the many-row product
+    also where each row's non-zeros cross into each panel of :data:`CSR16_PANEL` columns (``panel_start``)."""
 
     def __init__(self, weight: Tensor, kernels: KernelLibrary, isa: str | None = None) -> None:
         weight = weight.detach()
@@ -168,10 +173,17 @@ class Csr16Matrix(PackedMatrix):
             raise ValueError(f"Csr16Matrix: at most 65536 columns fit 16-bit indices, got {cols}")
         mask = weight != 0
         self.shape = (rows, cols)
-        self.cols = mask.nonzero()[:, 1].to(torch.int32).to(torch.int16).contiguous()  # (the uint16 bits)
+        positions = mask.nonzero()
+        self.cols = positions[:, 1].to(torch.int32).to(torch.int16).contiguous()  # (the uint16 bits)
         self.values = weight[mask].to(torch.float32).contiguous()
         self.nnz = int(self.values.numel())
         self.row_start = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(dim=1).cumsum(0)])
+        self.panels = max(1, -(-cols // CSR16_PANEL))
+        per_panel = torch.bincount(positions[:, 0] * self.panels + positions[:, 1] // CSR16_PANEL,
+                                   minlength=rows * self.panels).view(rows, self.panels)  # fmt: skip
+        self.panel_start = torch.cat(
+            [self.row_start[:-1, None], self.row_start[:-1, None] + per_panel.cumsum(dim=1)], dim=1
+        ).contiguous()  # (rows, panels + 1)
         super().__init__(kernels, isa)
 
     def _bind(self) -> None:
@@ -180,6 +192,7 @@ class Csr16Matrix(PackedMatrix):
 
     @property
     def nbytes(self) -> int:
+        """What one row's product (``mv``) reads; the many-row product also reads ``panel_start``."""
         return 6 * self.nnz + self.row_start.numel() * 8
 
     def mv(self, x: Tensor) -> Tensor:
@@ -189,13 +202,21 @@ class Csr16Matrix(PackedMatrix):
                  x.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
         return y
 
-    def mm(self, rows: Tensor) -> Tensor:
-        xt = self._check(rows, 2).t().contiguous()
-        n = xt.shape[1]
-        yt = torch.empty(self.shape[0], n, dtype=torch.float32)
-        self._mm(self.shape[0], self.cols.data_ptr(), self.values.data_ptr(), self.row_start.data_ptr(),
-                 xt.data_ptr(), n, yt.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return yt
+    def mm(self, rows: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``rows W^T`` (``+ bias``, added as the kernel stores the product: no second pass over it)."""
+        x = self._check(rows, 2)
+        n = x.shape[0]
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous()
+            if bias.shape != (self.shape[0],) or bias.device.type != "cpu":
+                raise ValueError(f"Csr16Matrix.mm: bias must be ({self.shape[0]},) on the CPU, got {tuple(bias.shape)}")
+        y = torch.empty(n, self.shape[0], dtype=torch.float32)
+        status = self._mm(self.shape[0], self.shape[1], self.cols.data_ptr(), self.values.data_ptr(),
+                          self.panel_start.data_ptr(), self.panels, x.data_ptr(), n,
+                          None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"Csr16Matrix.mm: could not allocate the work space for {n} rows")
+        return y
 
     def to_dense(self) -> Tensor:
         rows, cols = self.shape
@@ -240,7 +261,7 @@ def multiply(held, rows: Tensor) -> Tensor:
     """``rows W^T`` (``rows`` ``(N, in)``) for a weight as :func:`hold` returns it; ``(N, out)``, maybe a
     transposed view."""
     if isinstance(held, PackedMatrix):
-        return held.mv(rows[0]).unsqueeze(0) if rows.size(0) == 1 else held.mm(rows).t()
+        return held.mv(rows[0]).unsqueeze(0) if rows.size(0) == 1 else held.mm(rows)
     if held.layout == torch.sparse_csr:
         return torch.mv(held, rows[0]).unsqueeze(0) if rows.size(0) == 1 else (held @ rows.t()).t()
     return rows @ held.t()

@@ -5,18 +5,26 @@
  *            as lightning_selfish.analysis.pack_mask); values are the non-zero weights in row-major order, row r's
  *            starting at row_start[r]. It is the compressed export's layout with each row padded to 64 bits.
  *   csr16:   cols (uint16) and values of the non-zeros in row-major order, row r's from row_start[r] to
- *            row_start[r + 1].
+ *            row_start[r + 1]; for the matrix product also panel_start[r * (panels + 1) + p], the first of row r's
+ *            non-zeros at a column >= p * panel_width (panel_start[r * (panels + 1) + panels] = row_start[r + 1]).
  *
  * Two products each:
  *   *_mv: y[r] = sum_c W[r, c] x[c]                (one input row: generation at batch 1)
- *   *_mm: yt[r, i] = sum_c W[r, c] xt[c, i], i < n (n input rows, given transposed: xt is (in_features, n))
+ *   *_mm: yt[r, i] = sum_c W[r, c] xt[c, i], i < n (n input rows, given transposed: xt is (in_features, n));
+ *         csr16_mm takes the rows as they are and gives the product as torch wants it, row-major:
+ *         y[i, r] = bias[r] + sum_c x[i, c] W[r, c] (x is (n, in_features), y is (n, rows), bias NULL for none);
+ *         it is register-blocked (SPMM).
  *
  * Every function exists once per instruction set (generic C, AVX2+FMA, AVX-512F); selfish_best_isa() says which
  * ones this CPU runs, and the caller picks (so a test can force any path the CPU supports). Rows are split over
  * `threads` OpenMP threads when the library was built with OpenMP (else the pragmas are ignored). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SELFISH_X86 1
@@ -27,7 +35,7 @@
 
 #define ROW_BLOCK 64
 
-int selfish_abi_version(void) { return 2; }
+int selfish_abi_version(void) { return 3; }
 
 /* 0: generic C, 1: AVX2+FMA, 2: AVX-512F. */
 int selfish_best_isa(void) {
@@ -105,23 +113,122 @@ void bitmask_mm_generic(int64_t rows, int64_t words, const uint64_t *bits, const
     }
 }
 
-void csr16_mm_generic(int64_t rows, const uint16_t *cols, const float *values, const int64_t *row_start,
-                      const float *xt, int64_t n, float *yt, int threads) {
-    int64_t blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-        int64_t r_end = (blk + 1) * ROW_BLOCK < rows ? (blk + 1) * ROW_BLOCK : rows;
-        for (int64_t i0 = 0; i0 < n; i0 += GENERIC_TILE) {
-            int64_t width = n - i0 < GENERIC_TILE ? n - i0 : GENERIC_TILE;
-            for (int64_t r = blk * ROW_BLOCK; r < r_end; ++r) {
-                float acc[GENERIC_TILE] = {0};
-                for (int64_t k = row_start[r]; k < row_start[r + 1]; ++k)
-                    generic_axpy_tile(acc, values[k], xt + (int64_t)cols[k] * n + i0, width);
-                memcpy(yt + r * n + i0, acc, (size_t)width * sizeof(float));
-            }
+
+/* ------------------------------------------------------------------------------------------------ SPMM
+ *
+ * csr16_mm: the weight (CSR16) times many input rows, register-blocked. Per tile of up to TILE input rows, the
+ * tile is packed transposed (xp[c * R + j] = x[i0 + j, c], R = the tile's width rounded up to whole vectors, zero
+ * padded), so that one non-zero W[r, c] is one broadcast of its value and R / LANES vector FMAs with the R
+ * contiguous floats of column c, into accumulators that stay in registers across the row's non-zeros. The columns
+ * are taken in panels of panel_width (a panel of xp, panel_width x R floats, 32 KB at 128 x 64, stays in L1 while
+ * BLOCK weight rows go through it; their partial sums wait in `acc` between panels), so each non-zero reads xp from
+ * L1, not L2. The weight is streamed once per tile; the rows of the weight are split over the threads, each with
+ * its own packed tile and partial sums (one allocation, made before any work: -1 if it fails). */
+
+#define SPMM_BLOCK 128
+
+static inline void spmm_pack(const float *x, int64_t in, int64_t i0, int64_t width, int64_t R, float *xp) {
+    for (int64_t c0 = 0; c0 < in; c0 += 16) {
+        int64_t c1 = c0 + 16 < in ? c0 + 16 : in;
+        for (int64_t j = 0; j < width; ++j) {
+            const float *src = x + (i0 + j) * in;
+            for (int64_t c = c0; c < c1; ++c) xp[c * R + j] = src[c];
         }
+        for (int64_t j = width; j < R; ++j)
+            for (int64_t c = c0; c < c1; ++c) xp[c * R + j] = 0.0f;
     }
 }
+
+/* The rows of a block are read one panel's segment at a time, ~100 bytes in each of 128 places: more streams than
+ * the hardware prefetchers follow, so the segment SPMM_AHEAD rows ahead is fetched by hand. */
+#define SPMM_AHEAD 4
+
+static inline void spmm_prefetch(const uint16_t *cols, const float *values, const int64_t *split, int64_t span) {
+    for (const char *a = (const char *)(values + split[0]); a < (const char *)(values + split[span]); a += 64)
+        __builtin_prefetch(a);
+    for (const char *a = (const char *)(cols + split[0]); a < (const char *)(cols + split[span]); a += 64)
+        __builtin_prefetch(a);
+}
+
+static inline size_t spmm_round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* The block's sums (acc, one R-float row per weight row), plus the bias, into y's rows i0 .. i0 + width, columns
+ * r0 .. r1. */
+static inline void spmm_store(const float *acc, int64_t R, int64_t r0, int64_t r1, int64_t i0, int64_t width,
+                              int64_t rows, const float *bias, float *y) {
+    for (int64_t j = 0; j < width; ++j) {
+        float *out = y + (i0 + j) * rows;
+        if (bias)
+            for (int64_t r = r0; r < r1; ++r) out[r] = acc[(r - r0) * R + j] + bias[r];
+        else
+            for (int64_t r = r0; r < r1; ++r) out[r] = acc[(r - r0) * R + j];
+    }
+}
+
+/* SPMM_DRIVER(ATTR, NAME, LANES, TILE, SEGMENT): the product for one instruction set. SEGMENT(nv) accumulates the
+ * non-zeros k .. e - 1 of row r (starting from zero when p == 0, else from o[0 .. nv * LANES)), xp's rows being
+ * nv * LANES floats apart, and stores the sums to o. */
+#define SPMM_DRIVER(ATTR, NAME, LANES, TILE, SEGMENT)                                                          \
+    ATTR int NAME(int64_t rows, int64_t in, const uint16_t *cols, const float *values,                       \
+                  const int64_t *panel_start, int64_t panels, const float *x, int64_t n, const float *bias,    \
+                  float *y,                                                                                    \
+                  int threads) {                                                                               \
+        if (threads < 1) threads = 1;                                                                          \
+        size_t xp_bytes = spmm_round64((size_t)(in > 0 ? in : 1) * TILE * sizeof(float));                      \
+        size_t per_thread = xp_bytes + (size_t)SPMM_BLOCK * TILE * sizeof(float);                              \
+        char *work = aligned_alloc(64, per_thread * (size_t)threads);                                          \
+        if (work == NULL) return -1;                                                                           \
+        int64_t blocks = (rows + SPMM_BLOCK - 1) / SPMM_BLOCK;                                                 \
+        _Pragma("omp parallel num_threads(threads) if (threads > 1)")                                          \
+        {                                                                                                      \
+            int me = 0;                                                                                        \
+            SPMM_THREAD_NUM(me);                                                                               \
+            float *xp = (float *)(work + per_thread * (size_t)me);                                             \
+            float *acc = (float *)(work + per_thread * (size_t)me + xp_bytes);                                 \
+            for (int64_t i0 = 0; i0 < n; i0 += TILE) {                                                         \
+                int64_t width = n - i0 < TILE ? n - i0 : TILE;                                                 \
+                int nv = (int)((width + LANES - 1) / LANES);                                                   \
+                int64_t R = (int64_t)nv * LANES;                                                               \
+                int64_t group = TILE / R;  /* panels taken at once: a narrower tile takes wider ones */         \
+                spmm_pack(x, in, i0, width, R, xp);                                                            \
+                _Pragma("omp for schedule(static) nowait")                                                     \
+                for (int64_t blk = 0; blk < blocks; ++blk) {                                                   \
+                    int64_t r0 = blk * SPMM_BLOCK, r1 = r0 + SPMM_BLOCK < rows ? r0 + SPMM_BLOCK : rows;       \
+                    for (int64_t p = 0; p < panels; p += group) {                                              \
+                        int64_t span = p + group < panels ? group : panels - p;                                \
+                        for (int64_t r = r0; r < r1; ++r) {                                                    \
+                            const int64_t *split = panel_start + r * (panels + 1) + p;                         \
+                            int64_t k = split[0], e = split[span];                                             \
+                            if (r + SPMM_AHEAD < r1)                                                           \
+                                spmm_prefetch(cols, values, split + SPMM_AHEAD * (panels + 1), span);          \
+                            float *o = acc + (r - r0) * R;                                                     \
+                            SEGMENT(nv);                                                                       \
+                        }                                                                                      \
+                    }                                                                                          \
+                    spmm_store(acc, R, r0, r1, i0, width, rows, bias, y);                                       \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        free(work);                                                                                            \
+        return 0;                                                                                              \
+    }
+
+#ifdef _OPENMP
+#define SPMM_THREAD_NUM(me) (me) = omp_get_thread_num()
+#else
+#define SPMM_THREAD_NUM(me) (void)(me)
+#endif
+
+/* generic C: tiles of 16 rows, plain loops (the compiler may vectorize them) */
+#define GENERIC_SEGMENT(nv)                                                                                    \
+    do {                                                                                                       \
+        float a[16] = {0};                                                                                     \
+        if (p) memcpy(a, o, sizeof(a));                                                                        \
+        for (; k < e; ++k) generic_axpy_tile(a, values[k], xp + (int64_t)cols[k] * 16, 16);                    \
+        memcpy(o, a, sizeof(a));                                                                               \
+    } while (0)
+
+SPMM_DRIVER(, csr16_mm_generic, 16, 16, GENERIC_SEGMENT)
 
 #if SELFISH_X86 && defined(__GNUC__)
 
@@ -262,8 +369,6 @@ static inline int next_bit(const uint64_t *b, int64_t words, int64_t *w, uint64_
     int64_t w = 0;                                                                                            \
     uint64_t m = b[0];
 
-#define CSR_ROW_SETUP int64_t k = row_start[r], end = row_start[r + 1];
-#define CSR_NEXT (k < end ? (col = cols[k], val = values[k], ++k, 1) : 0)
 
 AVX2 void bitmask_mm_avx2(int64_t rows, int64_t words, const uint64_t *bits, const float *values,
                           const int64_t *row_start, const float *xt, int64_t n, float *yt, int threads) {
@@ -286,26 +391,47 @@ AVX2 void bitmask_mm_avx2(int64_t rows, int64_t words, const uint64_t *bits, con
     }
 }
 
-AVX2 void csr16_mm_avx2(int64_t rows, const uint16_t *cols, const float *values, const int64_t *row_start,
-                        const float *xt, int64_t n, float *yt, int threads) {
-    int64_t blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-        int64_t r_end = (blk + 1) * ROW_BLOCK < rows ? (blk + 1) * ROW_BLOCK : rows;
-        for (int64_t i0 = 0; i0 < n; i0 += AVX2_TILE) {
-            AVX2_TILE_MASKS
-            for (int64_t r = blk * ROW_BLOCK; r < r_end; ++r) {
-                CSR_ROW_SETUP
-                switch (nv) {
-                    case 1: AVX2_MM_ROW(1, CSR_NEXT); break;
-                    case 2: AVX2_MM_ROW(2, CSR_NEXT); break;
-                    case 3: AVX2_MM_ROW(3, CSR_NEXT); break;
-                    default: AVX2_MM_ROW(4, CSR_NEXT); break;
-                }
-            }
-        }
+
+/* AVX2: tiles of up to 32 rows (four ymm per non-zero), two sets of accumulators (the FMA latency) */
+#define AVX2_SPMM_STEP(S, NV, K)                                                                               \
+    do {                                                                                                       \
+        const float *q = xp + (int64_t)cols[K] * (NV * 8);                                                     \
+        __m256 vb = _mm256_broadcast_ss(values + (K));                                                         \
+        S##0 = _mm256_fmadd_ps(vb, _mm256_load_ps(q), S##0);                                                   \
+        if (NV > 1) S##1 = _mm256_fmadd_ps(vb, _mm256_load_ps(q + 8), S##1);                                   \
+        if (NV > 2) S##2 = _mm256_fmadd_ps(vb, _mm256_load_ps(q + 16), S##2);                                  \
+        if (NV > 3) S##3 = _mm256_fmadd_ps(vb, _mm256_load_ps(q + 24), S##3);                                  \
+    } while (0)
+
+#define AVX2_SPMM_ROW(NV)                                                                                      \
+    do {                                                                                                       \
+        __m256 A0 = _mm256_setzero_ps(), A1 = A0, A2 = A0, A3 = A0, B0 = A0, B1 = A0, B2 = A0, B3 = A0;        \
+        if (p) {                                                                                               \
+            A0 = _mm256_load_ps(o);                                                                            \
+            if (NV > 1) A1 = _mm256_load_ps(o + 8);                                                            \
+            if (NV > 2) A2 = _mm256_load_ps(o + 16);                                                           \
+            if (NV > 3) A3 = _mm256_load_ps(o + 24);                                                           \
+        }                                                                                                      \
+        for (; k + 2 <= e; k += 2) {                                                                           \
+            AVX2_SPMM_STEP(A, NV, k);                                                                          \
+            AVX2_SPMM_STEP(B, NV, k + 1);                                                                      \
+        }                                                                                                      \
+        if (k < e) AVX2_SPMM_STEP(A, NV, k);                                                                   \
+        _mm256_store_ps(o, _mm256_add_ps(A0, B0));                                                             \
+        if (NV > 1) _mm256_store_ps(o + 8, _mm256_add_ps(A1, B1));                                             \
+        if (NV > 2) _mm256_store_ps(o + 16, _mm256_add_ps(A2, B2));                                            \
+        if (NV > 3) _mm256_store_ps(o + 24, _mm256_add_ps(A3, B3));                                            \
+    } while (0)
+
+#define AVX2_SPMM_SEGMENT(nv)                                                                                  \
+    switch (nv) {                                                                                              \
+        case 1: AVX2_SPMM_ROW(1); break;                                                                       \
+        case 2: AVX2_SPMM_ROW(2); break;                                                                       \
+        case 3: AVX2_SPMM_ROW(3); break;                                                                       \
+        default: AVX2_SPMM_ROW(4); break;                                                                      \
     }
-}
+
+SPMM_DRIVER(AVX2, csr16_mm_avx2, 8, 32, AVX2_SPMM_SEGMENT)
 
 /* ------------------------------------------------------------------------------------------------ AVX-512F */
 
@@ -473,25 +599,45 @@ AVX512 void bitmask_mm_avx512(int64_t rows, int64_t words, const uint64_t *bits,
     }
 }
 
-AVX512 void csr16_mm_avx512(int64_t rows, const uint16_t *cols, const float *values, const int64_t *row_start,
-                            const float *xt, int64_t n, float *yt, int threads) {
-    int64_t blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-        int64_t r_end = (blk + 1) * ROW_BLOCK < rows ? (blk + 1) * ROW_BLOCK : rows;
-        for (int64_t i0 = 0; i0 < n; i0 += AVX512_TILE) {
-            AVX512_TILE_MASKS
-            for (int64_t r = blk * ROW_BLOCK; r < r_end; ++r) {
-                CSR_ROW_SETUP
-                switch (nv) {
-                    case 1: AVX512_MM_ROW(1, CSR_NEXT); break;
-                    case 2: AVX512_MM_ROW(2, CSR_NEXT); break;
-                    case 3: AVX512_MM_ROW(3, CSR_NEXT); break;
-                    default: AVX512_MM_ROW(4, CSR_NEXT); break;
-                }
-            }
-        }
+/* AVX-512: tiles of up to 64 rows (four zmm per non-zero), two sets of accumulators */
+#define AVX512_SPMM_STEP(S, NV, K)                                                                             \
+    do {                                                                                                       \
+        const float *q = xp + (int64_t)cols[K] * (NV * 16);                                                   \
+        __m512 vb = _mm512_set1_ps(values[K]);                                                                 \
+        S##0 = _mm512_fmadd_ps(vb, _mm512_load_ps(q), S##0);                                                   \
+        if (NV > 1) S##1 = _mm512_fmadd_ps(vb, _mm512_load_ps(q + 16), S##1);                                  \
+        if (NV > 2) S##2 = _mm512_fmadd_ps(vb, _mm512_load_ps(q + 32), S##2);                                  \
+        if (NV > 3) S##3 = _mm512_fmadd_ps(vb, _mm512_load_ps(q + 48), S##3);                                  \
+    } while (0)
+
+#define AVX512_SPMM_ROW(NV)                                                                                    \
+    do {                                                                                                       \
+        __m512 A0 = _mm512_setzero_ps(), A1 = A0, A2 = A0, A3 = A0, B0 = A0, B1 = A0, B2 = A0, B3 = A0;        \
+        if (p) {                                                                                               \
+            A0 = _mm512_load_ps(o);                                                                            \
+            if (NV > 1) A1 = _mm512_load_ps(o + 16);                                                           \
+            if (NV > 2) A2 = _mm512_load_ps(o + 32);                                                           \
+            if (NV > 3) A3 = _mm512_load_ps(o + 48);                                                           \
+        }                                                                                                      \
+        for (; k + 2 <= e; k += 2) {                                                                           \
+            AVX512_SPMM_STEP(A, NV, k);                                                                        \
+            AVX512_SPMM_STEP(B, NV, k + 1);                                                                    \
+        }                                                                                                      \
+        if (k < e) AVX512_SPMM_STEP(A, NV, k);                                                                 \
+        _mm512_store_ps(o, _mm512_add_ps(A0, B0));                                                             \
+        if (NV > 1) _mm512_store_ps(o + 16, _mm512_add_ps(A1, B1));                                            \
+        if (NV > 2) _mm512_store_ps(o + 32, _mm512_add_ps(A2, B2));                                            \
+        if (NV > 3) _mm512_store_ps(o + 48, _mm512_add_ps(A3, B3));                                            \
+    } while (0)
+
+#define AVX512_SPMM_SEGMENT(nv)                                                                                \
+    switch (nv) {                                                                                              \
+        case 1: AVX512_SPMM_ROW(1); break;                                                                     \
+        case 2: AVX512_SPMM_ROW(2); break;                                                                     \
+        case 3: AVX512_SPMM_ROW(3); break;                                                                     \
+        default: AVX512_SPMM_ROW(4); break;                                                                    \
     }
-}
+
+SPMM_DRIVER(AVX512, csr16_mm_avx512, 16, 64, AVX512_SPMM_SEGMENT)
 
 #endif

@@ -33,15 +33,17 @@ ISAS = ("generic", "avx2", "avx512")
 KERNEL_ISA_ENV = "LIGHTNING_SELFISH_KERNEL_ISA"
 CACHE_ENV = "LIGHTNING_SELFISH_CACHE"
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing")
-_ABI = 2
+_ABI = 3
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "bitmask_mv": (_i64, _i64, _p, _p, _p, _p, _p, _int, _int),
     "bitmask_mm": (_i64, _i64, _p, _p, _p, _p, _i64, _p, _int),
     "csr16_mv": (_i64, _p, _p, _p, _p, _p, _int),
-    "csr16_mm": (_i64, _p, _p, _p, _p, _i64, _p, _int),
+    "csr16_mm": (_i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _int),
 }
+#: The functions that return a status (0, or -1 when their work space could not be allocated); the rest return none.
+_RETURNS_STATUS = {"csr16_mm"}
 
 
 def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -106,7 +108,7 @@ def _bind(library: ctypes.CDLL) -> None:
             function = getattr(library, f"{name}_{isa}", None)
             if function is not None:
                 function.argtypes = argtypes
-                function.restype = None
+                function.restype = ctypes.c_int if name in _RETURNS_STATUS else None
 
 
 def _build(compiler: list[str], target: Path) -> bool:

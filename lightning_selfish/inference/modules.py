@@ -82,10 +82,12 @@ class SparseLinear(_InferenceOnly):
             return out.reshape(*input.shape[:-1], self.out_features)
         if self.format == "csr" and self.bias is not None:
             out = torch.addmm(self.bias.unsqueeze(1), self.weight, rows.t()).t()
+        elif self.format == "csr16" and rows.size(0) > 1:
+            out = self.weight.mm(rows, self.bias)  # (the kernel adds the bias as it stores)
         else:
-            out = multiply(self.weight, rows)
+            out = multiply(self.weight, rows)  # a new tensor: the bias is added in place
             if self.bias is not None:
-                out = out + self.bias
+                out.add_(self.bias)
         return out.contiguous().view(*input.shape[:-1], self.out_features)  # contiguous, as F.linear's
 
     def addmm(self, base: Tensor, rows: Tensor) -> Tensor:
@@ -94,7 +96,7 @@ class SparseLinear(_InferenceOnly):
             return torch.addmm(base, rows, self.weight.t())
         if self.format == "csr" and rows.size(0) == 1:
             return torch.addmv(base[0], self.weight, rows[0]).unsqueeze(0)
-        return base + multiply(self.weight, rows)
+        return multiply(self.weight, rows).add_(base)  # (a new tensor: added in place)
 
     def weight_bytes(self) -> int:
         """Bytes of the weight as held (what one product reads of it)."""
