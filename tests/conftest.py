@@ -335,6 +335,26 @@ def final_state(model, trainer) -> tuple[list[torch.Tensor], dict]:
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 
+def tiny_module_of(lightning: Any) -> Any:
+    """TinyLM as a LightningModule of the package ``lightning`` (the module ``pytorch_lightning`` or
+    ``lightning.pytorch``), trained with plain SGD."""
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TinyLM()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch[0].t(), batch[1].t()
+            out, _ = self.inner.rnn(self.inner.encoder(x))
+            return nn.functional.cross_entropy(self.inner.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Module()
+
+
 def dropout_lm(package: str = "pytorch_lightning", p: float = 0.3) -> pl.LightningModule:
     """A tiny LSTM LM of ``package`` with dropout ``p`` on the embeddings (every training step draws from torch's
     global generator); it records the first token of every training window, in the order trained."""

@@ -1,6 +1,6 @@
-"""The optimizer state of grown weights (``grown_optimizer_state``, ``lightning_selfish/core/optim_state.py``): what each
-rule leaves in Adam's moments, checked against the rule written out here, and that SGD's momentum is untouched by
-the choice."""
+"""The optimizer state of grown weights (``grown_optimizer_state``, ``lightning_selfish/core/optim_state.py``): what
+each rule leaves in Adam's moments, checked against the rule written out here, and that SGD's momentum is untouched
+by the choice."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import BATCH, STEPS, VOCAB, TinyLM, make_trainer, token_loader
+from conftest import BATCH, STEPS, VOCAB, TinyLM, make_trainer, tiny_module_of, token_loader
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelPruning, StochasticWeightAveraging
 from torch import nn
 
@@ -333,20 +333,7 @@ def test_a_second_fit_under_either_package(package: str) -> None:
     lightning = importlib.import_module(package)
     callback = SelfishSparsityCallback(sparsity=0.6, seed=0)
 
-    class Module(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = TinyLM()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch[0].t(), batch[1].t()
-            out, _ = self.inner.rnn(self.inner.encoder(x))
-            return nn.functional.cross_entropy(self.inner.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-    module = Module()
+    module = tiny_module_of(lightning)
     options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     lightning.Trainer(max_epochs=2, callbacks=[callback], **options).fit(module, token_loader())
     masks = {n: m.clone() for n, m in callback.masks.items()}

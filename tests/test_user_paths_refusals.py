@@ -14,8 +14,7 @@ import warnings
 from typing import Any
 
 import pytest
-import torch
-from conftest import VOCAB, TinyLM, make_trainer, token_loader
+from conftest import VOCAB, TinyLM, make_trainer, tiny_module_of, token_loader
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
@@ -31,25 +30,6 @@ def fit(callback: SelfishSparsityCallback, *extra: Callback, model=None, max_epo
 
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-
-
-def module_of(lightning: Any) -> Any:
-    """TinyLM as a LightningModule of the package ``lightning`` (``pytorch_lightning`` or ``lightning.pytorch``)."""
-
-    class Module(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = TinyLM()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch[0].t(), batch[1].t()
-            out, _ = self.inner.rnn(self.inner.encoder(x))
-            return nn.functional.cross_entropy(self.inner.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
-    return Module()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,7 +90,7 @@ def test_the_presets_epoch_cadence_in_a_one_epoch_run_says_so_in_one_line(packag
     lightning = importlib.import_module(package)
     callback = SelfishSparsityCallback(sparsity=0.5, seed=0)
     trainer = lightning.Trainer(max_epochs=1, callbacks=[callback], **QUIET)
-    trainer.fit(module_of(lightning), token_loader())
+    trainer.fit(tiny_module_of(lightning), token_loader())
     assert callback.num_updates == 0
     assert said == [
         "method='selfish': the preset's update_every='epoch' makes no topology update in this run of 1 epoch (8 "
@@ -182,7 +162,7 @@ def test_a_time_limit_alone_is_refused_naming_max_time(package: str) -> None:
         callbacks=[SelfishSparsityCallback(sparsity=0.5, seed=0)], max_time="00:00:01:00", **QUIET
     )
     with pytest.raises(ValueError) as error:
-        trainer.fit(module_of(lightning), token_loader())
+        trainer.fit(tiny_module_of(lightning), token_loader())
     message = str(error.value)
     assert "max_time=0:01:00 without max_epochs or max_steps (Lightning then sets max_epochs=-1 and stops on time)" in (
         message
