@@ -55,7 +55,6 @@ from lightning_selfish_recipes.models import StackedLSTM
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 warnings.filterwarnings("ignore", message=".*semi-structured.*")
-warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
 
 
 def emit(**line) -> None:
