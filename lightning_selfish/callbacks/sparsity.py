@@ -510,14 +510,15 @@ class SelfishSparsityCallback(Callback):
             return given
         trains_nothing = trainer.max_epochs == 0 or trainer.max_steps == 0
         total = 0 if trains_nothing else trainer.estimated_stepping_batches
+        time_left = _time_left(trainer)
         # Lightning gives inf without max_epochs/max_steps, -1 (its max_steps default) for max_epochs with a
         # train dataloader that has no length, and a whole epoch for max_epochs=0: no schedule fits any of them.
         if not (math.isfinite(total) and total >= 1):
             if trains_nothing:
                 cause = f"max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps} trains no step"
-            elif trainer.max_epochs == -1 and _time_left(trainer) is not None:
+            elif trainer.max_epochs == -1 and time_left is not None:
                 cause = (
-                    f"max_time={_duration(_time_left(trainer))} without max_epochs or max_steps (Lightning then sets "
+                    f"max_time={_duration(time_left)} without max_epochs or max_steps (Lightning then sets "
                     "max_epochs=-1 and stops on time) gives no length in steps"
                 )
             elif trainer.max_epochs == -1:  # (Lightning then loads no dataloader: its batch count means nothing yet)
@@ -535,8 +536,8 @@ class SelfishSparsityCallback(Callback):
                 f"max_steps={trainer.max_steps}). Give SelfishSparsityCallback(total_steps=...), or set "
                 "Trainer(max_steps=...), or use a sized train dataloader with Trainer(max_epochs=...)"
             )
-        if _time_left(trainer) is not None:  # (the estimate assumes the step/epoch limit; the clock may come first)
-            rank_zero_warn(_time_limit_warning(trainer, int(total)))
+        if time_left is not None:  # (the estimate assumes the step/epoch limit; the clock may come first)
+            rank_zero_warn(_time_limit_warning(trainer, int(total), time_left))
         return int(total)
 
     def _shared_seed(self, trainer: pl.Trainer) -> int:
@@ -601,9 +602,7 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def _time_limit_warning(trainer: pl.Trainer, total_steps: int) -> str:
-    left = _time_left(trainer)
-    assert left is not None
+def _time_limit_warning(trainer: pl.Trainer, total_steps: int, left: float) -> str:
     return (
         f"SelfishSparsityCallback: the trainer has a time limit (max_time, or a Timer callback: {_duration(left)} "
         f"left), which the schedule cannot foresee: it plans its prune rate over the {total_steps} optimizer steps "
