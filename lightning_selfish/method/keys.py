@@ -50,8 +50,8 @@ def key_value(key: int, dtype: torch.dtype) -> Tensor:
     """The number of ``dtype`` whose :func:`order_keys` key is ``key`` (``+0.0`` for the key of zero)."""
     if not dtype.is_floating_point:
         return torch.tensor(key, dtype=dtype)
-    as_int, wide = (torch.int64, torch.float64) if dtype == torch.float64 else (torch.int32, torch.float32)
-    bits = 8 * torch.tensor(0, dtype=as_int).element_size()
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    as_int, bits = (torch.int64, 64) if wide == torch.float64 else (torch.int32, 32)
     pattern = abs(key) | ((1 << (bits - 1)) if key < 0 else 0)
     pattern -= (1 << bits) if pattern >= 1 << (bits - 1) else 0
     return torch.tensor(pattern, dtype=as_int).view(wide).to(dtype)

@@ -116,8 +116,7 @@ def _check_k(k: int, available: int) -> None:
 
 
 def _summed(counts: Tensor, collective: Collective) -> Tensor:
-    if collective.world_size > 1:
-        collective.all_reduce_(counts)
+    collective.all_reduce_(counts)  # (one process: a no-op)
     return counts
 
 
