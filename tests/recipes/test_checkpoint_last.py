@@ -8,15 +8,15 @@ resume silently trained the later epochs again. Here validation is scripted to g
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lightning_selfish_recipes.cli import CONFIG_DIR, build_cli, resolve_checkpoint_in
+from lightning_selfish_recipes.compat import module, pl
 from lightning_selfish_recipes.data import LanguageModelingDataModule
 from lightning_selfish_recipes.lm import LanguageModel
 from lightning_selfish_recipes.models import StackedLSTM
@@ -24,12 +24,19 @@ from lightning_selfish_recipes.summary import fit_summary
 from lightning_selfish_recipes.tools.export import find_checkpoint
 from tests.conftest import write_random_corpus
 
+Callback, ModelCheckpoint = module("callbacks").Callback, module("callbacks").ModelCheckpoint  # the recipes' package
 BATCHES = 3  # training batches per epoch
 
 
 class ScriptedValLoss(Callback):
-    """Replaces the logged ``val_loss`` by a script: better, better, then worse in the last epoch (3 epochs), so
-    the best epoch is 1 and the last one 2. A trainer callback: Lightning runs it before every checkpoint callback."""
+    """Scripts the module's validation loss: better, better, then worse in the last epoch (3 epochs), so the best
+    epoch is 1 and the last one 2.
+
+    Lightning calls the callbacks' ``on_validation_epoch_end`` before the module's, which logs ``val_loss`` (and
+    ``val_ppl``) from its token-weighted cross-entropy metric: the script replaces what that metric accumulated, so
+    the module logs the scripted loss and every reader of ``val_loss`` (checkpoints, the NT-ASGD trigger) sees it.
+    Assigning ``trainer.callback_metrics["val_loss"]`` instead does not last: Lightning refills that dict from the
+    logged results whenever it is read during validation."""
 
     LOSSES = (3.0, 2.0, 2.5, 2.75)
 
@@ -39,8 +46,9 @@ class ScriptedValLoss(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started_at = (trainer.current_epoch, trainer.global_step)  # where a resumed run goes on
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.callback_metrics["val_loss"] = torch.tensor(self.LOSSES[trainer.current_epoch])
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.val_ce.reset()
+        pl_module.val_ce.update(torch.tensor(self.LOSSES[trainer.current_epoch], device=pl_module.device), tokens=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +102,7 @@ def test_last_ckpt_is_the_last_epoch_also_when_its_validation_got_worse(corpus_d
     trainer = recipe_run(corpus_dir, tmp_path)
     best, latest = trainer.checkpoint_callbacks
     assert isinstance(best, ModelCheckpoint) and (best.monitor, best.mode) == ("val_loss", "min")
+    assert float(best.best_model_score) == ScriptedValLoss.LOSSES[1], "the checkpoint saw the scripted val_loss"
     assert torch.load(best.best_model_path, weights_only=False)["epoch"] == 1
     last = Path(best.dirpath) / "last.ckpt"
     assert latest.best_model_path == str(last)
@@ -108,7 +117,7 @@ def test_last_ckpt_is_the_last_epoch_also_when_its_validation_got_worse(corpus_d
     assert find_checkpoint(tmp_path, "last") == last
 
     summary = fit_summary(trainer, trainer.lightning_module)
-    assert "(epoch 1, counting from 0)" in summary  # the best
+    assert f"  best validation perplexity  {math.exp(2.0):.4f} (epoch 1, counting from 0)" in summary  # scripted
     assert f"  last checkpoint             {last} (epoch 2; --ckpt_path last resumes from it)" in summary
 
     # Lightning's own ckpt_path="last" (the newest last*.ckpt of the checkpoint directory) resumes at epoch 3
@@ -136,6 +145,7 @@ def test_selfish_rnn_fit_ckpt_path_last_resumes_at_the_run_s_last_epoch(
         "--trainer.callbacks+=tests.recipes.test_checkpoint_last.ScriptedValLoss",
     ]
     fit = build_cli(args=["fit", *common, "--trainer.max_epochs=3"])
+    assert float(fit.trainer.checkpoint_callback.best_model_score) == ScriptedValLoss.LOSSES[1]
     version = Path(fit.trainer.log_dir)
     last = version / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 2
@@ -158,6 +168,7 @@ def test_a_last_ckpt_written_beside_a_monitor_is_resolved_with_a_warning(corpus_
     own = ModelCheckpoint(dirpath=tmp_path / "version_0" / "checkpoints", monitor="val_loss", save_last=True)
     trainer = recipe_run(corpus_dir, tmp_path, extra=(own,))
     assert trainer.checkpoint_callbacks == [own], "the recipe adds none of its own beside a monitored one"
+    assert float(own.best_model_score) == ScriptedValLoss.LOSSES[1]
     last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.warns(UserWarning) as warned:
         assert resolve_checkpoint_in(tmp_path, "last") == last
@@ -175,5 +186,5 @@ def test_a_last_ckpt_written_beside_a_monitor_is_resolved_with_a_warning(corpus_
 def test_the_summary_of_a_run_without_checkpoints(corpus_dir: Path, tmp_path: Path) -> None:
     trainer = recipe_run(corpus_dir, tmp_path, checkpoint=False)
     summary = fit_summary(trainer, trainer.lightning_module)
-    assert "  last validation perplexity  " in summary and "(no checkpoint)" in summary
+    assert f"  last validation perplexity  {math.exp(ScriptedValLoss.LOSSES[2]):.4f} (no checkpoint)" in summary
     assert "best checkpoint" not in summary and "last checkpoint" not in summary
