@@ -174,6 +174,7 @@ def test_gradient_growth_resumes_exactly_from_an_epoch_checkpoint(tmp_path: Path
         "masks",
         "generator",
         "generator_device",
+        "draws",
         "seed",
         "growth_seed",
         "update_every",

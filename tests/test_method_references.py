@@ -2,8 +2,9 @@
 "Each preset against its paper"), under SGD with momentum and under Adam, on small tensors.
 
 The reference is naive on purpose: Python sorts over (score, position) pairs, the counts by the rule's own formula,
-the optimizer state by the rule the preset follows. Random growth is "the n candidates with the lowest i.i.d. uniform
-scores drawn from the callback's generator, tensor by tensor", which is a uniformly random n-subset.
+the optimizer state by the rule the preset follows. Random growth is "the n candidates with the lowest keys of one
+draw of the run's DrawStream, tensor by tensor", a key being the hash of (seed, draw, position) that
+lightning_selfish.method.keys.position_keys documents, computed here on Python integers one position at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from lightning_selfish.core.engine import SparseEngine, UpdateContext
 from lightning_selfish.method.catalogue import resolve
+from lightning_selfish.method.keys import DrawStream
 from lightning_selfish.method.parts import UpdateAmount
 
 SHAPES = {"a": (6, 5), "b": (4, 5)}
@@ -60,7 +62,39 @@ def reference_removal(method: str, w: torch.Tensor, mask: torch.Tensor, n: int) 
     return lowest(w.abs(), mask, n)
 
 
-def reference_update(method, optimizer_name, weights, masks, grads, state, generator) -> tuple[dict, dict, dict]:
+_MASK64, _MASK32 = 2**64 - 1, 2**32 - 1
+
+
+def _splitmix64(value: int) -> int:
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def _murmur_finaliser(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def naive_position_key(seed: int, draw: int, position: int) -> int:
+    """The documented key: a Weyl step of the position plus the draw's first offset, MurmurHash3's finaliser, xor
+    the second offset, the finaliser again; as a signed 32-bit integer."""
+    offsets = _splitmix64(_splitmix64(seed) ^ _splitmix64(draw ^ 0x5851F42D4C957F2D))
+    first, second = offsets & _MASK32, (offsets >> 32) & _MASK32
+    x = _murmur_finaliser((position * 0x9E3779B9 + first) & _MASK32) ^ second
+    x = _murmur_finaliser(x)
+    return x - 2**32 if x >= 2**31 else x
+
+
+def naive_keys(seed: int, draw: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor([naive_position_key(seed, draw, i) for i in range(math.prod(shape))]).view(shape)
+
+
+def reference_update(method, optimizer_name, weights, masks, grads, state, draw_seed) -> tuple[dict, dict, dict]:
     """(new masks, new weights, new optimizer state) of one update of ``method`` at RATE (GMP: to TARGET)."""
     new_masks, new_weights, new_state = {}, {}, {}
     removed, kept = {}, {}
@@ -90,7 +124,7 @@ def reference_update(method, optimizer_name, weights, masks, grads, state, gener
         budgets = dict(zip(names, largest_remainder(total, scores)))
     else:
         budgets = {n: len(removed[n]) for n in names}
-    for name in names:
+    for draw, name in enumerate(names):
         w, mask = weights[name], masks[name]
         candidates = ~mask if method == "dsr" else ~kept[name]  # DSR grows only where weights were inactive
         n = budgets[name]
@@ -99,7 +133,7 @@ def reference_update(method, optimizer_name, weights, masks, grads, state, gener
         elif method == "snfs":
             grown = {i for i in lowest(-momentum[name].abs(), candidates, n)}
         elif n > 0:
-            grown = lowest(torch.rand(w.shape, generator=generator), candidates, n)
+            grown = lowest(naive_keys(draw_seed, draw, w.shape), candidates, n)
         else:
             grown = set()
         new_mask = kept[name].clone().flatten()
@@ -159,9 +193,10 @@ def test_one_update_of_each_preset_equals_its_reference(method: str, optimizer_n
         for n, p in params.items()
     }
     amount = UpdateAmount(target_density=TARGET) if method == "gmp" else UpdateAmount(RATE)
-    engine.update(amount, config, UpdateContext(torch.Generator().manual_seed(99), [optimizer], threshold=THRESHOLD))
+    context = UpdateContext(torch.Generator(), [optimizer], threshold=THRESHOLD, draws=DrawStream(99 + seed))
+    engine.update(amount, config, context)
     expected_masks, expected_weights, expected_state = reference_update(
-        method, optimizer_name, weights, masks, grads, state, torch.Generator().manual_seed(99)
+        method, optimizer_name, weights, masks, grads, state, 99 + seed
     )
     for name, p in params.items():
         assert torch.equal(engine.masks[name], expected_masks[name]), name

@@ -233,7 +233,9 @@ def test_a_growth_part_registered_as_documented_gives_the_builtin_gradient_masks
 def test_a_part_that_reads_nothing_known_is_refused() -> None:
     from lightning_selfish.method.parts import Growth
 
-    with pytest.raises(ValueError, match=r"Growth 'mine': reads must be 'generator', 'gradient' or 'momentum'"):
+    with pytest.raises(
+        ValueError, match=r"Growth 'mine': reads must be 'generator', 'draws', 'gradient' or 'momentum'"
+    ):
         Growth("mine", topology.gradient_growth, reads="grad")
 
 

@@ -14,6 +14,7 @@ parameters are changed in place, so cuDNN's flat LSTM weight buffer stays valid.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from lightning_selfish.core.gates import GateLayout
 from lightning_selfish.core.masks import SparseTensor
 from lightning_selfish.core.optim_state import dense_state_keys, reset_optimizer_state, state_items_like
 from lightning_selfish.core.protocols import keeps_inactive_state_zero
+from lightning_selfish.core.sharding import local_tensor, row_shard
 from lightning_selfish.core.signals import UpdateContext
 from lightning_selfish.core.types import MaskUpdate, UpdateStats
 from lightning_selfish.core.update import topology_update
@@ -57,14 +59,16 @@ class SparseEngine:
         joint = catalogue.part("gate_redistribution", gate_redistribution).joint
         self.tensors: dict[str, SparseTensor] = {}
         for name, param in params.items():
-            mask = masks[name].to(device=param.device, dtype=torch.bool)
-            if mask.shape != param.shape:
+            local, shard = local_tensor(param), row_shard(param)
+            mask = masks[name].to(device=local.device, dtype=torch.bool)
+            if mask.shape != local.shape:
+                held = "" if local is param else f" (this rank's rows of the sharded {tuple(param.shape)})"
                 raise ValueError(
-                    f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(param.shape)}"
+                    f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(local.shape)}{held}"
                 )
             gates = gate_layouts.get(name)
             groups = [rows for _, rows in gates] if gates and not joint else [slice(None)]
-            self.tensors[name] = SparseTensor(name, param, mask, groups, gates)
+            self.tensors[name] = SparseTensor(name, local, mask, groups, gates, owner=param, shard=shard)
         self._handles: list[RemovableHandle] = []
         self._records: dict[int, list[SparseTensor]] = {}  # per optimizer: the sparse tensors it holds
 
@@ -87,6 +91,9 @@ class SparseEngine:
 
         Unless gates are ranked jointly every gate is a block of its own and starts at exactly the tensor's density
         (uniform init) or its share of the tensor's budget by size. A ``structure`` (N:M) draws its own masks.
+        A parameter sharded by rows (FSDP2) gets its rows of the whole tensor's mask: every rank draws the whole
+        mask from the same generator state (once, at the start of a run), so the masks do not depend on the number
+        of ranks.
         """
         gate_layouts = gate_layouts or {}
         mode = catalogue.part("gate_redistribution", gate_redistribution)
@@ -104,7 +111,7 @@ class SparseEngine:
             if not gates or mode.joint:
                 masks[name] = topology.random_mask(param.shape, counts[name], generator)
                 continue
-            row_numel = param[0].numel()
+            row_numel = math.prod(param.shape[1:])
             sizes = [(rows.stop - rows.start) * row_numel for _, rows in gates]
             if init.block_budgets is None:
                 gate_counts = topology.split_count(counts[name], sizes)
@@ -116,7 +123,11 @@ class SparseEngine:
                     for (_, rows), count in zip(gates, gate_counts)
                 ]
             )
-        engine = cls(params, masks, gate_layouts, mode)
+        local = {}
+        for name, param in params.items():
+            shard = row_shard(param)
+            local[name] = masks[name][shard.row_start : shard.row_start + shard.rows]
+        engine = cls(params, local, gate_layouts, mode)
         engine.apply_masks_()
         return engine
 
@@ -137,7 +148,9 @@ class SparseEngine:
     @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Zero the gradients of inactive weights (the stricter order: before clipping and the step)."""
-        pairs = [(t.param.grad, t.mask_as_param) for t in self.tensors.values() if t.param.grad is not None]
+        pairs = [
+            (local_tensor(t.owner.grad), t.mask_as_param) for t in self.tensors.values() if t.owner.grad is not None
+        ]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
@@ -145,7 +158,11 @@ class SparseEngine:
     @torch.no_grad()
     def dense_gradients(self) -> dict[str, Tensor]:
         """A copy of the current (dense) gradients, for gradient growth at a later update."""
-        return {name: t.param.grad.detach().clone() for name, t in self.tensors.items() if t.param.grad is not None}
+        return {
+            name: local_tensor(t.owner.grad).detach().clone()
+            for name, t in self.tensors.items()
+            if t.owner.grad is not None
+        }
 
     @torch.no_grad()
     def copy_dense_gradients_(self, into: dict[str, Tensor] | None) -> dict[str, Tensor]:
@@ -154,7 +171,7 @@ class SparseEngine:
         The running copy for updates whose preceding step is not known in advance (epoch updates over a loader
         without a length): one pass over the sparsified weights' gradients per step, no allocation after the first.
         """
-        pairs = [(name, t.param.grad) for name, t in self.tensors.items() if t.param.grad is not None]
+        pairs = [(name, local_tensor(t.owner.grad)) for name, t in self.tensors.items() if t.owner.grad is not None]
         if into is None or any(
             name not in into or into[name].shape != grad.shape or into[name].device != grad.device
             for name, grad in pairs
@@ -177,7 +194,7 @@ class SparseEngine:
             masks.append(record.mask_as_param)
             if not mask_state:
                 continue
-            for key, value in state_items_like(optimizer, record.param):
+            for key, value in state_items_like(optimizer, record.owner):
                 if key in dense_keys:
                     continue
                 if value.dtype == record.mask_as_param.dtype:
@@ -209,7 +226,11 @@ class SparseEngine:
         self._handles.append(optimizer.register_step_post_hook(after_step))
         for record in self._records_of(optimizer):
             reset_optimizer_state(
-                [optimizer], record.param, MaskUpdate(None, record.mask.clone(), record.mask), grown_state
+                [optimizer],
+                record.owner,
+                MaskUpdate(None, record.mask.clone(), record.mask),
+                grown_state,
+                span=record.span,
             )
 
     def detach(self) -> None:
@@ -223,7 +244,7 @@ class SparseEngine:
         records = self._records.get(id(optimizer))
         if records is None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            records = [t for t in self.tensors.values() if id(t.param) in held]
+            records = [t for t in self.tensors.values() if id(t.owner) in held]
             self._records[id(optimizer)] = records
         return records
 
@@ -247,17 +268,23 @@ class SparseEngine:
     # ----------------------------------------------------------------------------------------------------------
 
     def sparsity_report(self) -> dict[str, float]:
-        """Sparsity per tensor (``name``), per gate (``name/gate``) and over all sparsified tensors (``overall``)."""
+        """Sparsity per tensor (``name``), per gate (``name/gate``) and over all sparsified tensors (``overall``).
+
+        Of the whole tensors: with parameters sharded over ranks, every rank calls this (the counts are summed).
+        """
         report: dict[str, float] = {}
         active_total = numel_total = 0
         for name, record in self.tensors.items():
-            active = int(record.mask.count_nonzero())
-            active_total += active
-            numel_total += record.mask.numel()
-            report[name] = 1.0 - active / record.mask.numel()
-            for gate, rows in record.gates or []:
-                block = record.mask[rows]
-                report[f"{name}/{gate}"] = 1.0 - int(block.count_nonzero()) / block.numel()
+            assert record.shard is not None
+            gates = record.gates or []
+            blocks = [record.shard.block(rows) for _, rows in gates]
+            parts = [record.mask.count_nonzero()] + [record.mask[rows].count_nonzero() for rows, _ in blocks]
+            counts = record.span.sum_(torch.stack(parts)).tolist()
+            active_total += counts[0]
+            numel_total += record.numel
+            report[name] = 1.0 - counts[0] / record.numel
+            for (gate, _), (_, span), active in zip(gates, blocks, counts[1:]):
+                report[f"{name}/{gate}"] = 1.0 - active / span.numel
         report["overall"] = 1.0 - active_total / numel_total if numel_total else 0.0
         return report
 

@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from lightning_selfish.core.protocols import MaskAwareOptimizer
+from lightning_selfish.core.sharding import local_tensor
 from lightning_selfish.core.types import MaskUpdate
 from lightning_selfish.method.parts import GrownState
+from lightning_selfish.method.shards import Span
 
 #: The moments of the Adam family (Adam, AdamW, NAdam, RAdam, Adamax keep these names); ``grown_optimizer_state``
 #: decides what a grown weight's moments are.
@@ -49,10 +51,11 @@ STARTS_AT_TENSOR_MEAN: dict[GrownState, frozenset[str]] = {GrownState.TENSOR_MEA
 
 
 def state_items_like(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[tuple[str, Tensor]]:
-    """Every ``(key, tensor)`` in ``optimizer.state[param]`` whose tensor has the parameter's shape."""
+    """Every ``(key, tensor)`` in ``optimizer.state[param]`` whose tensor has the parameter's shape; for a sharded
+    parameter (a ``DTensor``), the local shard of each (a view: in-place changes reach the state)."""
     for key, value in optimizer.state.get(param, {}).items():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            yield key, value
+            yield key, local_tensor(value)
 
 
 def dense_state_keys(grown_optimizer_state: GrownState | str) -> frozenset[str]:
@@ -66,11 +69,14 @@ def reset_optimizer_state(
     update: MaskUpdate,
     grown_state: GrownState | str = GrownState.ZERO,
     keep_dense: bool = False,
+    span: Span | None = None,
 ) -> None:
     """Zero state at removed and grown positions (as ``grown_state`` says), then notify mask-aware optimizers.
 
     ``keep_dense`` (SNFS: growth reads the momentum, which must keep accumulating where weights are inactive)
-    leaves the state untouched; mask-aware optimizers are told either way.
+    leaves the state untouched; mask-aware optimizers are told either way. ``param`` is the parameter the optimizer
+    holds; the masks of ``update`` are its local part (``span``: where it lies, for a tensor mean over every
+    rank's part).
     """
     dense_keys = dense_state_keys(grown_state)
     mean_keys = STARTS_AT_TENSOR_MEAN.get(GrownState(grown_state), frozenset())
@@ -83,7 +89,10 @@ def reset_optimizer_state(
                     continue
                 if key in mean_keys and update.old is not None:
                     kept = update.kept.to(state.dtype)
-                    mean = (state * kept).sum() / kept.sum().clamp(min=1.0)  # (on the device: no host sync)
+                    sums = torch.stack([(state * kept).sum(), kept.sum()])  # (on the device: no host sync)
+                    if span is not None:
+                        span.sum_(sums)
+                    mean = sums[0] / sums[1].clamp(min=1.0)
                     state.mul_(kept).add_(update.grown.to(state.dtype) * mean)
                     continue
                 state.mul_(update.kept)

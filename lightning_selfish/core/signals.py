@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lightning_selfish.core.masks import SparseTensor
 from lightning_selfish.core.protocols import momentum_is_gradient
+from lightning_selfish.core.sharding import local_tensor
+from lightning_selfish.method.keys import DrawStream
 from lightning_selfish.method.parts import Signal
 
 __all__ = ["UpdateContext", "momentum_of"]
@@ -25,13 +27,16 @@ __all__ = ["UpdateContext", "momentum_of"]
 class UpdateContext:
     """What one update reads besides the method: the run's random generator, the optimizers (state to reset,
     momentum to read), the dense gradients of the step before (``None``: the parameters' ``.grad``), DDP's
-    ``synchronize`` (overwrites a tensor in place with rank 0's; ``None`` on one process) and DSR's threshold."""
+    ``synchronize`` (overwrites a tensor in place with rank 0's; ``None`` on one process) and DSR's threshold.
+    ``draws`` is the run's random stream keyed by position (random growth); ``None``: one made from the generator's
+    next 63 random bits, for a caller that has only a generator."""
 
     generator: torch.Generator
     optimizers: Sequence[torch.optim.Optimizer] = ()
     gradients: Mapping[str, Tensor] | None = None
     synchronize: Callable[[Tensor], None] | None = None
     threshold: float | None = None
+    draws: DrawStream | None = None
 
     def read(self, signal: Signal | None, record: SparseTensor, what: str) -> Tensor | torch.Generator | None:
         """What a part that reads ``signal`` is handed for ``record`` (``None`` for a part that reads nothing);
@@ -41,10 +46,26 @@ class UpdateContext:
         return self._readers()[signal](record, what)
 
     def _readers(self) -> dict[Signal, Callable[[SparseTensor, str], Tensor | torch.Generator]]:
-        return {Signal.GENERATOR: self._generator, Signal.GRADIENT: self.gradient, Signal.MOMENTUM: self.momentum}
+        return {
+            Signal.GENERATOR: self._generator,
+            Signal.DRAWS: self._draws,
+            Signal.GRADIENT: self.gradient,
+            Signal.MOMENTUM: self.momentum,
+        }
 
     def _generator(self, record: SparseTensor, what: str) -> torch.Generator:
+        if record.split:
+            raise ValueError(
+                f"{what} reads a torch.Generator, whose draws over the whole tensor cannot be split across the ranks "
+                f"holding {record.name!r}: read Signal.DRAWS (a DrawStream keyed by position) instead"
+            )
         return self.generator
+
+    def _draws(self, record: SparseTensor, what: str) -> DrawStream:
+        if self.draws is None:
+            seed = int(torch.randint(2**62, (1,), generator=self.generator, device=self.generator.device))
+            self.draws = DrawStream(seed)
+        return self.draws
 
     def gradient(self, record: SparseTensor, what: str) -> Tensor:
         """The dense gradient of the step before the update (the copy kept for it, else ``.grad``)."""
@@ -58,12 +79,13 @@ class UpdateContext:
 
     def momentum(self, record: SparseTensor, what: str) -> Tensor:
         """SNFS's momentum of the parameter (:func:`momentum_of`)."""
-        return momentum_of(self.optimizers, record.param, self._gradient_or_none(record), record.name, what)
+        return momentum_of(self.optimizers, record.owner, self._gradient_or_none(record), record.name, what)
 
     def _gradient_or_none(self, record: SparseTensor) -> Tensor | None:
         if self.gradients is not None and record.name in self.gradients:
             return self.gradients[record.name].to(record.param.device)
-        return record.param.grad
+        grad = record.owner.grad
+        return None if grad is None else local_tensor(grad)
 
 
 def momentum_of(
@@ -81,9 +103,9 @@ def momentum_of(
     for optimizer in optimizers:
         state = optimizer.state.get(param, {})
         if isinstance(state.get("exp_avg"), Tensor) and isinstance(state.get("exp_avg_sq"), Tensor):
-            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+            return local_tensor(state["exp_avg"]) / (local_tensor(state["exp_avg_sq"]).sqrt() + 1e-8)
         if isinstance(state.get("momentum_buffer"), Tensor):
-            return state["momentum_buffer"]
+            return local_tensor(state["momentum_buffer"])
     holds = [opt for opt in optimizers if any(p is param for g in opt.param_groups for p in g["params"])]
     if any(momentum_is_gradient(opt) for opt in holds):
         if gradient is None:

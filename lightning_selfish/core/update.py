@@ -12,8 +12,10 @@ method (:mod:`lightning_selfish.method.parts`) decide what each step does; nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +27,7 @@ from lightning_selfish.core.types import MaskUpdate, UpdateStats
 from lightning_selfish.method import topology
 from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.redistribution import allocate_counts
+from lightning_selfish.method.shards import Span
 
 __all__ = ["topology_update"]
 
@@ -65,7 +68,7 @@ def topology_update(
     for name, record in tensors.items():
         kept = removal.kept[name]
         new = _grow(record, budgets[name], method, context, old[name], kept, removal.per_block[name])
-        counts[name] = _apply(record, old[name], kept, new, method, context)
+        counts[name] = record.span.sum_(_apply(record, old[name], kept, new, method, context))
     if context.synchronize is not None and tensors:
         device = next(iter(tensors.values())).param.device
         _synchronize_generator(context.generator, context.synchronize, device)
@@ -90,8 +93,9 @@ def _remove(
                 raise ValueError(f"removal={part.name!r} needs the current threshold (UpdateContext.threshold)")
             removed.kept[name] = part.remove(record.param, record.mask, context.threshold)
             gone = old[name] & ~removed.kept[name]
-            removed.per_block[name] = [int(gone[rows].count_nonzero()) for rows in record.groups]
-            removed.expected += topology.removal_count(record.active, amount.prune_rate, method.removal_rounding)
+            counts = _block_counts(record, [gone] * len(record.groups) + [old[name]])
+            removed.per_block[name], active = counts[:-1], counts[-1]
+            removed.expected += topology.removal_count(active, amount.prune_rate, method.removal_rounding)
         else:
             removed.kept[name], removed.per_block[name] = _remove_blocks(record, amount, method)
     return removed
@@ -100,16 +104,41 @@ def _remove(
 def _remove_blocks(record: SparseTensor, amount: UpdateAmount, method: MethodConfig) -> tuple[Tensor, list[int]]:
     """Count-based removal per block: ``ceil(prune_rate * active)``, or down to ``target_density``."""
     mask = record.mask
-    block_active = [int(mask[rows].count_nonzero()) for rows in record.groups]
+    block_active = _block_counts(record, [mask] * len(record.groups))
     if amount.target_density is None:
         counts = [topology.removal_count(n, amount.prune_rate, method.removal_rounding) for n in block_active]
     else:
-        excess = max(0, sum(block_active) - topology.uniform_count(mask.numel(), amount.target_density))
+        excess = max(0, sum(block_active) - topology.uniform_count(record.numel, amount.target_density))
         counts = allocate_counts(excess, block_active, block_active)
     kept = mask.clone()
-    for rows, n in zip(record.groups, counts):
-        kept[rows] = method.removal.remove(record.param[rows], mask[rows], n)
+    remove = method.removal.remove
+    for (rows, span), n in zip(record.blocks(), counts):
+        kept[rows] = _on_span(remove, span, f"removal={method.removal.name!r}")(record.param[rows], mask[rows], n)
     return kept, counts
+
+
+def _block_counts(record: SparseTensor, masks: Sequence[Tensor]) -> list[int]:
+    """Active positions of each whole row block of ``masks`` (one per block of ``record``; a last extra mask is
+    counted over the whole tensor): one host read, and one exchange of the counts when the tensor is split."""
+    blocks = record.blocks()
+    parts = [mask[rows].count_nonzero() for mask, (rows, _) in zip(masks, blocks)]
+    parts += [mask.count_nonzero() for mask in masks[len(blocks) :]]
+    counts = record.span.sum_(torch.stack(parts)) if parts else torch.zeros(0)
+    return [int(c) for c in counts.tolist()]
+
+
+def _on_span(function: Callable[..., Any], span: Span, what: str) -> Callable[..., Any]:
+    """``function`` told where its block lies (``span=``) when it takes it: the library's selections do, and count
+    and select over every rank's part of a split block. A function that does not cannot run on a split block."""
+    if "span" in inspect.signature(function).parameters:
+        return lambda *args: function(*args, span=span)
+    if span.split:
+        raise ValueError(
+            f"{what}: {getattr(function, '__qualname__', function)!r} selects over the block it is handed, but the "
+            "tensor is split across ranks (FSDP2): give it a keyword argument span (a "
+            "lightning_selfish.method.shards.Span) and count and select through it, as the library's functions do"
+        )
+    return function
 
 
 def _tensor_budgets(
@@ -130,11 +159,15 @@ def _tensor_budgets(
         return totals
     names = list(tensors)
     scores = []
+    what = f"redistribution={part.name!r}"
     for name in names:
-        signal = context.read(part.reads, tensors[name], f"redistribution={part.name!r}")
-        scores.append(part.score(old[name], removed.kept[name], signal))
-    bases = {name: _growth_base(method, old[name], removed.kept[name]) for name in names}
-    caps = [bases[name].numel() - int(bases[name].count_nonzero()) for name in names]
+        record = tensors[name]
+        signal = context.read(part.reads, record, what)
+        scores.append(_on_span(part.score, record.span, what)(old[name], removed.kept[name], signal))
+    caps = []
+    for name in names:
+        record = tensors[name]
+        caps.append(record.numel - record.span.count(_growth_base(method, old[name], removed.kept[name])))
     return dict(zip(names, allocate_counts(sum(totals.values()), scores, caps)))
 
 
@@ -160,15 +193,18 @@ def _grow(
     # Growth functions grow into the inactive positions of the mask they are handed; where just-removed positions
     # may not be regrown (DSR) they are still set in the base, and taken out after.
     base = _growth_base(method, old, kept)
-    source = context.read(part.reads, record, f"growth={part.name!r}")
+    what = f"growth={part.name!r}"
+    source = context.read(part.reads, record, what)
     taken = base
     if method.structure is not None:  # positions the structure does not allow are taken too, and given back after
         assert part.score is not None  # (resolve checks it)
-        taken = base | ~method.structure.allowed(base, part.score(base, source))
+        score = _on_span(part.score, record.span, what)(base, source)
+        taken = base | ~method.structure.allowed(base, score)
     new = taken.clone()
-    for rows, n in zip(record.groups, _block_budgets(record, budget, removed_per_block, old, taken, method, context)):
-        block_source = source if isinstance(source, torch.Generator) else source[rows]
-        new[rows] = part.grow(taken[rows], n, block_source)
+    budgets = _block_budgets(record, budget, removed_per_block, old, taken, method, context)
+    for (rows, span), n in zip(record.blocks(), budgets):
+        block_source = source[rows] if isinstance(source, Tensor) else source
+        new[rows] = _on_span(part.grow, span, what)(taken[rows], n, block_source)
     if taken is not base:
         new &= ~(taken & ~base)
     return new if method.grow_into_removed else new & ~(old & ~kept)
@@ -187,12 +223,16 @@ def _block_budgets(
     if len(record.groups) == 1:
         return [budget]
     part = method.gate_redistribution
-    caps = [base[rows].numel() - int(base[rows].count_nonzero()) for rows in record.groups]
+    blocks = record.blocks()
+    active = _block_counts(record, [base] * len(blocks))
+    caps = [span.numel - n for (_, span), n in zip(blocks, active)]
     if part.score is None:  # each gate regrows its own count unless the tensor's changed (shared as removals)
         return allocate_counts(budget, removed, caps)
-    signal = context.read(part.reads, record, f"gate_redistribution={part.name!r}")
+    what = f"gate_redistribution={part.name!r}"
+    signal = context.read(part.reads, record, what)
     scores = [
-        part.score(record.param[rows], old[rows], None if signal is None else signal[rows]) for rows in record.groups
+        _on_span(part.score, span, what)(record.param[rows], old[rows], None if signal is None else signal[rows])
+        for rows, span in blocks
     ]
     return allocate_counts(budget, scores, caps)
 
@@ -220,10 +260,11 @@ def _apply(
     record.mask_as_param.copy_(new)
     reset_optimizer_state(
         context.optimizers,
-        param,
+        record.owner,
         MaskUpdate(old, kept, mask),
         grown_state=method.grown_optimizer_state,
         keep_dense=method.reads_momentum,
+        span=record.span,
     )
     return torch.stack(
         [

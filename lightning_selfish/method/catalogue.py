@@ -79,7 +79,7 @@ REMOVALS: dict[str, Removal] = {
 }
 
 GROWTHS: dict[str, Growth] = {
-    "random": Growth("random", topology.random_growth, reads="generator", score=topology.random_score),
+    "random": Growth("random", topology.random_growth, reads="draws", score=topology.random_score),
     "gradient": Growth("gradient", topology.gradient_growth, reads="gradient", score=topology.magnitude_score),
     "momentum": Growth("momentum", topology.momentum_growth, reads="momentum", score=topology.magnitude_score),
     "none": Growth("none", None),

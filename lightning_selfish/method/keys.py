@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["key_value", "magnitude_keys", "order_keys", "position_keys"]
+__all__ = ["DrawStream", "key_value", "magnitude_keys", "order_keys", "position_keys"]
 
 _FLOAT32_INF_BITS = 0x7F800000
 _FLOAT64_INF_BITS = 0x7FF0000000000000
@@ -113,3 +113,36 @@ def position_keys(
     scratch = torch.empty_like(keys)
     _finalise32_(keys, scratch).bitwise_xor_(second)
     return _finalise32_(keys, scratch).view(tuple(shape))
+
+
+class DrawStream:
+    """The random stream of a run's random selections (random growth): a seed and the number of the next draw.
+
+    Each selection takes one draw and ranks its candidates by :func:`position_keys` of (seed, draw, global position),
+    so the positions it picks are a uniformly random subset of the candidates, the same on one process and on any
+    number of ranks holding parts of the tensor, on a CPU and on a GPU. The state is two integers: a run that moves
+    to another number of devices carries it in its checkpoint and goes on drawing the same positions.
+    """
+
+    def __init__(self, seed: int, next_draw: int = 0) -> None:
+        self.seed = int(seed)
+        self.next_draw = int(next_draw)
+
+    def take(self) -> int:
+        """The number of a new draw (every rank takes draws in the same order)."""
+        draw = self.next_draw
+        self.next_draw += 1
+        return draw
+
+    def keys(self, start: int, shape: Sequence[int] | torch.Size, device: torch.device | str | None = None) -> Tensor:
+        """The keys of a new draw over the global positions ``start ...`` (a tensor of ``shape``)."""
+        return position_keys(self.seed, self.take(), start, shape, device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "next_draw": self.next_draw}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.next_draw = int(state["seed"]), int(state["next_draw"])
+
+    def __repr__(self) -> str:
+        return f"DrawStream(seed={self.seed}, next_draw={self.next_draw})"

@@ -47,12 +47,15 @@ __all__ = [
 
 
 class Signal(str, Enum):
-    """What a growth or a score reads: the run's random generator, the dense gradient of the optimizer step before
+    """What a growth or a score reads: the run's random generator (a ``torch.Generator``, one process only), the run's
+    random draws keyed by position (a :class:`~lightning_selfish.method.keys.DrawStream`: the same on any number of
+    ranks), the dense gradient of the optimizer step before
     the update, or the optimizer's momentum (SGD's buffer, Adam's normalised first moment; the gradient under an
     optimizer without momentum such as SNT-ASGD). The update hands a part what it names
     (:class:`lightning_selfish.core.signals.UpdateContext`); a part may also name it by its string value."""
 
     GENERATOR = "generator"
+    DRAWS = "draws"
     GRADIENT = "gradient"
     MOMENTUM = "momentum"
 

@@ -19,7 +19,10 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+import torch
 from torch import Tensor
+
+from lightning_selfish.method.shards import Span
 
 __all__ = [
     "allocate_counts",
@@ -77,12 +80,17 @@ def allocate_counts(total: int, scores: Sequence[float], caps: Sequence[int]) ->
 # --------------------------------------------------------------------------------------------------------------
 
 
-def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:
-    """Mean of ``|values|`` over the active positions of ``mask`` (0 when none is active). One host read."""
-    active = int(mask.sum())
-    if active == 0:
-        return 0.0
-    return float((values.detach().abs() * mask).sum()) / active
+def mean_active_magnitude(values: Tensor, mask: Tensor, span: Span | None = None) -> float:
+    """Mean of ``|values|`` over the active positions of ``mask`` (0 when none is active). One host read; over a
+    block split across ranks (``span``), of the sums and counts of every rank's part."""
+    if span is None or not span.split:
+        active = int(mask.sum())
+        if active == 0:
+            return 0.0
+        return float((values.detach().abs() * mask).sum()) / active
+    sums = torch.stack([(values.detach().abs() * mask).sum().double(), mask.sum().double()])
+    total, active = span.sum_(sums).tolist()
+    return total / active if active else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,23 +98,23 @@ def mean_active_magnitude(values: Tensor, mask: Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def nonzeros_score(old: Tensor, kept: Tensor, signal: Tensor | None) -> float:
+def nonzeros_score(old: Tensor, kept: Tensor, signal: Tensor | None, span: Span | None = None) -> float:
     """DSR across layers: a tensor's surviving weights after removal."""
-    return float(int(kept.sum()))
+    return float(int(kept.sum()) if span is None else span.count(kept))
 
 
-def momentum_score(old: Tensor, kept: Tensor, signal: Tensor | None) -> float:
+def momentum_score(old: Tensor, kept: Tensor, signal: Tensor | None, span: Span | None = None) -> float:
     """SNFS across layers: the mean momentum magnitude of a tensor's active weights (before removal)."""
     assert signal is not None  # (the part reads "momentum": the engine hands it in)
-    return mean_active_magnitude(signal, old)
+    return mean_active_magnitude(signal, old, span)
 
 
-def gate_magnitude_score(weight: Tensor, old: Tensor, gradient: Tensor | None) -> float:
+def gate_magnitude_score(weight: Tensor, old: Tensor, gradient: Tensor | None, span: Span | None = None) -> float:
     """Table 6 across gates: the mean |w| of a gate's active weights."""
-    return mean_active_magnitude(weight, old)
+    return mean_active_magnitude(weight, old, span)
 
 
-def gate_gradient_score(weight: Tensor, old: Tensor, gradient: Tensor | None) -> float:
+def gate_gradient_score(weight: Tensor, old: Tensor, gradient: Tensor | None, span: Span | None = None) -> float:
     """Table 6 across gates: the mean |dense gradient| of a gate's active weights."""
     assert gradient is not None  # (the part reads "gradient": the engine hands it in)
-    return mean_active_magnitude(gradient, old)
+    return mean_active_magnitude(gradient, old, span)

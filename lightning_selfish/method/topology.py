@@ -25,7 +25,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_selfish.method import shards
+from lightning_selfish.method.keys import DrawStream
 from lightning_selfish.method.parts import Rounding, Structure
+from lightning_selfish.method.shards import Span
 
 __all__ = [
     "adapt_threshold",
@@ -135,14 +138,20 @@ def removal_count(active: int, prune_rate: float, rounding: Rounding | str = Rou
     return Rounding(rounding).count(active, prune_rate)
 
 
-def lowest_positions(score: Tensor, candidates: Tensor, n: int) -> Tensor:
+def lowest_positions(score: Tensor, candidates: Tensor, n: int, span: Span | None = None) -> Tensor:
     """Bool mask of exactly ``n`` of the ``candidates`` positions: those with the lowest ``score``.
+
+    With a ``span`` whose block is split over ranks, ``score`` and ``candidates`` are this rank's part and ``n``
+    counts over all ranks: :func:`lightning_selfish.method.shards.lowest_positions` (ties to the lowest global
+    position, as here on the CPU).
 
     Ties at the ``n``-th lowest value are broken by position (lowest flat index first) on the CPU and by ``topk``'s
     order on a GPU; NaN scores count as the highest. On a GPU this is one ``topk`` over the masked scores, without a
     host sync. On the CPU, where ``topk`` with ``k`` in the millions is slow, :func:`_lowest_on_cpu` brackets the
     answer with a sample and ranks only a narrow band of candidates.
     """
+    if span is not None and span.split:
+        return shards.lowest_positions(score, candidates, max(n, 0), span.start, span.collective)
     if n <= 0:
         return torch.zeros_like(candidates)
     available = int(candidates.count_nonzero())
@@ -218,19 +227,24 @@ def _choose_lowest(score: Tensor, positions: Tensor, k: int, chosen: Tensor) -> 
     return True
 
 
-def _drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+def _count(mask: Tensor, span: Span | None) -> int:
+    """Active positions of the whole block (``mask``: its part here, or all of it)."""
+    return int(mask.count_nonzero()) if span is None else span.count(mask)
+
+
+def _drop_lowest(score: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """Deactivate the ``n`` active positions with the lowest score."""
     if n <= 0:
         return mask.clone()
-    return mask & ~lowest_positions(score, mask, n)
+    return mask & ~lowest_positions(score, mask, n, span)
 
 
-def magnitude_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+def magnitude_removal(weight: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """Remove the ``n`` active weights of smallest magnitude (Eq. 2)."""
-    return _drop_lowest(weight.detach().abs(), mask, n)
+    return _drop_lowest(weight.detach().abs(), mask, n, span)
 
 
-def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+def set_removal(weight: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """SET removal (Mocanu et al. 2018, ``rewireMask``): the same fraction of each sign, closest to zero.
 
     Of the ``n`` removals, each sign takes its share in proportion to its active weights (largest remainder, so
@@ -239,15 +253,24 @@ def set_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
     """
     w = weight.detach()
     positive = mask & (w >= 0)
-    n_positive = int(positive.count_nonzero())
-    n_negative = int(mask.count_nonzero()) - n_positive
+    n_positive, n_negative = _sign_counts(positive, mask, span)
     take_positive, take_negative = split_count(n, [n_positive, n_negative]) if n > 0 else (0, 0)
-    kept_positive = _drop_lowest(w, positive, take_positive)
-    kept_negative = _drop_lowest(-w, mask & (w < 0), take_negative)
+    kept_positive = _drop_lowest(w, positive, take_positive, span)
+    kept_negative = _drop_lowest(-w, mask & (w < 0), take_negative, span)
     return kept_positive | kept_negative
 
 
-def negativity_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+def _sign_counts(positive: Tensor, mask: Tensor, span: Span | None) -> tuple[int, int]:
+    """Active non-negative and negative weights of the whole block (one exchange when it is split)."""
+    if span is None or not span.split:
+        n_positive = int(positive.count_nonzero())
+        return n_positive, int(mask.count_nonzero()) - n_positive
+    counts = span.sum_(torch.stack([positive.count_nonzero(), mask.count_nonzero()]))
+    n_positive, active = counts.tolist()
+    return n_positive, active - n_positive
+
+
+def negativity_removal(weight: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """SET as the Selfish-RNN authors ran it (their ``magnitude_and_negativity`` death): half of ``n``
     (``ceil(n/2)``) from the smallest non-negative weights, the rest from the *most negative* ones.
 
@@ -255,11 +278,10 @@ def negativity_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
     """
     w = weight.detach()
     positive = mask & (w >= 0)
-    n_positive = int(positive.count_nonzero())
-    n_negative = int(mask.count_nonzero()) - n_positive
+    n_positive, n_negative = _sign_counts(positive, mask, span)
     take_positive = min(n_positive, max(n - n_negative, (n + 1) // 2))
-    kept_positive = _drop_lowest(w, positive, take_positive)
-    return kept_positive | _drop_lowest(w, mask & (w < 0), n - take_positive)
+    kept_positive = _drop_lowest(w, positive, take_positive, span)
+    return kept_positive | _drop_lowest(w, mask & (w < 0), n - take_positive, span)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,20 +289,20 @@ def negativity_removal(weight: Tensor, mask: Tensor, n: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _inactive(mask: Tensor, n: int) -> Tensor:
+def _inactive(mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """The inactive positions of ``mask``, checked to number at least ``n`` (the candidates of growth)."""
     inactive = ~mask
-    available = int(inactive.count_nonzero())
+    available = _count(inactive, span)
     if n > available:
         raise ValueError(f"cannot grow {n} weights: only {available} positions are inactive")
     return inactive
 
 
-def _grow_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
+def _grow_highest(score: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
     """Activate the ``n`` inactive positions with the highest score."""
     if n <= 0:
         return mask.clone()
-    return mask | lowest_positions(score.detach().neg(), _inactive(mask, n), n)
+    return mask | lowest_positions(score.detach().neg(), _inactive(mask, n, span), n, span)
 
 
 def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -292,25 +314,35 @@ def _random_subset(candidates: Tensor, n: int, generator: torch.Generator) -> Te
     return lowest_positions(score, candidates, n)
 
 
-def random_growth(mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
+def random_growth(mask: Tensor, n: int, draws: DrawStream | torch.Generator, span: Span | None = None) -> Tensor:
     """Activate ``n`` inactive positions uniformly at random (Eq. 3).
 
-    The random scores come from ``generator`` on its own device (keep it on the parameters' device: a GPU draws
-    them where the mask lives), so the outcome depends only on the generator's state and the mask.
+    From a run's :class:`~lightning_selfish.method.keys.DrawStream` (what the update hands it): the inactive
+    positions with the lowest keys of one draw, keys of (seed, draw, global position), so the outcome is the same
+    on one process and on any number of ranks holding parts of the tensor (``span``), and on a CPU and a GPU. From a
+    ``torch.Generator`` (one process only): the lowest of uniform scores drawn on its device.
     """
+    if isinstance(draws, DrawStream):
+        if n <= 0:
+            draws.take()  # (every update takes as many draws, whatever it grows)
+            return mask.clone()
+        keys = draws.keys(0 if span is None else span.start, mask.shape, mask.device)
+        return mask | lowest_positions(keys, _inactive(mask, n, span), n, span)
+    if span is not None and span.split:
+        raise ValueError("random growth over a tensor split across ranks draws from a DrawStream, not a Generator")
     if n <= 0:
         return mask.clone()
-    return mask | _random_subset(_inactive(mask, n), n, generator)
+    return mask | _random_subset(_inactive(mask, n), n, draws)
 
 
-def gradient_growth(mask: Tensor, n: int, grad: Tensor) -> Tensor:
+def gradient_growth(mask: Tensor, n: int, grad: Tensor, span: Span | None = None) -> Tensor:
     """RigL growth: activate the ``n`` inactive positions with the largest dense-gradient magnitude."""
-    return _grow_highest(grad.detach().abs(), mask, n)
+    return _grow_highest(grad.detach().abs(), mask, n, span)
 
 
-def momentum_growth(mask: Tensor, n: int, momentum: Tensor) -> Tensor:
+def momentum_growth(mask: Tensor, n: int, momentum: Tensor, span: Span | None = None) -> Tensor:
     """SNFS growth: activate the ``n`` inactive positions with the largest momentum magnitude."""
-    return _grow_highest(momentum.detach().abs(), mask, n)
+    return _grow_highest(momentum.detach().abs(), mask, n, span)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,9 +390,12 @@ def magnitude_score(mask: Tensor, signal: Tensor) -> Tensor:
     return signal.detach().abs()
 
 
-def random_score(mask: Tensor, generator: torch.Generator) -> Tensor:
-    """Random growth ranks positions by uniform draws from the run's generator."""
-    return torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+def random_score(mask: Tensor, draws: DrawStream | torch.Generator, span: Span | None = None) -> Tensor:
+    """Random growth ranks positions by a draw's keys (highest first: the negated keys, so that the positions it
+    would grow first rank first), or by uniform draws from a generator."""
+    if isinstance(draws, DrawStream):
+        return draws.keys(0 if span is None else span.start, mask.shape, mask.device).float().neg_()
+    return torch.rand(mask.shape, generator=draws, device=draws.device).to(mask.device)
 
 
 def _check_groups(shape: Sequence[int], m: int) -> None:

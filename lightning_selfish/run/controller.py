@@ -23,16 +23,17 @@ from torch import Tensor
 
 from lightning_selfish.core.engine import SparseEngine, UpdateContext, UpdateStats
 from lightning_selfish.core.protocols import momentum_is_gradient
-from lightning_selfish.method.parts import MethodConfig, UpdateAmount
+from lightning_selfish.method.keys import DrawStream
+from lightning_selfish.method.parts import MethodConfig, Signal, UpdateAmount
 from lightning_selfish.method.schedules import scheduled_sparsity
 from lightning_selfish.run.collective import Collective
 
-__all__ = ["MASK_STREAM", "GROWTH_STREAM", "RESEED_STREAM", "SparsityController", "derive_seed"]
+__all__ = ["DRAW_STREAM", "MASK_STREAM", "GROWTH_STREAM", "RESEED_STREAM", "SparsityController", "derive_seed"]
 
 log = logging.getLogger(__name__)
 
 #: Independent random streams derived from the user's seed (:func:`derive_seed`).
-MASK_STREAM, GROWTH_STREAM, RESEED_STREAM = 0, 1, 2
+MASK_STREAM, GROWTH_STREAM, RESEED_STREAM, DRAW_STREAM = 0, 1, 2, 3
 
 
 def derive_seed(seed: int, *stream: int) -> int:
@@ -71,6 +72,7 @@ class SparsityController:
         self.seed = seed
         self.growth_seed = growth_seed  # the growth stream's own seed, when given apart from ``seed``
         self.generator = torch.Generator()
+        self.draws = DrawStream(0)  # random growth's draws, keyed by position (seeded with the run)
         self.num_updates = 0
         self.last_update_step = -1  # optimizer step of the last update (step cadence)
         self.last_updated_epoch = -1  # last epoch whose end-of-epoch update ran (epoch cadence)
@@ -165,6 +167,7 @@ class SparsityController:
         assert self.seed is not None
         source = self.growth_seed if self.growth_seed is not None else self.seed
         self.generator.manual_seed(derive_seed(source, GROWTH_STREAM))
+        self.draws = DrawStream(derive_seed(source, DRAW_STREAM))
 
     def reset_schedule(self) -> None:
         """The schedule's state at the start of a fresh run (a resumed run takes it from the checkpoint)."""
@@ -265,7 +268,9 @@ class SparsityController:
             self.skip_next = False
             return None
         synchronize = collective.broadcast_ if collective is not None and collective.world_size > 1 else None
-        context = UpdateContext(self.generator, list(optimizers), self.gradients, synchronize, self.threshold)
+        context = UpdateContext(
+            self.generator, list(optimizers), self.gradients, synchronize, self.threshold, draws=self.draws
+        )
         stats = engine.update(amount, self.config, context)
         if not self.running_gradient:
             self.gradients = None
@@ -281,6 +286,7 @@ class SparsityController:
         return {
             "generator": self.generator.get_state(),
             "generator_device": self.generator.device.type,
+            "draws": self.draws.state_dict(),
             "seed": self.seed,
             "growth_seed": self.growth_seed,
             "num_updates": self.num_updates,
@@ -293,6 +299,23 @@ class SparsityController:
             "threshold": self.threshold,
         }
 
+    def _restore_draws(self, state: dict[str, int] | None) -> None:
+        """Random growth's stream goes on from the checkpoint's next draw; a checkpoint written before draws were
+        keyed by position (version 0.x: growth drew from the generator) starts a stream derived from the run's seed
+        and update count."""
+        if state is not None:
+            self.draws = DrawStream(0)
+            self.draws.load_state_dict(state)
+            return
+        source = self.growth_seed if self.growth_seed is not None else (self.seed or 0)
+        self.draws = DrawStream(derive_seed(source, DRAW_STREAM, self.num_updates))
+        if self.config.growth.reads == Signal.DRAWS:
+            log.warning(
+                "SelfishSparsityCallback: the checkpoint was written before random growth drew by position (it has "
+                "no 'draws'): the masks resume exactly, later random growth continues from a new stream (%r)",
+                self.draws,
+            )
+
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore a run (the generator on ``device``, where the parameters now are)."""
         self.threshold = state.get("threshold", self.config.threshold)
@@ -304,6 +327,7 @@ class SparsityController:
         self.seed = state.get("seed")
         self.growth_seed = state.get("growth_seed")
         self.resumed_update_every = state.get("update_every")  # (a scaled cadence goes on; see plan)
+        self._restore_draws(state.get("draws"))
         if self.resumed_update_every is not None and self.resumed_update_every != self.config.update_every:
             self.config = dataclasses.replace(self.config, update_every=self.resumed_update_every)
         self.generator = torch.Generator(device=device)
