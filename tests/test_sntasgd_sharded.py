@@ -5,6 +5,7 @@ masks; checkpoint round trips on the same ranks (the state dict, ``torch.distrib
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,16 +17,21 @@ import torch
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "sntasgd_sharded.py"
 
 
-def one_process_run():
-    """The script's scenario on one process: plain tensors, the whole masks."""
+def scenario():
+    """The script as a module: its model, masks, batches and training run."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import sntasgd_sharded as scenario
+        import sntasgd_sharded
     finally:
         sys.path.pop(0)
-    model = scenario.build()
-    opt, result = scenario.train(model, lambda tensor: tensor)
-    result["continued"] = scenario.continued(model, opt, result.pop("masks"))
+    return sntasgd_sharded
+
+
+def one_process_run():
+    """The script's scenario on one process: plain tensors, the whole masks."""
+    model = scenario().build()
+    opt, result = scenario().train(model, lambda tensor: tensor)
+    result["continued"] = scenario().continued(model, opt, result.pop("masks"))
     return result
 
 
@@ -92,3 +98,48 @@ def test_two_ranks_holding_shards_step_and_average_as_one_process(tmp_path) -> N
         assert "parameter 0 (group 0) is a DTensor placed (Shard(dim=0),)" in rank["whole_state_error"]
         assert "its saved 'ax' is a plain tensor: read a state" in rank["whole_state_error"]
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(ranks[0]["dcp_files"])  # each rank wrote its shards
+
+
+def test_one_rank_of_fsdp2_trains_as_plain_tensors_and_refuses_what_does_not_fit(one_process_group) -> None:
+    """FSDP2 on a process group of one (every shard is the whole tensor): the scenario's result bit for bit, and the
+    refusals of masks and states that do not fit this rank's shards, each with its message."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from lightning_selfish.optim.sntasgd import SNTASGD
+
+    model = scenario().build()
+    for module in (model.rnn, model.mid, model.out, model):
+        fully_shard(module, mesh=init_device_mesh("cpu", (1,)))
+    assert isinstance(model.mid.weight, DTensor)
+    sharded_opt, got = scenario().train(model, lambda tensor: tensor)
+    plain_model = scenario().build()
+    plain_opt, expected = scenario().train(plain_model, lambda tensor: tensor)
+    got.pop("masks"), expected.pop("masks")
+    assert_equal(got, expected, "one rank")
+    assert isinstance(sharded_opt.state[model.mid.weight]["age"], DTensor)
+
+    weight = model.mid.weight
+    placed = re.escape("(5, 3) (this rank's rows of the DTensor parameter of shape (5, 3), placed (Shard(dim=0),))")
+    with pytest.raises(
+        ValueError, match=rf"parameter 2 must be a bool tensor of shape {placed}, got torch.bool \(4, 3\)$"
+    ):
+        sharded_opt.set_masks({weight: torch.ones(4, 3, dtype=torch.bool)})
+    mask_as_dtensor = DTensor.from_local(torch.ones(5, 3, dtype=torch.bool), weight.device_mesh, weight.placements)
+    with pytest.raises(ValueError, match=r"got torch.bool \(5, 3\) DTensor$"):
+        sharded_opt.set_masks({weight: mask_as_dtensor})
+    with pytest.raises(TypeError, match=rf"update.kept for parameter 2 must be a bool tensor of shape {placed}"):
+        sharded_opt.on_mask_update(weight, scenario().MaskUpdate(None, None, None))
+
+    # a state saved from plain tensors does not load into sharded parameters, nor the other way round
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 0 \(group 0\) is a DTensor placed \(Shard\(dim=0\),\) on "
+        r"DeviceMesh.* with local shape \(12, 4\) but its saved 'ax' is a plain tensor: read a state",
+    ):
+        sharded_opt.load_state_dict(plain_opt.state_dict())
+    with pytest.raises(ValueError, match=r"parameter 0 \(group 0\) is a plain tensor but its saved 'ax' is a DTensor"):
+        plain_opt.load_state_dict(sharded_opt.state_dict())
+    assert not plain_opt._holds_dtensors and sharded_opt._holds_dtensors  # the plain path never converts
+    assert isinstance(SNTASGD(plain_model.parameters(), lr=1.0).state_dict()["state"], dict)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_selfish.core.types import MaskUpdate
@@ -224,6 +224,10 @@ def main(rank: int, world_size: int, out: str, port: int) -> None:
 
     for name, p in model.named_parameters():
         assert isinstance(p, DTensor) and torch.equal(local(p), shard_of(p.full_tensor())), name
+    for name, mask in full_masks(model).items():  # what docs/sntasgd.md tells users to write, without communication
+        with Collectives() as spy:
+            rows = distribute_tensor(mask, mesh, [Shard(0)], src_data_rank=None).to_local()
+        assert torch.equal(rows, shard_of(mask)) and spy.calls == [], (name, spy.calls)
     result: dict = {"local_rows": {name: local(p).shape[0] for name, p in model.named_parameters()}}
 
     spy = Collectives()
