@@ -51,14 +51,16 @@ _COUNTER_DTYPE = torch.float32
 
 # Sharded parameters (FSDP2). The state of a DTensor parameter is kept as DTensors placed like it: what
 # ``torch.zeros_like(p)`` gives, what torch's own optimizers keep under FSDP2, what ``torch.distributed.checkpoint``
-# saves shard by shard (and reshards on load), and what the sparsity engine multiplies by its local masks for every
-# optimizer alike; ``averaged_parameters()`` are then shaped and placed like the parameters. The arithmetic, though,
-# runs on the local tensors (``to_local()``: views of the same storage, so in-place changes reach the DTensors):
-# the masks are local tensors (a DTensor op refuses to mix them with DTensors; wrapping each mask at every step
-# would be one more object per tensor and step), every operation of the step and of a mask update is elementwise, so
-# a shard's result is the one-process arithmetic on the same rows, bit for bit, by the same ``sntasgd`` code, and
-# the step never goes through DTensor's per-operation dispatch, which could only add (sharding propagation) and
-# never communicates for elementwise work anyway. Plain parameters never reach these helpers in ``step()``.
+# saves shard by shard (and reshards on load), so the sparsity engine can treat every optimizer's state alike (each
+# rank multiplies its shard by its local mask); ``averaged_parameters()`` are then shaped and placed like the
+# parameters. The arithmetic, though, runs on the local tensors (``to_local()``: views of the same storage, so
+# in-place changes reach the DTensors):
+# * the masks arrive as local tensors, and a DTensor operation refuses to mix them with DTensors ("got mixed
+#   torch.Tensor and DTensor"): a mask update would otherwise wrap every mask with ``DTensor.from_local`` first;
+# * every operation of the step and of a mask update is elementwise, so the same ``sntasgd`` code on a shard's rows
+#   gives what one process gives on those rows, bit for bit, and no collective is needed (none is run);
+# * the step skips DTensor's dispatch of each of its operations (a sharding propagation each; not measured).
+# Plain parameters never reach these helpers in ``step()`` (``_holds_dtensors`` is False), so their path is unchanged.
 
 
 def _local(tensor: Tensor) -> Tensor:
