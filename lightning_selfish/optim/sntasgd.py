@@ -23,6 +23,10 @@ State per parameter, created at the first averaged step (nothing beyond SGD befo
 * dense parameters: ``"n"``, a Python int, the number of averaged steps.
 
 The step reads neither the mask nor any value on the host: the counter itself says which elements are alive.
+
+Sharded parameters (FSDP2's ``fully_shard``: ``DTensor`` parameters split by rows) are stepped and averaged shard by
+shard: their masks are this rank's rows (shaped like ``param.to_local()``), their state tensors are DTensors placed
+like the parameter, and nothing crosses ranks (see :func:`_local`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_selfish.core.types import MaskUpdate
@@ -42,6 +47,64 @@ from lightning_selfish.core.types import MaskUpdate
 __all__ = ["SNTASGD", "sntasgd"]
 
 _COUNTER_DTYPE = torch.float32
+
+
+# Sharded parameters (FSDP2). The state of a DTensor parameter is kept as DTensors placed like it: what
+# ``torch.zeros_like(p)`` gives, what torch's own optimizers keep under FSDP2, what ``torch.distributed.checkpoint``
+# saves shard by shard (and reshards on load), so the sparsity engine can treat every optimizer's state alike (each
+# rank multiplies its shard by its local mask); ``averaged_parameters()`` are then shaped and placed like the
+# parameters. The arithmetic, though, runs on the local tensors (``to_local()``: views of the same storage, so
+# in-place changes reach the DTensors):
+# * the masks arrive as local tensors, and a DTensor operation refuses to mix them with DTensors ("got mixed
+#   torch.Tensor and DTensor"): a mask update would otherwise wrap every mask with ``DTensor.from_local`` first;
+# * every operation of the step and of a mask update is elementwise, so the same ``sntasgd`` code on a shard's rows
+#   gives what one process gives on those rows, bit for bit, and no collective is needed (none is run);
+# * the step skips DTensor's dispatch of each of its operations (a sharding propagation each; not measured).
+# Plain parameters never reach these helpers in ``step()`` (``_holds_dtensors`` is False), so their path is unchanged.
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (a view: in place changes reach it); any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    return [_local(t) for t in tensors]
+
+
+def _placed_like(param: Tensor, local: Tensor) -> Tensor:
+    """State built from local values (``local`` shaped like this rank's part), as a DTensor placed like ``param``."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+def _mask_shape(param: Tensor) -> str:
+    """The shape a mask of ``param`` must have, as the error messages say it."""
+    if isinstance(param, DTensor):
+        return (
+            f"{tuple(param.to_local().shape)} (this rank's rows of the DTensor parameter of shape "
+            f"{tuple(param.shape)}, placed {param.placements})"
+        )
+    return str(tuple(param.shape))
+
+
+def _sharding(tensor: Tensor) -> tuple[Any, ...] | None:
+    """How a tensor is split over ranks (mesh, placements, this rank's shape); ``None`` for a plain tensor."""
+    if not isinstance(tensor, DTensor):
+        return None
+    return tensor.device_mesh, tuple(tensor.placements), tuple(tensor.to_local().shape)
+
+
+def _describe_sharding(tensor: Tensor) -> str:
+    if not isinstance(tensor, DTensor):
+        return "a plain tensor"
+    return (
+        f"a DTensor placed {tensor.placements} on {tensor.device_mesh} with local shape "
+        f"{tuple(tensor.to_local().shape)}"
+    )
 
 
 def _check_hyperparameters(lr: Any, weight_decay: Any, where: str = "") -> None:
@@ -94,6 +157,7 @@ class SNTASGD(Optimizer):
             raise TypeError(f"SNTASGD: foreach must be True, False or None, got {foreach!r}")
         self._masks: dict[Tensor, Tensor] = {}
         self._swapped = False
+        self._holds_dtensors = False  # any sharded parameter: step() works on local tensors only then
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -107,6 +171,7 @@ class SNTASGD(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_masks", {})
         self.__dict__.setdefault("_swapped", False)
+        self._holds_dtensors = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -122,6 +187,7 @@ class SNTASGD(Optimizer):
         if self.param_groups:
             param_group.setdefault("averaging", self.averaging)
         super().add_param_group(param_group)
+        self._holds_dtensors |= any(isinstance(p, DTensor) for p in self.param_groups[-1]["params"])
 
     # ------------------------------------------------------------------------------------------------------------
     # phase
@@ -152,10 +218,12 @@ class SNTASGD(Optimizer):
                     if not state or "ax" not in state:
                         continue
                     # The average of an empty window is the current weight (the next step overwrites it).
-                    state["ax"].copy_(p)
+                    ax = _local(state["ax"])
+                    ax.copy_(_local(p))
                     if "age" in state:
-                        state["age"].clamp_(max=1.0)  # live elements: a fresh life; dead ones stay 0
-                        state["ax"].mul_(state["age"])
+                        age = _local(state["age"])
+                        age.clamp_(max=1.0)  # live elements: a fresh life; dead ones stay 0
+                        ax.mul_(age)
                     else:
                         state["n"] = 0
 
@@ -168,42 +236,45 @@ class SNTASGD(Optimizer):
 
         Grown elements (``update.grown``) start a new averaging window at their next step; removed and inactive
         ones average to 0. ``update.old is None`` attaches masks (start of fit, after loading a checkpoint, or
-        :meth:`set_masks`): elements alive in the mask keep the window they have, others start one.
+        :meth:`set_masks`): elements alive in the mask keep the window they have, others start one. The masks of
+        a sharded (``DTensor``) parameter are this rank's rows, shaped like ``param.to_local()``.
         """
         self._refuse_while_swapped("on_mask_update()")
         index = self._index_of(param)
         if not isinstance(update, MaskUpdate):
             raise TypeError(f"SNTASGD.on_mask_update: update must be a MaskUpdate, got {type(update).__name__}")
+        local = _local(param)
         for name in ("kept", "new"):
             mask = getattr(update, name)
             if not isinstance(mask, Tensor):
                 raise TypeError(
                     f"SNTASGD.on_mask_update: update.{name} for parameter {index} must be a bool tensor of shape "
-                    f"{tuple(param.shape)}, got {type(mask).__name__}"
+                    f"{_mask_shape(param)}, got {type(mask).__name__}"
                 )
-            if mask.dtype != torch.bool or mask.shape != param.shape:
-                got = f"{mask.dtype} {tuple(mask.shape)}"
+            if mask.dtype != torch.bool or mask.shape != local.shape or isinstance(mask, DTensor):
+                got = f"{mask.dtype} {tuple(mask.shape)}{' DTensor' if isinstance(mask, DTensor) else ''}"
                 raise ValueError(
                     f"SNTASGD.on_mask_update: update.{name} for parameter {index} must be a bool tensor of shape "
-                    f"{tuple(param.shape)}, got {got}"
+                    f"{_mask_shape(param)}, got {got}"
                 )
-        new = update.new if update.new.device == param.device else update.new.to(param.device)
+        new = update.new if update.new.device == local.device else update.new.to(local.device)
         self._masks[param] = new  # the live mask: the engine updates it in place and calls us again
         state = self.state.get(param)
         if not state or "ax" not in state:
             return  # no averaging state yet: it is created from the mask at the first averaged step
-        kept = update.kept.to(param.device)
+        kept = update.kept.to(local.device)
         with torch.no_grad():
-            state["ax"].mul_(kept)
+            _local(state["ax"]).mul_(kept)
             if "age" not in state:  # the parameter was averaged densely so far: every element has the same window
-                state["age"] = kept.to(_COUNTER_DTYPE) * float(state.pop("n") + 1)
-            age = state["age"]
+                state["age"] = _placed_like(param, kept.to(_COUNTER_DTYPE) * float(state.pop("n") + 1))
+            age = _local(state["age"])
             age.mul_(kept)
             age.add_(new & (age == 0))  # grown (and newly attached) elements: a fresh life, age 1
 
     def set_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
         """Attach sparsity masks ``{param: bool mask}`` without the Lightning callback (plain PyTorch).
 
+        The mask of a sharded (``DTensor``) parameter is this rank's rows (shaped like ``param.to_local()``).
         The masks are not copied when already on the parameter's device: change one in place, then call
         :meth:`on_mask_update` with a :class:`MaskUpdate` to tell the optimizer which elements were grown.
         """
@@ -216,16 +287,16 @@ class SNTASGD(Optimizer):
             if not isinstance(mask, Tensor):
                 raise TypeError(
                     f"SNTASGD.set_masks: the mask of parameter {index} must be a bool tensor of shape "
-                    f"{tuple(param.shape)}, got {type(mask).__name__}"
+                    f"{_mask_shape(param)}, got {type(mask).__name__}"
                 )
-            if mask.dtype != torch.bool or mask.shape != param.shape:
-                got = f"{mask.dtype} {tuple(mask.shape)}"
+            if mask.dtype != torch.bool or mask.shape != _local(param).shape or isinstance(mask, DTensor):
+                got = f"{mask.dtype} {tuple(mask.shape)}{' DTensor' if isinstance(mask, DTensor) else ''}"
                 raise ValueError(
                     f"SNTASGD.set_masks: the mask of parameter {index} must be a bool tensor of shape "
-                    f"{tuple(param.shape)}, got {got}"
+                    f"{_mask_shape(param)}, got {got}"
                 )
         for param, mask in masks.items():
-            mask = mask.to(param.device)
+            mask = mask.to(_local(param).device)
             self.on_mask_update(param, MaskUpdate(None, mask, mask))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -261,7 +332,7 @@ class SNTASGD(Optimizer):
                     state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     mask = self._masks.get(p)
                     if mask is not None:
-                        state["age"] = mask.to(_COUNTER_DTYPE)
+                        state["age"] = _placed_like(p, mask.to(_COUNTER_DTYPE))
                     else:
                         state["n"] = 0
                 axs.append(state["ax"])
@@ -272,6 +343,9 @@ class SNTASGD(Optimizer):
                     state["n"] += 1
                     ages.append(None)
                     ns.append(state["n"])
+            if self._holds_dtensors:  # sharded: each rank steps its own rows (why local tensors: see _local)
+                params, grads, axs = _locals(params), _locals(grads), _locals(axs)
+                ages = [None if age is None else _local(age) for age in ages]
             sntasgd(
                 params,
                 grads,
@@ -327,9 +401,10 @@ class SNTASGD(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if "ax" in state:
-                    raw = p.detach().clone()
-                    p.copy_(state["ax"])
-                    state["ax"].copy_(raw)
+                    weights, ax = _local(p), _local(state["ax"])
+                    raw = weights.detach().clone()
+                    weights.copy_(ax)
+                    ax.copy_(raw)
         self._swapped = not self._swapped
 
     def averaged_and_raw(self, param: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -400,6 +475,13 @@ class SNTASGD(Optimizer):
                         f"SNTASGD.load_state_dict: parameter {saved_id} (group {g}) has shape {tuple(p.shape)} but "
                         f"its saved {key!r} has shape {tuple(value.shape)}: the state dict was saved from a "
                         "different parameter layout"
+                    )
+                if isinstance(value, Tensor) and _sharding(value) != _sharding(p):
+                    raise ValueError(
+                        f"SNTASGD.load_state_dict: parameter {saved_id} (group {g}) is {_describe_sharding(p)} but "
+                        f"its saved {key!r} is {_describe_sharding(value)}: read a state saved on other ranks or as "
+                        "whole tensors with torch.distributed.checkpoint (get_optimizer_state_dict, dcp.load, "
+                        "set_optimizer_state_dict), which places it as the parameters are"
                     )
             if "ax" in state and ("age" in state) == ("n" in state):
                 raise ValueError(
