@@ -90,9 +90,10 @@ def row_shard(tensor: Tensor) -> RowShard:
     chunk = -(-tensor.shape[0] // world)
     start = min(rank * chunk, tensor.shape[0])
     rows = tensor.to_local().shape[0]
-    if rows != max(0, min(chunk, tensor.shape[0] - start)):
+    expected = max(0, min(chunk, tensor.shape[0] - start))
+    if rows != expected:
         raise ValueError(
             f"a sharded parameter of shape {tuple(tensor.shape)} holds {rows} rows on rank {rank} of {world}, not "
-            f"torch.chunk's {max(0, min(chunk, tensor.shape[0] - start))}: its rows cannot be placed in the whole tensor"
+            f"torch.chunk's {expected}: its rows cannot be placed in the whole tensor"
         )
     return RowShard(tensor.shape, start, rows, ProcessGroup(mesh.get_group()))
