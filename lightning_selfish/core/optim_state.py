@@ -89,10 +89,12 @@ def reset_optimizer_state(
                     continue
                 if key in mean_keys and update.old is not None:
                     kept = update.kept.to(state.dtype)
-                    sums = torch.stack([(state * kept).sum(), kept.sum()])  # (on the device: no host sync)
+                    # (on the device, no host sync; in float64, where sums of float32 values of a tensor's range are
+                    # exact, so that a tensor split over ranks gets one process's mean: tests/test_sharded_update.py)
+                    sums = torch.stack([(state * kept).sum(dtype=torch.float64), kept.sum(dtype=torch.float64)])
                     if span is not None:
                         span.sum_(sums)
-                    mean = sums[0] / sums[1].clamp(min=1.0)
+                    mean = (sums[0] / sums[1].clamp(min=1.0)).to(state.dtype)
                     state.mul_(kept).add_(update.grown.to(state.dtype) * mean)
                     continue
                 state.mul_(update.kept)
