@@ -28,7 +28,7 @@ from lightning_selfish.method.catalogue import resolve
 from lightning_selfish.method.keys import DrawStream
 from lightning_selfish.method.parts import UpdateAmount
 
-HIDDEN, INPUT, VOCAB = 9, 5, 11  # 4 * 9 = 36 gate rows: 18 + 18 on 2 ranks, 9 x 4 on 4; the decoder's 11: 6 + 5, 3 x 3 + 2
+HIDDEN, INPUT, VOCAB = 9, 5, 11  # 36 gate rows: 18 + 18 on 2 ranks, 9 x 4 on 4 (gates span ranks); 11 = 6 + 5, 3+3+3+2
 GATES = [(gate, slice(i * HIDDEN, (i + 1) * HIDDEN)) for i, gate in enumerate("ifgo")]
 
 
@@ -92,7 +92,8 @@ def run_case(name: str, world_size: int, mesh: Any = None) -> dict[str, Any]:
             p.grad = distribute(grads[6 + update % 2][key])  # the dense gradient the update reads (RigL)
         amount = UpdateAmount(0.4)
         with spy() as crossed:
-            stats = engine.update(amount, config, UpdateContext(torch.Generator(), [optimizer], None, None, threshold, draws))
+            context = UpdateContext(torch.Generator(), [optimizer], None, None, threshold, draws)
+            stats = engine.update(amount, config, context)
         threshold = stats.threshold
         out["updates"].append(
             {
