@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-__all__ = ["lightning_classes"]
+__all__ = ["lightning_classes", "tensor_parallel_size"]
 
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
@@ -28,3 +28,11 @@ def lightning_classes(module: str, *names: str) -> tuple[type, ...]:
             if isinstance(cls, type):
                 found.append(cls)
     return tuple(found)
+
+
+def tensor_parallel_size(strategy: object) -> int:
+    """The size of a ``ModelParallelStrategy``'s tensor-parallel mesh dimension (its ``device_mesh``, set up before
+    the callbacks' ``setup``), read from the public mesh, not the strategy's private argument ("auto" resolves to
+    every device)."""
+    mesh = strategy.device_mesh  # type: ignore[attr-defined]
+    return int(mesh["tensor_parallel"].size())

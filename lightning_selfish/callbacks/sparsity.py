@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_selfish.callbacks.compat import lightning_classes
+from lightning_selfish.callbacks.compat import lightning_classes, tensor_parallel_size
 from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.core.engine import SparseEngine, update_summary
 from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
@@ -491,10 +491,13 @@ class SelfishSparsityCallback(Callback):
         _notify_topology_update(trainer, trainer.lightning_module, self.engine, stats)
 
     def _log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
+        assert self.engine is not None
+        if not self.engine.sharded and (not trainer.is_global_zero or not trainer.loggers):
+            return
+        report = self.engine.sparsity_report()  # (sharded: every rank sums its counts in)
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        assert self.engine is not None
-        metrics = {f"sparsity/{key}": value for key, value in self.engine.sparsity_report().items()}
+        metrics = {f"sparsity/{key}": value for key, value in report.items()}
         metrics.update(extra)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -624,16 +627,28 @@ def _epoch_ends(trainer: pl.Trainer) -> range | None:
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
+    """The single-device and DDP strategies, and ``ModelParallelStrategy`` for FSDP2 (data parallel only)."""
     strategy = trainer.strategy
     kind = type(strategy)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(strategy, lightning_classes("strategies", "ModelParallelStrategy")):
+        tensor_parallel = tensor_parallel_size(strategy)
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"SelfishSparsityCallback under ModelParallelStrategy supports data parallelism (FSDP2's fully_shard, "
+                f"parameters sharded by rows), got tensor_parallel_size={tensor_parallel} (the default 'auto' makes "
+                "every device tensor parallel): tensor parallelism splits weights by columns too. Use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
+            )
+        return
     supported = lightning_classes("strategies", "SingleDeviceStrategy", "DDPStrategy")
     sharded = lightning_classes("strategies", "DeepSpeedStrategy")  # (a DDPStrategy subclass that shards weights)
     if isinstance(strategy, sharded) or not isinstance(strategy, supported):
         raise ValueError(
-            f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', "
-            f"'ddp_spawn', ...), got {kind.__module__}.{kind.__qualname__}: every rank must hold every whole "
-            "weight tensor (strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a "
-            "different slice of every mask)"
+            f"SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', 'ddp_spawn', "
+            f"...) and, for parameters sharded across devices, ModelParallelStrategy (FSDP2: fully_shard in "
+            f"configure_model); got {name}. FSDPStrategy (FSDP1) and DeepSpeedStrategy flatten parameters into "
+            "buffers whose slices do not follow the weights' rows: use ModelParallelStrategy"
         )
 
 

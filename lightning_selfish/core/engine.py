@@ -137,7 +137,13 @@ class SparseEngine:
 
     @property
     def masks(self) -> dict[str, Tensor]:
+        """The live masks: of a sharded parameter, this rank's rows."""
         return {name: t.mask for name, t in self.tensors.items()}
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some tensor is split over ranks (its masks are each rank's rows; counts are summed over ranks)."""
+        return any(t.split for t in self.tensors.values())
 
     @torch.no_grad()
     def apply_masks_(self) -> None:

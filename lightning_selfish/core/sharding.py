@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_selfish.method.shards import SINGLE_PROCESS, Collective, ProcessGroup, Span
 
-__all__ = ["RowShard", "is_sharded", "local_tensor", "row_shard", "whole"]
+__all__ = ["RowShard", "as_sharded_like", "is_sharded", "local_tensor", "row_shard", "rows_for", "whole"]
 
 
 def _dtensor_class() -> type | None:
@@ -97,3 +97,33 @@ def row_shard(tensor: Tensor) -> RowShard:
             f"torch.chunk's {expected}: its rows cannot be placed in the whole tensor"
         )
     return RowShard(tensor.shape, start, rows, ProcessGroup(mesh.get_group()))
+
+
+def as_sharded_like(local: Tensor, param: Tensor) -> Tensor:
+    """This rank's rows ``local`` as a ``DTensor`` placed like the sharded ``param`` (what a distributed checkpoint
+    saves shard by shard, and reshards on load into another number of ranks); ``local`` itself for a plain
+    ``param``. No data moves."""
+    if not is_sharded(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(param.shape, device="meta").stride()
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=stride
+    )
+
+
+def rows_for(saved: Tensor, param: Tensor) -> Tensor:
+    """The part of a saved mask (or gradient) that this rank holds of ``param``: a ``DTensor``'s local rows (placed
+    as ``param`` first when they are not), a whole tensor's rows of this rank (the whole tensor for a plain
+    ``param``). Refuses a tensor of another shape than the whole ``param``."""
+    if tuple(saved.shape) != tuple(param.shape):
+        raise ValueError(f"a saved tensor of shape {tuple(saved.shape)} for a parameter of shape {tuple(param.shape)}")
+    if is_sharded(saved):
+        if not is_sharded(param):
+            return saved.full_tensor()
+        if tuple(saved.placements) != tuple(param.placements) or saved.device_mesh != param.device_mesh:
+            saved = saved.redistribute(param.device_mesh, param.placements)
+        return saved.to_local()
+    shard = row_shard(param)
+    return saved[shard.row_start : shard.row_start + shard.rows]

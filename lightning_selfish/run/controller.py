@@ -267,7 +267,10 @@ class SparsityController:
         if self.skip_next:
             self.skip_next = False
             return None
-        synchronize = collective.broadcast_ if collective is not None and collective.world_size > 1 else None
+        # (DDP: every rank takes rank 0's outcome; sharded tensors: each rank holds its own rows, and the update is
+        # the same on every rank by construction)
+        replicated = collective is not None and collective.world_size > 1 and not engine.sharded
+        synchronize = collective.broadcast_ if replicated else None
         context = UpdateContext(
             self.generator, list(optimizers), self.gradients, synchronize, self.threshold, draws=self.draws
         )

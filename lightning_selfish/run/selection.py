@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfish.core.gates import parameter_aliases
+from lightning_selfish.core.sharding import local_tensor, row_shard
 from lightning_selfish.core.torch_compat import pruning_methods
 
 __all__ = [
@@ -139,7 +140,7 @@ def adopt_existing_masks(params: Mapping[str, Tensor], budgets: Mapping[str, int
     sparse but the counts differ from ``budgets`` (a model trained at another sparsity or init): drawing masks over
     it would zero trained weights, adopting it would train another sparsity than the one asked for.
     """
-    nonzero = {name: int(p.count_nonzero()) for name, p in params.items()}
+    nonzero = {name: row_shard(p).block(slice(None))[1].count(local_tensor(p)) for name, p in params.items()}
     sparse = [
         name
         for name, p in params.items()
@@ -148,7 +149,7 @@ def adopt_existing_masks(params: Mapping[str, Tensor], budgets: Mapping[str, int
     if not sparse:
         return None
     if all(nonzero[name] == budgets[name] for name in params):
-        return {name: p != 0 for name, p in params.items()}
+        return {name: local_tensor(p) != 0 for name, p in params.items()}  # (sharded: this rank's rows)
     differ = [
         f"{name}: {nonzero[name]} nonzero, {budgets[name]} asked" for name in params if nonzero[name] != budgets[name]
     ]
