@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # the checkout under test, not an installed copy
 
@@ -44,6 +44,45 @@ def token_windows() -> TensorDataset:
         0, VOCAB, (GLOBAL_BATCH * BATCHES_PER_EPOCH, WINDOW + 1), generator=torch.Generator().manual_seed(DATA_SEED)
     )
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> 2-layer nn.LSTM -> Linear; every window starts from a zero state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, EMBEDDING)
+        self.rnn = nn.LSTM(EMBEDDING, HIDDEN, num_layers=LAYERS)
+        self.decoder = nn.Linear(HIDDEN, VOCAB)
+
+    def loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        x, y = batch[0].t(), batch[1].t()  # (T, B)
+        out, _ = self.rnn(self.encoder(x))
+        return nn.functional.cross_entropy(self.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def shard(lm: LanguageModel, mesh: Any) -> None:
+    """FSDP2 as users apply it: each part, then the whole (parameters become DTensors sharded on dim 0)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for part in (lm.encoder, lm.rnn, lm.decoder):
+        fully_shard(part, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+
+
+def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
+def rank_loader(world_size: int, rank: int) -> DataLoader:
+    """This rank's part of every global batch, in order: windows ``rank, rank + N, ...`` of each batch of
+    ``GLOBAL_BATCH``. (Given a loader, Lightning would put a *shuffling* ``DistributedSampler`` in it under any
+    distributed strategy, one process included, and leave a single-device Trainer's order alone.)"""
+    dataset = token_windows()
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -74,37 +113,29 @@ def classes(package: str) -> dict[str, Any]:
     pl = importlib.import_module(package)
 
     class TinyLSTM(pl.LightningModule):
-        """Embedding -> 2-layer nn.LSTM -> Linear; every window starts from a zero state."""
+        """:class:`LanguageModel` under Lightning; ``configure_model`` shards it when the strategy has a mesh."""
 
         def __init__(self, optimizer: str, events: list) -> None:
             super().__init__()
-            self.encoder = nn.Embedding(VOCAB, EMBEDDING)
-            self.rnn = nn.LSTM(EMBEDDING, HIDDEN, num_layers=LAYERS)
-            self.decoder = nn.Linear(HIDDEN, VOCAB)
-            self.optimizer_name, self.events, self.losses = optimizer, events, []
+            self.lm = LanguageModel()
+            self.optimizer_name, self.events, self.losses, self.windows = optimizer, events, [], []
 
         def configure_model(self) -> None:
             self.events.append({"hook": "LightningModule.configure_model", "sharded": is_sharded(self)})
-            if self.device_mesh is None or is_sharded(self):
-                return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for part in (self.encoder, self.rnn, self.decoder):
-                fully_shard(part, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            if self.device_mesh is not None and not is_sharded(self):
+                shard(self.lm, self.device_mesh["data_parallel"])
 
         def configure_optimizers(self):
             self.events.append({"hook": "LightningModule.configure_optimizers", "sharded": is_sharded(self)})
-            if self.optimizer_name == "adam":
-                return torch.optim.Adam(self.parameters(), lr=1e-2)
-            return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+            return make_optimizer(self.optimizer_name, self.parameters())
+
+        def train_dataloader(self) -> DataLoader:
+            return rank_loader(self.trainer.world_size, self.trainer.global_rank)
 
         def training_step(self, batch, batch_idx):
-            x, y = batch[0].t(), batch[1].t()  # (T, B)
-            out, _ = self.rnn(self.encoder(x))
-            loss = nn.functional.cross_entropy(self.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+            loss = self.lm.loss(batch)
             self.losses.append(float(loss.detach()))  # this rank's mean over its windows (harness only)
+            self.windows.append(batch[0].tolist())
             return loss
 
     class Recorder(pl.Callback):
@@ -217,6 +248,30 @@ def sparsity_callback(spec: str) -> Any:
     return SelfishSparsityCallback(sparsity=float(sparsity), method=method, seed=0, update_every=2)
 
 
+def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
+    """A distributed checkpoint of ``ModelParallelStrategy`` as a file a single-device Trainer resumes from: the
+    shards joined by ``dcp_to_torch_save``, the folder's ``meta.pt`` (loops, callbacks) added, and the optimizer
+    state keyed by parameter index, as ``torch.optim`` keys it, instead of by name, as DCP does. (Lightning's own
+    ``consolidate_checkpoint`` expects Fabric's ``"model"`` key and fails on a Trainer's folder with
+    ``KeyError: 'model'``.)"""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, out)
+    checkpoint = torch.load(out, weights_only=False)
+    checkpoint.update(torch.load(folder / "meta.pt", weights_only=False))
+    index = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    count = sum(key.startswith("optimizer_") and key[len("optimizer_") :].isdigit() for key in checkpoint)
+    checkpoint["optimizer_states"] = []
+    for i in range(count):
+        state = checkpoint.pop(f"optimizer_{i}")
+        groups = [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
+        checkpoint["optimizer_states"].append(
+            {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+        )
+    torch.save(checkpoint, out)
+    return out
+
+
 def build_callbacks(specs: list[str], found: dict[str, Any], events: list) -> list:
     callbacks = [found["Recorder"](events)]
     for spec in specs:
@@ -238,11 +293,11 @@ def main() -> None:
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--distributed-ckpt", dest="distributed", action="store_true", default=True)
     form.add_argument("--full-ckpt", dest="distributed", action="store_false")
-    parser.add_argument("--max-steps", type=int, default=2 * BATCHES_PER_EPOCH)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--max-epochs", type=int, default=2, help="(resume from an epoch's end with this, not steps)")
     parser.add_argument("--callback", action="append", default=[], help="'probe' or 'selfish[:METHOD:SPARSITY]'")
     parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam"))
     parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
-    parser.add_argument("--save", default="ckpt", help="the checkpoint's name in OUT_DIR ('' to save none)")
     args = parser.parse_args()
     if args.plain and args.devices != 1:
         parser.error(f"--plain trains on one device, got --devices {args.devices}")
@@ -264,21 +319,25 @@ def main() -> None:
         devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
-        callbacks=build_callbacks(args.callback, found, events),
+        max_epochs=args.max_epochs,
+        callbacks=[
+            *build_callbacks(args.callback, found, events),
+            pl.callbacks.ModelCheckpoint(dirpath=args.out_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+        ],
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    loader = DataLoader(token_windows(), batch_size=GLOBAL_BATCH // args.devices, shuffle=False)
-    trainer.fit(model, loader, ckpt_path=args.ckpt)
+    ckpt = args.ckpt
+    if args.plain and ckpt is not None and ckpt.is_dir():
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = plain_checkpoint(ckpt, model, args.out_dir / "from_distributed.ckpt")
+    trainer.fit(model, ckpt_path=ckpt)
     rank = trainer.global_rank
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.save:
-        trainer.save_checkpoint(args.out_dir / args.save)  # every rank takes part
     weights = full_weights(model)  # a collective: after training, for the tests only
-    torch.save({"weights": weights, "losses": model.losses}, args.out_dir / f"rank{rank}.pt")
+    torch.save({"weights": weights, "losses": model.losses, "windows": model.windows}, args.out_dir / f"rank{rank}.pt")
     seen = {
         "world_size": trainer.world_size,
         "strategy": type(trainer.strategy).__name__,
