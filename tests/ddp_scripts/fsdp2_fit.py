@@ -92,7 +92,8 @@ def is_sharded(module: nn.Module) -> bool:
 def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter whole (a collective on sharded ones: every rank must call it)."""
     return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for name, p in module.named_parameters()
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in module.named_parameters()
     }
 
 
@@ -147,15 +148,17 @@ def classes(package: str) -> dict[str, Any]:
         def _note(self, hook: str, trainer, **extra: Any) -> None:
             module = trainer.lightning_module
             optimizers = trainer.optimizers
-            self.events.append({
-                "hook": f"Callback.{hook}",
-                "sharded": is_sharded(module),
-                "optimizers": len(optimizers),
-                "optimizer_state": sum(len(o.state) for o in optimizers),
-                "weights": shard_checksum(module),
-                "global_step": trainer.global_step,
-                **extra,
-            })
+            self.events.append(
+                {
+                    "hook": f"Callback.{hook}",
+                    "sharded": is_sharded(module),
+                    "optimizers": len(optimizers),
+                    "optimizer_state": sum(len(o.state) for o in optimizers),
+                    "weights": shard_checksum(module),
+                    "global_step": trainer.global_step,
+                    **extra,
+                }
+            )
 
         def setup(self, trainer, pl_module, stage):
             self._note("setup", trainer)
@@ -177,11 +180,13 @@ def classes(package: str) -> dict[str, Any]:
             return {"saved_by_rank": rank, "rank_tensor": torch.tensor([rank])}
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            self.events.append({
-                "hook": "Callback.load_state_dict",
-                "saved_by_rank": state_dict["saved_by_rank"],
-                "rank_tensor": state_dict["rank_tensor"].tolist(),
-            })
+            self.events.append(
+                {
+                    "hook": "Callback.load_state_dict",
+                    "saved_by_rank": state_dict["saved_by_rank"],
+                    "rank_tensor": state_dict["rank_tensor"].tolist(),
+                }
+            )
 
     class ShardProbe(pl.Callback):
         """A stand-in for a callback that keeps masks sharded like their weights: its state holds uint8 and bool
@@ -195,7 +200,7 @@ def classes(package: str) -> dict[str, Any]:
         def on_fit_start(self, trainer, pl_module):
             self.module = pl_module
 
-        def on_train_end(self, trainer, pl_module):
+        def on_train_epoch_end(self, trainer, pl_module):  # (before ModelCheckpoint's: Lightning runs it last)
             self.step = trainer.global_step
 
         def _masks(self, step: int) -> dict[str, torch.Tensor]:
@@ -244,7 +249,9 @@ def sparsity_callback(spec: str) -> Any:
     once the core keeps masks as row shards, this builds the callback that the harness's runs exercise."""
     from lightning_selfish import SelfishSparsityCallback
 
-    _, method, sparsity = (spec.split(":") + ["selfish", "0.5"])[:3] if ":" in spec else (spec, "selfish", "0.5")
+    parts = spec.split(":")
+    method = parts[1] if len(parts) > 1 else "selfish"
+    sparsity = float(parts[2]) if len(parts) > 2 else 0.5
     return SelfishSparsityCallback(sparsity=float(sparsity), method=method, seed=0, update_every=2)
 
 

@@ -106,6 +106,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     weights = full_weights(lm)  # a collective: after training, for the tests only
     torch.save({"weights": weights, "losses": losses, "windows": windows}, args.out_dir / f"rank{rank}.pt")
     (args.out_dir / f"rank{rank}.json").write_text(json.dumps(seen, indent=1))
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
