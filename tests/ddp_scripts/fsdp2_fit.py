@@ -1,0 +1,359 @@
+"""A tiny LSTM language model trained by Lightning's ``ModelParallelStrategy`` (FSDP2) on CPU processes (gloo).
+
+    python tests/ddp_scripts/fsdp2_fit.py OUT_DIR --devices N [--package pytorch_lightning|lightning.pytorch]
+        [--ckpt PATH] [--distributed-ckpt | --full-ckpt] [--max-steps K] [--callback SPEC ...] [--plain]
+
+``configure_model`` calls ``fully_shard`` on the embedding, the 2-layer ``nn.LSTM``, the decoder and the module
+(rows of 23 and 4 x 13: no world size of 2 or 4 splits them evenly, and an LSTM's gates span ranks). Every rank sees
+``GLOBAL_BATCH // N`` windows of the same global batch (Lightning's ``DistributedSampler`` over an unshuffled
+loader), so N processes take the steps one process takes with the whole batch. At the end every rank takes part in
+saving ``OUT_DIR/ckpt`` (a folder of shards with ``--distributed-ckpt``, the default; one file with ``--full-ckpt``)
+and writes what the tests compare: ``rank{r}.pt`` (the full weights, gathered with ``full_tensor()`` after training,
+and the rank's loss per step) and ``rank{r}.json`` (the hooks it saw in order, with what held at each; what the
+callbacks loaded). ``--plain`` trains the same module without sharding under a single-device Trainer (``N`` = 1).
+
+``--callback`` specs: ``probe`` (a callback whose state holds uint8 and bool ``DTensor`` masks sharded like the
+parameters, and a plain tensor that differs per rank), ``selfish`` (``SelfishSparsityCallback``; see
+:func:`sparsity_callback`, where the sharded callback plugs in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # the checkout under test, not an installed copy
+
+VOCAB, EMBEDDING, HIDDEN, LAYERS, WINDOW = 23, 11, 13, 2, 5
+GLOBAL_BATCH, BATCHES_PER_EPOCH = 4, 3
+DATA_SEED, INIT_SEED = 0, 1234
+
+
+def token_windows() -> TensorDataset:
+    """``GLOBAL_BATCH * BATCHES_PER_EPOCH`` random windows of ``WINDOW + 1`` tokens (inputs, next-token targets)."""
+    tokens = torch.randint(
+        0, VOCAB, (GLOBAL_BATCH * BATCHES_PER_EPOCH, WINDOW + 1), generator=torch.Generator().manual_seed(DATA_SEED)
+    )
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> 2-layer nn.LSTM -> Linear; every window starts from a zero state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, EMBEDDING)
+        self.rnn = nn.LSTM(EMBEDDING, HIDDEN, num_layers=LAYERS)
+        self.decoder = nn.Linear(HIDDEN, VOCAB)
+
+    def loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        x, y = batch[0].t(), batch[1].t()  # (T, B)
+        out, _ = self.rnn(self.encoder(x))
+        return nn.functional.cross_entropy(self.decoder(out).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def shard(lm: LanguageModel, mesh: Any) -> None:
+    """FSDP2 as users apply it: each part, then the whole (parameters become DTensors sharded on dim 0)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for part in (lm.encoder, lm.rnn, lm.decoder):
+        fully_shard(part, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+
+
+def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
+def rank_loader(world_size: int, rank: int) -> DataLoader:
+    """This rank's part of every global batch, in order: windows ``rank, rank + N, ...`` of each batch of
+    ``GLOBAL_BATCH``. (Given a loader, Lightning would put a *shuffling* ``DistributedSampler`` in it under any
+    distributed strategy, one process included, and leave a single-device Trainer's order alone.)"""
+    dataset = token_windows()
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole (a collective on sharded ones: every rank must call it)."""
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in module.named_parameters()
+    }
+
+
+def shard_checksum(module: nn.Module) -> float:
+    """The sum of this rank's parameter shards: tells, without communication, whether weights changed."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in module.parameters()]
+    return float(sum(t.detach().double().sum() for t in local))
+
+
+def probe_mask(shape: torch.Size, step: int) -> torch.Tensor:
+    """The probe's whole mask at ``step``: a function of the flat position and the step alone."""
+    numel = shape.numel()
+    return ((torch.arange(numel) * 7 + step) % 5 == 0).reshape(shape).to(torch.uint8)
+
+
+def classes(package: str) -> dict[str, Any]:
+    """The LightningModule and callbacks of the Lightning package ``package``."""
+    pl = importlib.import_module(package)
+
+    class TinyLSTM(pl.LightningModule):
+        """:class:`LanguageModel` under Lightning; ``configure_model`` shards it when the strategy has a mesh."""
+
+        def __init__(self, optimizer: str, events: list) -> None:
+            super().__init__()
+            self.lm = LanguageModel()
+            self.optimizer_name, self.events, self.losses, self.windows = optimizer, events, [], []
+
+        def configure_model(self) -> None:
+            self.events.append({"hook": "LightningModule.configure_model", "sharded": is_sharded(self)})
+            if self.device_mesh is not None and not is_sharded(self):
+                shard(self.lm, self.device_mesh["data_parallel"])
+
+        def configure_optimizers(self):
+            self.events.append({"hook": "LightningModule.configure_optimizers", "sharded": is_sharded(self)})
+            return make_optimizer(self.optimizer_name, self.parameters())
+
+        def train_dataloader(self) -> DataLoader:
+            return rank_loader(self.trainer.world_size, self.trainer.global_rank)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.lm.loss(batch)
+            self.losses.append(float(loss.detach()))  # this rank's mean over its windows (harness only)
+            self.windows.append(batch[0].tolist())
+            return loss
+
+    class Recorder(pl.Callback):
+        """Records the hooks it sees in order, what held at each, and what its state brought back on load."""
+
+        def __init__(self, events: list) -> None:
+            self.events = events
+
+        def _note(self, hook: str, trainer, **extra: Any) -> None:
+            module = trainer.lightning_module
+            optimizers = trainer.optimizers
+            self.events.append(
+                {
+                    "hook": f"Callback.{hook}",
+                    "sharded": is_sharded(module),
+                    "optimizers": len(optimizers),
+                    "optimizer_state": sum(len(o.state) for o in optimizers),
+                    "weights": shard_checksum(module),
+                    "global_step": trainer.global_step,
+                    **extra,
+                }
+            )
+
+        def setup(self, trainer, pl_module, stage):
+            self._note("setup", trainer)
+
+        def on_fit_start(self, trainer, pl_module):
+            self._note("on_fit_start", trainer)
+
+        def on_train_start(self, trainer, pl_module):
+            self._note("on_train_start", trainer)
+
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+            self._note("on_load_checkpoint", trainer)
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self._note("on_save_checkpoint", trainer)
+
+        def state_dict(self) -> dict[str, Any]:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            return {"saved_by_rank": rank, "rank_tensor": torch.tensor([rank])}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.events.append(
+                {
+                    "hook": "Callback.load_state_dict",
+                    "saved_by_rank": state_dict["saved_by_rank"],
+                    "rank_tensor": state_dict["rank_tensor"].tolist(),
+                }
+            )
+
+    class ShardProbe(pl.Callback):
+        """A stand-in for a callback that keeps masks sharded like their weights: its state holds uint8 and bool
+        ``DTensor``s with each parameter's placements; on load it records what came back on this rank."""
+
+        def __init__(self, events: list) -> None:
+            self.events = events
+            self.module: nn.Module | None = None
+            self.step = 0
+
+        def on_fit_start(self, trainer, pl_module):
+            self.module = pl_module
+
+        def on_train_epoch_end(self, trainer, pl_module):  # (before ModelCheckpoint's: Lightning runs it last)
+            self.step = trainer.global_step
+
+        def _masks(self, step: int) -> dict[str, torch.Tensor]:
+            masks = {}
+            for name, p in self.module.named_parameters():
+                whole = probe_mask(p.shape, step)
+                masks[name] = (
+                    distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor)
+                    else whole
+                )
+            return masks
+
+        def state_dict(self) -> dict[str, Any]:
+            masks = self._masks(self.step)
+            return {"step": self.step, "uint8": masks, "bool": {n: m.bool() for n, m in masks.items()}}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            expected = self._masks(state_dict["step"]) if self.module is not None else {}
+            seen = {}
+            for kind in ("uint8", "bool"):
+                for name, got in state_dict[kind].items():
+                    want = expected.get(name)
+                    local = got.to_local() if isinstance(got, DTensor) else got
+                    want_local = want.to_local() if isinstance(want, DTensor) else want
+                    seen[f"{kind}:{name}"] = {
+                        "type": type(got).__name__,
+                        "dtype": str(got.dtype),
+                        "global_shape": list(got.shape),
+                        "local_shape": list(local.shape),
+                        "mesh_size": got.device_mesh.size() if isinstance(got, DTensor) else None,
+                        "equals_own_shard": want_local is not None
+                        and local.shape == want_local.shape
+                        and bool(torch.equal(local.to(want_local.dtype), want_local)),
+                    }
+            self.events.append({"hook": "ShardProbe.load_state_dict", "module_known": self.module is not None})
+            self.events.append({"hook": "ShardProbe.loaded", "masks": seen})
+
+    return {"pl": pl, "TinyLSTM": TinyLSTM, "Recorder": Recorder, "ShardProbe": ShardProbe}
+
+
+def sparsity_callback(spec: str) -> Any:
+    """Where the sharded sparsity callback plugs in: ``selfish`` or ``selfish:METHOD:SPARSITY``.
+
+    Today ``SelfishSparsityCallback`` refuses ``ModelParallelStrategy`` in ``setup`` (the tests expect that line);
+    once the core keeps masks as row shards, this builds the callback that the harness's runs exercise."""
+    from lightning_selfish import SelfishSparsityCallback
+
+    parts = spec.split(":")
+    method = parts[1] if len(parts) > 1 else "selfish"
+    sparsity = float(parts[2]) if len(parts) > 2 else 0.5
+    return SelfishSparsityCallback(sparsity=float(sparsity), method=method, seed=0, update_every=2)
+
+
+def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
+    """A distributed checkpoint of ``ModelParallelStrategy`` as a file a single-device Trainer resumes from: the
+    shards joined by ``dcp_to_torch_save``, the folder's ``meta.pt`` (loops, callbacks) added, and the optimizer
+    state keyed by parameter index, as ``torch.optim`` keys it, instead of by name, as DCP does. (Lightning's own
+    ``consolidate_checkpoint`` expects Fabric's ``"model"`` key and fails on a Trainer's folder with
+    ``KeyError: 'model'``.)"""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, out)
+    checkpoint = torch.load(out, weights_only=False)
+    checkpoint.update(torch.load(folder / "meta.pt", weights_only=False))
+    index = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    count = sum(key.startswith("optimizer_") and key[len("optimizer_") :].isdigit() for key in checkpoint)
+    checkpoint["optimizer_states"] = []
+    for i in range(count):
+        state = checkpoint.pop(f"optimizer_{i}")
+        groups = [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
+        checkpoint["optimizer_states"].append(
+            {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+        )
+    torch.save(checkpoint, out)
+    return out
+
+
+def build_callbacks(specs: list[str], found: dict[str, Any], events: list) -> list:
+    callbacks = [found["Recorder"](events)]
+    for spec in specs:
+        if spec == "probe":
+            callbacks.append(found["ShardProbe"](events))
+        elif spec.split(":")[0] == "selfish":
+            callbacks.append(sparsity_callback(spec))
+        else:
+            raise ValueError(f"--callback must be 'probe' or 'selfish[:METHOD:SPARSITY]', got {spec!r}")
+    return callbacks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--devices", type=int, default=2, choices=(1, 2, 4))
+    parser.add_argument("--package", default="pytorch_lightning", choices=("pytorch_lightning", "lightning.pytorch"))
+    parser.add_argument("--ckpt", type=Path, default=None, help="resume from this checkpoint (folder or file)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--distributed-ckpt", dest="distributed", action="store_true", default=True)
+    form.add_argument("--full-ckpt", dest="distributed", action="store_false")
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--max-epochs", type=int, default=2, help="(resume from an epoch's end with this, not steps)")
+    parser.add_argument("--callback", action="append", default=[], help="'probe' or 'selfish[:METHOD:SPARSITY]'")
+    parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam"))
+    parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
+    args = parser.parse_args()
+    if args.plain and args.devices != 1:
+        parser.error(f"--plain trains on one device, got --devices {args.devices}")
+
+    torch.set_num_threads(1)
+    found = classes(args.package)
+    pl = found["pl"]
+    pl.seed_everything(INIT_SEED, verbose=False)  # every rank builds the same whole weights before sharding
+    events: list = []
+    model = found["TinyLSTM"](args.optimizer, events)
+    if args.plain:
+        strategy: Any = "auto"
+    else:
+        strategy = importlib.import_module(f"{args.package}.strategies").ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=args.distributed
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        callbacks=[
+            *build_callbacks(args.callback, found, events),
+            pl.callbacks.ModelCheckpoint(dirpath=args.out_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    ckpt = args.ckpt
+    if args.plain and ckpt is not None and ckpt.is_dir():
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = plain_checkpoint(ckpt, model, args.out_dir / "from_distributed.ckpt")
+    trainer.fit(model, ckpt_path=ckpt)
+    rank = trainer.global_rank
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # a collective: after training, for the tests only
+    torch.save({"weights": weights, "losses": model.losses, "windows": model.windows}, args.out_dir / f"rank{rank}.pt")
+    seen = {
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "package": args.package,
+        "global_step": trainer.global_step,
+        "events": events,
+    }
+    (args.out_dir / f"rank{rank}.json").write_text(json.dumps(seen, indent=1))
+
+
+if __name__ == "__main__":
+    main()
