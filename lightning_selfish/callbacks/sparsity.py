@@ -423,8 +423,8 @@ class SelfishSparsityCallback(Callback):
         if self.engine is None:
             return {}
         return {
-            "masks": {name: mask.detach().cpu().clone() for name, mask in self.engine.masks.items()},
-            **self.controller.state_dict(),
+            "masks": self.engine.whole_masks(),
+            **self.controller.state_dict(self.engine),
             "sparsity": self.config.sparsity,
             "gate_redistribution": self.config.gate_redistribution.name,
             "method": self.config.name,

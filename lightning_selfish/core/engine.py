@@ -26,7 +26,7 @@ from lightning_selfish.core.gates import GateLayout
 from lightning_selfish.core.masks import SparseTensor
 from lightning_selfish.core.optim_state import dense_state_keys, reset_optimizer_state, state_items_like
 from lightning_selfish.core.protocols import keeps_inactive_state_zero
-from lightning_selfish.core.sharding import local_tensor, row_shard
+from lightning_selfish.core.sharding import local_tensor, row_shard, whole_copy
 from lightning_selfish.core.signals import UpdateContext
 from lightning_selfish.core.types import MaskUpdate, UpdateStats
 from lightning_selfish.core.update import topology_update
@@ -139,6 +139,11 @@ class SparseEngine:
     def masks(self) -> dict[str, Tensor]:
         """The live masks: of a sharded parameter, this rank's rows."""
         return {name: t.mask for name, t in self.tensors.items()}
+
+    def whole_masks(self) -> dict[str, Tensor]:
+        """Copies of the whole masks on the CPU, as a checkpoint holds them. Of a parameter sharded over ranks, the
+        ranks' rows are gathered (one bool per weight: at checkpoint time only; every rank calls this)."""
+        return {name: whole_copy(t.mask, t.owner) for name, t in self.tensors.items()}
 
     @property
     def sharded(self) -> bool:

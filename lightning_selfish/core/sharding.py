@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_selfish.method.shards import SINGLE_PROCESS, Collective, ProcessGroup, Span
 
-__all__ = ["RowShard", "as_sharded_like", "is_sharded", "local_tensor", "row_shard", "rows_for", "whole"]
+__all__ = ["RowShard", "as_sharded_like", "is_sharded", "local_tensor", "row_shard", "rows_for", "whole", "whole_copy"]
 
 
 def _dtensor_class() -> type | None:
@@ -127,3 +127,13 @@ def rows_for(saved: Tensor, param: Tensor) -> Tensor:
         return saved.to_local()
     shard = row_shard(param)
     return saved[shard.row_start : shard.row_start + shard.rows]
+
+
+def whole_copy(local: Tensor, param: Tensor) -> Tensor:
+    """A CPU copy of the whole tensor whose rows ``local`` are of ``param``: gathered from every rank when ``param``
+    is sharded (bool as uint8, which every backend gathers), else a copy of ``local``."""
+    if not is_sharded(param):
+        return local.detach().cpu().clone()
+    gathered = as_sharded_like(local.detach().to(torch.uint8) if local.dtype == torch.bool else local.detach(), param)
+    whole = gathered.full_tensor().cpu()
+    return whole.bool() if local.dtype == torch.bool else whole

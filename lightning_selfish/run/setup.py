@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_selfish.core.engine import SparseEngine
 from lightning_selfish.core.gates import GateLayout
+from lightning_selfish.core.sharding import as_sharded_like, rows_for
 from lightning_selfish.run.controller import SparsityController
 from lightning_selfish.run.selection import adopt_existing_masks
 
@@ -52,9 +53,10 @@ def continued_engine(
 ) -> SparseEngine:
     """A later fit: the previous fit's masks go on over these parameters; ``restart_cadence`` (a new trainer that
     counts from step 0) restarts the schedule over the new run."""
-    masks = previous.masks
+    masks = {name: as_sharded_like(t.mask, t.owner) for name, t in previous.tensors.items()}  # (whole shapes)
     previous.detach()
     check_masks_fit(masks, params, "the previous fit")
+    masks = {name: rows_for(mask, params[name]) for name, mask in masks.items()}
     if restart_cadence:
         controller.restart_cadence()
     controller.gradients = None
@@ -87,6 +89,9 @@ def restored_engine(
             f"method={config.name!r}: resume with the same method"
         )
     controller.load_state_dict(dict(state), device)
+    if controller.gradients is not None:  # (whole tensors: this rank's rows of each)
+        controller.gradients = {name: rows_for(g, params[name]) for name, g in controller.gradients.items()}
+    masks = {name: rows_for(mask, params[name]) for name, mask in masks.items()}
     engine = SparseEngine(params, masks, layouts, controller.config.gate_redistribution)
     engine.apply_masks_()
     return engine

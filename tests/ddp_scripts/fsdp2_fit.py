@@ -239,20 +239,51 @@ def classes(package: str) -> dict[str, Any]:
             self.events.append({"hook": "ShardProbe.load_state_dict", "module_known": self.module is not None})
             self.events.append({"hook": "ShardProbe.loaded", "masks": seen})
 
-    return {"pl": pl, "TinyLSTM": TinyLSTM, "Recorder": Recorder, "ShardProbe": ShardProbe}
+    class SparsityRecorder(pl.Callback):
+        """Beside ``SelfishSparsityCallback``: after every optimizer step, whether every inactive weight is zero
+        on this rank's rows, the whole tensors' active counts (summed over ranks), and the whole masks (gathered:
+        the test compares them with one process's run)."""
+
+        def __init__(self, sparsity: Any) -> None:
+            self.sparsity, self.steps = sparsity, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            engine = self.sparsity.engine
+            zeros = all(
+                bool((t.param.detach()[~t.mask] == 0).all()) and tuple(t.mask.shape) == tuple(t.param.shape)
+                for t in engine.tensors.values()
+            )
+            counts = {name: t.active for name, t in engine.tensors.items()}
+            self.steps.append(
+                {
+                    "step": trainer.global_step,
+                    "zeros": zeros,
+                    "active": counts,
+                    "masks": engine.whole_masks(),
+                    "updates": self.sparsity.num_updates,
+                    "next_draw": self.sparsity.controller.draws.next_draw,
+                }
+            )
+
+    return {
+        "pl": pl,
+        "TinyLSTM": TinyLSTM,
+        "Recorder": Recorder,
+        "ShardProbe": ShardProbe,
+        "SparsityRecorder": SparsityRecorder,
+    }
 
 
 def sparsity_callback(spec: str) -> Any:
     """Where the sharded sparsity callback plugs in: ``selfish`` or ``selfish:METHOD:SPARSITY``.
 
-    Today ``SelfishSparsityCallback`` refuses ``ModelParallelStrategy`` in ``setup`` (the tests expect that line);
-    once the core keeps masks as row shards, this builds the callback that the harness's runs exercise."""
+    A :class:`SparsityRecorder` beside it records the masks and counts after every step."""
     from lightning_selfish import SelfishSparsityCallback
 
     parts = spec.split(":")
     method = parts[1] if len(parts) > 1 else "selfish"
     sparsity = float(parts[2]) if len(parts) > 2 else 0.5
-    return SelfishSparsityCallback(sparsity=float(sparsity), method=method, seed=0, update_every=2)
+    return SelfishSparsityCallback(sparsity=float(sparsity), method=method, seed=0, update_every=2, prune_rate=0.3)
 
 
 def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
@@ -286,6 +317,7 @@ def build_callbacks(specs: list[str], found: dict[str, Any], events: list) -> li
             callbacks.append(found["ShardProbe"](events))
         elif spec.split(":")[0] == "selfish":
             callbacks.append(sparsity_callback(spec))
+            callbacks.append(found["SparsityRecorder"](callbacks[-1]))
         else:
             raise ValueError(f"--callback must be 'probe' or 'selfish[:METHOD:SPARSITY]', got {spec!r}")
     return callbacks
@@ -344,7 +376,11 @@ def main() -> None:
     rank = trainer.global_rank
     args.out_dir.mkdir(parents=True, exist_ok=True)
     weights = full_weights(model)  # a collective: after training, for the tests only
-    torch.save({"weights": weights, "losses": model.losses, "windows": model.windows}, args.out_dir / f"rank{rank}.pt")
+    recorded = [c.steps for c in trainer.callbacks if isinstance(c, found["SparsityRecorder"])]
+    torch.save(
+        {"weights": weights, "losses": model.losses, "windows": model.windows, "sparsity": recorded},
+        args.out_dir / f"rank{rank}.pt",
+    )
     seen = {
         "world_size": trainer.world_size,
         "strategy": type(trainer.strategy).__name__,
