@@ -1,4 +1,4 @@
-"""FSDP2 on CPU processes (gloo), before the sparsity callback supports it: Lightning's ``ModelParallelStrategy``
+"""FSDP2 on CPU processes (gloo): Lightning's ``ModelParallelStrategy``
 (``ddp_scripts/fsdp2_fit.py``) and a plain ``fully_shard`` loop (``ddp_scripts/fsdp2_loop.py``) train the tiny LSTM
 LM on 2 processes as 1 process does, resume their checkpoints on 2 and on 1 process, and show what a callback's
 state goes through (docs/distributed-notes.md). Each run is started once per module and shared by the tests."""
@@ -218,10 +218,64 @@ def test_lightning_restores_a_callbacks_dtensor_state_as_rank_zeros(runs: Runs) 
     assert on_one_mask["mesh_size"] == 2 and not on_one_mask["equals_own_shard"]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# SelfishSparsityCallback under ModelParallelStrategy (issue #23): 2 ranks against one device, step by step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sparse_run(runs: Runs, method: str, devices: int, *extra: str) -> list[dict]:
+    plain = ("--plain",) if devices == 1 and "--ckpt" not in extra else ()
+    name = f"sparse_{method}_{devices}{'_plain' if plain else ''}{'_'.join(extra).replace('/', '_')}"
+    return runs.fit(name, "--devices", str(devices), *plain, "--callback", f"selfish:{method}:0.5", *extra)
+
+
+def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -> None:
+    """Every rank's record after every step equals the one-device run's: whole masks position for position, the
+    whole tensors' active counts, the updates made and the random draws taken; inactive weights zero on every
+    rank's rows."""
+    expected = {record["step"]: record for record in reference["sparsity"][0]}
+    for rank in ranks:
+        steps = rank["sparsity"][0]
+        assert [r["step"] for r in steps] == list(range(first_step, first_step + len(steps))) and steps
+        for record in steps:
+            want = expected[record["step"]]
+            assert record["zeros"], record["step"]
+            assert record["active"] == want["active"], record["step"]
+            assert (record["updates"], record["next_draw"]) == (want["updates"], want["next_draw"]), record["step"]
+            for name, mask in want["masks"].items():
+                assert torch.equal(record["masks"][name], mask), (record["step"], name)
+    assert expected[max(expected)]["updates"] >= 2  # (the runs update twice: steps 2 and 4)
+
+
 @pytest.mark.subprocess
-def test_the_sparsity_callback_refuses_model_parallel_today(runs: Runs) -> None:
-    """Where the sharded callback plugs in (``fsdp2_fit.sparsity_callback``): today it refuses the strategy in
-    ``setup``, before any step. The lead's change turns this test into runs of the harness above."""
-    result = runs.failed("selfish", "--devices", "1", "--callback", "selfish")
-    assert "ValueError: SelfishSparsityCallback supports the single-device and DDP strategies" in result.stderr
-    assert "ModelParallelStrategy" in result.stderr
+@pytest.mark.parametrize("method", ["selfish", "rigl", "set", "dsr", "snfs"])
+def test_the_sparsity_callback_on_two_ranks_masks_as_one_device_does(runs: Runs, method: str) -> None:
+    (one_device,) = sparse_run(runs, method, 1)
+    assert one_device["strategy"] == "SingleDeviceStrategy"
+    two_ranks = sparse_run(runs, method, 2)
+    assert [rank["strategy"] for rank in two_ranks] == ["ModelParallelStrategy"] * 2
+    assert_same_steps(two_ranks, one_device)
+
+
+@pytest.mark.subprocess
+def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_two(runs: Runs) -> None:
+    """A distributed checkpoint of 2 ranks resumed on 2 and on one device, and a one-device checkpoint resumed on
+    2 ranks: the masks and the random growth stream go on as in the uninterrupted runs (which are the same)."""
+    (one_device,) = sparse_run(runs, "selfish", 1)
+    two_ranks = sparse_run(runs, "selfish", 2)
+    folder = str(two_ranks[0]["out"] / "epoch=0.ckpt")
+    assert_same_steps(sparse_run(runs, "selfish", 2, "--ckpt", folder), one_device, first_step=4)
+    plain = one_device["out"] / "epoch=0.ckpt"
+    assert_same_steps(sparse_run(runs, "selfish", 2, "--ckpt", str(plain)), one_device, first_step=4)
+    (on_one,) = runs.fit(
+        "sparse_two_to_one", "--devices", "1", "--plain", "--callback", "selfish:selfish:0.5", "--ckpt", folder
+    )
+    assert on_one["strategy"] == "SingleDeviceStrategy"
+    assert_same_steps([on_one], one_device, first_step=4)
+
+
+@pytest.mark.subprocess
+def test_the_sparsity_callback_refuses_tensor_parallelism_naming_the_fix(runs: Runs) -> None:
+    result = runs.failed("selfish_tp", "--devices", "2", "--tensor-parallel", "2", "--callback", "selfish")
+    assert "tensor_parallel_size=2" in result.stderr
+    assert "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)" in result.stderr

@@ -199,6 +199,7 @@ class SelfishSparsityCallback(Callback):
         self.engine: SparseEngine | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._restored = False  # this fit resumed from a checkpoint (until its training starts)
+        self._awaiting_state = False  # a checkpoint the strategy restores after on_fit_start (ModelParallelStrategy)
         self._batch_idx = -1
 
     def __getattr__(self, name: str) -> Any:
@@ -308,7 +309,20 @@ class SelfishSparsityCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Masks from the checkpoint, from the previous fit, from already-sparse weights, or drawn; then attached."""
+        """Masks from the checkpoint, from the previous fit, from already-sparse weights, or drawn; then attached.
+
+        A strategy that restores checkpoints after ``on_fit_start`` (``ModelParallelStrategy``; the path to resume
+        from is not even known yet) hands the callback its state later: the masks are then set up at
+        ``on_train_start``, after the restore and before the first step (the sanity check's validation, in between,
+        sees the weights as they are).
+        """
+        if _restores_after_fit_start(trainer):
+            self._awaiting_state = True
+            return
+        self._set_up_masks(trainer, pl_module)
+
+    def _set_up_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._awaiting_state = False
         params = select_parameters(pl_module, self.include, self.exclude)
         check_no_other_pruning(pl_module, params)
         layouts = detect_gate_layouts(pl_module, self.gate_layouts)
@@ -338,6 +352,8 @@ class SelfishSparsityCallback(Callback):
         checkpoint's loop state, so a stateful loader got its saved position (reading the length earlier makes
         Lightning load and iterate it before the restore: Lightning issue #20550).
         """
+        if self._awaiting_state:  # (the checkpoint's state arrived after on_fit_start)
+            self._set_up_masks(trainer, pl_module)
         total_steps = self._run_length(trainer)
         check_run(total_steps, self.controller.requested)
         notice = self.controller.plan(total_steps, epoch_ends=_epoch_ends(trainer))
@@ -624,6 +640,12 @@ def _epoch_ends(trainer: pl.Trainer) -> range | None:
         return None
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     return range(per_epoch, int(run), per_epoch)
+
+
+def _restores_after_fit_start(trainer: pl.Trainer) -> bool:
+    """Whether the strategy restores a checkpoint after ``on_fit_start`` (Lightning's public
+    ``restore_checkpoint_after_setup``; ``ModelParallelStrategy`` loads the sharded weights into its set-up model)."""
+    return bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:

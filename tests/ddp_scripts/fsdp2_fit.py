@@ -337,6 +337,7 @@ def main() -> None:
     parser.add_argument("--callback", action="append", default=[], help="'probe' or 'selfish[:METHOD:SPARSITY]'")
     parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam"))
     parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="ModelParallelStrategy's tensor_parallel_size")
     args = parser.parse_args()
     if args.plain and args.devices != 1:
         parser.error(f"--plain trains on one device, got --devices {args.devices}")
@@ -351,7 +352,9 @@ def main() -> None:
         strategy: Any = "auto"
     else:
         strategy = importlib.import_module(f"{args.package}.strategies").ModelParallelStrategy(
-            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=args.distributed
+            data_parallel_size=args.devices // args.tensor_parallel,
+            tensor_parallel_size=args.tensor_parallel,
+            save_distributed_checkpoint=args.distributed,
         )
     trainer = pl.Trainer(
         accelerator="cpu",
