@@ -272,6 +272,30 @@ def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_tw
     )
     assert on_one["strategy"] == "SingleDeviceStrategy"
     assert_same_steps([on_one], one_device, first_step=4)
+    assert_same_steps(sparse_run(runs, "selfish", 1, "--ckpt", folder), one_device, first_step=4)  # MP on 1
+
+
+@pytest.mark.subprocess
+def test_a_distributed_checkpoint_keeps_each_ranks_mask_rows_and_a_full_one_the_whole_masks(runs: Runs) -> None:
+    """Nothing gathered for a distributed checkpoint: each rank's rows of every mask are in the folder's shards (the
+    model state, under the library's keys), the callback's state in meta.pt says so; a full checkpoint holds the
+    whole masks in the callback's state."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    (one_device,) = sparse_run(runs, "selfish", 1)
+    folder = sparse_run(runs, "selfish", 2)[0]["out"] / "epoch=0.ckpt"
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    state = meta["callbacks"]["SelfishSparsityCallback"]
+    assert state["masks"] == "in the model state of the distributed checkpoint"
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    masks = sorted(k for k in keys if k.startswith("state_dict.lightning_selfish.masks."))
+    assert masks == sorted(f"state_dict.lightning_selfish.masks.{n}" for n in one_device["sparsity"][0][0]["masks"])
+    assert all(len(keys[k].chunks) == 2 for k in masks)  # one chunk of rows per rank
+    sparse_run(runs, "selfish", 2, "--full-ckpt")
+    full = torch.load(runs.base / "sparse_selfish_2--full-ckpt" / "epoch=0.ckpt", weights_only=False)
+    whole = full["callbacks"]["SelfishSparsityCallback"]["masks"]
+    after_epoch = next(r for r in one_device["sparsity"][0] if r["step"] == 3)["masks"]
+    assert whole.keys() == after_epoch.keys() and all(torch.equal(whole[n], after_epoch[n]) for n in whole)
 
 
 @pytest.mark.subprocess

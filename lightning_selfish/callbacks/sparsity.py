@@ -41,6 +41,7 @@ from lightning_selfish.method.parts import (
     UpdateAmount,
 )
 from lightning_selfish.method.schedules import check_run
+from lightning_selfish.run import sharded_checkpoint
 from lightning_selfish.run.collective import collective_for
 from lightning_selfish.run.controller import SparsityController
 from lightning_selfish.run.selection import check_gate_layouts_sparsified, check_no_other_pruning, select_parameters
@@ -331,7 +332,7 @@ class SelfishSparsityCallback(Callback):
         device = next(iter(params.values())).device
         self._restored = self._loaded_state is not None
         if self._restored:
-            self.engine = self._restore_engine(params, layouts, device)
+            self.engine = self._restore_engine(trainer, params, layouts, device)
         elif self.engine is not None:
             self.engine = self._continue_engine(trainer, params, layouts)
         else:
@@ -436,16 +437,31 @@ class SelfishSparsityCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The run's state; with parameters sharded over ranks the masks are put in by :meth:`on_save_checkpoint`,
+        where the checkpoint's format is known (:mod:`lightning_selfish.run.sharded_checkpoint`)."""
         if self.engine is None:
             return {}
+        sharded = self.engine.sharded
         return {
-            "masks": self.engine.whole_masks(),
-            **self.controller.state_dict(self.engine),
+            "masks": None if sharded else self.engine.whole_masks(),
+            **self.controller.state_dict(None if sharded else self.engine),
             "sparsity": self.config.sparsity,
             "gate_redistribution": self.config.gate_redistribution.name,
             "method": self.config.name,
             "parts": self.config.part_names(),
         }
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded parameters: each rank's rows of the masks into the distributed checkpoint's model state (nothing
+        gathered), or the whole masks into this callback's state in a full checkpoint."""
+        if self.engine is None or not self.engine.sharded:
+            return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            sharded_checkpoint.store(self.engine, self.controller.gradients, state, checkpoint["state_dict"])
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -483,9 +499,14 @@ class SelfishSparsityCallback(Callback):
         assert self.engine is not None
         return continued_engine(self.controller, self.engine, params, layouts, trainer.global_step == 0)
 
-    def _restore_engine(self, params: dict[str, Tensor], layouts: dict, device: torch.device) -> SparseEngine:
+    def _restore_engine(
+        self, trainer: pl.Trainer, params: dict[str, Tensor], layouts: dict, device: torch.device
+    ) -> SparseEngine:
         state, self._loaded_state = self._loaded_state, None
         assert state is not None
+        if state.get("masks") == sharded_checkpoint.IN_MODEL_STATE:
+            assert trainer.ckpt_path is not None
+            state = sharded_checkpoint.read_from_model_state(state, trainer.ckpt_path, params)
         return restored_engine(self.controller, state, params, layouts, device)
 
     def _update(self, trainer: pl.Trainer, amount: UpdateAmount) -> None:

@@ -297,6 +297,9 @@ def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
     dcp_to_torch_save(folder, out)
     checkpoint = torch.load(out, weights_only=False)
     checkpoint.update(torch.load(folder / "meta.pt", weights_only=False))
+    from lightning_selfish.run.sharded_checkpoint import move_into_callback_state
+
+    move_into_callback_state(checkpoint, "SelfishSparsityCallback")  # (the masks the model state carried)
     index = {name: i for i, (name, _) in enumerate(module.named_parameters())}
     count = sum(key.startswith("optimizer_") and key[len("optimizer_") :].isdigit() for key in checkpoint)
     checkpoint["optimizer_states"] = []
