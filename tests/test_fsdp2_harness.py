@@ -71,8 +71,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 # The runs the tests share: 2 epochs of 3 steps on 2 processes and on 1; the first's checkpoint of its first epoch
 # resumed on 2 and on 1 process.
+PROBES = ("--callback", "probe:state", "--callback", "probe:model-state", "--callback", "probe:buffers")
+
+
 def two(runs: Runs) -> list[dict]:
-    return runs.fit("two", "--devices", "2", "--callback", "probe")
+    return runs.fit("two", "--devices", "2", *PROBES)
 
 
 def one(runs: Runs) -> list[dict]:
@@ -81,7 +84,7 @@ def one(runs: Runs) -> list[dict]:
 
 def resumed(runs: Runs, devices: int) -> list[dict]:
     ckpt = str(two(runs)[0]["out"] / "epoch=0.ckpt")
-    return runs.fit(f"resumed_on_{devices}", "--devices", str(devices), "--ckpt", ckpt, "--callback", "probe")
+    return runs.fit(f"resumed_on_{devices}", "--devices", str(devices), "--ckpt", ckpt, *PROBES)
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -96,6 +99,10 @@ def hooks(rank: dict) -> list[str]:
 
 def event(rank: dict, hook: str) -> dict:
     return next(e for e in rank["events"] if e["hook"] == hook)
+
+
+def probe_masks(rank: dict, route: str) -> dict[str, dict]:
+    return next(e["masks"] for e in rank["events"] if e["hook"] == "ShardProbe.loaded" and e["route"] == route)
 
 
 @pytest.mark.subprocess
@@ -163,7 +170,7 @@ def test_hooks_a_callback_sees_under_model_parallel(runs: Runs) -> None:
         assert not event(rank, "Callback.setup")["sharded"]  # setup: whole weights, no optimizer yet
         assert event(rank, "Callback.setup")["optimizers"] == 0
         fit_start = event(rank, "Callback.on_fit_start")  # parameters are DTensors, the optimizer exists
-        assert fit_start["sharded"] and fit_start["optimizers"] == 1
+        assert fit_start["sharded"] and fit_start["optimizers"] == 1 and fit_start["strategy_model_is_module"]
 
 
 @pytest.mark.subprocess
@@ -205,12 +212,11 @@ def test_a_full_checkpoint_of_two_processes_resumes_in_a_single_device_trainer(r
 def test_lightning_restores_a_callbacks_dtensor_state_as_rank_zeros(runs: Runs) -> None:
     """Today's Lightning, pinned for the sharded sparsity callback: callback states go to ``meta.pt``, written by
     rank 0 alone, and every rank loads that one copy. A DTensor mask comes back on rank 1 holding rank 0's rows, and
-    on 1 process as a DTensor of the old 2-process mesh: never resharded. The callback must carry its shards
-    another way (docs/distributed-notes.md)."""
+    on 1 process as a DTensor of the old 2-process mesh: never resharded."""
     on_two, (on_one,) = resumed(runs, 2), resumed(runs, 1)
     for rank in [*on_two, on_one]:
         assert event(rank, "Callback.load_state_dict")["saved_by_rank"] == 0
-    own = [event(rank, "ShardProbe.loaded")["masks"] for rank in [*on_two, on_one]]
+    own = [probe_masks(rank, "state") for rank in [*on_two, on_one]]
     assert all(m["equals_own_shard"] for m in own[0].values())  # rank 0 gets its own rows back
     assert not any(m["equals_own_shard"] for m in own[1].values())  # rank 1 gets rank 0's
     assert own[1]["uint8:lm.encoder.weight"]["local_shape"] == [12, 11]  # its own shard has 11 rows
@@ -245,6 +251,18 @@ def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -
             for name, mask in want["masks"].items():
                 assert torch.equal(record["masks"][name], mask), (record["step"], name)
     assert expected[max(expected)]["updates"] >= 2  # (the runs update twice: steps 2 and 4)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("route", ["model-state", "buffers"])
+def test_masks_carried_with_the_model_state_come_back_as_each_ranks_own_shard(runs: Runs, route: str) -> None:
+    """The routes that work: uint8 and bool DTensor masks added to ``checkpoint["state_dict"]`` (read back by the
+    callback with ``dcp.load`` from ``trainer.ckpt_path``) or registered as buffers of the weights' modules come back
+    as each rank's own rows of the saved masks, on 2 processes and on 1."""
+    for rank in [*resumed(runs, 2), *resumed(runs, 1)]:
+        masks = probe_masks(rank, route)
+        assert len(masks) == 2 * 11 and all(m["type"] == "DTensor" for m in masks.values())
+        assert all(m["equals_own_shard"] and m["mesh_size"] == rank["world_size"] for m in masks.values()), masks
 
 
 @pytest.mark.subprocess

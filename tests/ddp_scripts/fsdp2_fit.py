@@ -152,6 +152,7 @@ def classes(package: str) -> dict[str, Any]:
                 {
                     "hook": f"Callback.{hook}",
                     "sharded": is_sharded(module),
+                    "strategy_model_is_module": trainer.strategy.model is module,
                     "optimizers": len(optimizers),
                     "optimizer_state": sum(len(o.state) for o in optimizers),
                     "weights": shard_checksum(module),
@@ -189,19 +190,41 @@ def classes(package: str) -> dict[str, Any]:
             )
 
     class ShardProbe(pl.Callback):
-        """A stand-in for a callback that keeps masks sharded like their weights: its state holds uint8 and bool
-        ``DTensor``s with each parameter's placements; on load it records what came back on this rank."""
+        """A stand-in for a callback that keeps masks sharded like their weights (uint8 and bool ``DTensor``s with
+        each parameter's placements), carried through a checkpoint by one of three ``routes``, and recording on load
+        what came back on this rank:
 
-        def __init__(self, events: list) -> None:
-            self.events = events
+        - ``state``: in the callback's ``state_dict()`` (Lightning writes it to ``meta.pt`` from rank 0 alone);
+        - ``model-state``: added to ``checkpoint["state_dict"]`` in ``on_save_checkpoint`` (DTensors when the
+          strategy's model state is sharded, gathered when it is full), read back from ``trainer.ckpt_path`` with
+          ``dcp.load`` (a folder) or ``torch.load`` (a file) in ``on_load_checkpoint``;
+        - ``buffers``: registered as ``DTensor`` buffers of the modules that own the weights, so that the strategy
+          saves and loads them with the model."""
+
+        PREFIX = "probe_masks."
+
+        def __init__(self, events: list, route: str = "state") -> None:
+            self.events, self.route = events, route
             self.module: nn.Module | None = None
             self.step = 0
+            self.came_back: dict[str, torch.Tensor] = {}
+
+        @property
+        def state_key(self) -> str:
+            return f"ShardProbe[{self.route}]"  # (one probe per route in one Trainer)
 
         def on_fit_start(self, trainer, pl_module):
             self.module = pl_module
+            if self.route == "buffers":
+                for key, mask in self._keyed(self._masks(0)).items():
+                    owner, name = key.rsplit(".", 1)
+                    pl_module.get_submodule(owner).register_buffer(name, mask)
 
         def on_train_epoch_end(self, trainer, pl_module):  # (before ModelCheckpoint's: Lightning runs it last)
             self.step = trainer.global_step
+            if self.route == "buffers":
+                for key, mask in self._keyed(self._masks(self.step)).items():
+                    pl_module.get_buffer(key).copy_(mask)
 
         def _masks(self, step: int) -> dict[str, torch.Tensor]:
             masks = {}
@@ -214,30 +237,76 @@ def classes(package: str) -> dict[str, Any]:
                 )
             return masks
 
+        def _keyed(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """``{owner.probe_KIND_NAME: mask}``: under the module owning each weight (for ``buffers``)."""
+            keyed = {}
+            for name, mask in masks.items():
+                owner, leaf = name.rsplit(".", 1)
+                keyed[f"{owner}.probe_uint8_{leaf}"] = mask
+                keyed[f"{owner}.probe_bool_{leaf}"] = mask.bool()
+            return keyed
+
         def state_dict(self) -> dict[str, Any]:
+            if self.route != "state":
+                return {"step": self.step}
             masks = self._masks(self.step)
             return {"step": self.step, "uint8": masks, "bool": {n: m.bool() for n, m in masks.items()}}
 
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            if self.route != "model-state":
+                return
+            weights = checkpoint["state_dict"]  # sharded: DTensors on every rank; full: tensors on rank 0 only
+            sharded = any(isinstance(w, DTensor) for w in weights.values())
+            for key, mask in self._keyed(self._masks(self.step)).items():
+                whole = isinstance(mask, DTensor) and not sharded
+                weights[self.PREFIX + key] = mask.full_tensor() if whole else mask  # (a collective when whole)
+
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+            if self.route != "model-state":
+                return
+            import torch.distributed.checkpoint as dcp
+
+            path = Path(trainer.ckpt_path)
+            template = {self.PREFIX + key: mask for key, mask in self._keyed(self._masks(0)).items()}
+            if path.is_dir():  # the strategy's folder of shards: this rank reads its own rows, whatever wrote them
+                dcp.load({"state_dict": template}, checkpoint_id=path)
+                self.came_back = template
+            else:
+                whole = torch.load(path, mmap=True, map_location="cpu", weights_only=True)["state_dict"]
+                self.came_back = {
+                    key: distribute_tensor(whole[key], t.device_mesh, t.placements, src_data_rank=None)
+                    if isinstance(t, DTensor)
+                    else whole[key]
+                    for key, t in template.items()
+                }
+
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            expected = self._masks(state_dict["step"]) if self.module is not None else {}
+            if self.route == "state":
+                got = {f"{kind}:{name}": m for kind in ("uint8", "bool") for name, m in state_dict[kind].items()}
+            else:
+                source = self.came_back if self.route == "model-state" else dict(self.module.named_buffers())
+                got = {}
+                for name in dict(self.module.named_parameters()):
+                    owner, leaf = name.rsplit(".", 1)
+                    prefix = self.PREFIX if self.route == "model-state" else ""
+                    for kind in ("uint8", "bool"):
+                        got[f"{kind}:{name}"] = source[f"{prefix}{owner}.probe_{kind}_{leaf}"]
+            expected = self._masks(state_dict["step"])
             seen = {}
-            for kind in ("uint8", "bool"):
-                for name, got in state_dict[kind].items():
-                    want = expected.get(name)
-                    local = got.to_local() if isinstance(got, DTensor) else got
-                    want_local = want.to_local() if isinstance(want, DTensor) else want
-                    seen[f"{kind}:{name}"] = {
-                        "type": type(got).__name__,
-                        "dtype": str(got.dtype),
-                        "global_shape": list(got.shape),
-                        "local_shape": list(local.shape),
-                        "mesh_size": got.device_mesh.size() if isinstance(got, DTensor) else None,
-                        "equals_own_shard": want_local is not None
-                        and local.shape == want_local.shape
-                        and bool(torch.equal(local.to(want_local.dtype), want_local)),
-                    }
-            self.events.append({"hook": "ShardProbe.load_state_dict", "module_known": self.module is not None})
-            self.events.append({"hook": "ShardProbe.loaded", "masks": seen})
+            for key, mask in got.items():
+                want = expected[key.split(":", 1)[1]]
+                local = mask.to_local() if isinstance(mask, DTensor) else mask
+                want_local = want.to_local() if isinstance(want, DTensor) else want
+                seen[key] = {
+                    "type": type(mask).__name__,
+                    "dtype": str(mask.dtype),
+                    "global_shape": list(mask.shape),
+                    "local_shape": list(local.shape),
+                    "mesh_size": mask.device_mesh.size() if isinstance(mask, DTensor) else None,
+                    "equals_own_shard": local.shape == want_local.shape
+                    and bool(torch.equal(local.to(want_local.dtype), want_local)),
+                }
+            self.events.append({"hook": "ShardProbe.loaded", "route": self.route, "masks": seen})
 
     class SparsityRecorder(pl.Callback):
         """Beside ``SelfishSparsityCallback``: after every optimizer step, whether every inactive weight is zero
@@ -316,13 +385,15 @@ def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
 def build_callbacks(specs: list[str], found: dict[str, Any], events: list) -> list:
     callbacks = [found["Recorder"](events)]
     for spec in specs:
-        if spec == "probe":
-            callbacks.append(found["ShardProbe"](events))
+        if spec.split(":")[0] == "probe" and spec.split(":")[1:] in ([], ["state"], ["model-state"], ["buffers"]):
+            callbacks.append(found["ShardProbe"](events, *spec.split(":")[1:]))
         elif spec.split(":")[0] == "selfish":
             callbacks.append(sparsity_callback(spec))
             callbacks.append(found["SparsityRecorder"](callbacks[-1]))
         else:
-            raise ValueError(f"--callback must be 'probe' or 'selfish[:METHOD:SPARSITY]', got {spec!r}")
+            raise ValueError(
+                f"--callback must be 'probe[:state|model-state|buffers]' or 'selfish[:METHOD:SPARSITY]', got {spec!r}"
+            )
     return callbacks
 
 
@@ -337,7 +408,7 @@ def main() -> None:
     form.add_argument("--full-ckpt", dest="distributed", action="store_false")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-epochs", type=int, default=2, help="(resume from an epoch's end with this, not steps)")
-    parser.add_argument("--callback", action="append", default=[], help="'probe' or 'selfish[:METHOD:SPARSITY]'")
+    parser.add_argument("--callback", action="append", default=[], help="probe[:ROUTE] or selfish[:METHOD:SPARSITY]")
     parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam"))
     parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="ModelParallelStrategy's tensor_parallel_size")
