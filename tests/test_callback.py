@@ -574,7 +574,7 @@ def test_infinite_run_and_sharded_strategy_are_rejected():
         make_trainer([SelfishSparsityCallback(sparsity=0.5)], max_epochs=-1).fit(TinyLM(), token_loader())
     from pytorch_lightning.strategies import FSDPStrategy
 
-    with pytest.raises(ValueError, match="supports the single-device and DDP strategies.*FSDPStrategy"):
+    with pytest.raises(ValueError, match="supports the single-device and DDP strategies.*FSDPStrategy.*use Model"):
         cb = SelfishSparsityCallback(sparsity=0.5)
         trainer = make_trainer([cb], max_epochs=1)
         trainer.strategy._accelerator = trainer.strategy.accelerator
@@ -594,10 +594,10 @@ def test_deepspeed_is_refused_although_it_is_a_ddp_strategy(package: str) -> Non
     with pytest.raises(ValueError) as error:
         _check_strategy(SimpleNamespace(strategy=strategy))
     assert str(error.value) == (
-        "SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', 'ddp_spawn', ...), "
-        f"got {deepspeed.__module__}.DeepSpeedStrategy: every rank must hold every whole weight tensor "
-        "(strategies that shard parameters, such as FSDP and DeepSpeed, would give each rank a different slice of "
-        "every mask)"
+        "SelfishSparsityCallback supports the single-device and DDP strategies ('auto', 'ddp', 'ddp_spawn', ...) "
+        "and, for parameters sharded across devices, ModelParallelStrategy (FSDP2: fully_shard in configure_model); "
+        f"got {deepspeed.__module__}.DeepSpeedStrategy. FSDPStrategy (FSDP1) and DeepSpeedStrategy flatten "
+        "parameters into buffers whose slices do not follow the weights' rows: use ModelParallelStrategy"
     )
 
 
