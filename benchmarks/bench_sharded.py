@@ -8,19 +8,18 @@ growth, from the dense gradients handed to the update). Three processes run unde
 and 1 hold the model sharded by ``fully_shard`` on a mesh of the two of them; rank 2 holds the whole model (the
 single-process update). All three start from the same weights, momentum, gradients and seeds, and run the same
 updates. Each timing round times one update per method on each side, alternating which side goes first, while the
-other side waits at a barrier; the figures are medians over rounds (a sharded round's time is its slowest rank's).
-A last round measures memory.
+other side waits at a barrier (gloo's wait takes no CPU); the figures are medians over rounds (a sharded round's
+time is its slowest rank's). Memory is measured in a second run of the three processes, one round.
 
 * ``single_update_s``, ``sharded_update_s``: wall time of ``SparseEngine.update``, under the default allocator.
-* ``extra_mb``: the peak memory an update adds to its process, measured in the last round: the kernel's peak
-  resident set (``VmHWM``) is reset (``/proc/self/clear_refs``) before the update, and the figure is the peak during
-  the update less the resident set before it. ``tracemalloc`` does not see torch's allocations and ``ru_maxrss``
-  cannot be reset. So that the resident set follows the live tensors, that round runs with glibc mapping every
-  allocation of 64 KiB or more on its own (``mallopt(M_MMAP_THRESHOLD, 65536)``, at run time: under the
-  environment variable ``MALLOC_MMAP_THRESHOLD_`` the page faults of every fresh mapping also slowed the timed
-  updates, the sharded ones, which allocate more often, most: 6.4 s instead of 2.0 s) and with the free heap
-  released (``malloc_trim``) before the update. On a GPU: ``torch.cuda.max_memory_allocated`` less the memory
-  allocated before the update.
+* ``extra_mb``: the peak memory an update adds to its process: the kernel's peak resident set (``VmHWM``) is reset
+  (``/proc/self/clear_refs``) before the update, and the figure is the peak during the update less the resident set
+  before it. ``tracemalloc`` does not see torch's allocations and ``ru_maxrss`` cannot be reset. So that the resident
+  set follows the live tensors, the memory run's processes start with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc maps
+  every allocation of 64 KiB or more on its own and unmaps it when freed; by default allocations below a threshold
+  that grows to 32 MiB come from a heap that keeps freed pages). Not in the timing run: the page faults of every
+  fresh mapping slow the updates, the sharded ones most (they allocate more often: 6.4 s instead of 2.0 s).
+  On a GPU: ``torch.cuda.max_memory_allocated`` less the memory allocated before the update.
 * ``sent_bytes``: per rank and update, the bytes of the tensors handed to the library's collective
   (``ProcessGroup.all_reduce_`` and ``broadcast_`` of ``lightning_selfish.method.shards``, counted by patching those
   methods here); ``torch_distributed_bytes`` counts every ``torch.distributed`` collective the update made, as a
@@ -38,7 +37,6 @@ Run from the repository root (``PYTHONPATH=.``: the spawned processes import thi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -67,18 +65,6 @@ def resident_kib() -> dict[str, int]:
     return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmHWM", "VmRSS")}
 
 
-_LIBC = ctypes.CDLL(None)  # the C library of this process (glibc on Linux: mallopt, malloc_trim)
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def _map_every_large_allocation() -> None:
-    """From now on glibc maps every allocation of 64 KiB or more on its own, and unmaps it when freed: the resident
-    set then follows the live tensors (by default, allocations below a threshold that grows to 32 MiB reuse a heap
-    that keeps freed pages)."""
-    if not _LIBC.mallopt(_M_MMAP_THRESHOLD, 65536):
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: the CPU memory figure needs glibc")
-
-
 class PeakMemory:
     """The peak memory an update adds to this process, in MiB (see the module's docstring)."""
 
@@ -91,7 +77,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
-            _LIBC.malloc_trim(0)  # (free heap pages leave the resident set: reusing them counts)
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
             self.before = resident_kib()["VmRSS"] * 1024
         return self
@@ -164,7 +149,7 @@ def whole_signal(name: str, shape: torch.Size, kind: int, device: torch.device) 
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def worker(rank: int, args: argparse.Namespace, rendezvous: str, results: str) -> None:
+def worker(rank: int, args: argparse.Namespace, phase: str, rendezvous: str, results: str) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -172,13 +157,15 @@ def worker(rank: int, args: argparse.Namespace, rendezvous: str, results: str) -
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        line = run(rank, args, device)
+        line = run(rank, args, device, phase)
     finally:
         dist.destroy_process_group()
-    Path(results, f"rank{rank}.json").write_text(json.dumps(line))
+    Path(results, f"{phase}{rank}.json").write_text(json.dumps(line))
 
 
-def run(rank: int, args: argparse.Namespace, device: torch.device) -> dict:
+def run(rank: int, args: argparse.Namespace, device: torch.device, phase: str) -> dict:
+    """The same updates on both sides: timed (``phase="time"``, ``args.repeats`` rounds) or measured for memory
+    (one round)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -221,11 +208,7 @@ def run(rank: int, args: argparse.Namespace, device: torch.device) -> dict:
     memory: dict[str, list[float]] = {name: [] for name in METHODS}
     sent: dict[str, list[dict]] = {name: [] for name in METHODS}
     masks_equal = True
-    # Timing rounds under the default allocator, then memory rounds under the allocator set up to measure it.
-    phases = [("time", round_) for round_ in range(args.repeats)] + [("memory", 0)]
-    for phase, round_ in phases:
-        if phase == "memory" and round_ == 0 and device.type == "cpu":
-            _map_every_large_allocation()
+    for round_ in range(args.repeats if phase == "time" else 1):
         for name, method in methods.items():
             for side in (SINGLE, 0) if round_ % 2 == 0 else (0, SINGLE):
                 dist.barrier()
@@ -347,9 +330,19 @@ def main() -> int:
     if args.small:
         args.vocab, args.hidden, args.repeats = 1_000, 64, 1
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # (the spawned processes read these at their start)
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(worker, args=(args, str(Path(folder, "rendezvous")), folder), nprocs=WORLD, join=True)
-        ranks = [json.loads(Path(folder, f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    ranks = {}
+    for phase, allocator in (("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        os.environ.update(allocator)  # (read by the spawned processes' C library at their start)
+        with tempfile.TemporaryDirectory() as folder:
+            spawn_args = (args, phase, str(Path(folder, "rendezvous")), folder)
+            mp.spawn(worker, args=spawn_args, nprocs=WORLD, join=True)
+            ranks[phase] = [json.loads(Path(folder, f"{phase}{rank}.json").read_text()) for rank in range(WORLD)]
+        for key in allocator:
+            del os.environ[key]
+    ranks = [
+        {**timed, "memory": measured["memory"], "masks_equal": timed["masks_equal"] and measured["masks_equal"]}
+        for timed, measured in zip(ranks["time"], ranks["memory"])
+    ]
     lines = summarize(ranks, args)
     for line in lines:
         print(json.dumps(line), flush=True)
