@@ -11,7 +11,10 @@ updates. Each timing round times one update per method on each side, alternating
 other side waits at a barrier (gloo's wait takes no CPU); the figures are medians over rounds (a sharded round's
 time is its slowest rank's). Memory is measured in a second run of the three processes, one round.
 
-* ``single_update_s``, ``sharded_update_s``: wall time of ``SparseEngine.update``, under the default allocator.
+* ``single_update_s``, ``sharded_update_s``: wall time of ``SparseEngine.update``, under the default allocator;
+  ``*_cpu_s``: the CPU time of each process over the same updates (medians), which the other work of a shared
+  machine changes less: two ranks need two free cores at once, one process one. ``load_average``: the machine's
+  at the end.
 * ``extra_mb``: the peak memory an update adds to its process: the kernel's peak resident set (``VmHWM``) is reset
   (``/proc/self/clear_refs``) before the update, and the figure is the peak during the update less the resident set
   before it. ``tracemalloc`` does not see torch's allocations and ``ru_maxrss`` cannot be reset. So that the resident
@@ -206,6 +209,7 @@ def run(rank: int, args: argparse.Namespace, device: torch.device, phase: str) -
     draws = DrawStream(1)
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     memory: dict[str, list[float]] = {name: [] for name in METHODS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in METHODS}
     sent: dict[str, list[dict]] = {name: [] for name in METHODS}
     masks_equal = True
     for round_ in range(args.repeats if phase == "time" else 1):
@@ -228,15 +232,17 @@ def run(rank: int, args: argparse.Namespace, device: torch.device, phase: str) -
                     continue
                 traffic.start()
                 _synchronize(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 engine.update(update, method, context)
                 _synchronize(device)
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - start_cpu)
                 sent[name].append(traffic.stop())
             masks_equal &= _masks_match(engine, sharded, device)
     return {
         "rank": rank,
         "times": times,
+        "cpu_times": cpu_times,
         "memory": memory,
         "sent": sent,
         "masks_equal": masks_equal,
@@ -299,6 +305,9 @@ def summarize(ranks: list[dict], args: argparse.Namespace) -> list[dict]:
                 "single_update_s": round(single_s, 4),
                 "sharded_update_s": round(sharded_s, 4),
                 "time_ratio": round(sharded_s / single_s, 3),
+                "single_cpu_s": round(statistics.median(single["cpu_times"][name]), 4),
+                "sharded_cpu_s_per_rank": [round(statistics.median(rank["cpu_times"][name]), 4) for rank in shards],
+                "load_average": [round(load, 2) for load in os.getloadavg()],
                 "single_extra_mb": round(single_mb, 1),
                 "sharded_extra_mb_per_rank": [round(mb, 1) for mb in sharded_mb],
                 "memory_ratio": round(max(sharded_mb) / single_mb, 3) if single_mb > 0 else None,
