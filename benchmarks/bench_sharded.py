@@ -21,7 +21,8 @@ time is its slowest rank's). Memory is measured in a second run of the three pro
   set follows the live tensors, the memory run's processes start with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc maps
   every allocation of 64 KiB or more on its own and unmaps it when freed; by default allocations below a threshold
   that grows to 32 MiB come from a heap that keeps freed pages). Not in the timing run: the page faults of every
-  fresh mapping slow the updates, the sharded ones most (they allocate more often: 6.4 s instead of 2.0 s).
+  fresh mapping slow the updates, the sharded ones most (they allocate more often: 6.4 s under it in one run, 2.0 s
+  without it in another).
   On a GPU: ``torch.cuda.max_memory_allocated`` less the memory allocated before the update.
 * ``sent_bytes``: per rank and update, the bytes of the tensors handed to the library's collective
   (``ProcessGroup.all_reduce_`` and ``broadcast_`` of ``lightning_selfish.method.shards``, counted by patching those
