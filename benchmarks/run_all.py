@@ -22,6 +22,9 @@ each). Figures, with their targets:
   (batch 20): dense vs CSR (cuSPARSE on a GPU; 2:4 semi-structured as a kernel reference); on the CPU, time per
   word sparse / dense <= 0.5 at density 0.1 and <= 1 at 0.33 (one thread); the compressed export <= 0.4x the dense
   bytes of the masked tensors at density 0.33;
+* ``sharded_update``: the same update with the parameters sharded by FSDP2's ``fully_shard`` over 2 processes
+  against one process (issue #23): per-rank peak extra memory <= 0.6x the single process's, time <= 1x, the bytes
+  sent between ranks, and masks equal to the single process's;
 * ``gpu_tests``: ``pytest -m gpu`` (on the CPU: the CPU variants of the same tests).
 
 A final ``summary`` line lists every figure against its target.
@@ -57,6 +60,8 @@ def figures(device: str, quick: bool) -> list[tuple[str, list[str]]]:
     epoch += ["--steps", "12", "--warmup", "2", "--rounds", "1", "--val-batches", "3"] if quick else []
     inference = [python, str(HERE / "bench_inference.py"), "--device", device, *threads]
     inference += ["--quick"] if quick else []
+    sharded = [python, str(HERE / "bench_sharded.py"), "--device", device]
+    sharded += ["--small"] if quick else []
     if device == "cuda":
         tests = [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")]
     else:
@@ -67,6 +72,7 @@ def figures(device: str, quick: bool) -> list[tuple[str, list[str]]]:
         ("sntasgd_step", sntasgd),
         ("recipe_epoch", epoch),
         ("inference", inference),
+        ("sharded_update", sharded),
         ("gpu_tests", tests),
     ]
 
@@ -94,6 +100,11 @@ def targets(name: str, line: dict, device: str) -> list[dict]:
         if limit is not None:
             what = f"sparse / dense time per word, density {line['density']}"
             checks.append((what, 1 / line["sparse_vs_dense"], limit))
+    if name == "sharded_update" and "time_ratio" in line:
+        what = f"sharded / single-process update ({line['method']}, {line['ranks']} ranks)"
+        checks.append((f"{what}: time", line["time_ratio"], 1.0))
+        if line["memory_ratio"] is not None:
+            checks.append((f"{what}: peak extra memory per rank", line["memory_ratio"], 0.6))
     return [{"figure": what, "value": value, "target": limit, "met": value <= limit} for what, value, limit in checks]
 
 

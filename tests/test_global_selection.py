@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import threading
+from unittest.mock import patch
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_selfish.method import topology
+from lightning_selfish.method import shards, topology
 from lightning_selfish.method.keys import key_value, magnitude_keys, order_keys, position_keys
 from lightning_selfish.run.collective import Collective, kth_lowest, lowest_positions, random_positions
 
@@ -114,6 +115,26 @@ def test_lowest_positions_on_any_split_is_the_rule(case, world_size, n_fraction)
         world_size, lambda s, c, start, coll: lowest_positions(s, c, n, start, coll), score, candidates
     )
     assert torch.equal(split, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=scores_with_ties, world_size=st.integers(1, 4), n_fraction=st.floats(0, 1), chunk=st.integers(1, 40))
+def test_passes_over_a_shard_in_chunks_select_by_the_rule(case, world_size, n_fraction, chunk) -> None:
+    """The passes over a whole shard run a chunk at a time (``shards._CHUNK`` elements, 2**18 in use): with chunks
+    of a few elements, boundaries fall inside every shard, and the selection and the k-th value are the rule's."""
+    rows, cols, seed, levels, density = case
+    generator = torch.Generator().manual_seed(seed)
+    score = torch.randint(levels, (rows, cols), generator=generator).float() - levels / 2
+    candidates = torch.rand(rows, cols, generator=generator) < density
+    n = int(n_fraction * int(candidates.count_nonzero()))
+    with patch.object(shards, "_CHUNK", chunk):
+        split = on_row_shards(
+            world_size, lambda s, c, start, coll: lowest_positions(s, c, n, start, coll), score, candidates
+        )
+        k = max(1, int(n_fraction * score.numel()))
+        kth = on_row_shards(world_size, lambda s, start, coll: kth_lowest(s, k, coll).reshape(1), score)
+    assert torch.equal(split, naive_lowest(score, candidates, n))
+    assert bool((kth == score.view(-1).sort().values[k - 1]).all())
 
 
 def test_scores_of_every_kind_keep_their_order() -> None:

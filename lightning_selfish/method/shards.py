@@ -149,6 +149,25 @@ def collective_for(world_size: int) -> Collective:
 
 _FIRST_DIGIT_BITS = 12  # the histogram over the whole shard: 4096 buckets
 _DIGIT_BITS = 8  # then over the few candidates left in the chosen bucket
+_CHUNK = 1 << 18  # elements per chunk of the passes over the whole shard: their temporaries stay small (and cached)
+
+
+def _chunks(numel: int) -> range:
+    return range(0, numel, _CHUNK)
+
+
+def _keys(score: Tensor) -> Tensor:
+    """:func:`order_keys` of the flat ``score``, computed a chunk at a time: one tensor of keys, not the three
+    temporaries of its size that a pass over the whole at once holds."""
+    flat = score.detach().reshape(-1)
+    if flat.dtype in (torch.int32, torch.int64) or flat.numel() <= _CHUNK:
+        return order_keys(flat)
+    keys = torch.empty(
+        flat.numel(), dtype=torch.int64 if flat.dtype == torch.float64 else torch.int32, device=flat.device
+    )
+    for start in _chunks(flat.numel()):
+        keys[start : start + _CHUNK] = order_keys(flat[start : start + _CHUNK])
+    return keys
 
 
 def _check_k(k: int, available: int) -> None:
@@ -167,10 +186,13 @@ def _radix_select(keys: Tensor, candidates: Tensor, n: int, collective: Collecti
     number of candidates of all ranks (only that when ``n`` is outside ``[1, candidates]``)."""
     buckets = 1 << _FIRST_DIGIT_BITS
     shift = 8 * keys.element_size() - _FIRST_DIGIT_BITS
-    # Pass 1, over the shard: the top bits (an arithmetic shift keeps the signed keys' order); the non-candidates
-    # land in bucket 0 and are taken out of its count.
-    digit = torch.bitwise_right_shift(keys, shift).add_(buckets // 2).mul_(candidates)
-    counts = torch.bincount(digit, minlength=buckets)
+    # Pass 1, over the shard a chunk at a time: the top bits (an arithmetic shift keeps the signed keys' order); the
+    # non-candidates land in bucket 0 and are taken out of its count.
+    counts = torch.zeros(buckets, dtype=torch.int64, device=keys.device)
+    for start in _chunks(keys.numel()):
+        chunk = slice(start, start + _CHUNK)
+        digit = torch.bitwise_right_shift(keys[chunk], shift).add_(buckets // 2).mul_(candidates[chunk])
+        counts += torch.bincount(digit, minlength=buckets)
     counts[0] -= candidates.numel() - int(candidates.count_nonzero())
     counts = _summed(counts, collective)
     available = int(counts.sum())
@@ -178,8 +200,7 @@ def _radix_select(keys: Tensor, candidates: Tensor, n: int, collective: Collecti
         return 0, 0, keys.new_empty(0, dtype=torch.int64), available
     bucket, rank_in_bucket = _bucket_of(counts, n)
     prefix = bucket - buckets // 2  # the n-th lowest key's top bits, signed
-    in_bucket = digit == bucket
-    positions = (in_bucket.logical_and_(candidates) if bucket == 0 else in_bucket).nonzero().squeeze(1)
+    positions = _positions_with_top_bits(keys, candidates, shift, prefix)
     left = keys[positions].long()
     # Passes 2...: narrower digits of the few candidates left, until every bit of the n-th lowest key is known.
     while shift > 0:
@@ -192,6 +213,17 @@ def _radix_select(keys: Tensor, candidates: Tensor, n: int, collective: Collecti
         keep = digit == bucket
         positions, left = positions[keep], left[keep]
     return prefix, rank_in_bucket, positions, available
+
+
+def _positions_with_top_bits(keys: Tensor, candidates: Tensor, shift: int, prefix: int) -> Tensor:
+    """The flat positions of the candidates whose keys' top bits (``keys >> shift``) are ``prefix``, a chunk at a
+    time."""
+    parts = [keys.new_empty(0, dtype=torch.int64)]  # (an empty shard has no chunk)
+    for start in _chunks(keys.numel()):
+        chunk = slice(start, start + _CHUNK)
+        in_bucket = torch.bitwise_right_shift(keys[chunk], shift).eq_(prefix).logical_and_(candidates[chunk])
+        parts.append(in_bucket.nonzero().squeeze(1).add_(start))
+    return torch.cat(parts)
 
 
 def _bucket_of(counts: Tensor, rank: int) -> tuple[int, int]:
@@ -213,7 +245,7 @@ def lowest_positions(
     lowest positions: :func:`lightning_selfish.method.topology.lowest_positions` on the CPU).
     """
     collective = collective or SingleProcess()
-    keys = order_keys(score.detach().reshape(-1))
+    keys = _keys(score)
     flat = candidates.reshape(-1)
     kth, ties_taken, positions, available = _radix_select(keys, flat, n, collective)
     if not 0 <= n <= available:
@@ -235,7 +267,7 @@ def lowest_positions(
 def kth_lowest(values: Tensor, k: int, collective: Collective | None = None) -> Tensor:
     """The ``k``-th smallest (1-based) of the values of every rank together, as a 0-d tensor of their dtype."""
     collective = collective or SingleProcess()
-    keys = order_keys(values.detach().reshape(-1))
+    keys = _keys(values)
     kth, _, _, available = _radix_select(keys, torch.ones_like(keys, dtype=torch.bool), k, collective)
     _check_k(k, available)
     return key_value(kth, values.dtype)
