@@ -19,18 +19,15 @@ from lightning_selfish.method.shards import SINGLE_PROCESS, Collective, ProcessG
 __all__ = ["RowShard", "as_sharded_like", "is_sharded", "local_tensor", "row_shard", "rows_for", "whole", "whole_copy"]
 
 
-def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # (torch built without distributed)
-        return None
-    return DTensor
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # (torch built without distributed: nothing is ever sharded)
+    _DTensor = None
 
 
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (a parameter of a module ``fully_shard`` wrapped)."""
-    dtensor = _dtensor_class()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
