@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_selfish.method import shards
-from lightning_selfish.method.keys import DrawStream
+from lightning_selfish.method.keys import DrawStream, magnitude_keys
 from lightning_selfish.method.parts import Rounding, Structure
 from lightning_selfish.method.shards import Span
 
@@ -240,7 +240,13 @@ def _drop_lowest(score: Tensor, mask: Tensor, n: int, span: Span | None = None) 
 
 
 def magnitude_removal(weight: Tensor, mask: Tensor, n: int, span: Span | None = None) -> Tensor:
-    """Remove the ``n`` active weights of smallest magnitude (Eq. 2)."""
+    """Remove the ``n`` active weights of smallest magnitude (Eq. 2).
+
+    Over a block split across ranks the selection ranks integer keys: ``|w|``'s bit patterns
+    (:func:`~lightning_selfish.method.keys.magnitude_keys`, ordered as the magnitudes, NaN above every number), one
+    pass instead of the keys of any float score."""
+    if span is not None and span.split:
+        return _drop_lowest(magnitude_keys(weight), mask, n, span)
     return _drop_lowest(weight.detach().abs(), mask, n, span)
 
 
