@@ -7,8 +7,9 @@ test runs in one process on plain tensors, the reference. Each rank writes its r
 optimizer state after every update, and what crossed the ranks during the updates: the test joins the rows and
 compares them with the one-process run, position for position.
 
-During the updates a spy refuses every operation that would materialise a whole tensor (``DTensor.full_tensor``,
-all-gathers, broadcasts) and records the size of every all-reduce.
+During the updates and the optimizer steps (with the engine's enforcement after each) a spy refuses every
+operation that would materialise a whole tensor (``DTensor.full_tensor``, all-gathers, broadcasts) and records the
+size of every all-reduce: a step makes none.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def run_case(name: str, world_size: int, mesh: Any = None) -> dict[str, Any]:
         for step in (2 * update, 2 * update + 1):
             for key, p in params.items():
                 p.grad = distribute(grads[step][key])
-            optimizer.step()
+            with spy() as crossed_in_step:  # the step and the engine's enforcement after it: local work only
+                optimizer.step()
+            assert not crossed_in_step, f"a step sent {crossed_in_step} elements between ranks"
         for key, p in params.items():
             p.grad = distribute(grads[6 + update % 2][key])  # the dense gradient the update reads (RigL)
         amount = UpdateAmount(0.4)
