@@ -284,12 +284,27 @@ def test_fully_shard_on_two_ranks_trains_sparse_as_one_process_does(runs: Runs, 
 
 
 @pytest.mark.subprocess
+def test_ddp_on_two_ranks_trains_sparse_as_one_process_does(runs: Runs) -> None:
+    """The same loop with the module wrapped by DDP (whole weights on every rank, parameter names ``module.*``):
+    every rank's masks are the one process's after every step."""
+    ddp = runs.get("ddp_selfish", "--devices", "2", "--ddp", "--method", "selfish")
+    assert [rank["ddp"] for rank in ddp] == [True, True]
+    assert_same_steps(ddp, runs.plain("selfish"))
+
+
+@pytest.mark.subprocess
 def test_a_distributed_checkpoint_resumes_on_two_ranks_on_one_process_and_back(runs: Runs) -> None:
     """The folder the 2 ranks wrote after epoch 0 (step 3, one update done), resumed on 2 ranks and on one
     process without sharding, and the one process's folder resumed on 2 ranks: steps 4-6 as the uninterrupted run
     (masks, counts, random growth's stream, weights)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     one, two = runs.plain("selfish"), runs.sharded("selfish")
     sharded_folder, plain_folder = str(two[0]["out"] / "epoch=0"), str(one["out"] / "epoch=0")
+    saved = FileSystemReader(sharded_folder).read_metadata().state_dict_metadata
+    masks = [key for key in saved if key.startswith("sparsity.masks.")]
+    assert sorted(masks) == sorted(f"sparsity.masks.{name}" for name in one["sparsity"][0]["masks"])
+    assert all(len(saved[key].chunks) == 2 for key in masks)  # each rank saved its own rows: nothing gathered
     assert_same_steps(runs.sharded("selfish", "--ckpt", sharded_folder), one, first_step=4)
     assert_same_steps([runs.plain("selfish", "--ckpt", sharded_folder)], one, first_step=4)
     assert_same_steps(runs.sharded("selfish", "--ckpt", plain_folder), one, first_step=4)

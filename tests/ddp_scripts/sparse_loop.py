@@ -1,7 +1,8 @@
 """The model of ``fsdp2_fit.py`` trained sparse by a plain loop with ``SparseTraining`` (no Lightning): ``fully_shard``
-on N CPU processes (gloo), or ``--plain`` on one process without sharding or a process group.
+on N CPU processes (gloo), ``--ddp`` (``DistributedDataParallel``, every rank holding whole weights), or ``--plain``
+on one process without sharding or a process group.
 
-    python tests/ddp_scripts/sparse_loop.py OUT_DIR --devices N [--plain] [--method M] [--ckpt FOLDER] [--port P]
+    python tests/ddp_scripts/sparse_loop.py OUT_DIR --devices N [--plain | --ddp] [--method M] [--ckpt FOLDER]
 
 The loop of docs/distributed.md ("Without Lightning"): every rank takes its rows of every global batch, steps SGD
 with momentum between ``before_optimizer_step`` and ``after_optimizer_step``, calls ``after_epoch`` at each of the 2
@@ -44,6 +45,17 @@ EPOCHS = 2
 TOTAL_STEPS = EPOCHS * BATCHES_PER_EPOCH
 
 
+class LossModel(LanguageModel):
+    """The language model whose ``forward`` is its loss (DDP synchronises gradients of what goes through forward)."""
+
+    def forward(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        return self.loss(batch)
+
+
+def unwrapped(name: str) -> str:
+    return name.removeprefix("module.")  # (DDP's parameter names)
+
+
 def record(training: Any, step: int) -> dict[str, Any]:
     engine = training.engine
     zeros = all(
@@ -53,8 +65,8 @@ def record(training: Any, step: int) -> dict[str, Any]:
     return {
         "step": step,
         "zeros": zeros,
-        "active": {name: t.active for name, t in engine.tensors.items()},
-        "masks": engine.whole_masks(),  # (a gather: the test only)
+        "active": {unwrapped(name): t.active for name, t in engine.tensors.items()},
+        "masks": {unwrapped(name): m for name, m in engine.whole_masks().items()},  # (a gather: the test only)
         "updates": training.num_updates,
         "next_draw": training.controller.draws.next_draw,
     }
@@ -66,14 +78,16 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     torch.manual_seed(INIT_SEED)  # every rank builds the same whole weights before sharding
-    lm = LanguageModel()
-    if not args.plain:
+    lm = model = LossModel()
+    if args.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(lm)
+    elif not args.plain:
         from torch.distributed.device_mesh import init_device_mesh
 
         shard(lm, init_device_mesh("cpu", (world_size,)))
     optimizer = make_optimizer("momentum", lm.parameters())
     training = SparseTraining(
-        lm, [optimizer], sparsity=0.5, total_steps=TOTAL_STEPS, seed=0, method=args.method, update_every=2,
+        model, [optimizer], sparsity=0.5, total_steps=TOTAL_STEPS, seed=0, method=args.method, update_every=2,
         prune_rate=0.3,
     )  # fmt: skip
     training.start()
@@ -87,7 +101,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     for epoch in range(step // BATCHES_PER_EPOCH, EPOCHS):
         for batch in rank_loader(world_size, rank):
             optimizer.zero_grad()
-            loss = lm.loss(batch)
+            loss = model(batch)
             loss.backward()
             step += 1
             training.before_optimizer_step(step)
@@ -101,7 +115,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         dcp.save(state, checkpoint_id=args.out_dir / f"epoch={epoch}")
     weights = full_weights(lm)  # a collective when sharded: after training, for the tests only
     torch.save({"weights": weights, "losses": losses, "sparsity": records}, args.out_dir / f"rank{rank}.pt")
-    (args.out_dir / f"rank{rank}.json").write_text(json.dumps({"world_size": world_size, "plain": args.plain}))
+    (args.out_dir / f"rank{rank}.json").write_text(
+        json.dumps({"world_size": world_size, "plain": args.plain, "ddp": args.ddp})
+    )
     if not args.plain:
         dist.barrier()  # no rank leaves while another still talks to it
         dist.destroy_process_group()
@@ -111,7 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--devices", type=int, default=2, choices=(1, 2, 4))
-    parser.add_argument("--plain", action="store_true", help="one process, no fully_shard, no process group")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--plain", action="store_true", help="one process, no fully_shard, no process group")
+    form.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of fully_shard")
     parser.add_argument("--method", default="selfish")
     parser.add_argument("--ckpt", type=Path, default=None, help="a folder this script saved")
     parser.add_argument("--port", type=int, default=int(os.environ.get("MASTER_PORT", "29512")))
