@@ -115,6 +115,31 @@ def test_a_gradient_growth_update_reads_the_gradient_kept_before_the_step() -> N
     assert (candidates > smallest_grown).sum() < int(grown.sum())
 
 
+@pytest.mark.parametrize("steps_per_epoch", [3, None])
+def test_an_epoch_update_reads_the_gradient_of_the_epochs_last_step(steps_per_epoch: int | None) -> None:
+    """RigL at epoch ends: the update after epoch 0 reads the dense gradient of step 3 although the loop freed the
+    gradients; with the epoch's length unknown the gradient is copied at every step, into buffers a checkpoint
+    holds."""
+    lm, optimizer = model_and_optimizer()
+    training = SparseTraining(lm, [optimizer], sparsity=0.5, total_steps=6, seed=0, method="rigl",
+                              update_every="epoch", steps_per_epoch=steps_per_epoch)  # fmt: skip
+    training.start()
+    assert (training.state_dict()["gradients"] is None) == (steps_per_epoch is not None)
+    last = None
+    for step, batch in enumerate(batches(1), start=1):
+        optimizer.zero_grad()
+        lm.loss(batch).backward()
+        training.before_optimizer_step(step)
+        last = {name: p.grad.clone() for name, p in lm.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert training.after_optimizer_step(step) is None
+    kept = training.controller.gradients
+    assert all(torch.equal(kept[name], last[name]) for name in training.masks)
+    assert training.after_epoch(0).total_grown > 0
+    assert (training.controller.gradients is None) == (steps_per_epoch is not None)
+
+
 def round_trip(state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -159,7 +159,7 @@ class SparseTraining:
         return self._run(self.controller.update_due_after_step(step), step, cadence_by_epoch=False)
 
     def after_epoch(self, epoch: int) -> UpdateStats | None:
-        """At the end of epoch ``epoch`` (counted from 0; after its validation and checkpoint, before the next
+        """At the end of epoch ``epoch`` (counted from 0; after its validation, before its checkpoint and the next
         epoch's first step): the update due then (``update_every="epoch"``), run; its statistics, or ``None``."""
         self._started("after_epoch")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -213,10 +213,9 @@ class SparseTraining:
         missing = [key for key in (*_OWN_KEYS, "generator", "num_updates") if key not in state]
         if missing:
             raise ValueError(f"not a SparseTraining state: it lacks {missing} (got keys {sorted(state)})")
-        step = state["step"]
+        restored = restored_engine(self.controller, state, self._params, self._layouts, self._device)  # (checks first)
         engine.detach()
-        restored = restored_engine(self.controller, state, self._params, self._layouts, self._device)
-        self.step = int(step)
+        self.step = int(state["step"])
         self._attach(restored)
 
     # ----------------------------------------------------------------------------------------------------------
