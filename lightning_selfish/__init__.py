@@ -12,6 +12,7 @@ from lightning_selfish.core.protocols import MaskAwareOptimizer
 from lightning_selfish.core.types import MaskUpdate
 from lightning_selfish.method.catalogue import METHODS, MethodConfig, MethodPreset
 from lightning_selfish.optim.sntasgd import SNTASGD, sntasgd
+from lightning_selfish.run.training import SparseTraining
 
 __all__ = [
     "METHODS",
@@ -26,6 +27,7 @@ __all__ = [
     "RandomStateCheckpoint",
     "SelfishSparsityCallback",
     "SparseEngine",
+    "SparseTraining",
     "TopologyMonitor",
     "UpdateStats",
     "detect_gate_layouts",

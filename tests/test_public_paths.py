@@ -22,6 +22,7 @@ PUBLIC_NAMES = [
     "RandomStateCheckpoint",
     "SelfishSparsityCallback",
     "SparseEngine",
+    "SparseTraining",
     "TopologyMonitor",
     "UpdateStats",
     "detect_gate_layouts",
