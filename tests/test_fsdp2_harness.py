@@ -276,6 +276,23 @@ def test_the_sparsity_callback_on_two_ranks_masks_as_one_device_does(runs: Runs,
 
 
 @pytest.mark.subprocess
+def test_the_sparsity_callback_with_sntasgd_on_two_ranks_trains_as_one_device(runs: Runs) -> None:
+    """The paper's optimizer under FSDP2: SNT-ASGD steps and averages the sharded parameters with the callback's
+    local masks; masks as one device's step by step, weights and averages within float tolerance (the 2-rank
+    gradients are all-reduced), every average zero where its weight is inactive."""
+    (one_device,) = sparse_run(runs, "selfish", 1, "--optimizer", "sntasgd")
+    two_ranks = sparse_run(runs, "selfish", 2, "--optimizer", "sntasgd")
+    assert_same_steps(two_ranks, one_device)
+    assert any(name.startswith("averaged.") for name in one_device["weights"])
+    for rank in two_ranks:
+        assert_close(rank["weights"], one_device["weights"])
+    final = one_device["sparsity"][0][-1]["masks"]
+    for name, mask in final.items():
+        averaged = one_device["weights"][f"averaged.{name}"]
+        assert not averaged[~mask].any(), name
+
+
+@pytest.mark.subprocess
 def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_two(runs: Runs) -> None:
     """A distributed checkpoint of 2 ranks resumed on 2 and on one device, and a one-device checkpoint resumed on
     2 ranks: the masks and the random growth stream go on as in the uninterrupted runs (which are the same)."""

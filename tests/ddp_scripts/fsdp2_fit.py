@@ -73,6 +73,10 @@ def shard(lm: LanguageModel, mesh: Any) -> None:
 def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-2)
+    if name == "sntasgd":  # (averaging starts after the first step: TinyLSTM.training_step)
+        from lightning_selfish import SNTASGD
+
+        return SNTASGD(params, lr=0.5)
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
@@ -134,6 +138,9 @@ def classes(package: str) -> dict[str, Any]:
             return rank_loader(self.trainer.world_size, self.trainer.global_rank)
 
         def training_step(self, batch, batch_idx):
+            optimizer = self.trainer.optimizers[0]
+            if self.trainer.global_step == 1 and hasattr(optimizer, "start_averaging") and not optimizer.averaging:
+                optimizer.start_averaging()  # (SNT-ASGD: averaged from the second step on)
             loss = self.lm.loss(batch)
             self.losses.append(float(loss.detach()))  # this rank's mean over its windows (harness only)
             self.windows.append(batch[0].tolist())
@@ -409,7 +416,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-epochs", type=int, default=2, help="(resume from an epoch's end with this, not steps)")
     parser.add_argument("--callback", action="append", default=[], help="probe[:ROUTE] or selfish[:METHOD:SPARSITY]")
-    parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam"))
+    parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam", "sntasgd"))
     parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="ModelParallelStrategy's tensor_parallel_size")
     args = parser.parse_args()
@@ -453,6 +460,11 @@ def main() -> None:
     rank = trainer.global_rank
     args.out_dir.mkdir(parents=True, exist_ok=True)
     weights = full_weights(model)  # a collective: after training, for the tests only
+    optimizer = trainer.optimizers[0]
+    if hasattr(optimizer, "averaged_parameters"):  # SNT-ASGD's averages, whole (a collective too)
+        names = [name for name, _ in model.named_parameters()]
+        averaged = [a.full_tensor() if isinstance(a, DTensor) else a for a in optimizer.averaged_parameters()]
+        weights.update({f"averaged.{n}": a.detach().clone() for n, a in zip(names, averaged)})
     recorded = [c.steps for c in trainer.callbacks if isinstance(c, found["SparsityRecorder"])]
     torch.save(
         {"weights": weights, "losses": model.losses, "windows": model.windows, "sparsity": recorded},
