@@ -254,7 +254,8 @@ class SelfishSparsityCallback(Callback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name (as in ``named_parameters()``) to live bool mask, True = active."""
+        """Parameter name (as in ``named_parameters()``) to live bool mask, True = active (of a parameter sharded
+        by FSDP2, this rank's rows: :meth:`whole_masks` gathers the whole ones)."""
         if self.engine is None:
             raise RuntimeError("masks exist once fitting has started (SelfishSparsityCallback.on_fit_start)")
         return self.engine.masks
