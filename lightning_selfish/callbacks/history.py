@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_selfish import analysis
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.core.engine import SparseEngine, UpdateStats
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class MaskHistory(Callback):
                 self._save(trainer, path, epoch=None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None:
+        # (under ModelParallelStrategy the masks are set at the sparsity callback's on_train_start, maybe after ours)
+        if self.engine is None and not any(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks):
             raise ValueError(
                 "MaskHistory saves the masks of a SelfishSparsityCallback, but none told it about its masks: "
                 "add SelfishSparsityCallback(...) to the trainer's callbacks"

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_selfish import analysis
 from lightning_selfish.analysis import plots
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.core.engine import SparseEngine, UpdateStats
 from lightning_selfish.core.sharding import rows_for, whole_copy
 
@@ -148,7 +149,8 @@ class TopologyMonitor(Callback):
         self._pictures_on_rank_zero = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None:
+        # (under ModelParallelStrategy the masks are set at the sparsity callback's on_train_start, maybe after ours)
+        if self.engine is None and not any(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks):
             raise ValueError(
                 "TopologyMonitor watches the masks of a SelfishSparsityCallback, but none told it about its masks: "
                 "add SelfishSparsityCallback(...) to the trainer's callbacks"

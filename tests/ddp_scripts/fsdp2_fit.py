@@ -367,10 +367,10 @@ def build_callbacks(specs: list[str], found: dict[str, Any], events: list, out_d
         if spec == "probe":
             callbacks.append(found["ShardProbe"](events))
         elif spec.split(":")[0] == "selfish":
+            if spec.split(":")[3:] == ["monitor"]:  # (before the callback whose masks they read: a user's order)
+                callbacks.extend(monitors(out_dir))
             callbacks.append(sparsity_callback(spec))
             callbacks.append(found["SparsityRecorder"](callbacks[-1]))
-            if spec.split(":")[3:] == ["monitor"]:
-                callbacks.extend(monitors(out_dir))
         else:
             raise ValueError(f"--callback must be 'probe' or 'selfish[:METHOD:SPARSITY[:monitor]]', got {spec!r}")
     return callbacks
