@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from lightning_selfish.core.gates import GateLayout
+from lightning_selfish.core.sharding import RowShard
+from lightning_selfish.method.shards import Span
 
 __all__ = [
     "CONSTANT_SPREAD",
@@ -360,6 +362,7 @@ def exploration_report(
     current: Mapping[str, Tensor],
     initial: Mapping[str, Tensor],
     gates: Mapping[str, GateLayout] | None = None,
+    shards: Mapping[str, RowShard] | None = None,
 ) -> dict[str, float]:
     """Exploration per tensor, per gate and overall, as logged by the topology monitor.
 
@@ -367,23 +370,36 @@ def exploration_report(
     * ``drift/<name>[/<gate>]``, ``drift/overall``: fraction of the currently active positions that were inactive in
       the initial mask (0 when nothing is active; 0 throughout for a mask that starts dense).
 
+    ``shards`` says, of masks that are a rank's rows of a tensor split over ranks (FSDP2), which rows they are
+    (:class:`~lightning_selfish.core.sharding.RowShard`; ``gates`` are row blocks of the whole tensor): the counts
+    are of the whole tensors, each summed over its ranks (one small all-reduce per tensor: every rank calls this).
     Counts use ``count_nonzero`` (far faster than a bool ``sum`` on the CPU) and come back in one host sync.
     """
     gates = gates or {}
-    blocks: list[tuple[str, str, slice]] = []  # (report key, tensor name, rows)
+    shards = shards or {}
+    blocks: list[tuple[str, str]] = []  # (report key, tensor name)
     counts: list[Tensor] = []
     numels: list[int] = []
     for name, ever in ever_active.items():
         now = current[name]
         new = now & ~initial[name]
+        shard = shards.get(name)
+        parts: list[Tensor] = []
         for key, rows in [(name, slice(None)), *((f"{name}/{gate}", rows) for gate, rows in gates.get(name, ()))]:
-            blocks.append((key, name, rows))
-            counts += [torch.count_nonzero(ever[rows]), torch.count_nonzero(now[rows]), torch.count_nonzero(new[rows])]
-            numels.append(ever[rows].numel())
-    values = torch.stack(counts).view(-1, 3).tolist() if counts else []
+            if shard is None:
+                local, numel = rows, ever[rows].numel()
+            else:
+                local, span = shard.block(rows)
+                numel = span.numel
+            blocks.append((key, name))
+            parts += [torch.count_nonzero(mask[local]) for mask in (ever, now, new)]
+            numels.append(numel)
+        stacked = torch.stack(parts)
+        counts.append(stacked if shard is None else shard.block(slice(None))[1].sum_(stacked))
+    values = torch.cat(counts).view(-1, 3).tolist() if counts else []
     report: dict[str, float] = {}
     ever_total = numel_total = new_total = active_total = 0
-    for (key, name, _), (ever_count, active, new_count), numel in zip(blocks, values, numels):
+    for (key, name), (ever_count, active, new_count), numel in zip(blocks, values, numels):
         report[f"exploration/{key}"] = ever_count / max(numel, 1)
         report[f"drift/{key}"] = new_count / active if active else 0.0
         if key == name:
@@ -395,16 +411,21 @@ def exploration_report(
 
 
 @torch.no_grad()
-def magnitude_above(params: Mapping[str, Tensor], threshold: float) -> dict[str, int]:
+def magnitude_above(
+    params: Mapping[str, Tensor], threshold: float, spans: Mapping[str, Span] | None = None
+) -> dict[str, int]:
     """Per tensor, the number of weights with ``|w| > threshold`` (the paper's Figure 3), and their ``overall`` sum.
 
-    One host sync for all tensors.
+    ``spans``: of tensors that are a rank's rows of a tensor split over ranks (FSDP2), where they lie
+    (``SparseTensor.span``); their counts are summed over the ranks (every rank calls this). One host sync.
     """
     names = list(params)
     if not names:
         return {"overall": 0}
-    counts = torch.stack([torch.count_nonzero(params[name].detach().abs() > threshold) for name in names]).tolist()
-    result = dict(zip(names, (int(c) for c in counts)))
+    spans = spans or {}
+    counts = [torch.count_nonzero(params[name].detach().abs() > threshold).reshape(1) for name in names]
+    counts = [spans[name].sum_(count) if name in spans else count for name, count in zip(names, counts)]
+    result = dict(zip(names, (int(c) for c in torch.cat(counts).tolist())))
     result["overall"] = sum(result.values())
     return result
 

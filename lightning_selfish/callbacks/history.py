@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_selfish import analysis
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.core.engine import SparseEngine, UpdateStats
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ class MaskSnapshot:
 class MaskHistory(Callback):
     """Save the sparsity masks at the end of every ``every_n_epochs``-th training epoch, bit-packed (rank zero).
 
-    Nothing is written under ``fast_dev_run``, as with checkpoints.
+    Nothing is written under ``fast_dev_run``, as with checkpoints. Under FSDP2 (``ModelParallelStrategy``) the
+    files hold the whole masks too: when a file is due every rank's rows are gathered (every rank takes part, rank
+    zero writes), at those times only.
 
     Args:
         dirpath: where the files go; default ``<trainer.log_dir>/masks`` (beside the run's logs, e.g.
@@ -83,11 +86,15 @@ class MaskHistory(Callback):
                 return
             self._directory = self.directory(trainer)  # on every rank: trainer.log_dir is a collective under DDP
             path = self._directory / "init.pt"
-            if trainer.is_global_zero and not path.exists():  # a resumed run keeps the file of its real start
+            if engine.sharded:  # (rank zero's file system decides: every rank gathers, or none)
+                if trainer.strategy.broadcast(not path.exists() if trainer.is_global_zero else False, src=0):
+                    self._save(trainer, path, epoch=None)
+            elif trainer.is_global_zero and not path.exists():  # a resumed run keeps the file of its real start
                 self._save(trainer, path, epoch=None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None:
+        # (under ModelParallelStrategy the masks are set at the sparsity callback's on_train_start, maybe after ours)
+        if self.engine is None and not any(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks):
             raise ValueError(
                 "MaskHistory saves the masks of a SelfishSparsityCallback, but none told it about its masks: "
                 "add SelfishSparsityCallback(...) to the trainer's callbacks"
@@ -95,11 +102,17 @@ class MaskHistory(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero and self._directory is not None:
+        if (epoch + 1) % self.every_n_epochs != 0 or self._directory is None or self.engine is None:
+            return
+        if trainer.is_global_zero or self.engine.sharded:
             self._save(trainer, self._directory / f"epoch_{epoch:04d}.pt", epoch=epoch)
 
     def _save(self, trainer: pl.Trainer, path: Path, epoch: int | None) -> None:
+        """Rank zero writes the masks; sharded, every rank calls this (the masks are gathered whole first)."""
         assert self.engine is not None
+        masks = self.engine.whole_masks() if self.engine.sharded else self.engine.masks
+        if not trainer.is_global_zero:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         gates = {
             name: [(gate, rows.start, rows.stop) for gate, rows in t.gates]
@@ -110,7 +123,7 @@ class MaskHistory(Callback):
             {
                 "epoch": epoch,
                 "step": trainer.global_step,
-                "masks": analysis.pack_masks(self.engine.masks),
+                "masks": analysis.pack_masks(masks),
                 "gates": gates,
             },
             path,

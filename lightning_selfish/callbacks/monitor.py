@@ -21,7 +21,9 @@ from torch import Tensor
 
 from lightning_selfish import analysis
 from lightning_selfish.analysis import plots
+from lightning_selfish.callbacks.sparsity import SelfishSparsityCallback
 from lightning_selfish.core.engine import SparseEngine, UpdateStats
+from lightning_selfish.core.sharding import rows_for, whole_copy
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ __all__ = ["TopologyMonitor", "scalar_layout"]
 class TopologyMonitor(Callback):
     r"""Log exploration, drift, large weights, mask pictures and the final gate breakdown of a sparse run.
 
-    Scalars, logged at fit start and after every topology update (rank zero, every logger):
+    Scalars, logged at fit start and after every topology update (rank zero, every logger; of the whole tensors
+    when FSDP2 shards them, each rank's counts summed over the ranks):
 
     * ``exploration/<param>``, ``exploration/<param>/<gate>``, ``exploration/overall``: the fraction of positions
       that have been active at least once since the start (the in-time over-parameterisation rate of Liu et al.
@@ -52,6 +55,12 @@ class TopologyMonitor(Callback):
 
     A custom-scalars layout (:func:`scalar_layout`, TensorBoard's *Custom Scalars* tab) is written at fit start: a
     tensor's gates share one chart for sparsity, exploration and drift, and the overall figures one chart.
+
+    Under FSDP2 (``ModelParallelStrategy``) every rank keeps its rows of the initial and ever-active masks; the
+    scalars and the gate chart come from counts summed over the ranks, and a mask picture, when one is due and rank
+    zero's loggers take images, from that tensor's mask gathered whole (every rank takes part; rank zero draws).
+    The checkpointed state holds the whole masks (gathered at checkpoint time), so a run resumes on any number of
+    ranks.
 
     Args:
         magnitude_threshold: threshold of ``magnitude_above``; None switches it off.
@@ -99,6 +108,7 @@ class TopologyMonitor(Callback):
         self._skipped_loggers: set[str] = set()
         self._renderer: plots.MaskImageRenderer | None = None
         self._said_plain = False
+        self._pictures_on_rank_zero: bool | None = None  # (sharded: whether rank zero's loggers take images)
 
     @property
     def state_key(self) -> str:
@@ -120,19 +130,27 @@ class TopologyMonitor(Callback):
             self.num_updates += 1
             for name, mask in masks.items():
                 self.ever_active[name] |= mask
+        if not engine.sharded and not trainer.is_global_zero:
+            return
+        shards = {name: t.shard for name, t in engine.tensors.items() if t.split}
+        report = analysis.exploration_report(self.ever_active, masks, self.initial, self._gates(), shards)
+        pictures = self.mask_images and (stats is None or self.num_updates % self.images_every_n_updates == 0)
+        whole = self._whole_gated_masks(trainer) if pictures else None  # (sharded: every rank takes part)
         if not trainer.is_global_zero:
             return
         if stats is None:
             self._log_layout(trainer)
-        self._log_metrics(trainer, analysis.exploration_report(self.ever_active, masks, self.initial, self._gates()))
-        if self.mask_images and (stats is None or self.num_updates % self.images_every_n_updates == 0):
-            self._log_mask_images(trainer)
+        self._log_metrics(trainer, report)
+        if pictures:
+            self._log_mask_images(trainer, whole)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._magnitude_epoch = -1
+        self._pictures_on_rank_zero = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None:
+        # (under ModelParallelStrategy the masks are set at the sparsity callback's on_train_start, maybe after ours)
+        if self.engine is None and not any(isinstance(cb, SelfishSparsityCallback) for cb in trainer.callbacks):
             raise ValueError(
                 "TopologyMonitor watches the masks of a SelfishSparsityCallback, but none told it about its masks: "
                 "add SelfishSparsityCallback(...) to the trainer's callbacks"
@@ -147,7 +165,7 @@ class TopologyMonitor(Callback):
             self._log_magnitudes(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.gate_chart and self.engine is not None and trainer.is_global_zero:
+        if self.gate_chart and self.engine is not None and (trainer.is_global_zero or self.engine.sharded):
             self._log_gate_chart(trainer)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -155,11 +173,13 @@ class TopologyMonitor(Callback):
     # ----------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The initial and ever-active masks, whole (sharded: gathered from every rank's rows; every rank calls
+        this, as Lightning does when it saves a checkpoint)."""
         if not self.initial:
             return {}
         return {
-            "initial": analysis.pack_masks(self.initial),
-            "ever_active": analysis.pack_masks(self.ever_active),
+            "initial": analysis.pack_masks(self._whole(self.initial)),
+            "ever_active": analysis.pack_masks(self._whole(self.ever_active)),
             "num_updates": self.num_updates,
         }
 
@@ -185,15 +205,28 @@ class TopologyMonitor(Callback):
             return
         initial = analysis.unpack_masks(state["initial"])
         ever = analysis.unpack_masks(state["ever_active"])
-        if set(initial) != set(masks) or any(initial[n].shape != masks[n].shape for n in masks):
+        assert self.engine is not None
+        tensors = self.engine.tensors
+        if set(initial) != set(masks) or any(initial[n].shape != tensors[n].shape for n in masks):
             raise ValueError(
                 "the checkpoint's TopologyMonitor state does not match the sparsified parameters: "
                 f"checkpoint {sorted((n, tuple(m.shape)) for n, m in initial.items())}, "
-                f"model {sorted((n, tuple(m.shape)) for n, m in masks.items())}"
+                f"model {sorted((n, tuple(tensors[n].shape)) for n in masks)}"
             )
-        self.initial = {name: initial[name].to(mask.device) for name, mask in masks.items()}
-        self.ever_active = {name: ever[name].to(mask.device) | mask for name, mask in masks.items()}
+        # (whole masks saved; this rank's rows taken, whatever the number of ranks that saved them)
+        self.initial = {
+            name: rows_for(initial[name], tensors[name].owner).to(mask.device) for name, mask in masks.items()
+        }
+        self.ever_active = {
+            name: rows_for(ever[name], tensors[name].owner).to(mask.device) | mask for name, mask in masks.items()
+        }
         self.num_updates = int(state.get("num_updates", 0))
+
+    def _whole(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``masks`` (kept like the engine's: of a sharded tensor, this rank's rows) whole; gathered when sharded."""
+        if self.engine is None or not self.engine.sharded:
+            return masks
+        return {name: whole_copy(mask, self.engine.tensors[name].owner) for name, mask in masks.items()}
 
     def _gates(self) -> dict[str, list[tuple[str, slice]]]:
         assert self.engine is not None
@@ -205,11 +238,15 @@ class TopologyMonitor(Callback):
 
     def _log_magnitudes(self, trainer: pl.Trainer) -> None:
         self._magnitude_epoch = trainer.current_epoch
-        if self.magnitude_threshold is None or self.engine is None or not trainer.is_global_zero:
+        if self.magnitude_threshold is None or self.engine is None:
+            return
+        if not self.engine.sharded and not trainer.is_global_zero:
             return
         params = {name: t.param for name, t in self.engine.tensors.items()}
-        counts = analysis.magnitude_above(params, self.magnitude_threshold)
-        self._log_metrics(trainer, {f"magnitude_above/{name}": float(n) for name, n in counts.items()})
+        spans = {name: t.span for name, t in self.engine.tensors.items() if t.split}
+        counts = analysis.magnitude_above(params, self.magnitude_threshold, spans)  # (sharded: every rank)
+        if trainer.is_global_zero:
+            self._log_metrics(trainer, {f"magnitude_above/{name}": float(n) for name, n in counts.items()})
 
     def _image_writers(self, trainer: pl.Trainer) -> list[Any]:
         writers = []
@@ -224,7 +261,20 @@ class TopologyMonitor(Callback):
                 )
         return writers
 
-    def _log_mask_images(self, trainer: pl.Trainer) -> None:
+    def _whole_gated_masks(self, trainer: pl.Trainer) -> dict[str, Tensor] | None:
+        """Of a sharded run whose rank-zero loggers take images: the whole masks of the tensors with gates (the
+        ones pictured), gathered (every rank calls this). ``None`` otherwise: the pictures read the live masks."""
+        assert self.engine is not None
+        if not self.engine.sharded:
+            return None
+        if self._pictures_on_rank_zero is None:  # (the loggers of a fit do not change: asked once per fit)
+            takes = bool(self._image_writers(trainer)) if trainer.is_global_zero else False
+            self._pictures_on_rank_zero = bool(trainer.strategy.broadcast(takes, src=0))
+        if not self._pictures_on_rank_zero:
+            return None
+        return {name: whole_copy(t.mask, t.owner) for name, t in self.engine.tensors.items() if t.gates}
+
+    def _log_mask_images(self, trainer: pl.Trainer, whole: dict[str, Tensor] | None = None) -> None:
         writers = self._image_writers(trainer)
         if not writers:
             return
@@ -233,10 +283,11 @@ class TopologyMonitor(Callback):
         for name, record in self.engine.tensors.items():
             if not record.gates:
                 continue
+            mask = record.mask if whole is None else whole[name]
             if render is not None:
-                image = render(name, record.mask, record.gates)
+                image = render(name, mask, record.gates)
             else:
-                image = plots.mask_density_image(record.mask, record.gates, self.image_resolution)
+                image = plots.mask_density_image(mask, record.gates, self.image_resolution)
             for add_image in writers:
                 add_image(f"masks/{name}", image, trainer.global_step, dataformats="HWC")
 
@@ -265,9 +316,23 @@ class TopologyMonitor(Callback):
         for add_custom_scalars in writers:
             add_custom_scalars(layout)
 
+    def _gate_table(self) -> dict[str, dict[str, float]]:
+        """The final sparsity of every gate (and ``all``) of every tensor with gates; sharded, from the counts
+        summed over the ranks (every rank calls this), unsharded, of the live masks."""
+        assert self.engine is not None
+        if not self.engine.sharded:
+            return analysis.gate_sparsity(self.engine.masks, self._gates())
+        report = self.engine.sparsity_report()
+        return {
+            name: {**{gate: report[f"{name}/{gate}"] for gate, _ in layout}, "all": report[name]}
+            for name, layout in self._gates().items()
+        }
+
     def _log_gate_chart(self, trainer: pl.Trainer) -> None:
+        table = self._gate_table()
+        if not trainer.is_global_zero:
+            return
         writers = self._image_writers(trainer)
-        table = analysis.gate_sparsity(self.engine.masks, self._gates()) if self.engine is not None else {}
         if not writers or not table:
             return
         if not plots.matplotlib_available():

@@ -255,10 +255,19 @@ class SelfishSparsityCallback(Callback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name (as in ``named_parameters()``) to live bool mask, True = active."""
+        """Parameter name (as in ``named_parameters()``) to live bool mask, True = active (of a parameter sharded
+        by FSDP2, this rank's rows: :meth:`whole_masks` gathers the whole ones)."""
         if self.engine is None:
             raise RuntimeError("masks exist once fitting has started (SelfishSparsityCallback.on_fit_start)")
         return self.engine.masks
+
+    def whole_masks(self) -> dict[str, Tensor]:
+        """Copies of the whole masks on the CPU, keyed like :attr:`masks`: what an export takes
+        (:func:`lightning_selfish.export.save_compressed`). With parameters sharded by FSDP2 the masks are each
+        rank's rows, gathered here: every rank calls this."""
+        if self.engine is None:
+            raise RuntimeError("masks exist once fitting has started (SelfishSparsityCallback.on_fit_start)")
+        return self.engine.whole_masks()
 
     @property
     def num_updates(self) -> int:

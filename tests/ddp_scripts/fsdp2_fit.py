@@ -1,7 +1,7 @@
 """A tiny LSTM language model trained by Lightning's ``ModelParallelStrategy`` (FSDP2) on CPU processes (gloo).
 
     python tests/ddp_scripts/fsdp2_fit.py OUT_DIR --devices N [--package pytorch_lightning|lightning.pytorch]
-        [--ckpt PATH] [--distributed-ckpt | --full-ckpt] [--max-steps K] [--callback SPEC ...] [--plain]
+        [--ckpt PATH] [--distributed-ckpt | --full-ckpt] [--max-steps K] [--callback SPEC ...] [--plain] [--export]
 
 ``configure_model`` calls ``fully_shard`` on the embedding, the 2-layer ``nn.LSTM``, the decoder and the module
 (rows of 23 and 4 x 13: no world size of 2 or 4 splits them evenly, and an LSTM's gates span ranks). Every rank sees
@@ -14,7 +14,10 @@ callbacks loaded). ``--plain`` trains the same module without sharding under a s
 
 ``--callback`` specs: ``probe`` (a callback whose state holds uint8 and bool ``DTensor`` masks sharded like the
 parameters, and a plain tensor that differs per rank), ``selfish`` (``SelfishSparsityCallback``; see
-:func:`sparsity_callback`, where the sharded callback plugs in).
+:func:`sparsity_callback`, where the sharded callback plugs in), ``selfish:METHOD:SPARSITY:monitor`` (the same, with
+``TopologyMonitor``, ``MaskHistory`` writing ``OUT_DIR/masks`` and ``FlopsCallback``, logging to a
+:class:`MemoryLogger` whose records, per rank, go into ``rank{r}.pt``). ``--export`` writes, from every rank, the
+final model with ``save_compressed`` (``OUT_DIR/compressed.pt``) and ``save_dense`` (``OUT_DIR/dense.pt``).
 """
 
 from __future__ import annotations
@@ -341,8 +344,48 @@ def classes(package: str) -> dict[str, Any]:
                 }
             )
 
+    class ImageRecorder:
+        """A TensorBoard-like ``experiment``: records the images and custom-scalar layouts it is given."""
+
+        def __init__(self) -> None:
+            self.images: list[dict[str, Any]] = []
+            self.layouts: list[Any] = []
+
+        def add_image(self, tag: str, image: Any, step: int, dataformats: str = "CHW") -> None:
+            self.images.append({"tag": tag, "step": step, "image": torch.as_tensor(image).clone()})
+
+        def add_custom_scalars(self, layout: Any) -> None:
+            self.layouts.append(layout)
+
+    class MemoryLogger(pl.loggers.Logger):
+        """Every ``log_metrics`` call this rank's logger gets (no rank-zero filter: a rank that logs shows)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[dict[str, Any]] = []
+            self._experiment = ImageRecorder()
+
+        @property
+        def name(self) -> str:
+            return "memory"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        @property
+        def experiment(self) -> ImageRecorder:
+            return self._experiment
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.records.append({"step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
     return {
         "pl": pl,
+        "MemoryLogger": MemoryLogger,
         "TinyLSTM": TinyLSTM,
         "Recorder": Recorder,
         "ShardProbe": ShardProbe,
@@ -351,7 +394,7 @@ def classes(package: str) -> dict[str, Any]:
 
 
 def sparsity_callback(spec: str) -> Any:
-    """Where the sharded sparsity callback plugs in: ``selfish`` or ``selfish:METHOD:SPARSITY``.
+    """Where the sharded sparsity callback plugs in: ``selfish`` or ``selfish:METHOD:SPARSITY[:monitor]``.
 
     A :class:`SparsityRecorder` beside it records the masks and counts after every step."""
     from lightning_selfish import SelfishSparsityCallback
@@ -389,19 +432,42 @@ def plain_checkpoint(folder: Path, module: nn.Module, out: Path) -> Path:
     return out
 
 
-def build_callbacks(specs: list[str], found: dict[str, Any], events: list) -> list:
+def monitors(out_dir: Path) -> list:
+    """The monitors and tools that read the masks: ``TopologyMonitor`` (a picture at every update),
+    ``MaskHistory`` (every epoch, in ``OUT_DIR/masks``) and ``FlopsCallback``."""
+    from lightning_selfish import FlopsCallback, MaskHistory, TopologyMonitor
+
+    return [TopologyMonitor(image_resolution=8), MaskHistory(dirpath=out_dir / "masks"), FlopsCallback()]
+
+
+def build_callbacks(specs: list[str], found: dict[str, Any], events: list, out_dir: Path) -> list:
     callbacks = [found["Recorder"](events)]
     for spec in specs:
         if spec.split(":")[0] == "probe" and spec.split(":")[1:] in ([], ["state"], ["model-state"], ["buffers"]):
             callbacks.append(found["ShardProbe"](events, *spec.split(":")[1:]))
         elif spec.split(":")[0] == "selfish":
+            if spec.split(":")[3:] == ["monitor"]:  # (before the callback whose masks they read: a user's order)
+                callbacks.extend(monitors(out_dir))
             callbacks.append(sparsity_callback(spec))
             callbacks.append(found["SparsityRecorder"](callbacks[-1]))
         else:
             raise ValueError(
-                f"--callback must be 'probe[:state|model-state|buffers]' or 'selfish[:METHOD:SPARSITY]', got {spec!r}"
+                "--callback must be 'probe[:state|model-state|buffers]' or 'selfish[:METHOD:SPARSITY[:monitor]]', "
+                f"got {spec!r}"
             )
     return callbacks
+
+
+def export(trainer: Any, model: nn.Module, out_dir: Path) -> None:
+    """The final model as a user exports it: every rank takes part (the masks and weights are gathered), rank 0
+    writes the files."""
+    from lightning_selfish import SelfishSparsityCallback
+    from lightning_selfish.export import save_compressed, save_dense
+
+    (sparsity,) = [c for c in trainer.callbacks if isinstance(c, SelfishSparsityCallback)]
+    masks = sparsity.whole_masks()
+    save_compressed(model, masks, out_dir / "compressed.pt")
+    save_dense(model, masks, out_dir / "dense.pt")
 
 
 def main() -> None:
@@ -415,10 +481,13 @@ def main() -> None:
     form.add_argument("--full-ckpt", dest="distributed", action="store_false")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-epochs", type=int, default=2, help="(resume from an epoch's end with this, not steps)")
-    parser.add_argument("--callback", action="append", default=[], help="probe[:ROUTE] or selfish[:METHOD:SPARSITY]")
+    parser.add_argument(
+        "--callback", action="append", default=[], help="probe[:ROUTE] or selfish[:METHOD:SPARSITY[:monitor]]"
+    )
     parser.add_argument("--optimizer", default="momentum", choices=("momentum", "adam", "sntasgd"))
     parser.add_argument("--plain", action="store_true", help="a single-device Trainer, no sharding")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="ModelParallelStrategy's tensor_parallel_size")
+    parser.add_argument("--export", action="store_true", help="export the final model (every rank; rank 0 writes)")
     args = parser.parse_args()
     if args.plain and args.devices != 1:
         parser.error(f"--plain trains on one device, got --devices {args.devices}")
@@ -437,6 +506,7 @@ def main() -> None:
             tensor_parallel_size=args.tensor_parallel,
             save_distributed_checkpoint=args.distributed,
         )
+    logged = any(spec.split(":")[3:] == ["monitor"] for spec in args.callback)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -444,10 +514,10 @@ def main() -> None:
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
         callbacks=[
-            *build_callbacks(args.callback, found, events),
+            *build_callbacks(args.callback, found, events, args.out_dir),
             pl.callbacks.ModelCheckpoint(dirpath=args.out_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
         ],
-        logger=False,
+        logger=found["MemoryLogger"]() if logged else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -466,8 +536,19 @@ def main() -> None:
         averaged = [a.full_tensor() if isinstance(a, DTensor) else a for a in optimizer.averaged_parameters()]
         weights.update({f"averaged.{n}": a.detach().clone() for n, a in zip(names, averaged)})
     recorded = [c.steps for c in trainer.callbacks if isinstance(c, found["SparsityRecorder"])]
+    if args.export:
+        export(trainer, model, args.out_dir)
+    logger = trainer.logger if isinstance(trainer.logger, found["MemoryLogger"]) else None
     torch.save(
-        {"weights": weights, "losses": model.losses, "windows": model.windows, "sparsity": recorded},
+        {
+            "weights": weights,
+            "losses": model.losses,
+            "windows": model.windows,
+            "sparsity": recorded,
+            "logged": logger.records if logger else [],
+            "images": logger.experiment.images if logger else [],
+            "layouts": logger.experiment.layouts if logger else [],
+        },
         args.out_dir / f"rank{rank}.pt",
     )
     seen = {
