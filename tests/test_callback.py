@@ -723,3 +723,23 @@ def test_monitors_are_handed_the_lightning_module() -> None:
     model, _ = fit_tiny(callback, topology)
     assert [call["update"] for call in topology.calls] == [False, True]
     assert all(call["module"] is model for call in topology.calls)
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_model_parallel_with_tensor_parallelism_is_refused_naming_the_fix(package: str) -> None:
+    """ModelParallelStrategy is accepted for data parallelism only; its default tensor_parallel_size="auto" makes
+    every device tensor parallel, which splits weights by columns. Read from the strategy's public mesh."""
+    strategies = importlib.import_module(f"{package}.strategies")
+    model_parallel = strategies.ModelParallelStrategy
+
+    def strategy(tensor_parallel: int):
+        """A ModelParallelStrategy whose mesh (set up before the callbacks' setup) has this tensor-parallel size."""
+        mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel)}
+        meshed = type("Meshed", (model_parallel,), {"device_mesh": mesh})
+        return meshed.__new__(meshed)
+
+    with pytest.raises(ValueError) as error:
+        _check_strategy(SimpleNamespace(strategy=strategy(2)))
+    assert "tensor_parallel_size=2 (the default 'auto' makes every device tensor parallel)" in str(error.value)
+    assert "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)" in str(error.value)
+    _check_strategy(SimpleNamespace(strategy=strategy(1)))  # data parallel only: accepted

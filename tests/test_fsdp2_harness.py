@@ -1,7 +1,8 @@
-"""FSDP2 on CPU processes (gloo): Lightning's ``ModelParallelStrategy``
-(``ddp_scripts/fsdp2_fit.py``) and a plain ``fully_shard`` loop (``ddp_scripts/fsdp2_loop.py``) train the tiny LSTM
-LM on 2 processes as 1 process does, resume their checkpoints on 2 and on 1 process, and show what a callback's
-state goes through (docs/distributed-notes.md). Each run is started once per module and shared by the tests."""
+"""FSDP2 on CPU processes (gloo): Lightning's ``ModelParallelStrategy`` (``ddp_scripts/fsdp2_fit.py``) trains the tiny
+LSTM LM on 2 processes as 1 process does and resumes its checkpoints on 2 and on 1 process; what a callback's state
+goes through (docs/distributed-notes.md); and ``SelfishSparsityCallback`` under the strategy against one device,
+step by step. Each run is started once per module and shared by the tests (the plain ``fully_shard`` loop:
+tests/test_sparse_training_loop.py)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,6 @@ class Runs:
 
     def fit(self, name: str, *args: str) -> list[dict]:
         return self.get(name, "fsdp2_fit.py", *args)
-
-    def loop(self, name: str, *args: str) -> list[dict]:
-        return self.get(name, "fsdp2_loop.py", *args)
 
     def failed(self, name: str, *args: str) -> subprocess.CompletedProcess:
         try:
@@ -121,40 +119,6 @@ def test_two_processes_take_the_steps_of_one(runs: Runs) -> None:
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])  # gathered on both: the same
     assert_close(ranks[0]["weights"], single["weights"])
     assert len(single["losses"]) == 6 and single["losses"][-1] < single["losses"][0]
-
-
-@pytest.mark.subprocess
-def test_the_plain_fully_shard_loop_trains_as_lightning_does(runs: Runs) -> None:
-    """The loop without Lightning, resumed from its own first epoch on 2 processes, ends where Lightning's
-    uninterrupted 2-process run ends (the same model, data split and SGD steps)."""
-    runs.loop("loop_first_epoch", "--devices", "2", "--epochs", "1")
-    ckpt = str(runs.base / "loop_first_epoch" / "epoch=0")
-    loop = runs.loop("loop_resumed_on_2", "--devices", "2", "--ckpt", ckpt)
-    lightning = two(runs)[0]
-    assert_close({f"lm.{name}": w for name, w in loop[0]["weights"].items()}, lightning["weights"])
-    assert loop[0]["losses"] == pytest.approx(lightning["losses"][3:], abs=1e-6)
-
-
-@pytest.mark.subprocess
-def test_dcp_reshards_mask_dtensors_of_the_plain_loop_onto_any_number_of_ranks(runs: Runs) -> None:
-    """uint8 and bool DTensors saved by ``dcp.save`` beside the model come back as this rank's own shard of the
-    saved masks on 2 processes and on 1; a plain tensor and an int that each rank saved under one key come back as
-    one rank's copy on every rank."""
-    runs.loop("loop_first_epoch", "--devices", "2", "--epochs", "1")
-    ckpt = str(runs.base / "loop_first_epoch" / "epoch=0")
-    on_two = runs.loop("loop_resumed_on_2", "--devices", "2", "--ckpt", ckpt)
-    on_one = runs.loop("loop_resumed_on_1", "--devices", "1", "--ckpt", ckpt)
-    for rank in [*on_two, *on_one]:
-        loaded = rank["loaded"]
-        assert loaded["step"] == 3
-        assert all(m["type"] == "DTensor" and m["equals_own_shard"] for m in loaded["masks"].values()), loaded
-        assert {m["dtype"] for m in loaded["masks"].values()} == {"torch.uint8", "torch.bool"}
-    assert on_two[0]["loaded"]["masks"]["bool:encoder.weight"]["local_shape"] == [12, 11]  # 23 rows: 12 + 11
-    assert on_two[1]["loaded"]["masks"]["bool:encoder.weight"]["local_shape"] == [11, 11]
-    assert on_one[0]["loaded"]["masks"]["bool:encoder.weight"]["local_shape"] == [23, 11]
-    saved_by = {rank["loaded"]["rank_int"] for rank in [*on_two, *on_one]}
-    assert len(saved_by) == 1 and {tuple(r["loaded"]["rank_tensor"]) for r in on_two} == {(saved_by.pop(),)}
-    assert_close(on_one[0]["weights"], on_two[0]["weights"])
 
 
 @pytest.mark.subprocess
@@ -331,10 +295,3 @@ def test_a_distributed_checkpoint_keeps_each_ranks_mask_rows_and_a_full_one_the_
     whole = full["callbacks"]["SelfishSparsityCallback"]["masks"]
     after_epoch = next(r for r in one_device["sparsity"][0] if r["step"] == 3)["masks"]
     assert whole.keys() == after_epoch.keys() and all(torch.equal(whole[n], after_epoch[n]) for n in whole)
-
-
-@pytest.mark.subprocess
-def test_the_sparsity_callback_refuses_tensor_parallelism_naming_the_fix(runs: Runs) -> None:
-    result = runs.failed("selfish_tp", "--devices", "2", "--tensor-parallel", "2", "--callback", "selfish")
-    assert "tensor_parallel_size=2" in result.stderr
-    assert "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)" in result.stderr
