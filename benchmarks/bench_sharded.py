@@ -162,6 +162,7 @@ def worker(rank: int, args: argparse.Namespace, phase: str, rendezvous: str, res
     dist.init_process_group(args.backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         line = run(rank, args, device, phase)
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a rank torn down mid-talk)
     finally:
         dist.destroy_process_group()
     Path(results, f"{phase}{rank}.json").write_text(json.dumps(line))

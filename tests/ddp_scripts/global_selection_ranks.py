@@ -48,6 +48,7 @@ def main(rank: int, world_size: int, out: str, port: int) -> None:
     weight = distribute_tensor(cases()["growth"][0], mesh, [Shard(0)]).to_local()
     parts["kth"] = collectives.kth_value(weight, 100)  # the 100th smallest weight of all ranks
     torch.save(parts, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 

@@ -170,6 +170,7 @@ def main(rank: int, world_size: int, out: str, port: int) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
     results = {name: run_case(name, world_size, mesh) for name in cases()}
     torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 

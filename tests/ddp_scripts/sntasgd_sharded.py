@@ -298,6 +298,7 @@ def main(rank: int, world_size: int, out: str, port: int) -> None:
     except ValueError as error:
         result["whole_state_error"] = str(error)
     torch.save(result, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 
