@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -520,3 +523,68 @@ def one_process_group(tmp_path: Path):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts in ddp_scripts/, run as processes (gloo ranks) on the code under test
+# ----------------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPTS = Path(__file__).parent / "ddp_scripts"
+#: The code under test, also from a second checkout: the scripts' processes import it first.
+ROOT = Path(__file__).resolve().parents[1]
+#: 2 processes against 1 under FSDP2: the reduce-scatter's summation order differs from one process's backward,
+#: so a few float32 steps differ by a few ulps (seen: up to 6e-8); a wrong shard, batch or state moves them > 1e-3.
+FSDP2_ATOL = 1e-6
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``ddp_scripts/<script>`` run by this Python with ``args``: one thread per process, warnings off, the code under
+    test first on the path."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
+    command = [sys.executable, str(DDP_SCRIPTS / script), *args]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def script_module(name: str) -> Any:
+    """The script ``ddp_scripts/<name>.py`` as a module (its scenario, run in this process as the reference)."""
+    sys.path.insert(0, str(DDP_SCRIPTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(DDP_SCRIPTS))
+
+
+class ScriptRuns:
+    """Each run of a script that writes ``rank<r>.pt`` and ``rank<r>.json`` per rank, made once, on demand, in its
+    own folder under ``base`` (the tests of a module share them); its ranks' records read back."""
+
+    def __init__(self, base: Path, script: str) -> None:
+        self.base, self.script, self.done = base, script, {}
+
+    def run(self, name: str, *args: str) -> list[dict]:
+        if name not in self.done:
+            out = self.base / name
+            self.done[name] = (out, run_script(self.script, str(out), *args, env={"MASTER_PORT": str(free_port())}))
+        out, result = self.done[name]
+        errors = [line for line in result.stderr.splitlines() if "rror" in line or "abort" in line.lower()]
+        assert result.returncode == 0, "\n".join(errors)[-3000:] + result.stderr[-3000:]
+        ranks = sorted(out.glob("rank*.pt"))
+        return [{**torch.load(pt), **json.loads(pt.with_suffix(".json").read_text()), "out": out} for pt in ranks]
+
+    def failed(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        """A run that must fail: its process's output."""
+        try:
+            self.run(name, *args)
+        except AssertionError:
+            return self.done[name][1]
+        raise AssertionError(f"{name} ran to its end")

@@ -6,65 +6,14 @@ tests/test_sparse_training_loop.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPTS = Path(__file__).parent / "ddp_scripts"
-ROOT = str(Path(__file__).resolve().parents[1])  # the code under test, also from a second checkout
-# Summation orders differ between a 2-process reduce-scatter and one process's backward: 6 SGD steps of float32
-# then differ by a few ulps (seen: up to 6e-8); a wrong shard, batch or optimizer state moves weights by > 1e-3.
-ATOL = 1e-6
-
-
-class Runs:
-    """Each script run once, on demand, in its own folder; its ranks' records read back."""
-
-    def __init__(self, base: Path) -> None:
-        self.base, self.done = base, {}
-
-    def get(self, name: str, script: str, *args: str) -> list[dict]:
-        if name not in self.done:
-            out = self.base / name
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(port)}
-            env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-            result = subprocess.run(
-                [sys.executable, str(SCRIPTS / script), str(out), *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            self.done[name] = (out, result)
-        out, result = self.done[name]
-        errors = [line for line in result.stderr.splitlines() if "rror" in line or "abort" in line.lower()]
-        assert result.returncode == 0, "\n".join(errors)[-3000:] + result.stderr[-3000:]
-        ranks = sorted(out.glob("rank*.pt"))
-        return [{**torch.load(pt), **json.loads(pt.with_suffix(".json").read_text()), "out": out} for pt in ranks]
-
-    def fit(self, name: str, *args: str) -> list[dict]:
-        return self.get(name, "fsdp2_fit.py", *args)
-
-    def failed(self, name: str, *args: str) -> subprocess.CompletedProcess:
-        try:
-            self.fit(name, *args)
-        except AssertionError:
-            return self.done[name][1]
-        raise AssertionError(f"{name} ran to its end")
+from conftest import FSDP2_ATOL, ScriptRuns
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("fsdp2"))
+def runs(tmp_path_factory: pytest.TempPathFactory) -> ScriptRuns:
+    return ScriptRuns(tmp_path_factory.mktemp("fsdp2"), "fsdp2_fit.py")
 
 
 # The runs the tests share: 2 epochs of 3 steps on 2 processes and on 1; the first's checkpoint of its first epoch
@@ -72,23 +21,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 PROBES = ("--callback", "probe:state", "--callback", "probe:model-state", "--callback", "probe:buffers")
 
 
-def two(runs: Runs) -> list[dict]:
-    return runs.fit("two", "--devices", "2", *PROBES)
+def two(runs: ScriptRuns) -> list[dict]:
+    return runs.run("two", "--devices", "2", *PROBES)
 
 
-def one(runs: Runs) -> list[dict]:
-    return runs.fit("one", "--devices", "1", "--package", "lightning.pytorch")
+def one(runs: ScriptRuns) -> list[dict]:
+    return runs.run("one", "--devices", "1", "--package", "lightning.pytorch")
 
 
-def resumed(runs: Runs, devices: int) -> list[dict]:
+def resumed(runs: ScriptRuns, devices: int) -> list[dict]:
     ckpt = str(two(runs)[0]["out"] / "epoch=0.ckpt")
-    return runs.fit(f"resumed_on_{devices}", "--devices", str(devices), "--ckpt", ckpt, *PROBES)
+    return runs.run(f"resumed_on_{devices}", "--devices", str(devices), "--ckpt", ckpt, *PROBES)
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=FSDP2_ATOL, rtol=0, msg=name)
 
 
 def hooks(rank: dict) -> list[str]:
@@ -104,7 +53,7 @@ def probe_masks(rank: dict, route: str) -> dict[str, dict]:
 
 
 @pytest.mark.subprocess
-def test_two_processes_take_the_steps_of_one(runs: Runs) -> None:
+def test_two_processes_take_the_steps_of_one(runs: ScriptRuns) -> None:
     ranks, single = two(runs), one(runs)[0]
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     assert all(r["strategy"] == "ModelParallelStrategy" for r in [*ranks, single])
@@ -122,7 +71,7 @@ def test_two_processes_take_the_steps_of_one(runs: Runs) -> None:
 
 
 @pytest.mark.subprocess
-def test_hooks_a_callback_sees_under_model_parallel(runs: Runs) -> None:
+def test_hooks_a_callback_sees_under_model_parallel(runs: ScriptRuns) -> None:
     for rank in two(runs):
         assert hooks(rank)[:5] == [
             "Callback.setup",
@@ -138,7 +87,7 @@ def test_hooks_a_callback_sees_under_model_parallel(runs: Runs) -> None:
 
 
 @pytest.mark.subprocess
-def test_a_distributed_checkpoint_resumes_on_two_processes_exactly(runs: Runs) -> None:
+def test_a_distributed_checkpoint_resumes_on_two_processes_exactly(runs: ScriptRuns) -> None:
     assert (two(runs)[0]["out"] / "epoch=0.ckpt" / "meta.pt").is_file()  # a folder of shards
     uninterrupted, ranks = two(runs), resumed(runs, 2)
     for rank, reference in zip(ranks, uninterrupted):
@@ -156,24 +105,24 @@ def test_a_distributed_checkpoint_resumes_on_two_processes_exactly(runs: Runs) -
 
 
 @pytest.mark.subprocess
-def test_a_distributed_checkpoint_of_two_processes_resumes_on_one(runs: Runs) -> None:
+def test_a_distributed_checkpoint_of_two_processes_resumes_on_one(runs: ScriptRuns) -> None:
     (rank,) = resumed(runs, 1)
     assert rank["world_size"] == 1 and rank["global_step"] == 6
     assert_close(rank["weights"], two(runs)[0]["weights"])
 
 
 @pytest.mark.subprocess
-def test_a_full_checkpoint_of_two_processes_resumes_in_a_single_device_trainer(runs: Runs) -> None:
-    runs.fit("full_first_epoch", "--devices", "2", "--max-epochs", "1", "--full-ckpt")
+def test_a_full_checkpoint_of_two_processes_resumes_in_a_single_device_trainer(runs: ScriptRuns) -> None:
+    runs.run("full_first_epoch", "--devices", "2", "--max-epochs", "1", "--full-ckpt")
     assert (runs.base / "full_first_epoch" / "epoch=0.ckpt").is_file()
     ckpt = str(runs.base / "full_first_epoch" / "epoch=0.ckpt")
-    (rank,) = runs.fit("full_resumed_plain", "--devices", "1", "--plain", "--ckpt", ckpt)
+    (rank,) = runs.run("full_resumed_plain", "--devices", "1", "--plain", "--ckpt", ckpt)
     assert rank["strategy"] == "SingleDeviceStrategy" and rank["global_step"] == 6
     assert_close(rank["weights"], two(runs)[0]["weights"])
 
 
 @pytest.mark.subprocess
-def test_lightning_restores_a_callbacks_dtensor_state_as_rank_zeros(runs: Runs) -> None:
+def test_lightning_restores_a_callbacks_dtensor_state_as_rank_zeros(runs: ScriptRuns) -> None:
     """Today's Lightning, pinned for the sharded sparsity callback: callback states go to ``meta.pt``, written by
     rank 0 alone, and every rank loads that one copy. A DTensor mask comes back on rank 1 holding rank 0's rows, and
     on 1 process as a DTensor of the old 2-process mesh: never resharded."""
@@ -193,10 +142,10 @@ def test_lightning_restores_a_callbacks_dtensor_state_as_rank_zeros(runs: Runs) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sparse_run(runs: Runs, method: str, devices: int, *extra: str) -> list[dict]:
+def sparse_run(runs: ScriptRuns, method: str, devices: int, *extra: str) -> list[dict]:
     plain = ("--plain",) if devices == 1 and "--ckpt" not in extra else ()
     name = f"sparse_{method}_{devices}{'_plain' if plain else ''}{'_'.join(extra).replace('/', '_')}"
-    return runs.fit(name, "--devices", str(devices), *plain, "--callback", f"selfish:{method}:0.5", *extra)
+    return runs.run(name, "--devices", str(devices), *plain, "--callback", f"selfish:{method}:0.5", *extra)
 
 
 def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -> None:
@@ -219,7 +168,7 @@ def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("route", ["model-state", "buffers"])
-def test_masks_carried_with_the_model_state_come_back_as_each_ranks_own_shard(runs: Runs, route: str) -> None:
+def test_masks_carried_with_the_model_state_come_back_as_each_ranks_own_shard(runs: ScriptRuns, route: str) -> None:
     """The routes that work: uint8 and bool DTensor masks added to ``checkpoint["state_dict"]`` (read back by the
     callback with ``dcp.load`` from ``trainer.ckpt_path``) or registered as buffers of the weights' modules come back
     as each rank's own rows of the saved masks, on 2 processes and on 1."""
@@ -231,7 +180,7 @@ def test_masks_carried_with_the_model_state_come_back_as_each_ranks_own_shard(ru
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("method", ["selfish", "rigl", "set", "dsr", "snfs"])
-def test_the_sparsity_callback_on_two_ranks_masks_as_one_device_does(runs: Runs, method: str) -> None:
+def test_the_sparsity_callback_on_two_ranks_masks_as_one_device_does(runs: ScriptRuns, method: str) -> None:
     (one_device,) = sparse_run(runs, method, 1)
     assert one_device["strategy"] == "SingleDeviceStrategy"
     two_ranks = sparse_run(runs, method, 2)
@@ -240,7 +189,7 @@ def test_the_sparsity_callback_on_two_ranks_masks_as_one_device_does(runs: Runs,
 
 
 @pytest.mark.subprocess
-def test_the_sparsity_callback_with_sntasgd_on_two_ranks_trains_as_one_device(runs: Runs) -> None:
+def test_the_sparsity_callback_with_sntasgd_on_two_ranks_trains_as_one_device(runs: ScriptRuns) -> None:
     """The paper's optimizer under FSDP2: SNT-ASGD steps and averages the sharded parameters with the callback's
     local masks; masks as one device's step by step, weights and averages within float tolerance (the 2-rank
     gradients are all-reduced), every average zero where its weight is inactive."""
@@ -257,7 +206,7 @@ def test_the_sparsity_callback_with_sntasgd_on_two_ranks_trains_as_one_device(ru
 
 
 @pytest.mark.subprocess
-def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_two(runs: Runs) -> None:
+def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_two(runs: ScriptRuns) -> None:
     """A distributed checkpoint of 2 ranks resumed on 2 and on one device, and a one-device checkpoint resumed on
     2 ranks: the masks and the random growth stream go on as in the uninterrupted runs (which are the same)."""
     (one_device,) = sparse_run(runs, "selfish", 1)
@@ -266,7 +215,7 @@ def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_tw
     assert_same_steps(sparse_run(runs, "selfish", 2, "--ckpt", folder), one_device, first_step=4)
     plain = one_device["out"] / "epoch=0.ckpt"
     assert_same_steps(sparse_run(runs, "selfish", 2, "--ckpt", str(plain)), one_device, first_step=4)
-    (on_one,) = runs.fit(
+    (on_one,) = runs.run(
         "sparse_two_to_one", "--devices", "1", "--plain", "--callback", "selfish:selfish:0.5", "--ckpt", folder
     )
     assert on_one["strategy"] == "SingleDeviceStrategy"
@@ -275,7 +224,7 @@ def test_the_sparsity_callback_resumes_on_two_ranks_and_moves_between_one_and_tw
 
 
 @pytest.mark.subprocess
-def test_a_distributed_checkpoint_keeps_each_ranks_mask_rows_and_a_full_one_the_whole_masks(runs: Runs) -> None:
+def test_a_distributed_checkpoint_keeps_each_ranks_mask_rows_and_a_full_one_the_whole_masks(runs: ScriptRuns) -> None:
     """Nothing gathered for a distributed checkpoint: each rank's rows of every mask are in the folder's shards (the
     model state, under the library's keys), the callback's state in meta.pt says so; a full checkpoint holds the
     whole masks in the callback's state."""

@@ -3,7 +3,7 @@ LM with ``TopologyMonitor``, ``MaskHistory`` and ``FlopsCallback`` logs, writes 
 of the same masks does (the runs' masks are equal step for step: tests/test_fsdp2_harness.py).
 
 Counts are compared exactly (both runs divide the same integers); the magnitude counts and exported weights come
-from weights that differ by a few ulps between the runs (tests/test_fsdp2_harness.py's ``ATOL``)."""
+from weights that differ by a few ulps between the runs (conftest's ``FSDP2_ATOL``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fsdp2_harness import ATOL, Runs
+from conftest import FSDP2_ATOL, ScriptRuns
 
 from lightning_selfish.callbacks.history import load_mask_history, load_mask_snapshot
 from lightning_selfish.export import load_compressed
@@ -20,18 +20,18 @@ SPEC = "selfish:selfish:0.5:monitor"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("fsdp2_monitors"))
+def runs(tmp_path_factory: pytest.TempPathFactory) -> ScriptRuns:
+    return ScriptRuns(tmp_path_factory.mktemp("fsdp2_monitors"), "fsdp2_fit.py")
 
 
-def one_device(runs: Runs) -> dict:
-    (rank,) = runs.fit("one", "--devices", "1", "--plain", "--callback", SPEC, "--export")
+def one_device(runs: ScriptRuns) -> dict:
+    (rank,) = runs.run("one", "--devices", "1", "--plain", "--callback", SPEC, "--export")
     assert rank["strategy"] == "SingleDeviceStrategy"
     return rank
 
 
-def two_ranks(runs: Runs) -> list[dict]:
-    ranks = runs.fit("two", "--devices", "2", "--callback", SPEC, "--export")
+def two_ranks(runs: ScriptRuns) -> list[dict]:
+    ranks = runs.run("two", "--devices", "2", "--callback", SPEC, "--export")
     assert [rank["strategy"] for rank in ranks] == ["ModelParallelStrategy"] * 2
     return ranks
 
@@ -47,14 +47,14 @@ def series(rank: dict, *prefixes: str) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.subprocess
-def test_rank_zero_logs_and_the_others_do_not(runs: Runs) -> None:
+def test_rank_zero_logs_and_the_others_do_not(runs: ScriptRuns) -> None:
     rank0, rank1 = two_ranks(runs)
     assert rank0["logged"] and not rank1["logged"]
     assert rank0["images"] and not rank1["images"]
 
 
 @pytest.mark.subprocess
-def test_per_gate_sparsity_topology_and_flops_metrics_equal_the_one_device_run(runs: Runs) -> None:
+def test_per_gate_sparsity_topology_and_flops_metrics_equal_the_one_device_run(runs: ScriptRuns) -> None:
     reference, rank0 = one_device(runs), two_ranks(runs)[0]
     want, got = series(reference, "sparsity/", "topology/"), series(rank0, "sparsity/", "topology/")
     assert "sparsity/lm.rnn.weight_hh_l0/g" in want and "topology/changed_fraction/lm.rnn.weight_ih_l1" in want
@@ -67,7 +67,7 @@ def test_per_gate_sparsity_topology_and_flops_metrics_equal_the_one_device_run(r
 
 
 @pytest.mark.subprocess
-def test_topology_monitor_scalars_equal_the_one_device_run(runs: Runs) -> None:
+def test_topology_monitor_scalars_equal_the_one_device_run(runs: ScriptRuns) -> None:
     """Exploration and drift, whole tensors and gates (counted over every rank's rows), at the start and after both
     updates; the weights above the magnitude threshold at both epoch ends."""
     reference, rank0 = one_device(runs), two_ranks(runs)[0]
@@ -80,7 +80,7 @@ def test_topology_monitor_scalars_equal_the_one_device_run(runs: Runs) -> None:
 
 
 @pytest.mark.subprocess
-def test_mask_pictures_and_the_gate_chart_equal_the_one_device_run(runs: Runs) -> None:
+def test_mask_pictures_and_the_gate_chart_equal_the_one_device_run(runs: ScriptRuns) -> None:
     reference, rank0 = one_device(runs), two_ranks(runs)[0]
     tags = [(image["tag"], image["step"]) for image in reference["images"]]
     assert ("masks/lm.rnn.weight_hh_l0", 4) in tags and ("gates/sparsity", 6) in tags
@@ -91,7 +91,7 @@ def test_mask_pictures_and_the_gate_chart_equal_the_one_device_run(runs: Runs) -
 
 
 @pytest.mark.subprocess
-def test_mask_history_files_equal_the_one_device_run(runs: Runs) -> None:
+def test_mask_history_files_equal_the_one_device_run(runs: ScriptRuns) -> None:
     folders = [one_device(runs)["out"] / "masks", two_ranks(runs)[0]["out"] / "masks"]
     histories = [load_mask_history(folder) for folder in folders]
     assert sorted(histories[0]) == [0, 1] and sorted(histories[1]) == [0, 1]
@@ -106,7 +106,7 @@ def test_mask_history_files_equal_the_one_device_run(runs: Runs) -> None:
 
 
 @pytest.mark.subprocess
-def test_an_export_of_two_ranks_equals_the_one_device_export(runs: Runs) -> None:
+def test_an_export_of_two_ranks_equals_the_one_device_export(runs: ScriptRuns) -> None:
     """Every rank calls the export; rank 0 alone writes the files, which hold the whole tensors."""
     reference, ranks = one_device(runs), two_ranks(runs)
     out = ranks[0]["out"]
@@ -118,19 +118,19 @@ def test_an_export_of_two_ranks_equals_the_one_device_export(runs: Runs) -> None
     assert all(torch.equal(got.masks[f"{name}"], mask) for name, mask in final.items())
     dense_want, dense_got = (torch.load(folder / "dense.pt") for folder in (reference["out"], out))
     for name, tensor in want.state_dict.items():
-        torch.testing.assert_close(got.state_dict[name], tensor, atol=ATOL, rtol=0, msg=name)
-        torch.testing.assert_close(dense_got[name], dense_want[name], atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(got.state_dict[name], tensor, atol=FSDP2_ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(dense_got[name], dense_want[name], atol=FSDP2_ATOL, rtol=0, msg=name)
         assert torch.equal(dense_got[name], got.state_dict[name]), name  # the two files of one run agree
     files = sorted(path.name for path in Path(out).glob("*.pt") if not path.name.startswith("rank"))
     assert files == ["compressed.pt", "dense.pt"]
 
 
 @pytest.mark.subprocess
-def test_the_topology_monitor_resumes_a_distributed_checkpoint_on_two_ranks(runs: Runs) -> None:
+def test_the_topology_monitor_resumes_a_distributed_checkpoint_on_two_ranks(runs: ScriptRuns) -> None:
     """Its state (initial and ever-active masks) is saved whole and taken back by rows: the resumed run's
     exploration and drift go on as in the uninterrupted one-device run."""
     folder = str(two_ranks(runs)[0]["out"] / "epoch=0.ckpt")
-    resumed = runs.fit("resumed", "--devices", "2", "--callback", SPEC, "--ckpt", folder)[0]
+    resumed = runs.run("resumed", "--devices", "2", "--callback", SPEC, "--ckpt", folder)[0]
     want, got = series(one_device(runs), "exploration/", "drift/"), series(resumed, "exploration/", "drift/")
     assert [step for step, _ in got["exploration/overall"]] == [3, 4]  # (restored masks at the resume; update 2)
     assert got.keys() == want.keys()

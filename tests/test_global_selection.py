@@ -11,6 +11,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+from conftest import free_port, run_script, script_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,31 +241,9 @@ def test_kth_lowest_over_shards_is_the_kth_smallest_of_all_values() -> None:
 @pytest.mark.subprocess
 @pytest.mark.parametrize("world_size", [4])  # (2 ranks: every FSDP2 test of the update and the callback)
 def test_processes_holding_dtensor_shards_select_what_one_process_selects(tmp_path, world_size) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent / "ddp_scripts" / "global_selection_ranks.py"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[1])  # the code under test, also from a second checkout
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(world_size), str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("global_selection_ranks.py", str(tmp_path), str(world_size), str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]
-    sys.path.insert(0, str(script.parent))
-    try:
-        from global_selection_ranks import cases
-    finally:
-        sys.path.pop(0)
+    cases = script_module("global_selection_ranks").cases
     parts = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     for name, (score, candidates, n) in cases().items():
         joined = torch.cat([part[name] for part in parts])

@@ -10,46 +10,21 @@ histogram (4096 counts).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parent / "ddp_scripts" / "sharded_update_ranks.py"
-
-
-def _ranks_module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import sharded_update_ranks
-    finally:
-        sys.path.pop(0)
-    return sharded_update_ranks
+from conftest import free_port, run_script, script_module
 
 
 @pytest.fixture(scope="module")
 def one_process() -> dict:
-    ranks = _ranks_module()
+    ranks = script_module("sharded_update_ranks")
     return {name: ranks.run_case(name, 1) for name in ranks.cases()}
 
 
 def _run_ranks(out: Path, world_size: int) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(world_size), str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("sharded_update_ranks.py", str(out), str(world_size), str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world_size)]
 

@@ -4,27 +4,16 @@ masks; checkpoint round trips on the same ranks (the state dict, ``torch.distrib
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parent / "ddp_scripts" / "sntasgd_sharded.py"
+from conftest import free_port, run_script, script_module
 
 
 def scenario():
     """The script as a module: its model, masks, batches and training run."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import sntasgd_sharded
-    finally:
-        sys.path.pop(0)
-    return sntasgd_sharded
+    return script_module("sntasgd_sharded")
 
 
 def one_process_run():
@@ -53,18 +42,7 @@ def assert_equal(got, expected, what: str) -> None:
 
 @pytest.mark.subprocess
 def test_two_ranks_holding_shards_step_and_average_as_one_process(tmp_path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[1])  # the code under test, also from a second checkout
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "2", str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("sntasgd_sharded.py", str(tmp_path), "2", str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     expected = one_process_run()

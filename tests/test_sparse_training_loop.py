@@ -7,38 +7,28 @@ on 2 ranks, on 1 process and (one process's) on 2 ranks as the uninterrupted run
 from __future__ import annotations
 
 import io
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FSDP2_ATOL, ScriptRuns, script_module
 
 from lightning_selfish import SparseTraining
 
-SCRIPTS = Path(__file__).parent / "ddp_scripts"
-ROOT = str(Path(__file__).resolve().parents[1])
-sys.path.insert(0, str(SCRIPTS))
-from fsdp2_fit import INIT_SEED, LanguageModel, make_optimizer, rank_loader  # noqa: E402
-
-sys.path.remove(str(SCRIPTS))
+fsdp2_fit = script_module("fsdp2_fit")  # the harness's model, data and optimizers
 
 # ----------------------------------------------------------------------------------------------------------------
 # one process, in this process
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def model_and_optimizer() -> tuple[LanguageModel, torch.optim.Optimizer]:
-    torch.manual_seed(INIT_SEED)
-    lm = LanguageModel()
-    return lm, make_optimizer("momentum", lm.parameters())
+def model_and_optimizer() -> tuple[fsdp2_fit.LanguageModel, torch.optim.Optimizer]:
+    torch.manual_seed(fsdp2_fit.INIT_SEED)
+    lm = fsdp2_fit.LanguageModel()
+    return lm, fsdp2_fit.make_optimizer("momentum", lm.parameters())
 
 
 def batches(epochs: int) -> list:
-    return [batch for _ in range(epochs) for batch in rank_loader(1, 0)]
+    return [batch for _ in range(epochs) for batch in fsdp2_fit.rank_loader(1, 0)]
 
 
 def train(lm, optimizer, training: SparseTraining, steps: list, first: int = 1) -> list[dict]:
@@ -230,50 +220,23 @@ def test_a_state_is_refused_while_a_kept_gradient_waits_for_its_update() -> None
 # fully_shard on 2 gloo ranks against one process without sharding (subprocesses)
 # ----------------------------------------------------------------------------------------------------------------
 
-# Summation orders differ between a 2-process reduce-scatter and one process's backward (tests/test_fsdp2_harness.py)
-ATOL = 1e-6
 
-
-class Runs:
-    """Each ``sparse_loop.py`` run once, on demand, in its own folder; its ranks' records read back."""
-
-    def __init__(self, base: Path) -> None:
-        self.base, self.done = base, {}
-
-    def get(self, name: str, *args: str) -> list[dict]:
-        if name not in self.done:
-            out = self.base / name
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(port)}
-            env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-            result = subprocess.run(
-                [sys.executable, str(SCRIPTS / "sparse_loop.py"), str(out), *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            self.done[name] = (out, result)
-        out, result = self.done[name]
-        assert result.returncode == 0, result.stderr[-4000:]
-        ranks = sorted(out.glob("rank*.pt"))
-        return [{**torch.load(pt), **json.loads(pt.with_suffix(".json").read_text()), "out": out} for pt in ranks]
+class LoopRuns(ScriptRuns):
+    """The runs of ``sparse_loop.py``, by method: on one process without sharding, and on 2 ``fully_shard`` ranks."""
 
     def plain(self, method: str, *extra: str) -> dict:
-        (rank,) = self.get(f"plain_{method}{'_'.join(extra).replace('/', '_')}", "--plain", "--devices", "1",
+        (rank,) = self.run(f"plain_{method}{'_'.join(extra).replace('/', '_')}", "--plain", "--devices", "1",
                            "--method", method, *extra)  # fmt: skip
         return rank
 
     def sharded(self, method: str, *extra: str) -> list[dict]:
-        return self.get(f"two_{method}{'_'.join(extra).replace('/', '_')}", "--devices", "2", "--method", method,
+        return self.run(f"two_{method}{'_'.join(extra).replace('/', '_')}", "--devices", "2", "--method", method,
                         *extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("sparse_loop"))
+def runs(tmp_path_factory: pytest.TempPathFactory) -> LoopRuns:
+    return LoopRuns(tmp_path_factory.mktemp("sparse_loop"), "sparse_loop.py")
 
 
 def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -> None:
@@ -292,13 +255,13 @@ def assert_same_steps(ranks: list[dict], reference: dict, first_step: int = 1) -
             for name, mask in want["masks"].items():
                 assert torch.equal(record["masks"][name], mask), (record["step"], name)
         for name, weight in reference["weights"].items():
-            torch.testing.assert_close(rank["weights"][name], weight, atol=ATOL, rtol=0, msg=name)
+            torch.testing.assert_close(rank["weights"][name], weight, atol=FSDP2_ATOL, rtol=0, msg=name)
     assert expected[6]["updates"] == 2  # (updates after steps 2 and 4)
 
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("method", ["selfish", "rigl"])
-def test_fully_shard_on_two_ranks_trains_sparse_as_one_process_does(runs: Runs, method: str) -> None:
+def test_fully_shard_on_two_ranks_trains_sparse_as_one_process_does(runs: LoopRuns, method: str) -> None:
     """Selfish-RNN (magnitude removal, random growth by position, gates ranked jointly) and RigL (gradient growth)
     at every 2nd step: 2 ranks holding rows of every weight, one process holding them whole."""
     one = runs.plain(method)
@@ -309,16 +272,16 @@ def test_fully_shard_on_two_ranks_trains_sparse_as_one_process_does(runs: Runs, 
 
 
 @pytest.mark.subprocess
-def test_ddp_on_two_ranks_trains_sparse_as_one_process_does(runs: Runs) -> None:
+def test_ddp_on_two_ranks_trains_sparse_as_one_process_does(runs: LoopRuns) -> None:
     """The same loop with the module wrapped by DDP (whole weights on every rank, parameter names ``module.*``):
     every rank's masks are the one process's after every step."""
-    ddp = runs.get("ddp_selfish", "--devices", "2", "--ddp", "--method", "selfish")
+    ddp = runs.run("ddp_selfish", "--devices", "2", "--ddp", "--method", "selfish")
     assert [rank["ddp"] for rank in ddp] == [True, True]
     assert_same_steps(ddp, runs.plain("selfish"))
 
 
 @pytest.mark.subprocess
-def test_a_distributed_checkpoint_resumes_on_two_ranks_on_one_process_and_back(runs: Runs) -> None:
+def test_a_distributed_checkpoint_resumes_on_two_ranks_on_one_process_and_back(runs: LoopRuns) -> None:
     """The folder the 2 ranks wrote after epoch 0 (step 3, one update done), resumed on 2 ranks and on one
     process without sharding, and the one process's folder resumed on 2 ranks: steps 4-6 as the uninterrupted run
     (masks, counts, random growth's stream, weights)."""
