@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_selfish.callbacks.compat import lightning_classes, tensor_parallel_size
 from lightning_selfish.callbacks.protocols import TopologyListener
 from lightning_selfish.core.engine import SparseEngine, update_summary
-from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
+from lightning_selfish.core.gates import GateLayoutSpec
 from lightning_selfish.core.types import UpdateStats
 from lightning_selfish.method import catalogue
 from lightning_selfish.method.parts import (
@@ -44,7 +44,7 @@ from lightning_selfish.method.schedules import check_run
 from lightning_selfish.run import sharded_checkpoint
 from lightning_selfish.run.collective import collective_for
 from lightning_selfish.run.controller import SparsityController
-from lightning_selfish.run.selection import check_gate_layouts_sparsified, check_no_other_pruning, select_parameters
+from lightning_selfish.run.selection import chosen_parameters
 from lightning_selfish.run.setup import continued_engine, fresh_engine, restored_engine
 
 #: The method's settings, readable on the callback under their own names (from ``config``; never set there).
@@ -333,11 +333,7 @@ class SelfishSparsityCallback(Callback):
 
     def _set_up_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._awaiting_state = False
-        params = select_parameters(pl_module, self.include, self.exclude)
-        check_no_other_pruning(pl_module, params)
-        layouts = detect_gate_layouts(pl_module, self.gate_layouts)
-        check_gate_layouts_sparsified(pl_module, self.gate_layouts, params, self.include, self.exclude)
-        layouts = {name: layout for name, layout in layouts.items() if name in params}
+        params, layouts = chosen_parameters(pl_module, self.include, self.exclude, self.gate_layouts)
         device = next(iter(params.values())).device
         self._restored = self._loaded_state is not None
         if self._restored:

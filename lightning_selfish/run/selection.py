@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_selfish.core.gates import parameter_aliases
+from lightning_selfish.core.gates import GateLayout, GateLayoutSpec, detect_gate_layouts, parameter_aliases
 from lightning_selfish.core.sharding import local_tensor, row_shard
 from lightning_selfish.core.torch_compat import pruning_methods
 
@@ -22,6 +22,7 @@ __all__ = [
     "adopt_existing_masks",
     "check_gate_layouts_sparsified",
     "check_no_other_pruning",
+    "chosen_parameters",
     "parameter_aliases",
     "select_parameters",
 ]
@@ -69,6 +70,22 @@ def select_parameters(module: nn.Module, include: Sequence[str] | None, exclude:
             f"parameters with 2 or more dimensions: {_listing(aliases)}"
         )
     return chosen
+
+
+def chosen_parameters(
+    module: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+    gate_layouts: Mapping[str, GateLayoutSpec],
+) -> tuple[dict[str, Tensor], dict[str, GateLayout]]:
+    """The parameters a run sparsifies (:func:`select_parameters`) and the gate layouts of those (given in
+    ``gate_layouts`` or detected), after every refusal: another pruning system on them, a layout for a parameter that
+    is not sparsified."""
+    params = select_parameters(module, include, exclude)
+    check_no_other_pruning(module, params)
+    layouts = detect_gate_layouts(module, gate_layouts)
+    check_gate_layouts_sparsified(module, gate_layouts, params, include, exclude)
+    return params, {name: layout for name, layout in layouts.items() if name in params}
 
 
 def check_gate_layouts_sparsified(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_selfish.core.engine import SparseEngine
-from lightning_selfish.core.gates import GateLayoutSpec, detect_gate_layouts
+from lightning_selfish.core.gates import GateLayoutSpec
 from lightning_selfish.core.sharding import as_sharded_like
 from lightning_selfish.core.types import UpdateStats
 from lightning_selfish.method import catalogue
@@ -26,7 +26,7 @@ from lightning_selfish.method.parts import MethodConfig, UpdateAmount
 from lightning_selfish.method.schedules import check_run
 from lightning_selfish.run.collective import Collective, collective_for
 from lightning_selfish.run.controller import SparsityController
-from lightning_selfish.run.selection import check_gate_layouts_sparsified, check_no_other_pruning, select_parameters
+from lightning_selfish.run.selection import chosen_parameters
 from lightning_selfish.run.setup import fresh_engine, restored_engine
 
 __all__ = ["SparseTraining"]
@@ -123,16 +123,10 @@ class SparseTraining:
         notice = controller.plan(controller.total_steps, epoch_ends=self._epoch_ends())
         if notice is not None:
             log.info(notice)
-        module = self.module
-        params = select_parameters(module, self.include, self.exclude)
-        check_no_other_pruning(module, params)
-        check_gate_layouts_sparsified(module, self.gate_layouts, params, self.include, self.exclude)
-        layouts = detect_gate_layouts(module, self.gate_layouts)
-        self._params, self._layouts = params, {name: g for name, g in layouts.items() if name in params}
+        self._params, self._layouts = chosen_parameters(self.module, self.include, self.exclude, self.gate_layouts)
         self._collective = collective_for(_world_size())
-        device = next(iter(params.values())).device
         assert controller.seed is not None
-        engine, adopted = fresh_engine(controller, params, self._layouts, device, controller.seed)
+        engine, adopted = fresh_engine(controller, self._params, self._layouts, self._device, controller.seed)
         if adopted:
             log.info(
                 "SparseTraining: the weights are already sparse at the asked-for counts: their zero pattern is "
