@@ -446,14 +446,9 @@ class SelfishSparsityCallback(Callback):
         where the checkpoint's format is known (:mod:`lightning_selfish.run.sharded_checkpoint`)."""
         if self.engine is None:
             return {}
-        sharded = self.engine.sharded
         return {
-            "masks": None if sharded else self.engine.whole_masks(),
-            **self.controller.state_dict(None if sharded else self.engine),
-            "sparsity": self.config.sparsity,
-            "gate_redistribution": self.config.gate_redistribution.name,
-            "method": self.config.name,
-            "parts": self.config.part_names(),
+            "masks": None if self.engine.sharded else self.engine.whole_masks(),
+            **self.controller.state_dict(),
         }
 
     @override

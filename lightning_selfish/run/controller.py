@@ -23,7 +23,6 @@ from torch import Tensor
 
 from lightning_selfish.core.engine import SparseEngine, UpdateContext, UpdateStats
 from lightning_selfish.core.protocols import momentum_is_gradient
-from lightning_selfish.core.sharding import whole_copy
 from lightning_selfish.method.keys import DrawStream
 from lightning_selfish.method.parts import MethodConfig, Signal, UpdateAmount
 from lightning_selfish.method.schedules import scheduled_sparsity
@@ -286,12 +285,9 @@ class SparsityController:
     # checkpointing
     # ----------------------------------------------------------------------------------------------------------
 
-    def state_dict(self, engine: SparseEngine | None = None) -> dict[str, Any]:
-        """The schedule state; the kept dense gradients as whole tensors (gathered over the ranks of ``engine``'s
-        sharded parameters, at checkpoint time only)."""
-        gradients = self.gradients
-        if gradients is not None and engine is not None and engine.sharded:
-            gradients = {name: whole_copy(grad, engine.tensors[name].owner) for name, grad in gradients.items()}
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule state (the kept dense gradients as they are: of sharded parameters, this rank's rows, which
+        :mod:`lightning_selfish.run.sharded_checkpoint` places in a checkpoint)."""
         return {
             "generator": self.generator.get_state(),
             "generator_device": self.generator.device.type,
@@ -301,11 +297,16 @@ class SparsityController:
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
             "last_updated_epoch": self.last_updated_epoch,
-            "gradients": gradients,
+            "gradients": self.gradients,
             "skip_next_update": self.skip_next,
             "total_steps": self.total_steps,
             "update_every": self.config.update_every,
             "threshold": self.threshold,
+            # what the run trains, which a resume must match (run/setup.restored_engine checks it)
+            "sparsity": self.config.sparsity,
+            "method": self.config.name,
+            "gate_redistribution": self.config.gate_redistribution.name,
+            "parts": self.config.part_names(),
         }
 
     def _restore_draws(self, state: dict[str, int] | None) -> None:

@@ -192,10 +192,6 @@ class SparseTraining:
             if gradients is None
             else {name: as_sharded_like(g.clone(), owners[name]) for name, g in gradients.items()},
             step=self.step,
-            sparsity=self.config.sparsity,
-            method=self.config.name,
-            gate_redistribution=self.config.gate_redistribution.name,
-            parts=self.config.part_names(),
         )
         return state
 
