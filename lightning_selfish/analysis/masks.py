@@ -395,7 +395,7 @@ def exploration_report(
             parts += [torch.count_nonzero(mask[local]) for mask in (ever, now, new)]
             numels.append(numel)
         stacked = torch.stack(parts)
-        counts.append(stacked if shard is None else shard.block(slice(None))[1].sum_(stacked))
+        counts.append(stacked if shard is None else shard.span.sum_(stacked))
     values = torch.cat(counts).view(-1, 3).tolist() if counts else []
     report: dict[str, float] = {}
     ever_total = numel_total = new_total = active_total = 0

@@ -60,7 +60,7 @@ class SparseTensor:
     def span(self) -> Span:
         """Where the local rows lie in the whole tensor."""
         assert self.shard is not None
-        return self.shard.block(slice(None))[1]
+        return self.shard.span
 
     def blocks(self) -> list[tuple[slice, Span]]:
         """Per row block (``groups``): its local rows and where they lie in the whole block."""

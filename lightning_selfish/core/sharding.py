@@ -50,6 +50,11 @@ class RowShard:
     def row_numel(self) -> int:
         return int(torch.Size(self.shape[1:]).numel())
 
+    @property
+    def span(self) -> Span:
+        """Where the local rows lie in the whole tensor."""
+        return self.block(slice(None))[1]
+
     def block(self, rows: slice) -> tuple[slice, Span]:
         """The local rows of the whole tensor's row block ``rows``, and where they lie in it (:class:`Span`)."""
         first, stop, _ = rows.indices(self.shape[0])

@@ -157,7 +157,7 @@ def adopt_existing_masks(params: Mapping[str, Tensor], budgets: Mapping[str, int
     sparse but the counts differ from ``budgets`` (a model trained at another sparsity or init): drawing masks over
     it would zero trained weights, adopting it would train another sparsity than the one asked for.
     """
-    nonzero = {name: row_shard(p).block(slice(None))[1].count(local_tensor(p)) for name, p in params.items()}
+    nonzero = {name: row_shard(p).span.count(local_tensor(p)) for name, p in params.items()}
     sparse = [
         name
         for name, p in params.items()
